@@ -1,0 +1,138 @@
+"""The three small interfaces everything else is built on: Robot, Teleop, Policy.
+
+Modelled on lerobot's Robot/Teleoperator: a device describes its own features, and `send_action` returns
+the action actually sent. Observations are flat dicts of numpy arrays; actions are flat float32 vectors whose
+entries are named by `action_feature.names` (so a lerobot dict action maps onto it one key per entry).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Observation = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """Shape, dtype and (for vectors) per-entry names and bounds of one observation key or of the action."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    names: tuple[str, ...] | None = None
+    low: np.ndarray | None = field(default=None, compare=False)
+    high: np.ndarray | None = field(default=None, compare=False)
+
+    @property
+    def is_image(self) -> bool:
+        return self.dtype == "uint8" and len(self.shape) == 3
+
+    def to_dict(self) -> dict:
+        """JSON/msgpack-friendly description (used in run summaries and the wire handshake)."""
+        d = {"shape": list(self.shape), "dtype": self.dtype}
+        if self.names is not None:
+            d["names"] = list(self.names)
+        if self.low is not None:
+            d["low"] = np.asarray(self.low, dtype=np.float64).tolist()
+            d["high"] = np.asarray(self.high, dtype=np.float64).tolist()
+        return d
+
+
+class Robot(abc.ABC):
+    """A robot the control process can drive: real hardware or a MuJoCo simulation, same contract."""
+
+    name: str = "robot"
+
+    @property
+    @abc.abstractmethod
+    def observation_features(self) -> dict[str, Feature]:
+        """Keys and shapes of `get_observation()`; callable while disconnected."""
+
+    @property
+    @abc.abstractmethod
+    def action_feature(self) -> Feature:
+        """Shape, names and hard bounds of the action vector `send_action` accepts."""
+
+    @property
+    @abc.abstractmethod
+    def is_connected(self) -> bool: ...
+
+    @abc.abstractmethod
+    def connect(self) -> None: ...
+
+    @abc.abstractmethod
+    def disconnect(self) -> None: ...
+
+    @abc.abstractmethod
+    def get_observation(self) -> Observation: ...
+
+    @abc.abstractmethod
+    def send_action(self, action: np.ndarray) -> np.ndarray:
+        """Command the robot; returns the action actually sent (after the device's own clipping)."""
+
+    # Episodic hooks. Simulation implements them for real; on hardware an operator resets the scene and
+    # success comes from an operator key or a classifier, so the defaults are deliberately minimal.
+    def reset(self, seed: int | None = None) -> Observation:
+        """Start a new episode and return its first observation."""
+        return self.get_observation()
+
+    def is_success(self) -> bool:
+        """Whether the task is solved in the current state (sim: the env's own success check)."""
+        return False
+
+    def __enter__(self):
+        self.connect()
+        return self
+
+    def __exit__(self, *exc):
+        self.disconnect()
+
+
+class Teleop(abc.ABC):
+    """An action source other than the policy: a human device or a scripted expert.
+
+    `intervening` is the takeover switch: while it is True the control process executes this source's action
+    instead of the policy's, and marks the step as an intervention.
+    """
+
+    name: str = "teleop"
+
+    @property
+    @abc.abstractmethod
+    def action_feature(self) -> Feature: ...
+
+    def connect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        """Called at every episode start (scripted experts re-plan here)."""
+
+    @abc.abstractmethod
+    def get_action(self, observation: Observation) -> np.ndarray:
+        """The source's action for this observation (devices may ignore the observation)."""
+
+    @property
+    def intervening(self) -> bool:
+        return False
+
+
+class Policy(abc.ABC):
+    """Maps observations to an action (A,) or an action chunk (H, A). Weights travel as safetensors."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Clear per-episode state (e.g. queued action chunks); called at every episode start."""
+
+    @abc.abstractmethod
+    def select_action(self, observation: Observation) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
