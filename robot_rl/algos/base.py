@@ -1,0 +1,35 @@
+"""What the learner needs from an algorithm: update on replay, hand out the weights the robot should run."""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from robot_rl.learner.replay import ReplayStore
+
+
+class Algorithm(abc.ABC):
+    """One learning rule. The learner owns data flow, checkpoints and publishing; the algorithm owns the math."""
+
+    @abc.abstractmethod
+    def ready(self, replay: ReplayStore) -> bool:
+        """Whether there is enough data to start updating."""
+
+    @abc.abstractmethod
+    def update(self, replay: ReplayStore, rng: np.random.Generator) -> dict[str, float]:
+        """One gradient step; returns scalars to log."""
+
+    @abc.abstractmethod
+    def policy_state(self) -> dict:
+        """The weights the control process loads (safetensors-able tensors)."""
+
+    def on_publish(self, replay: ReplayStore) -> None:
+        """Hook before each publish (e.g. refresh normalisation stats from the data)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to resume (networks and optimiser)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...

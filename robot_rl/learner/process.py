@@ -1,0 +1,181 @@
+"""The learner process: receive transitions from any number of control processes, train, publish weights.
+
+Two threads with one job each:
+- receiver thread: owns the ROUTER socket; stores each new batch to the on-disk replay, then acknowledges it
+  (so an acknowledged transition survives a learner crash), and keeps heartbeats flowing while training runs;
+- main thread: gradient updates at a fixed update-to-data ratio, publishes versioned weights, checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from robot_rl.algos import make_algorithm
+from robot_rl.config import resolve_device, write_json
+from robot_rl.learner.replay import ReplayStore
+from robot_rl.transport import TransitionReceiver, WeightPublisher
+from robot_rl.transport.security import load_server_keys
+
+log = logging.getLogger("robot_rl.learner")
+
+
+class Learner:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.s = cfg, cfg.session
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        algo_cfg = OmegaConf.to_container(cfg.algo, resolve=True)
+        self.updates_per_transition = float(algo_cfg.get("updates_per_transition", 1.0))
+        self.publish_every = int(algo_cfg.get("publish_every_updates", 50))
+        self.log_every = int(algo_cfg.get("log_every_updates", 50))
+        self.device = resolve_device(cfg.device)
+        self.rng = np.random.default_rng(int(cfg.seed))
+        torch.manual_seed(int(cfg.seed))
+
+        self.replay = ReplayStore(self.run_dir / "replay.zarr")
+        self.algo = make_algorithm(algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device)
+        keys = load_server_keys(self.s.curve_keys_dir) if self.s.curve_keys_dir else None
+        self.receiver = TransitionReceiver(self.s.endpoints.bind_transitions, heartbeat_interval_s=self.s.heartbeat_s,
+                                           curve=keys)
+        for sender, nxt in self.replay.next_expected.items():  # resume exactly where the stored data ends
+            self.receiver.set_next_expected(sender, nxt)
+        self.publisher = WeightPublisher(self.s.endpoints.bind_weights, curve=keys)
+
+        self.updates = 0
+        self.version = 0
+        self.restored_rows = self.replay.size
+        self.received = 0
+        self._stop = threading.Event()
+        self._errors: list[str] = []
+        self.metrics: dict[str, float] = {}
+        self._restore_checkpoint()
+        self.writer = None
+        if cfg.get("tensorboard", True):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    @property
+    def _ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _restore_checkpoint(self) -> None:
+        meta_path = self._ckpt_dir / "latest.json"
+        if not meta_path.exists() or not self.algo.ready(self.replay):
+            return
+        meta = json.loads(meta_path.read_text())
+        state = {"policy": load_file(self._ckpt_dir / "policy.safetensors")}
+        state["opt"] = torch.load(self._ckpt_dir / "optimizer.pt", weights_only=True)  # tensors only, no code
+        self.algo.load_state_dict(state)
+        self.updates, self.version = int(meta["updates"]), int(meta["version"])
+        log.info("resumed from checkpoint: version %d, %d updates, %d stored transitions",
+                 self.version, self.updates, self.replay.size)
+
+    def _checkpoint(self) -> None:
+        self._ckpt_dir.mkdir(parents=True, exist_ok=True)
+        state = self.algo.state_dict()
+        save_file({k: v.contiguous() for k, v in state["policy"].items()}, self._ckpt_dir / "policy.safetensors")
+        torch.save(state["opt"], self._ckpt_dir / "optimizer.pt")
+        write_json(self._ckpt_dir / "latest.json", {"version": self.version, "updates": self.updates,
+                                                    "replay_rows": self.replay.size})
+
+    # ----------------------------------------------------------------------------------------------- threads
+    def _receive_loop(self) -> None:
+        while not self._stop.is_set():
+            for batch in self.receiver.poll(timeout_ms=5):
+                try:
+                    upto = self.replay.append(batch.sender_id, batch.seqs, batch.arrays)
+                except (ValueError, OSError) as e:  # bad data or disk trouble: do not ack, say why
+                    if str(e) not in self._errors:
+                        log.error("could not store a batch from %s: %s", batch.sender_id, e)
+                        self._errors.append(str(e))
+                    continue
+                self.receiver.ack(batch.sender_id, upto)
+                self.received += len(batch.seqs)
+
+    def publish(self) -> None:
+        self.algo.on_publish(self.replay)
+        self.version += 1
+        self.publisher.publish(self.version, self.algo.policy_state(), meta={"updates": self.updates})
+        self._checkpoint()
+
+    def run(self) -> dict:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+        receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
+        receiver.start()
+        t_start = time.time()
+        last_republish = 0.0
+        log.info("learner ready on %s (weights on %s), device %s", self.s.endpoints.bind_transitions,
+                 self.s.endpoints.bind_weights, self.device)
+        while not self._stop.is_set():
+            owed = self.updates_per_transition * self.replay.size - self.updates
+            if owed >= 1 and self.algo.ready(self.replay):
+                self.metrics = self.algo.update(self.replay, self.rng)
+                self.updates += 1
+                if self.updates % self.publish_every == 0:
+                    self.publish()
+                if self.writer is not None and self.updates % self.log_every == 0:
+                    for k, v in self.metrics.items():
+                        self.writer.add_scalar(k, v, self.updates)
+                    self.writer.add_scalar("learner/replay_size", self.replay.size, self.updates)
+            else:
+                time.sleep(0.005)
+            now = time.monotonic()
+            if self.version and now - last_republish > self.s.republish_s:
+                # late joiners and reconnecting subscribers miss earlier PUB messages: repeat the newest
+                self.publisher.publish(self.version, self.algo.policy_state(), meta={"updates": self.updates})
+                last_republish = now
+        receiver.join(timeout=2)
+        if self.version:
+            self._checkpoint()
+        summary = self.summary(time.time() - t_start)
+        write_json(self.run_dir / "summary.json", summary)
+        self.receiver.close()
+        self.publisher.close()
+        if self.writer is not None:
+            self.writer.close()
+        return summary
+
+    def summary(self, wall_s: float) -> dict:
+        per_sender = {}
+        for sender, seqs in (self.replay.seqs_by_sender().items() if self.replay.size else []):
+            per_sender[sender] = {"transitions": int(len(seqs)), "unique": int(len(np.unique(seqs))),
+                                  "min_seq": int(seqs.min()), "max_seq": int(seqs.max())}
+        return {
+            "process": "learner",
+            "algo": self.cfg.algo.name,
+            "device": str(self.device),
+            "replay_rows": self.replay.size,
+            "restored_rows": self.restored_rows,
+            "received_this_run": self.received,
+            "senders": per_sender,
+            "duplicates_dropped": self.receiver.duplicates,
+            "rejected_messages": self.receiver.rejected,
+            "storage_errors": self._errors,
+            "updates": self.updates,
+            "weight_version": self.version,
+            "updates_per_s": self.updates / wall_s if wall_s > 0 else None,
+            "last_metrics": self.metrics,
+            "wall_s": wall_s,
+        }
+
+
+def main(config_path: str, run_dir: str) -> int:
+    from robot_rl.cli import setup_logging
+
+    setup_logging()
+    cfg = OmegaConf.load(config_path)
+    Learner(cfg, Path(run_dir)).run()
+    return 0
