@@ -1,0 +1,70 @@
+"""Build robots, teleops and policies from their hydra config groups (`robot=`, `teleop=`, `policy=`)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from robot_rl.config import ConfigError
+from robot_rl.interfaces import Robot, Teleop
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def make_robot(cfg) -> Robot:
+    """robot.type: robosuite (MuJoCo sim) | lerobot (any lerobot Robot, real or our sim plugin)."""
+    cfg = _plain(cfg)
+    kind = cfg.pop("type", None)
+    cfg.pop("safety", None)
+    try:
+        if kind == "robosuite":
+            from robot_rl.sim.robosuite_robot import RobosuiteRobot
+
+            return RobosuiteRobot(**cfg)
+        if kind == "lerobot":
+            from robot_rl.hardware.lerobot_adapter import make_lerobot_robot
+
+            lerobot_type = cfg.pop("lerobot_type")
+            return make_lerobot_robot(lerobot_type, **cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"robot: {e}") from None
+    raise ConfigError(f"robot.type={kind!r} is not a known robot type; choose one of: robosuite, lerobot")
+
+
+def make_teleop(cfg, robot: Robot) -> Teleop | None:
+    """teleop.type: none | scripted (sim expert for the robot's task) | lerobot (any lerobot Teleoperator)."""
+    cfg = _plain(cfg)
+    kind = cfg.pop("type", "none")
+    try:
+        if kind == "none":
+            return None
+        if kind == "scripted":
+            from robot_rl.sim.experts import make_expert
+
+            env_name = getattr(robot, "env_name", None)
+            if env_name is None:
+                raise ConfigError("teleop.type=scripted needs a simulated robot (robot.type=robosuite)")
+            return make_expert(env_name, **cfg)
+        if kind == "lerobot":
+            from robot_rl.hardware.lerobot_adapter import make_lerobot_teleop
+
+            lerobot_type = cfg.pop("lerobot_type")
+            return make_lerobot_teleop(lerobot_type, **cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"teleop: {e}") from None
+    raise ConfigError(f"teleop.type={kind!r} is not a known teleop type; choose one of: none, scripted, lerobot")
+
+
+def make_policy(cfg, robot: Robot):
+    cfg = _plain(cfg)
+    kind = cfg.get("type")
+    if kind == "mlp":
+        from robot_rl.policies.mlp import MLPPolicy
+
+        try:
+            return MLPPolicy.from_features(robot.observation_features, robot.action_feature, cfg["hidden"],
+                                           cfg.get("obs_keys"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    raise ConfigError(f"policy.type={kind!r} is not a known policy type; choose one of: mlp")
