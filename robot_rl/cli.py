@@ -1,0 +1,84 @@
+"""`robot-rl <verb> [hydra overrides]`: one entry point, one hydra config per verb family.
+
+  robot-rl session   control process + learner on this machine (or attach to a remote learner)
+  robot-rl control   only the control process (robot side of a two-machine session)
+  robot-rl learner   only the learner (GPU side of a two-machine session)
+  robot-rl keys DIR  make CURVE key pairs for a learner bound to a network address
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+VERBS = {"session": "session", "control": "session", "learner": "session"}  # verb -> config name
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+
+
+def _run_verb(verb: str, cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from robot_rl.config import ConfigError, validate_session, write_run_info
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    setup_logging()
+    try:
+        validate_session(cfg)
+    except ConfigError as e:
+        print(f"robot-rl {verb}: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    write_run_info(run_dir, cfg, verb)
+    if verb == "session":
+        from robot_rl.session import run_session
+
+        code = run_session(cfg, run_dir)
+    elif verb == "control":
+        from robot_rl.control.process import ControlProcess
+
+        summary = ControlProcess(cfg, run_dir / "control").run()
+        code = 0 if summary["episodes"] else 1
+    else:
+        from robot_rl.learner.process import Learner
+
+        Learner(cfg, run_dir / "learner").run()
+        code = 0
+    sys.exit(code)
+
+
+def _keys(argv: list[str]) -> int:
+    from robot_rl.transport.security import generate_keys
+
+    if len(argv) != 1:
+        print("usage: robot-rl keys <directory>", file=sys.stderr)
+        return 2
+    for path in generate_keys(argv[0]) or []:
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb == "keys":
+        return _keys(rest)
+    if verb not in VERBS:
+        print(f"robot-rl: unknown verb {verb!r}; choose one of: {', '.join([*VERBS, 'keys'])}", file=sys.stderr)
+        return 2
+    import hydra
+
+    sys.argv = [f"robot-rl {verb}", *rest]  # hydra reads its overrides from sys.argv
+    hydra.main(config_path="pkg://robot_rl.configs", config_name=VERBS[verb], version_base=None)(
+        lambda cfg: _run_verb(verb, cfg))()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

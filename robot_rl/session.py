@@ -1,0 +1,96 @@
+"""`robot-rl session`: start the learner and the control process as separate OS processes, stop them cleanly.
+
+Ctrl-C reaches both children (same process group); each finishes its tick/update, the control process leaves
+the robot on its safe action, the learner checkpoints, and the session writes one merged summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from robot_rl.config import write_json
+
+log = logging.getLogger("robot_rl.session")
+
+
+def _spawn(module: str, config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, str(config), str(run_dir), *extra])
+
+
+def _stop(proc: subprocess.Popen, name: str, timeout_s: float) -> int:
+    """SIGINT, then SIGTERM, then SIGKILL: a child gets every chance to save its work."""
+    for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(sig)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop after %s; escalating", name, signal.Signals(sig).name)
+    return proc.wait()
+
+
+def _control_dir(names: list[str], name: str) -> str:
+    return "control" if len(names) == 1 else f"control_{name}"
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_session(cfg: DictConfig, run_dir: Path) -> int:
+    config_path = run_dir / "config.yaml"
+    t0 = time.time()
+    learner = None
+    if cfg.session.learner == "local":
+        learner = _spawn("robot_rl.learner", config_path, run_dir / "learner")
+    # one control process per robot; several feed one learner, each under its own sender id
+    names = [cfg.session.sender_id] if cfg.session.num_robots == 1 else [
+        f"{cfg.session.sender_id}_{i}" for i in range(cfg.session.num_robots)]
+    controls = {name: _spawn("robot_rl.control", config_path, run_dir / _control_dir(names, name), name, str(i))
+                for i, name in enumerate(names)}
+    interrupted = False
+    try:
+        control_codes = {name: proc.wait() for name, proc in controls.items()}
+    except KeyboardInterrupt:
+        interrupted = True
+        log.info("Ctrl-C: stopping the control process(es) and the learner")
+        control_codes = {name: _stop(proc, name, cfg.session.drain_timeout_s + 5) for name, proc in controls.items()}
+    learner_code = _stop(learner, "learner", 30.0) if learner is not None else None
+    control_code = max(control_codes.values())
+
+    control_summary = _read(run_dir / _control_dir(names, names[0]) / "summary.json")
+    learner_summary = _read(run_dir / "learner" / "summary.json")
+    summary = {
+        "verb": "session",
+        "run_dir": str(run_dir),
+        "robot": dict(cfg.robot),
+        "algo": cfg.algo.name,
+        "learner": cfg.session.learner,
+        "interrupted": interrupted,
+        "exit_codes": {"control": control_codes, "learner": learner_code},
+        "episodes": control_summary and control_summary["episodes"],
+        "success_rate": control_summary and control_summary["success_rate"],
+        "policy_success_rate": control_summary and control_summary["policy_success_rate"],
+        "final_policy_version": control_summary and control_summary["final_policy_version"],
+        "learner_updates": learner_summary and learner_summary["updates"],
+        "wall_s": time.time() - t0,
+        "control": control_summary,
+        "other_robots": {n: _read(run_dir / _control_dir(names, n) / "summary.json") for n in names[1:]},
+        "learner": learner_summary,
+    }
+    write_json(run_dir / "summary.json", summary)
+    if control_summary:
+        print(f"session done in {summary['wall_s']:.0f} s: {summary['episodes']} episodes, success rate "
+              f"{summary['success_rate']:.2f} (policy-driven: {summary['policy_success_rate']}), weights "
+              f"v{summary['final_policy_version']}, {summary['learner_updates']} learner updates; "
+              f"summary: {run_dir / 'summary.json'}")
+    return 0 if control_code == 0 else 1
