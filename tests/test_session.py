@@ -1,0 +1,138 @@
+"""A whole session through the CLI: two OS processes over ZMQ, weights advance on the robot, faults handled."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import zmq
+from omegaconf import OmegaConf
+
+from conftest import robot_rl_cli
+
+FAST = [
+    "session.episodes=4", "session.expert_episodes=1", "session.max_episode_steps=60", "session.rate_hz=40",
+    "robot.control_freq=40", "algo.min_transitions=40", "algo.publish_every_updates=20", "algo.batch_size=64",
+    "policy.hidden=[64,64]", "device=cpu", "tensorboard=false",
+]
+
+
+def endpoints(ports):
+    return [f"session.transitions_port={ports[0]}", f"session.weights_port={ports[1]}"]
+
+
+def test_bad_config_values_fail_before_anything_starts(tmp_path):
+    for override, field in (("session.rate_hz=-5", "session.rate_hz"), ("robot.env_name=Lfit", "env_name"),
+                            ("algo.name=ppo", "algo.name")):
+        run_dir = tmp_path / field
+        out = robot_rl_cli("session", override, f"hydra.run.dir={run_dir}", timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert "config error" in out.stderr and field in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+        assert not (run_dir / "control").exists() and not (run_dir / "learner").exists()
+
+
+def test_session_closes_the_loop(tmp_path, ports):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "session", *FAST, *endpoints(ports),
+                             f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # while it runs, a stranger sends garbage and a wrong-version message to the learner: both are rejected
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(f"tcp://127.0.0.1:{ports[0]}")
+    time.sleep(3)
+    rogue.send_multipart([b"\x00garbage"])
+    import msgpack
+
+    rogue.send_multipart([msgpack.packb({"v": 99, "type": "heartbeat", "arrays": []})])
+    out, _ = proc.communicate(timeout=240)
+    rogue.close()
+    assert proc.returncode == 0, out
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    control, learner = summary["control"], summary["learner"]
+    # resolved config and run info next to the outputs
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.session.episodes == 4 and (run_dir / "run_info.json").exists()
+    # weights advanced on the robot side, and the policy's actions changed with them
+    versions = [u["version"] for u in control["weight_updates"]]
+    assert len(versions) >= 2 and versions == sorted(versions)
+    first, last = np.array(control["weight_updates"][0]["probe_action"]), np.array(control["weight_updates"][-1]["probe_action"])
+    assert np.abs(first - last).max() > 1e-4
+    assert sum(e["policy_steps"] for e in control["episodes_detail"]) > 0
+    # every transition arrived exactly once
+    sent = control["transitions"]["sent"]
+    got = learner["senders"]["robot0"]
+    assert control["transitions"]["all_acknowledged"]
+    assert got == {"transitions": sent, "unique": sent, "min_seq": 0, "max_seq": sent - 1}
+    assert learner["rejected_messages"] >= 2
+    assert learner["updates"] > 0 and learner["weight_version"] >= versions[-1]
+    assert control["pacing"]["ticks"] == control["steps"]
+    assert "Traceback" not in out
+
+
+def _start(module, config, run_dir):
+    return subprocess.Popen([sys.executable, "-m", module, str(config), str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, timeout_s, what):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_learner_killed_and_restarted(tmp_path, ports):
+    """SIGKILL the learner while the policy drives: safe actions within two ticks; after a restart the stream
+    resumes and the learner ends with every transition exactly once."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("robot_rl.configs", version_base=None):
+        cfg = compose("session", overrides=[
+            "session.episodes=8", "session.expert_episodes=1", "session.max_episode_steps=60", "session.rate_hz=20",
+            "session.watchdog_s=0.045", "session.heartbeat_s=0.01", "session.stop_on_success=false",
+            "algo.min_transitions=40", "algo.publish_every_updates=20", "algo.batch_size=64",
+            "policy.hidden=[64,64]", "device=cpu", "tensorboard=false", *endpoints(ports)])
+    config = tmp_path / "config.yaml"
+    config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    learner = _start("robot_rl.learner", config, tmp_path / "learner")
+    control = _start("robot_rl.control", config, tmp_path / "control")
+    ckpt = tmp_path / "learner" / "checkpoints" / "latest.json"
+    _wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["version"] >= 2, 90, "weights v2")
+    time.sleep(4.0)  # past the expert episode: the policy drives now
+    kill_time = time.time()
+    learner.send_signal(signal.SIGKILL)
+    learner.wait()
+    time.sleep(1.5)
+    restart_time = time.time()
+    learner = _start("robot_rl.learner", config, tmp_path / "learner")
+    out, _ = control.communicate(timeout=120)
+    assert control.returncode == 0, out
+    learner.send_signal(signal.SIGINT)
+    learner_out, _ = learner.communicate(timeout=60)
+    assert learner.returncode == 0, learner_out
+
+    ticks = np.load(tmp_path / "control" / "ticks.npz")
+    after = np.flatnonzero(ticks["t"] > kill_time)
+    assert ticks["source"][after[0]] == 1, "the policy should be driving when the learner dies"
+    safe_after = np.flatnonzero(ticks["forced_safe"][after])
+    assert safe_after[0] <= 1, f"first safe action came {safe_after[0] + 1} ticks after the kill"
+    dead = (ticks["t"] > kill_time + 0.1) & (ticks["t"] < restart_time)
+    assert ticks["forced_safe"][dead].all(), "while the learner is dead every tick must be safe"
+    later = ticks["t"] > restart_time + 5.0
+    assert later.any() and not ticks["forced_safe"][later].all(), "the policy should drive again after the restart"
+
+    control_summary = json.loads((tmp_path / "control" / "summary.json").read_text())
+    learner_summary = json.loads((tmp_path / "learner" / "summary.json").read_text())
+    sent = control_summary["transitions"]["sent"]
+    assert control_summary["transitions"]["all_acknowledged"]
+    assert learner_summary["restored_rows"] > 0
+    got = learner_summary["senders"]["robot0"]
+    assert got == {"transitions": sent, "unique": sent, "min_seq": 0, "max_seq": sent - 1}
+    assert control_summary["watchdog_trips"] >= 1
