@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import write_json
@@ -126,6 +127,7 @@ class ControlProcess:
 
     # ---------------------------------------------------------------------------------------------- episodes
     def run(self) -> dict:
+        torch.set_num_threads(1)  # small-network inference: extra threads only steal cores from sim and learner
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
         self.robot.connect()
