@@ -51,13 +51,21 @@ def _run_verb(verb: str, cfg) -> None:
 
 
 def _keys(argv: list[str]) -> int:
+    """Server and client CURVE key pairs in one directory; the client's public key is authorised on the server."""
+    import shutil
+
     from robot_rl.transport.security import generate_keys
 
     if len(argv) != 1:
         print("usage: robot-rl keys <directory>", file=sys.stderr)
         return 2
-    for path in generate_keys(argv[0]) or []:
-        print(path)
+    directory = Path(argv[0])
+    server_public, server_secret = generate_keys(str(directory), "server")
+    client_public, client_secret = generate_keys(str(directory), "client")
+    (directory / "authorized_clients").mkdir(exist_ok=True)
+    shutil.copy(client_public, directory / "authorized_clients" / "client.key")
+    print(f"learner machine needs: {server_secret}, {directory / 'authorized_clients'}/\n"
+          f"robot machine needs:   {client_secret}, {server_public}  (same directory layout)")
     return 0
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import write_json
 
@@ -72,7 +72,7 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
     summary = {
         "verb": "session",
         "run_dir": str(run_dir),
-        "robot": dict(cfg.robot),
+        "robot": OmegaConf.to_container(cfg.robot, resolve=True),
         "algo": cfg.algo.name,
         "learner": cfg.session.learner,
         "interrupted": interrupted,

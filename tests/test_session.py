@@ -64,7 +64,8 @@ def test_session_closes_the_loop(tmp_path, ports):
     assert np.abs(first - last).max() > 1e-4
     assert sum(e["policy_steps"] for e in control["episodes_detail"]) > 0
     # every transition arrived exactly once
-    sent = control["transitions"]["sent"]
+    sent = control["transitions"]["submitted"]
+    assert sent == control["steps"] and control["transitions"]["acked_upto"] == sent - 1
     got = learner["senders"]["robot0"]
     assert control["transitions"]["all_acknowledged"]
     assert got == {"transitions": sent, "unique": sent, "min_seq": 0, "max_seq": sent - 1}
@@ -130,7 +131,8 @@ def test_learner_killed_and_restarted(tmp_path, ports):
 
     control_summary = json.loads((tmp_path / "control" / "summary.json").read_text())
     learner_summary = json.loads((tmp_path / "learner" / "summary.json").read_text())
-    sent = control_summary["transitions"]["sent"]
+    sent = control_summary["transitions"]["submitted"]
+    assert sent == control_summary["steps"] and control_summary["transitions"]["resent"] > 0
     assert control_summary["transitions"]["all_acknowledged"]
     assert learner_summary["restored_rows"] > 0
     got = learner_summary["senders"]["robot0"]

@@ -87,7 +87,7 @@ class OnlineBC(Algorithm):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return {"bc/loss": float(loss), "bc/labelled_fraction": float(labelled.float().mean())}
+        return {"bc/loss": loss.item(), "bc/labelled_fraction": float(labelled.float().mean())}
 
     def policy_state(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}

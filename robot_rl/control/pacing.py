@@ -80,16 +80,24 @@ class PacedLoop:
         self._sections: dict[str, _Ring] = {}
         self._history = history
         self.t0: float | None = None
+        self._paced_before = 0.0
         self.k = self.ticks = self.overruns = self.missed_slots = 0
 
     # --- pacing -------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Set t0 (slot 0) and clear the statistics; call right before the first tick's work."""
+    def start(self, keep_stats: bool = False) -> None:
+        """Set t0 (slot 0); call right before the first tick's work. `keep_stats` re-anchors the grid after a
+        pause that is not an overrun (an episode reset) while statistics keep accumulating over the session."""
+        if keep_stats and self.t0 is not None:
+            self._paced_before += self._last_wake - self.t0  # time spent on earlier grids, for the achieved rate
+        else:
+            self._paced_before = 0.0
         self.t0 = self._clock()
         self.k = 0  # index of the slot the loop last woke at
-        self.ticks = self.overruns = self.missed_slots = 0
         self._last_return = self.t0
         self._last_wake = self.t0
+        if keep_stats:
+            return
+        self.ticks = self.overruns = self.missed_slots = 0
         self._lateness.clear()
         self._work.clear()
         for ring in self._sections.values():
@@ -150,7 +158,7 @@ class PacedLoop:
     def stats(self) -> dict:
         """Flat scalars (ready for a metrics logger); percentiles cover the last `history` ticks."""
         late, work = self._lateness.values(), self._work.values()
-        elapsed = (self._last_wake - self.t0) if self.t0 is not None else 0.0
+        elapsed = (self._paced_before + self._last_wake - self.t0) if self.t0 is not None else 0.0
         out = {
             "target_hz": self.rate_hz,
             "rate_hz": self.ticks / elapsed if elapsed > 0 else 0.0,

@@ -60,7 +60,7 @@ class ControlProcess:
         if self.s.learner != "none":
             keys = None
             if self.s.curve_keys_dir:
-                keys = load_client_keys(self.s.curve_keys_dir)
+                keys = load_client_keys(self.s.curve_keys_dir, str(Path(self.s.curve_keys_dir) / "server.key"))
             self.sender = TransitionSender(self.s.endpoints.transitions, self.sender_id,
                                            batch_size=self.s.transition_batch,
                                            heartbeat_interval_s=self.s.heartbeat_s, curve=keys)
@@ -169,7 +169,7 @@ class ControlProcess:
     def _run_episode(self, episode: int, obs, probe_obs) -> dict:
         steps = policy_steps = safe_steps = teleop_steps = 0
         success = False
-        self.loop.start()
+        self.loop.start(keep_stats=episode > 0)  # resets are not overruns; stats cover the whole session
         for step in range(self.s.max_episode_steps):
             self._take_new_weights(probe_obs)
             t_decide = time.time()
@@ -237,12 +237,7 @@ class ControlProcess:
             "pacing": self.loop.stats(),
             "safety_events": dict(self.safety.counts),
             "watchdog_trips": self.watchdog.trips,
-            "transitions": {
-                "sent": self.sender.sent_count if self.sender else 0,
-                "acked_upto": self.sender.acked_upto if self.sender else -1,
-                "unacked": self.sender.unacked_count if self.sender else 0,
-                "all_acknowledged": drained,
-            },
+            "transitions": {**(self.sender.stats() if self.sender else {}), "all_acknowledged": drained},
             "weight_updates": self.weight_updates,
             "final_policy_version": self.policy_version,
             "wall_s": wall_s,

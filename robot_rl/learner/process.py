@@ -134,8 +134,7 @@ class Learner:
                 time.sleep(0.005)
             now = time.monotonic()
             if self.version and now - last_republish > self.s.republish_s:
-                # late joiners and reconnecting subscribers miss earlier PUB messages: repeat the newest
-                self.publisher.publish(self.version, self.algo.policy_state(), meta={"updates": self.updates})
+                self.publisher.republish()  # late joiners and reconnecting subscribers miss earlier PUB messages
                 last_republish = now
         receiver.join(timeout=2)
         if self.version:

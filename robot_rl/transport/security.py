@@ -1,0 +1,144 @@
+"""Loopback-by-default binding and CURVE authentication for the transport sockets.
+
+Key layout (see docs/protocol.md, "CURVE"):
+  learner:  <dir>/server.key, <dir>/server.key_secret, <dir>/authorized_clients/<robot>.key
+  robot:    <dir>/client.key, <dir>/client.key_secret, plus a copy of the learner's server.key
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import threading
+from dataclasses import dataclass
+
+import zmq
+import zmq.auth
+
+
+@dataclass(frozen=True)
+class CurveServerKeys:
+    public: bytes
+    secret: bytes
+    # Directory of authorized client public keys (*.key); None accepts any client holding the server key.
+    authorized_clients_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on 127.0.0.0/8, localhost or ::1."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    hostport = endpoint[len("tcp://") :]
+    if ";" in hostport:  # "source;destination" form: judge the destination
+        hostport = hostport.split(";", 1)[1]
+    if hostport.startswith("["):
+        host = hostport[1 : hostport.find("]")] if "]" in hostport else ""
+    else:
+        host = hostport.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(endpoint: str, curve: CurveServerKeys | None) -> None:
+    """Refuse to bind a network-reachable address without CURVE keys."""
+    if curve is None and not is_loopback(endpoint):
+        raise ValueError(
+            f"refusing to bind {endpoint} without CURVE authentication: run `robot-rl keys` (or "
+            "robot_rl.transport.generate_keys) and pass CurveServerKeys, or bind to 127.0.0.1 / an ipc:// path"
+        )
+
+
+def generate_keys(directory: str, name: str = "server") -> tuple[str, str]:
+    """Create `<directory>/<name>.key` (public, share it) and `<name>.key_secret` (keep it); returns both paths."""
+    os.makedirs(directory, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(directory, name)
+    os.chmod(secret, 0o600)
+    return public, secret
+
+
+def load_server_keys(directory: str, name: str = "server") -> CurveServerKeys:
+    """Server keys from `<directory>/<name>.key_secret`; clients allowed: `<directory>/authorized_clients/*.key`."""
+    public, secret = _load_secret(directory, name)
+    auth_dir = os.path.join(directory, "authorized_clients")
+    return CurveServerKeys(public, secret, auth_dir if os.path.isdir(auth_dir) else None)
+
+
+def load_client_keys(directory: str, server_public_file: str, name: str = "client") -> CurveClientKeys:
+    """Client keys from `<directory>/<name>.key_secret` plus the server's public key file."""
+    public, secret = _load_secret(directory, name)
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    return CurveClientKeys(public, secret, server_public)
+
+
+def _load_secret(directory: str, name: str) -> tuple[bytes, bytes]:
+    path = os.path.join(directory, f"{name}.key_secret")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no CURVE secret key at {path}: create one with `robot-rl keys` / generate_keys")
+    public, secret = zmq.auth.load_certificate(path)
+    if secret is None:
+        raise ValueError(f"{path} holds no secret key")
+    return public, secret
+
+
+# One ThreadAuthenticator per zmq context, shared by every CURVE server socket in it. Each server socket gets its
+# own ZAP domain, so a receiver and a publisher in one process can authorize different client key sets.
+_auth_lock = threading.Lock()
+_auths: dict[int, list] = {}  # id(context) -> [authenticator, users]
+_domain_ids = itertools.count()
+
+
+def setup_server_socket(sock: zmq.Socket, curve: CurveServerKeys | None) -> None:
+    if curve is None:
+        return
+    ctx = sock.context
+    with _auth_lock:
+        entry = _auths.get(id(ctx))
+        if entry is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            auth = ThreadAuthenticator(ctx)
+            auth.start()
+            entry = _auths[id(ctx)] = [auth, 0]
+        entry[1] += 1
+        domain = f"robot_rl-{os.getpid()}-{next(_domain_ids)}"
+        location = curve.authorized_clients_dir or zmq.auth.CURVE_ALLOW_ANY
+        entry[0].configure_curve(domain=domain, location=location)
+    sock.zap_domain = domain.encode()
+    sock.curve_secretkey = curve.secret
+    sock.curve_publickey = curve.public
+    sock.curve_server = True
+
+
+def release_server_socket(sock: zmq.Socket, curve: CurveServerKeys | None) -> None:
+    if curve is None:
+        return
+    with _auth_lock:
+        entry = _auths.get(id(sock.context))
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].stop()
+            del _auths[id(sock.context)]
+
+
+def setup_client_socket(sock: zmq.Socket, curve: CurveClientKeys | None) -> None:
+    if curve is None:
+        return
+    sock.curve_secretkey = curve.secret
+    sock.curve_publickey = curve.public
+    sock.curve_serverkey = curve.server_public
