@@ -115,3 +115,22 @@ def test_real_clock_smoke():
     for _ in range(5):
         assert loop.wait() >= 0
     assert loop.stats()["ticks"] == 5
+
+
+def test_restart_keeping_stats_spans_episodes():
+    """Episode resets re-anchor the grid without counting as overruns; stats cover the whole session."""
+    loop, clock = make(100.0)
+    loop.start()
+    for _ in range(10):
+        clock.work(0.002)
+        loop.wait()
+    clock.work(1.0)  # an episode reset: far longer than a period
+    loop.start(keep_stats=True)
+    for _ in range(10):
+        clock.work(0.002)
+        loop.wait()
+    s = loop.stats()
+    assert s["ticks"] == 20 and s["overruns"] == 0 and s["missed_slots"] == 0
+    assert s["rate_hz"] == pytest.approx(100.0, rel=0.01)  # the reset is not paced time
+    loop.start()
+    assert loop.stats()["ticks"] == 0

@@ -63,6 +63,7 @@ class ControlProcess:
                 keys = load_client_keys(self.s.curve_keys_dir, str(Path(self.s.curve_keys_dir) / "server.key"))
             self.sender = TransitionSender(self.s.endpoints.transitions, self.sender_id,
                                            batch_size=self.s.transition_batch,
+                                           max_batch_delay_s=self.s.transition_max_delay_s,
                                            heartbeat_interval_s=self.s.heartbeat_s, curve=keys)
             self.subscriber = WeightSubscriber(self.s.endpoints.weights, curve=keys)
         self._stop = False

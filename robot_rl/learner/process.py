@@ -1,8 +1,8 @@
 """The learner process: receive transitions from any number of control processes, train, publish weights.
 
-Two threads with one job each:
-- receiver thread: owns the ROUTER socket; stores each new batch to the on-disk replay, then acknowledges it
-  (so an acknowledged transition survives a learner crash), and keeps heartbeats flowing while training runs;
+Three threads with one job each:
+- receiver thread: owns the ROUTER socket, keeps heartbeats flowing, acknowledges what storage has written;
+- storage thread: appends each new batch to the on-disk replay (so an acknowledged transition survives a crash);
 - main thread: gradient updates at a fixed update-to-data ratio, publishes versioned weights, checkpoints.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import signal
 import threading
 import time
@@ -56,6 +57,8 @@ class Learner:
         self.restored_rows = self.replay.size
         self.received = 0
         self._stop = threading.Event()
+        self._to_store: queue.Queue = queue.Queue()  # receiver thread -> storage thread
+        self._stored: queue.Queue = queue.Queue()  # storage thread -> receiver thread: (sender, upto) to ack
         self._errors: list[str] = []
         self.metrics: dict[str, float] = {}
         self._restore_checkpoint()
@@ -92,17 +95,34 @@ class Learner:
 
     # ----------------------------------------------------------------------------------------------- threads
     def _receive_loop(self) -> None:
+        """Owns the socket: hands new batches to storage, sends acks for stored ones; never blocks on disk, so
+        heartbeats keep flowing while a batch is being written."""
         while not self._stop.is_set():
             for batch in self.receiver.poll(timeout_ms=5):
+                self._to_store.put(batch)
+            while True:
                 try:
-                    upto = self.replay.append(batch.sender_id, batch.seqs, batch.arrays)
-                except (ValueError, OSError) as e:  # bad data or disk trouble: do not ack, say why
-                    if str(e) not in self._errors:
-                        log.error("could not store a batch from %s: %s", batch.sender_id, e)
-                        self._errors.append(str(e))
-                    continue
-                self.receiver.ack(batch.sender_id, upto)
-                self.received += len(batch.seqs)
+                    sender_id, upto = self._stored.get_nowait()
+                except queue.Empty:
+                    break
+                self.receiver.ack(sender_id, upto)
+
+    def _store_loop(self) -> None:
+        """Writes batches to the on-disk replay in arrival order; only then may they be acknowledged."""
+        while not (self._stop.is_set() and self._to_store.empty()):
+            try:
+                batch = self._to_store.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            try:
+                upto = self.replay.append(batch.sender_id, batch.seqs, batch.arrays)
+            except (ValueError, OSError) as e:  # bad data or disk trouble: do not ack, say why (once per cause)
+                if str(e) not in self._errors:
+                    log.error("could not store a batch from %s: %s", batch.sender_id, e)
+                    self._errors.append(str(e))
+                continue
+            self._stored.put((batch.sender_id, upto))
+            self.received += len(batch.seqs)
 
     def publish(self) -> None:
         self.algo.on_publish(self.replay)
@@ -113,8 +133,10 @@ class Learner:
     def run(self) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
-        receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
-        receiver.start()
+        threads = [threading.Thread(target=self._receive_loop, name="receiver", daemon=True),
+                   threading.Thread(target=self._store_loop, name="storage", daemon=True)]
+        for thread in threads:
+            thread.start()
         t_start = time.time()
         last_republish = 0.0
         log.info("learner ready on %s (weights on %s), device %s", self.s.endpoints.bind_transitions,
@@ -136,7 +158,8 @@ class Learner:
             if self.version and now - last_republish > self.s.republish_s:
                 self.publisher.republish()  # late joiners and reconnecting subscribers miss earlier PUB messages
                 last_republish = now
-        receiver.join(timeout=2)
+        for thread in threads:
+            thread.join(timeout=5)
         if self.version:
             self._checkpoint()
         summary = self.summary(time.time() - t_start)
