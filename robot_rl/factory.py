@@ -23,11 +23,11 @@ def make_robot(cfg) -> Robot:
 
             return RobosuiteRobot(**cfg)
         if kind == "lerobot":
-            from robot_rl.hardware.lerobot_adapter import make_lerobot_robot
+            from robot_rl.hardware.lerobot_adapter import LeRobotRobot, make_lerobot_robot
 
-            lerobot_type = cfg.pop("lerobot_type")
-            return make_lerobot_robot(lerobot_type, **cfg)
-    except (ValueError, TypeError, KeyError) as e:
+            ours = {k: cfg.pop(k) for k in ("action_low", "action_high", "calibrate") if k in cfg}
+            return LeRobotRobot(make_lerobot_robot(cfg.pop("lerobot_type"), **cfg), **ours)
+    except (ValueError, TypeError, KeyError, ImportError) as e:
         raise ConfigError(f"robot: {e}") from None
     raise ConfigError(f"robot.type={kind!r} is not a known robot type; choose one of: robosuite, lerobot")
 
@@ -47,11 +47,11 @@ def make_teleop(cfg, robot: Robot) -> Teleop | None:
                 raise ConfigError("teleop.type=scripted needs a simulated robot (robot.type=robosuite)")
             return make_expert(env_name, **cfg)
         if kind == "lerobot":
-            from robot_rl.hardware.lerobot_adapter import make_lerobot_teleop
+            from robot_rl.hardware.lerobot_adapter import LeRobotTeleop, make_lerobot_teleop
 
-            lerobot_type = cfg.pop("lerobot_type")
-            return make_lerobot_teleop(lerobot_type, **cfg)
-    except (ValueError, TypeError, KeyError) as e:
+            ours = {k: cfg.pop(k) for k in ("intervening", "calibrate", "action_low", "action_high") if k in cfg}
+            return LeRobotTeleop(make_lerobot_teleop(cfg.pop("lerobot_type"), **cfg), **ours)
+    except (ValueError, TypeError, KeyError, ImportError) as e:
         raise ConfigError(f"teleop: {e}") from None
     raise ConfigError(f"teleop.type={kind!r} is not a known teleop type; choose one of: none, scripted, lerobot")
 

@@ -88,9 +88,11 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
         "learner": learner_summary,
     }
     write_json(run_dir / "summary.json", summary)
-    if control_summary:
+    if control_summary and control_summary["episodes"]:
+        policy_rate = summary["policy_success_rate"]
+        policy_rate = "no policy-driven episodes" if policy_rate is None else f"policy-driven: {policy_rate:.2f}"
         print(f"session done in {summary['wall_s']:.0f} s: {summary['episodes']} episodes, success rate "
-              f"{summary['success_rate']:.2f} (policy-driven: {summary['policy_success_rate']}), weights "
+              f"{summary['success_rate']:.2f} ({policy_rate}), weights "
               f"v{summary['final_policy_version']}, {summary['learner_updates']} learner updates; "
               f"summary: {run_dir / 'summary.json'}")
     return 0 if control_code == 0 else 1

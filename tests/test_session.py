@@ -138,3 +138,16 @@ def test_learner_killed_and_restarted(tmp_path, ports):
     got = learner_summary["senders"]["robot0"]
     assert got == {"transitions": sent, "unique": sent, "min_seq": 0, "max_seq": sent - 1}
     assert control_summary["watchdog_trips"] >= 1
+
+
+def test_control_drives_a_lerobot_robot_without_learner(tmp_path):
+    """The hardware path: our sim offered to lerobot as a lerobot Robot, driven back through the adapter by the
+    control process; with no policy weights and no teleop every tick is the safe action."""
+    out = robot_rl_cli("control", "robot=lerobot_sim", "teleop=none", "session.learner=none", "session.episodes=1",
+                       "session.max_episode_steps=10", "session.rate_hz=50", f"hydra.run.dir={tmp_path}",
+                       timeout=180)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "control" / "summary.json").read_text())
+    # 10 ticks, plus the safe action the process always leaves the robot on when it stops
+    assert summary["steps"] == 10 and summary["safety_events"]["forced_safe"] == 11
+    assert summary["pacing"]["ticks"] == 10

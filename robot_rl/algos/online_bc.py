@@ -56,10 +56,14 @@ class OnlineBC(Algorithm):
         self.on_publish(replay)
 
     def ready(self, replay: ReplayStore) -> bool:
+        """Enough expert-labelled steps to fit (a session without a teleop/expert never becomes ready)."""
+        if self.policy is not None:
+            return True
         if replay.size < self.cfg.min_transitions or "expert_action" not in replay.keys():
             return False
-        if self.policy is None:
-            self._build(replay)
+        if np.isfinite(replay.column("expert_action")).all(axis=1).sum() < self.cfg.min_transitions:
+            return False
+        self._build(replay)
         return True
 
     def on_publish(self, replay: ReplayStore) -> None:
@@ -79,6 +83,8 @@ class OnlineBC(Algorithm):
         batch = replay.sample(self.cfg.batch_size, rng, keys)
         target = torch.as_tensor(batch["expert_action"], device=self.device)
         labelled = torch.isfinite(target).all(dim=1)  # steps without an expert label carry NaN
+        if not labelled.any():
+            return {"bc/labelled_fraction": 0.0}
         obs = self.policy.flatten({k: batch[OBS_PREFIX + k] for k in self.policy.obs_keys}).to(self.device)
 
         pred = self.policy(obs[labelled])
