@@ -25,16 +25,21 @@ def _spawn(module: str, config: Path, run_dir: Path, *extra: str) -> subprocess.
     return subprocess.Popen([sys.executable, "-m", module, str(config), str(run_dir), *extra])
 
 
-def _stop(proc: subprocess.Popen, name: str, timeout_s: float) -> int:
-    """SIGINT, then SIGTERM, then SIGKILL: a child gets every chance to save its work."""
-    for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+def _stop(proc: subprocess.Popen, name: str, timeout_s: float, already_interrupted: bool = False) -> int:
+    """SIGINT, then SIGTERM, then SIGKILL: a child gets every chance to save its work. After a terminal Ctrl-C the
+    child got SIGINT already, so it is first left to finish on its own (a second SIGINT during interpreter exit
+    would kill it)."""
+    stages = ((None, timeout_s),) if already_interrupted else ()
+    stages += ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+    for sig, wait_s in stages:
         if proc.poll() is not None:
             break
-        proc.send_signal(sig)
+        if sig is not None:
+            proc.send_signal(sig)
         try:
             proc.wait(wait_s)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop after %s; escalating", name, signal.Signals(sig).name)
+            log.warning("%s did not stop after %s; escalating", name, signal.Signals(sig).name if sig else "Ctrl-C")
     return proc.wait()
 
 
@@ -63,8 +68,9 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
     except KeyboardInterrupt:
         interrupted = True
         log.info("Ctrl-C: stopping the control process(es) and the learner")
-        control_codes = {name: _stop(proc, name, cfg.session.drain_timeout_s + 5) for name, proc in controls.items()}
-    learner_code = _stop(learner, "learner", 30.0) if learner is not None else None
+        control_codes = {name: _stop(proc, name, cfg.session.drain_timeout_s + 5, already_interrupted=True)
+                         for name, proc in controls.items()}
+    learner_code = _stop(learner, "learner", 30.0, interrupted) if learner is not None else None
     control_code = max(control_codes.values())
 
     control_summary = _read(run_dir / _control_dir(names, names[0]) / "summary.json")

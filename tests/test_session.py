@@ -151,3 +151,26 @@ def test_control_drives_a_lerobot_robot_without_learner(tmp_path):
     # 10 ticks, plus the safe action the process always leaves the robot on when it stops
     assert summary["steps"] == 10 and summary["safety_events"]["forced_safe"] == 11
     assert summary["pacing"]["ticks"] == 10
+
+
+def test_ctrl_c_stops_both_processes_cleanly(tmp_path, ports):
+    """Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it) mid-session: both processes
+    stop, the robot is left on the safe action, the learner checkpoints, and the session still writes its summary."""
+    import os
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "session", *FAST, "session.episodes=50",
+                             *endpoints(ports), f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ckpt = run_dir / "learner" / "checkpoints" / "latest.json"
+    _wait_for(lambda: ckpt.exists(), 90, "a first checkpoint")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] and summary["exit_codes"] == {"control": {"robot0": 0}, "learner": 0}, out
+    control = summary["control"]
+    assert 0 < control["episodes"] < 50
+    assert control["safety_events"]["forced_safe"] >= 1  # the final hold
+    assert control["transitions"]["all_acknowledged"]
+    assert summary["learner"]["senders"]["robot0"]["transitions"] == control["steps"]
+    assert "Traceback" not in out

@@ -56,7 +56,9 @@ class Learner:
         self.version = 0
         self.restored_rows = self.replay.size
         self.received = 0
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # ends the receiver and storage threads
+        self._stop_requested = threading.Event()  # Ctrl-C / SIGTERM: stop training, drain, then stop
+        self._last_batch = time.monotonic()
         self._to_store: queue.Queue = queue.Queue()  # receiver thread -> storage thread
         self._stored: queue.Queue = queue.Queue()  # storage thread -> receiver thread: (sender, upto) to ack
         self._errors: list[str] = []
@@ -100,6 +102,7 @@ class Learner:
         while not self._stop.is_set():
             for batch in self.receiver.poll(timeout_ms=5):
                 self._to_store.put(batch)
+                self._last_batch = time.monotonic()
             while True:
                 try:
                     sender_id, upto = self._stored.get_nowait()
@@ -132,7 +135,7 @@ class Learner:
 
     def run(self) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._stop.set())
+            signal.signal(sig, lambda *_: self._stop_requested.set())
         threads = [threading.Thread(target=self._receive_loop, name="receiver", daemon=True),
                    threading.Thread(target=self._store_loop, name="storage", daemon=True)]
         for thread in threads:
@@ -141,7 +144,7 @@ class Learner:
         last_republish = 0.0
         log.info("learner ready on %s (weights on %s), device %s", self.s.endpoints.bind_transitions,
                  self.s.endpoints.bind_weights, self.device)
-        while not self._stop.is_set():
+        while not self._stop_requested.is_set():
             owed = self.updates_per_transition * self.replay.size - self.updates
             if owed >= 1 and self.algo.ready(self.replay):
                 self.metrics = self.algo.update(self.replay, self.rng)
@@ -158,6 +161,8 @@ class Learner:
             if self.version and now - last_republish > self.s.republish_s:
                 self.publisher.republish()  # late joiners and reconnecting subscribers miss earlier PUB messages
                 last_republish = now
+        self._drain()
+        self._stop.set()
         for thread in threads:
             thread.join(timeout=5)
         if self.version:
@@ -169,6 +174,15 @@ class Learner:
         if self.writer is not None:
             self.writer.close()
         return summary
+
+    def _drain(self, quiet_s: float = 1.0) -> None:
+        """On Ctrl-C the control processes get the same signal and flush their last transitions: keep storing
+        and acknowledging until the stream has been quiet for `quiet_s` (bounded by session.drain_timeout_s)."""
+        deadline = time.monotonic() + self.s.drain_timeout_s
+        while time.monotonic() < deadline:
+            if time.monotonic() - self._last_batch > quiet_s and self._to_store.empty() and self._stored.empty():
+                return
+            time.sleep(0.05)
 
     def summary(self, wall_s: float) -> dict:
         per_sender = {}
