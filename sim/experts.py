@@ -112,6 +112,37 @@ class LiftExpert(_PickExpert):
     def _object_pos(self, obs: Observation) -> np.ndarray:
         return obs[self.object_key]
 
+    # Markov: the action depends on the observation only (no phase counters). A policy cloned from it sees the
+    # same decision for the same state, and the labels it gives at states a learning policy reached (DAgger)
+    # are right for that state, not for where the expert's own plan would have been.
+    align_tol = 0.015  # m, eef above the object in x-y: descend (the descent target also corrects x-y)
+    grasp_tol = 0.012  # m, eef this close above the grasp point: close the gripper
+    held_gap = (0.03, 0.072)  # finger gap (m) closed on the cube (any size/yaw); narrower = closed on nothing
+    still = 0.01  # finger speed (m/s) below which the fingers have stopped: the grip is firm
+
+    def _plan(self, obs: Observation) -> tuple[np.ndarray, float]:
+        eef = np.asarray(obs[self.eef_key], dtype=np.float64)
+        obj = np.asarray(self._object_pos(obs), dtype=np.float64)
+        grasp = obj + np.array([0.0, 0.0, self.grasp_dz])
+        gap = float(obs["robot0_gripper_qpos"][0] - obs["robot0_gripper_qpos"][1])
+        off_xy = float(np.linalg.norm((eef - grasp)[:2]))
+        still = float(np.abs(obs["robot0_gripper_qvel"]).max()) < self.still
+        holding = self.held_gap[0] < gap < self.held_gap[1] and still and np.linalg.norm(eef - obj) < 0.03
+        if holding:  # lift
+            self.phase = 3
+            return eef + np.array([0.0, 0.0, 0.05]), CLOSE
+        if gap <= self.held_gap[0]:  # closed on nothing: open and start over from above
+            self.phase = 0
+            return grasp + np.array([0.0, 0.0, self.hover]), OPEN
+        if off_xy < self.align_tol and eef[2] - grasp[2] < self.grasp_tol:  # at the grasp point: close
+            self.phase = 2
+            return grasp, CLOSE
+        if off_xy < self.align_tol:  # above the object: descend
+            self.phase = 1
+            return grasp, OPEN
+        self.phase = 0  # approach above the object
+        return grasp + np.array([0.0, 0.0, self.hover]), OPEN
+
 
 class StackExpert(_PickExpert):
     """robosuite Stack: pick cubeA, carry it above cubeB, lower and release."""

@@ -34,13 +34,28 @@ def test_lift_expert_success_rate():
 
 
 def test_expert_noise_is_seeded():
-    obs = {"robot0_eef_pos": np.zeros(3), "cube_pos": np.array([0.1, 0, 0])}
+    obs = {"robot0_eef_pos": np.zeros(3), "cube_pos": np.array([0.1, 0, 0]),
+           "robot0_gripper_qpos": np.array([0.04, -0.04]), "robot0_gripper_qvel": np.zeros(2)}
     a = LiftExpert(noise_std=0.1, seed=3).get_action(obs)
     b = LiftExpert(noise_std=0.1, seed=3).get_action(obs)
     c = LiftExpert(noise_std=0.1, seed=4).get_action(obs)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert a.dtype == np.float32 and a.shape == (7,)
+
+
+def test_lift_expert_is_markov():
+    """Same observation, same action, whatever came before: what a cloned policy (and DAgger labels) need."""
+    open_far = {"robot0_eef_pos": np.array([0.0, 0.0, 1.0]), "cube_pos": np.array([0.1, 0, 0.82]),
+                "robot0_gripper_qpos": np.array([0.04, -0.04]), "robot0_gripper_qvel": np.zeros(2)}
+    holding = {"robot0_eef_pos": np.array([0.1, 0.0, 0.83]), "cube_pos": np.array([0.1, 0, 0.83]),
+               "robot0_gripper_qpos": np.array([0.024, -0.024]), "robot0_gripper_qvel": np.zeros(2)}
+    fresh, used = LiftExpert(), LiftExpert()
+    for _ in range(30):
+        used.get_action(holding)
+    np.testing.assert_array_equal(fresh.get_action(open_far), used.get_action(open_far))
+    assert used.get_action(holding)[2] > 0 and used.get_action(holding)[6] == 1.0  # lifts, gripper closed
+    assert fresh.get_action(open_far)[6] == -1.0  # approaches with the gripper open
 
 
 def test_make_expert_registry():
