@@ -24,7 +24,7 @@ SENDER_KEY = "_sender"
 
 
 class ReplayStore:
-    def __init__(self, path: str | os.PathLike, capacity_hint: int = 100_000, chunk_rows: int = 1024):
+    def __init__(self, path: str | os.PathLike, chunk_rows: int = 1024):
         self.path = Path(path)
         self.chunk_rows = chunk_rows
         self._lock = threading.Lock()
@@ -33,8 +33,7 @@ class ReplayStore:
         self._mem: dict[str, np.ndarray] = {}
         self.size = 0
         self._group = None
-        self._open()
-        del capacity_hint  # memory grows by doubling; the hint is kept for API stability
+        self._open()  # memory buffers grow by doubling
 
     # ------------------------------------------------------------------ disk
     def _open(self) -> None:
