@@ -14,6 +14,10 @@ import numpy as np
 
 Observation = dict[str, np.ndarray]
 
+# A transition on the wire and in the replay stores each observation key `k` as `OBS_PREFIX + k`, beside
+# `action`, `expert_action`, `policy_action`, `reward`, ... (see robot_rl/control/process.py).
+OBS_PREFIX = "obs."
+
 
 @dataclass(frozen=True)
 class Feature:

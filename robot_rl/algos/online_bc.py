@@ -12,11 +12,9 @@ import numpy as np
 import torch
 
 from robot_rl.algos.base import Algorithm
-from robot_rl.interfaces import Feature
+from robot_rl.interfaces import OBS_PREFIX, Feature
 from robot_rl.learner.replay import ReplayStore
 from robot_rl.policies.mlp import MLPPolicy
-
-OBS_PREFIX = "obs."
 
 
 @dataclass

@@ -21,6 +21,7 @@ from robot_rl.config import write_json
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import SafetyFilter, Watchdog
 from robot_rl.factory import make_policy, make_robot, make_teleop
+from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.transport import TransitionSender, WeightSubscriber
 from robot_rl.transport.security import load_client_keys
 
@@ -106,11 +107,11 @@ class ControlProcess:
             source, proposal = "none", None
         learner_lost = source == "policy" and self.sender is not None and self.watchdog.expired()
         force_safe = proposal is None or learner_lost or self._stop
-        action, events = self.safety(proposal if proposal is not None else nan, force_safe=force_safe)
+        action, _ = self.safety(proposal if proposal is not None else nan, force_safe=force_safe)
         sent = self.robot.send_action(action)
         success = bool(self.robot.is_success())
 
-        transition = {f"obs.{k}": np.asarray(v) for k, v in obs.items()}
+        transition = {OBS_PREFIX + k: np.asarray(v) for k, v in obs.items()}
         transition.update({
             "action": np.asarray(sent, dtype=np.float32),
             "policy_action": nan if policy_action is None else np.asarray(policy_action, dtype=np.float32),
@@ -124,7 +125,7 @@ class ControlProcess:
             "policy_version": np.int64(self.policy_version),
             "t": np.float64(time.time()),
         })
-        return transition, source, force_safe, success, events
+        return transition, source, force_safe, success
 
     # ---------------------------------------------------------------------------------------------- episodes
     def run(self) -> dict:
@@ -174,7 +175,7 @@ class ControlProcess:
         for step in range(self.s.max_episode_steps):
             self._take_new_weights(probe_obs)
             t_decide = time.time()
-            transition, source, forced_safe, success, _ = self._tick(obs, episode, step)
+            transition, source, forced_safe, success = self._tick(obs, episode, step)
             steps += 1
             policy_steps += source == "policy"
             teleop_steps += source == "teleop"
