@@ -136,13 +136,19 @@ def test_receiver_sigkill_and_restart_loses_nothing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- bad input
+def _raw_dealer(ep: str, routing_id: bytes) -> zmq.Socket:
+    """A hand-driven peer, to send the receiver exactly the frames a test wants (good or bad)."""
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.ROUTING_ID, routing_id)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(ep)
+    return raw
+
+
 def test_bad_messages_are_rejected_and_counted(tmp_path, caplog):
     ep = _ipc(tmp_path)
     rx = TransitionReceiver(ep)
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.ROUTING_ID, b"evil")
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(ep)
+    raw = _raw_dealer(ep, b"evil")
     bad_v = msgpack.packb({"v": 2, "type": "transitions", "arrays": [], "seq": 0, "n": 1, "base": 0})
     raw.send_multipart([b"this is not msgpack \xc1"])
     raw.send_multipart([bad_v])
@@ -184,10 +190,7 @@ def test_bad_messages_are_rejected_and_counted(tmp_path, caplog):
 def test_duplicates_and_gaps_are_never_delivered(tmp_path):
     ep = _ipc(tmp_path)
     rx = TransitionReceiver(ep)
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.ROUTING_ID, b"r")
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(ep)
+    raw = _raw_dealer(ep, b"r")
 
     def batch(seq0, n):
         a = np.arange(seq0, seq0 + n, dtype=np.int64)
