@@ -4,6 +4,14 @@
   robot-rl control   only the control process (robot side of a two-machine session)
   robot-rl learner   only the learner (GPU side of a two-machine session)
   robot-rl keys DIR  make CURVE key pairs for a learner bound to a network address
+  robot-rl record    teleoperate (or run the scripted expert) and record episodes to an episode store
+  robot-rl dataset   list / inspect / stats / delete / keep / recover episodes of a store
+  robot-rl replay    replay a recorded episode in MuJoCo (divergence report, mp4)
+  robot-rl export    episode store -> LeRobotDataset v3
+  robot-rl import    LeRobotDataset v3 or robomimic HDF5 -> episode store
+
+hydra verbs (session, control, learner, record) take overrides like `robot=stack record.episodes=5`; the others
+take plain arguments: `robot-rl <verb> --help`.
 """
 
 from __future__ import annotations
@@ -12,7 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
-VERBS = {"session": "session", "control": "session", "learner": "session"}  # verb -> config name
+VERBS = {"session": "session", "control": "session", "learner": "session", "record": "record"}  # -> config name
+
+
+PLAIN_VERBS = {"dataset": "robot_rl.data.tool", "replay": "robot_rl.replay", "export": "robot_rl.data.interchange",
+               "import": "robot_rl.data.interchange_import"}  # verb -> module with main(argv) -> exit code
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -28,6 +40,12 @@ def _run_verb(verb: str, cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     setup_logging()
     try:
+        if verb == "record":
+            from robot_rl.record import Recorder
+
+            write_run_info(run_dir, cfg, verb)
+            summary = Recorder(cfg, run_dir).run()
+            sys.exit(0 if summary["saved"] or summary["discarded"] else 1)
         validate_session(cfg)
     except ConfigError as e:
         print(f"robot-rl {verb}: config error: {e}", file=sys.stderr)
@@ -77,8 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     if verb == "keys":
         return _keys(rest)
+    if verb in PLAIN_VERBS:
+        import importlib
+
+        setup_logging()
+        module = importlib.import_module(PLAIN_VERBS[verb])
+        return module.main(rest)
     if verb not in VERBS:
-        print(f"robot-rl: unknown verb {verb!r}; choose one of: {', '.join([*VERBS, 'keys'])}", file=sys.stderr)
+        print(f"robot-rl: unknown verb {verb!r}; choose one of: {', '.join([*VERBS, *PLAIN_VERBS, 'keys'])}",
+              file=sys.stderr)
         return 2
     import hydra
 

@@ -33,7 +33,8 @@ def make_robot(cfg) -> Robot:
 
 
 def make_teleop(cfg, robot: Robot) -> Teleop | None:
-    """teleop.type: none | scripted (sim expert for the robot's task) | lerobot (any lerobot Teleoperator)."""
+    """teleop.type: none | scripted (sim expert for the robot's task; `intervener:` wraps it in a simulated
+    intervener) | device (keyboard, gamepad, spacemouse) | lerobot (any lerobot Teleoperator)."""
     cfg = _plain(cfg)
     kind = cfg.pop("type", "none")
     try:
@@ -45,7 +46,17 @@ def make_teleop(cfg, robot: Robot) -> Teleop | None:
             env_name = getattr(robot, "env_name", None)
             if env_name is None:
                 raise ConfigError("teleop.type=scripted needs a simulated robot (robot.type=robosuite)")
-            return make_expert(env_name, **cfg)
+            intervener = cfg.pop("intervener", None)
+            expert = make_expert(env_name, **cfg)
+            if intervener:
+                from robot_rl.sim.intervener import SimulatedIntervener
+
+                return SimulatedIntervener(expert, **intervener)
+            return expert
+        if kind == "device":
+            from robot_rl.hardware.teleop_devices import make_device_teleop
+
+            return make_device_teleop(cfg.pop("device"), **cfg)
         if kind == "lerobot":
             from robot_rl.hardware.lerobot_adapter import LeRobotTeleop, make_lerobot_teleop
 
@@ -53,12 +64,15 @@ def make_teleop(cfg, robot: Robot) -> Teleop | None:
             return LeRobotTeleop(make_lerobot_teleop(cfg.pop("lerobot_type"), **cfg), **ours)
     except (ValueError, TypeError, KeyError, ImportError) as e:
         raise ConfigError(f"teleop: {e}") from None
-    raise ConfigError(f"teleop.type={kind!r} is not a known teleop type; choose one of: none, scripted, lerobot")
+    raise ConfigError(f"teleop.type={kind!r} is not a known teleop type; choose one of: none, scripted, device, "
+                      f"lerobot")
 
 
 def make_policy(cfg, robot: Robot):
     cfg = _plain(cfg)
     kind = cfg.get("type")
+    if kind == "none":
+        return None
     if kind == "mlp":
         from robot_rl.policies.mlp import MLPPolicy
 
@@ -67,4 +81,4 @@ def make_policy(cfg, robot: Robot):
                                            cfg.get("obs_keys"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    raise ConfigError(f"policy.type={kind!r} is not a known policy type; choose one of: mlp")
+    raise ConfigError(f"policy.type={kind!r} is not a known policy type; choose one of: none, mlp")

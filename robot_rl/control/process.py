@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from robot_rl.config import write_json
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import SafetyFilter, Watchdog
+from robot_rl.control.takeover import SOURCES, pick_source
 from robot_rl.factory import make_policy, make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.transport import TransitionSender, WeightSubscriber
@@ -27,7 +28,6 @@ from robot_rl.transport.security import load_client_keys
 
 log = logging.getLogger("robot_rl.control")
 
-SOURCES = ("none", "policy", "teleop")  # who acted, stored per tick as an index into this tuple
 
 
 def build_safety(cfg: DictConfig, robot) -> SafetyFilter:
@@ -96,15 +96,7 @@ class ControlProcess:
 
         label = self.teleop.get_action(obs) if self.teleop is not None else None
         policy_action = self.policy.select_action(obs) if self.policy_version >= 0 else None
-        takeover = self.teleop is not None and (
-            self.teleop.intervening or episode < self.s.expert_episodes or policy_action is None
-        )
-        if takeover:
-            source, proposal = "teleop", label
-        elif policy_action is not None:
-            source, proposal = "policy", policy_action
-        else:
-            source, proposal = "none", None
+        source, proposal = pick_source(self.teleop, label, policy_action, episode < self.s.expert_episodes)
         learner_lost = source == "policy" and self.sender is not None and self.watchdog.expired()
         force_safe = proposal is None or learner_lost or self._stop
         action, _ = self.safety(proposal if proposal is not None else nan, force_safe=force_safe)

@@ -1,0 +1,263 @@
+"""`robot-rl record`: an operator (or a scripted expert in sim) drives the robot; episodes go to an episode store.
+
+The loop is the control process's: paced on absolute deadlines, every action through the safety filter. With a
+policy configured the policy drives and the teleop takes over when it intervenes (or a simulated intervener in
+sim); each step records who acted and what the policy proposed. Episodes end on the operator's save key, on
+success (sim, after `success_extra_steps`), or at `max_episode_steps`; the rerecord key discards the episode and
+restarts it with the same seed; the stop key saves and quits; Ctrl-C quits and drops the episode in progress.
+Disk writes happen on the store's writer thread, never in the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from robot_rl.config import ConfigError, write_json
+from robot_rl.control.pacing import PacedLoop
+from robot_rl.control.process import build_safety
+from robot_rl.control.takeover import SOURCES, pick_source
+from robot_rl.data.episode_store import EpisodeStore, StoreError
+from robot_rl.factory import make_policy, make_robot, make_teleop
+from robot_rl.interfaces import OBS_PREFIX, Feature
+
+log = logging.getLogger("robot_rl.record")
+
+
+def step_features(robot, with_policy: bool, has_sim_state: bool) -> dict[str, Feature]:
+    """What a recorded step holds: observations, the executed action, who acted, timing, task signals."""
+    act = robot.action_feature
+    feats = {OBS_PREFIX + k: f for k, f in robot.observation_features.items()}
+    feats["action"] = Feature(act.shape, "float32", act.names, act.low, act.high)
+    if with_policy:
+        feats["policy_action"] = Feature(act.shape, "float32", act.names)
+    feats["intervention"] = Feature((), "bool")  # True: the human/teleop acted this step
+    feats["success"] = Feature((), "bool")
+    feats["timestamp"] = Feature((), "float64")  # seconds since the episode started, from the real clock
+    if has_sim_state:
+        n = len(robot.get_sim_state()["states"])
+        feats["sim_state"] = Feature((n,), "float64")  # simulator state the observation came from
+    return feats
+
+
+def estimate_bytes_per_step(features: dict[str, Feature]) -> int:
+    return int(sum(np.prod(f.shape, dtype=np.int64) * np.dtype(f.dtype).itemsize for f in features.values()))
+
+
+def preflight(path: Path, features: dict[str, Feature], r: DictConfig) -> None:
+    """Fail before the robot moves: unwritable path or not enough disk for the planned episodes."""
+    parent = path if path.exists() else path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    probe = parent / f".robot_rl_write_probe_{time.time_ns()}"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"record.path={str(path)!r} is not writable ({e.strerror}); choose another path or fix "
+                          f"its permissions") from None
+    need = estimate_bytes_per_step(features) * r.max_episode_steps * r.episodes  # uncompressed: an upper bound
+    need = min(need, int(r.min_free_gb * 2**30)) if r.min_free_gb else need
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ConfigError(f"record.path={str(path)!r}: only {free / 2**30:.2f} GiB free, {need / 2**30:.2f} GiB "
+                          f"needed for {r.episodes} episodes of up to {r.max_episode_steps} steps (uncompressed, "
+                          f"capped at record.min_free_gb={r.min_free_gb}); free space or record fewer episodes")
+
+
+class Recorder:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.r = cfg, cfg.record
+        self.run_dir = Path(run_dir)
+        self.robot = make_robot(cfg.robot)
+        self.teleop = make_teleop(cfg.teleop, self.robot)
+        self.policy = make_policy(cfg.policy, self.robot)
+        if self.teleop is None and self.policy is None:
+            raise ConfigError("record needs someone to act: set teleop= (a device or the scripted expert) and/or "
+                              "policy= with record.policy_weights")
+        if self.policy is not None:
+            if not self.r.policy_weights:
+                raise ConfigError("policy= is set but record.policy_weights is empty: give the safetensors file")
+            from safetensors.torch import load_file
+
+            self.policy.load_state_dict(load_file(self.r.policy_weights))
+        self.controls = getattr(self.teleop, "controls", None)  # a device's save/rerecord/stop keys
+        self.safety = build_safety(cfg, self.robot)
+        self.loop = PacedLoop(self.r.fps)
+        self._stop_signal = False
+        self.saved: list[dict] = []
+        self.discarded = 0
+
+    def request_stop(self, *_):
+        if not self._stop_signal:
+            log.info("stop requested: dropping the episode in progress and holding the robot")
+        self._stop_signal = True
+
+    # -------------------------------------------------------------------------------------------- store
+    def _open_store(self, features: dict[str, Feature]) -> EpisodeStore:
+        path = Path(self.r.path)
+        exists = (path / "meta.json").exists()
+        if exists and not self.r.resume:
+            raise ConfigError(f"record.path={str(path)!r} already holds an episode store: pass record.resume=true "
+                              f"to append to it, or choose a new path")
+        preflight(path, features, self.r)
+        if not exists:
+            info = {"robot": getattr(self.robot, "name", type(self.robot).__name__),
+                    "robot_config": OmegaConf.to_container(self.cfg.robot, resolve=True),
+                    "task": self.r.task}
+            return EpisodeStore.create(path, features, self.r.fps, chunk_steps=self.r.chunk_steps, info=info)
+        store = EpisodeStore.open(path, "a")
+        if {k: f.to_dict() for k, f in store.features.items()} != {k: f.to_dict() for k, f in features.items()}:
+            raise ConfigError(f"record.path={str(path)!r} holds episodes with other keys/shapes than this robot "
+                              f"produces ({sorted(store.features)} vs {sorted(features)}); record into a new path")
+        if store.pending is not None:
+            if self.r.partial == "recover":
+                store.recover_pending()
+            else:
+                log.warning("dropping a partial episode left by a crash (%d steps); record.partial=recover keeps it",
+                            store.pending["flushed"] - store.pending["start"])
+                store.drop_pending()
+        log.info("resuming %s: %d episodes, %d steps already recorded", path, store.num_episodes, store.num_steps)
+        return store
+
+    # -------------------------------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
+        self.robot.connect()
+        if self.teleop is not None:
+            self.teleop.connect()
+        store = None
+        t_start = time.time()
+        try:
+            has_sim_state = hasattr(self.robot, "get_sim_state")
+            features = step_features(self.robot, self.policy is not None, has_sim_state)
+            store = self._open_store(features)
+            writer = store.writer()
+            first_index = store.num_episodes
+            seed = int(self.cfg.seed) + first_index  # resuming continues the seed sequence
+            while len(self.saved) < self.r.episodes and not self._stop_signal:
+                outcome, meta = self._record_episode(writer, store, seed, has_sim_state)
+                if outcome in ("save", "stop-save"):
+                    t0 = time.perf_counter()
+                    index = writer.save(meta).result()
+                    meta.update(index=index, save_s=time.perf_counter() - t0)
+                    self.saved.append(meta)
+                    log.info("saved episode %d: %d steps, success=%s, %d missed ticks (%.0f ms to save)", index,
+                             meta["length"], meta["success"], meta["missed_ticks"], 1e3 * meta["save_s"])
+                    seed += 1
+                else:
+                    writer.discard()
+                    self.discarded += 1
+                    log.info("discarded the episode (%s)", outcome)
+                    if outcome == "rerecord":
+                        continue  # same seed: the operator records this scene again
+                if outcome in ("stop", "stop-save"):
+                    break
+        except StoreError as e:
+            log.error("%s", e)
+            raise SystemExit(f"robot-rl record: {e}") from None
+        finally:
+            self._hold_safe()
+            if store is not None:
+                store.close()
+            self.robot.disconnect()
+            if self.teleop is not None:
+                self.teleop.disconnect()
+            summary = self._summary(time.time() - t_start, store)
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _record_episode(self, writer, store: EpisodeStore, seed: int, has_sim_state: bool) -> tuple[str, dict]:
+        obs = self.robot.reset(seed=seed)
+        if self.policy is not None:
+            self.policy.reset()
+        if self.teleop is not None:
+            self.teleop.reset()
+        self.safety.reset()
+        meta = {"task": self.r.task, "operator": self.r.operator, "robot": getattr(self.robot, "name", "robot"),
+                "seed": seed, "start_time": time.time()}
+        if has_sim_state:
+            state = self.robot.get_sim_state()
+            meta["model_id"] = store.put_model_xml(state["model_xml"])
+            meta["initial_sim_state"] = np.asarray(state["states"]).tolist()
+        writer.begin(meta)
+        dim = self.robot.action_feature.shape[0]
+        nan = np.full(dim, np.nan, dtype=np.float32)
+        success_steps = interventions = 0
+        overruns0, missed0 = self.loop.overruns, self.loop.missed_slots
+        self.loop.start(keep_stats=bool(self.saved or self.discarded))
+        t0 = time.perf_counter()
+        last_report = t0
+        outcome = "save"
+        success = False
+        for step in range(self.r.max_episode_steps):
+            event = self.controls.poll() if self.controls is not None else None
+            if self._stop_signal:
+                outcome = "interrupted"
+                break
+            if event in ("save", "rerecord", "stop"):
+                outcome = {"save": "save", "rerecord": "rerecord", "stop": "stop-save"}[event]
+                if writer.steps == 0:
+                    outcome = "stop" if event == "stop" else "rerecord"
+                break
+            sim_state = self.robot.get_sim_state()["states"] if has_sim_state else None
+            label = self.teleop.get_action(obs) if self.teleop is not None else None
+            proposal_policy = self.policy.select_action(obs) if self.policy is not None else None
+            source, proposal = pick_source(self.teleop, label, proposal_policy, teleop_drives=self.policy is None)
+            action, _ = self.safety(proposal if proposal is not None else nan, force_safe=proposal is None)
+            sent = self.robot.send_action(action)
+            success = bool(self.robot.is_success())
+            frame = {OBS_PREFIX + k: v for k, v in obs.items()}
+            frame.update(action=np.asarray(sent, np.float32), intervention=np.bool_(source == "teleop"),
+                         success=np.bool_(success), timestamp=np.float64(time.perf_counter() - t0))
+            if self.policy is not None:
+                frame["policy_action"] = nan if proposal_policy is None else np.asarray(proposal_policy, np.float32)
+            if sim_state is not None:
+                frame["sim_state"] = sim_state
+            writer.add(frame)
+            interventions += source == "teleop" and self.policy is not None
+            success_steps = success_steps + 1 if success else 0
+            if self.r.stop_on_success and success_steps > self.r.success_extra_steps:
+                break
+            obs = self.robot.get_observation()
+            self.loop.wait()
+            now = time.perf_counter()
+            if now - last_report >= self.r.report_every_s:
+                last_report = now
+                log.info("episode %d step %d: %.1f Hz (target %.0f), %d missed ticks, success=%s",
+                         len(self.saved), step + 1, (step + 1) / (now - t0), self.r.fps,
+                         self.loop.missed_slots - missed0, success)
+        meta.update(success=success, length=writer.steps, missed_ticks=self.loop.missed_slots - missed0,
+                    overruns=self.loop.overruns - overruns0, dropped_frames=self._dropped_frames(),
+                    interventions=int(interventions), duration_s=time.perf_counter() - t0,
+                    achieved_hz=writer.steps / max(time.perf_counter() - t0, 1e-9))
+        return outcome, meta
+
+    def _dropped_frames(self) -> int:
+        """Camera frames a robot reports it could not deliver on time (sim renders synchronously: 0)."""
+        counter = getattr(self.robot, "dropped_frames", None)
+        return int(counter() if callable(counter) else (counter or 0))
+
+    def _hold_safe(self) -> None:
+        try:
+            if self.robot.is_connected:
+                action, _ = self.safety(np.zeros(self.robot.action_feature.shape[0], np.float32), force_safe=True)
+                self.robot.send_action(action)
+        except Exception:  # noqa: BLE001 - shutting down: report and keep going
+            log.exception("could not send the final safe action")
+
+    def _summary(self, wall_s: float, store: EpisodeStore | None) -> dict:
+        return {"process": "record", "path": str(self.r.path), "saved": len(self.saved), "discarded": self.discarded,
+                "store_episodes": store.num_episodes if store is not None else None,
+                "success_rate": float(np.mean([m["success"] for m in self.saved])) if self.saved else None,
+                "missed_ticks": int(sum(m["missed_ticks"] for m in self.saved)),
+                "dropped_frames": int(sum(m["dropped_frames"] for m in self.saved)),
+                "episodes": [{k: v for k, v in m.items() if k != "initial_sim_state"} for m in self.saved],
+                "pacing": self.loop.stats(), "safety_events": dict(self.safety.counts), "wall_s": wall_s,
+                "sources": list(SOURCES)}
