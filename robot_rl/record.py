@@ -53,14 +53,14 @@ def estimate_bytes_per_step(features: dict[str, Feature]) -> int:
 def preflight(path: Path, features: dict[str, Feature], r: DictConfig) -> None:
     """Fail before the robot moves: unwritable path or not enough disk for the planned episodes."""
     parent = path if path.exists() else path.parent
-    parent.mkdir(parents=True, exist_ok=True)
     probe = parent / f".robot_rl_write_probe_{time.time_ns()}"
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"record.path={str(path)!r} is not writable ({e.strerror}); choose another path or fix "
-                          f"its permissions") from None
+        raise ConfigError(f"record.path={str(path)!r} is not writable ({e.strerror}: {e.filename}); choose another "
+                          f"path or fix its permissions") from None
     need = estimate_bytes_per_step(features) * r.max_episode_steps * r.episodes  # uncompressed: an upper bound
     need = min(need, int(r.min_free_gb * 2**30)) if r.min_free_gb else need
     free = shutil.disk_usage(parent).free

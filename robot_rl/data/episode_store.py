@@ -374,7 +374,10 @@ class EpisodeWriter:
         self._next_row = end
         self.in_episode = False
         if wait:
-            fut.result()
+            try:
+                fut.result()
+            except BaseException as e:  # noqa: BLE001 - reported below with what it means for the data
+                self._error = self._error or e
             self._raise_error()
         return fut
 

@@ -1,0 +1,126 @@
+"""robot-rl record: a real sim robot driven by the scripted expert, episodes in a real store on disk."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+
+from robot_rl.config import ConfigError
+from robot_rl.data.episode_store import EpisodeStore
+from robot_rl.record import Recorder
+
+ROBOT_RL = str(Path(sys.executable).parent / "robot-rl")
+
+
+def record_cfg(path, *overrides):
+    with initialize_config_module("robot_rl.configs", version_base=None):
+        return compose("record", overrides=[f"record.path={path}", "record.report_every_s=100", *overrides])
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rec")
+    summary = Recorder(record_cfg(tmp / "store", "record.episodes=2", "record.task=lift it"), tmp / "run").run()
+    return tmp, summary
+
+
+def test_record_writes_episodes_with_metadata(recorded):
+    tmp, summary = recorded
+    assert summary["saved"] == 2 and summary["success_rate"] == 1.0
+    store = EpisodeStore.open(tmp / "store")
+    assert store.num_episodes == 2
+    assert {"obs.cube_pos", "obs.robot0_eef_pos", "action", "intervention", "success", "timestamp",
+            "sim_state"} <= set(store.features)
+    for i in range(2):
+        ep, meta = store.episode(i), store.episodes[i]
+        assert meta["task"] == "lift it" and meta["seed"] == i and meta["success"] is True
+        assert meta["length"] == len(ep["action"]) and meta["missed_ticks"] >= 0 and meta["dropped_frames"] == 0
+        np.testing.assert_array_equal(ep["sim_state"][0], np.asarray(meta["initial_sim_state"]))
+        assert "<mujoco" in store.model_xml(meta["model_id"])
+        ts = ep["timestamp"]
+        assert np.all(np.diff(ts) > 0) and abs(np.median(np.diff(ts)) - 0.05) < 0.01  # the real clock at 20 Hz
+        assert ep["success"][-1] and ep["intervention"].all()  # the expert (teleop) drove every step
+    assert store.meta["info"]["robot_config"]["env_name"] == "Lift"
+
+
+def test_resume_appends_and_refuses_without_flag(recorded, tmp_path):
+    tmp, _ = recorded
+    import shutil
+
+    shutil.copytree(tmp / "store", tmp_path / "store")
+    with pytest.raises(ConfigError, match="record.resume=true"):
+        Recorder(record_cfg(tmp_path / "store", "record.episodes=1"), tmp_path / "run").run()
+    Recorder(record_cfg(tmp_path / "store", "record.episodes=1", "record.resume=true"), tmp_path / "run2").run()
+    store = EpisodeStore.open(tmp_path / "store")
+    assert store.num_episodes == 3 and store.episodes[2]["seed"] == 2  # the seed sequence continues
+
+
+def test_unwritable_path_and_no_space_fail_before_recording(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        Recorder(record_cfg(tmp_path / "file" / "store"), tmp_path / "run").run()
+    with pytest.raises(ConfigError, match="GiB free"):
+        Recorder(record_cfg(tmp_path / "store", "record.min_free_gb=1000000", "record.episodes=1000000000"),
+                 tmp_path / "run").run()
+    assert not (tmp_path / "store" / "meta.json").exists()
+
+
+class _Controls:
+    """Episode-control events as an operator's keys would deliver them, one per tick."""
+
+    def __init__(self, script: dict[int, str]):
+        self.script, self.tick = script, 0
+
+    def poll(self):
+        self.tick += 1
+        return self.script.get(self.tick)
+
+
+def test_rerecord_save_and_stop_keys(tmp_path):
+    rec = Recorder(record_cfg(tmp_path / "store", "record.episodes=5", "record.stop_on_success=false"),
+                   tmp_path / "run")
+    # tick 6: rerecord (discard, same seed); tick 16: save the re-recorded one early; tick 30: stop (saves it)
+    rec.controls = _Controls({6: "rerecord", 16: "save", 30: "stop"})
+    summary = rec.run()
+    store = EpisodeStore.open(tmp_path / "store")
+    assert summary["discarded"] == 1 and store.num_episodes == 2
+    assert [m["seed"] for m in store.episodes] == [0, 1]
+    assert [m["length"] for m in store.episodes] == [9, 13]  # steps before each key press
+
+
+def test_sigkill_recorder_then_resume(tmp_path):
+    store_path = tmp_path / "store"
+    proc = subprocess.Popen([ROBOT_RL, "record", f"record.path={store_path}", "record.episodes=50",
+                             "record.chunk_steps=8", f"hydra.run.dir={tmp_path / 'run'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once two episodes are saved and the third is partly on disk
+        try:
+            commit = json.loads((store_path / "commit.json").read_text())
+            if len(commit["episode_ends"]) >= 2 and (store_path / "pending.json").exists():
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    crashed = EpisodeStore.open(store_path)
+    n = crashed.num_episodes
+    assert n >= 2 and crashed.pending is not None
+    before = [crashed.episode(i) for i in range(n)]
+    Recorder(record_cfg(store_path, "record.episodes=1", "record.resume=true", "record.partial=recover"),
+             tmp_path / "run2").run()
+    store = EpisodeStore.open(store_path)
+    assert store.num_episodes == n + 2  # the recovered partial episode, then one new one
+    assert store.episodes[n]["partial"] is True and store.episodes[n + 1]["seed"] == n + 1
+    for i in range(n):
+        for k, v in before[i].items():
+            np.testing.assert_array_equal(store.episode(i)[k], v, err_msg=f"episode {i} {k}")
