@@ -50,6 +50,11 @@ def _run_verb(verb: str, cfg) -> None:
     except ConfigError as e:
         print(f"robot-rl {verb}: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # a device that cannot be opened (DeviceUnavailableError) says why and what to do
+        if type(e).__name__ != "DeviceUnavailableError":
+            raise
+        print(f"robot-rl {verb}: {e}", file=sys.stderr)
+        sys.exit(2)
     write_run_info(run_dir, cfg, verb)
     if verb == "session":
         from robot_rl.session import run_session

@@ -54,6 +54,8 @@ def validate_session(cfg: DictConfig) -> None:
             f"session.watchdog_s ({cfg.session.watchdog_s}) must exceed session.heartbeat_s "
             f"({cfg.session.heartbeat_s}), or the watchdog trips between two healthy heartbeats"
         )
+    if cfg.policy.get("type") == "none":
+        raise ConfigError("policy=none: a session trains a policy; choose one, e.g. policy=mlp")
     robot = make_robot(cfg.robot)  # raises ConfigError on unknown type/env/robot names; does not connect
     make_teleop(cfg.teleop, robot)
     from robot_rl.algos import make_algorithm

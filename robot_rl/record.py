@@ -129,9 +129,14 @@ class Recorder:
     def run(self) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
-        self.robot.connect()
         if self.teleop is not None:
-            self.teleop.connect()
+            self.teleop.connect()  # a device that cannot open fails before the robot is touched
+        try:
+            self.robot.connect()
+        except BaseException:
+            if self.teleop is not None:
+                self.teleop.disconnect()
+            raise
         store = None
         t_start = time.time()
         try:
@@ -211,8 +216,9 @@ class Recorder:
             proposal_policy = self.policy.select_action(obs) if self.policy is not None else None
             source, proposal = pick_source(self.teleop, label, proposal_policy, teleop_drives=self.policy is None)
             action, _ = self.safety(proposal if proposal is not None else nan, force_safe=proposal is None)
-            sent = self.robot.send_action(action)
-            success = bool(self.robot.is_success())
+            with self.loop.section("robot"):
+                sent = self.robot.send_action(action)
+                success = bool(self.robot.is_success())
             frame = {OBS_PREFIX + k: v for k, v in obs.items()}
             frame.update(action=np.asarray(sent, np.float32), intervention=np.bool_(source == "teleop"),
                          success=np.bool_(success), timestamp=np.float64(time.perf_counter() - t0))
@@ -220,12 +226,14 @@ class Recorder:
                 frame["policy_action"] = nan if proposal_policy is None else np.asarray(proposal_policy, np.float32)
             if sim_state is not None:
                 frame["sim_state"] = sim_state
-            writer.add(frame)
+            with self.loop.section("store_add"):
+                writer.add(frame)
             interventions += source == "teleop" and self.policy is not None
             success_steps = success_steps + 1 if success else 0
             if self.r.stop_on_success and success_steps > self.r.success_extra_steps:
                 break
-            obs = self.robot.get_observation()
+            with self.loop.section("robot"):
+                obs = self.robot.get_observation()
             self.loop.wait()
             now = time.perf_counter()
             if now - last_report >= self.r.report_every_s:
