@@ -206,11 +206,17 @@ class RobosuiteRobot(Robot):
             hard_reset=False,  # reload-free resets: ~1 ms instead of ~1 s; determinism comes from seeding
         )
         kw.update(camera_names=[])
+        # robosuite draws some model properties (e.g. Lift's cube size) from numpy's global RNG while building the
+        # model: seed it so every process builds the same scene (seeded resets, replays and evals then agree).
+        saved = np.random.get_state()
         try:
+            np.random.seed(0)
             return suite.make(**kw)
         except Exception as e:  # robosuite errors for bad combos (e.g. TwoArm env with one arm) are obscure
             raise ValueError(f"robosuite could not build env_name={self.env_name!r} robots={self.robots!r} "
                              f"controller={self.controller!r}: {e}") from e
+        finally:
+            np.random.set_state(saved)
 
     def _spec(self) -> dict:
         key = (self.env_name, tuple(self.robots), self.controller, self.control_freq)
