@@ -4,13 +4,14 @@
   robot-rl control   only the control process (robot side of a two-machine session)
   robot-rl learner   only the learner (GPU side of a two-machine session)
   robot-rl keys DIR  make CURVE key pairs for a learner bound to a network address
+  robot-rl train     behaviour cloning (diffusion policy or MLP) from an episode store or a LeRobotDataset
   robot-rl record    teleoperate (or run the scripted expert) and record episodes to an episode store
   robot-rl dataset   list / inspect / stats / delete / keep / recover episodes of a store
   robot-rl replay    replay a recorded episode in MuJoCo (divergence report, mp4)
   robot-rl export    episode store -> LeRobotDataset v3
   robot-rl import    LeRobotDataset v3 or robomimic HDF5 -> episode store
 
-hydra verbs (session, control, learner, record) take overrides like `robot=stack record.episodes=5`; the others
+hydra verbs (session, control, learner, record, train) take overrides like `robot=stack record.episodes=5`; the others
 take plain arguments: `robot-rl <verb> --help`.
 """
 
@@ -20,7 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
-VERBS = {"session": "session", "control": "session", "learner": "session", "record": "record"}  # -> config name
+VERBS = {"session": "session", "control": "session", "learner": "session", "record": "record",
+         "train": "train"}  # verb -> config name
 
 
 PLAIN_VERBS = {"dataset": "robot_rl.data.tool", "replay": "robot_rl.replay", "export": "robot_rl.data.interchange",
@@ -46,6 +48,11 @@ def _run_verb(verb: str, cfg) -> None:
             write_run_info(run_dir, cfg, verb)
             summary = Recorder(cfg, run_dir).run()
             sys.exit(0 if summary["saved"] or summary["discarded"] else 1)
+        if verb == "train":
+            from robot_rl.train import main as train_main
+
+            write_run_info(run_dir, cfg, verb)
+            sys.exit(train_main(cfg, run_dir))
         validate_session(cfg)
     except ConfigError as e:
         print(f"robot-rl {verb}: config error: {e}", file=sys.stderr)

@@ -73,6 +73,13 @@ def make_policy(cfg, robot: Robot):
     kind = cfg.get("type")
     if kind == "none":
         return None
+    if kind == "diffusion":
+        from robot_rl.policies.diffusion import DiffusionPolicy
+
+        try:
+            return DiffusionPolicy.from_features(robot.observation_features, robot.action_feature, cfg)
+        except ValueError as e:
+            raise ConfigError(f"policy: {e}") from None
     if kind == "mlp":
         from robot_rl.policies.mlp import MLPPolicy
 
@@ -81,4 +88,4 @@ def make_policy(cfg, robot: Robot):
                                            cfg.get("obs_keys"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    raise ConfigError(f"policy.type={kind!r} is not a known policy type; choose one of: none, mlp")
+    raise ConfigError(f"policy.type={kind!r} is not a known policy type; choose one of: none, mlp, diffusion")
