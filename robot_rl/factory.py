@@ -17,6 +17,7 @@ def make_robot(cfg) -> Robot:
     cfg = _plain(cfg)
     kind = cfg.pop("type", None)
     cfg.pop("safety", None)
+    cfg.pop("task", None)
     try:
         if kind == "robosuite":
             from robot_rl.sim.robosuite_robot import RobosuiteRobot

@@ -124,3 +124,28 @@ def test_sigkill_recorder_then_resume(tmp_path):
     for i in range(n):
         for k, v in before[i].items():
             np.testing.assert_array_equal(store.episode(i)[k], v, err_msg=f"episode {i} {k}")
+
+
+def test_policy_rollout_with_simulated_intervener_records_who_acted(tmp_path):
+    """An untrained policy drives; the simulated intervener (scripted expert) takes over when it goes wrong."""
+    from safetensors.torch import save_file
+
+    from robot_rl.factory import make_policy, make_robot
+
+    cfg = record_cfg(tmp_path / "store", "record.episodes=1", "policy=mlp", "teleop=sim_intervener",
+                     f"record.policy_weights={tmp_path / 'policy.safetensors'}", "record.max_episode_steps=60",
+                     "teleop.intervener.min_steps=5")
+    policy = make_policy(cfg.policy, make_robot(cfg.robot))
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, tmp_path / "policy.safetensors")
+    summary = Recorder(cfg, tmp_path / "run").run()
+    store = EpisodeStore.open(tmp_path / "store")
+    ep = store.episode(0)
+    assert "policy_action" in store.features and np.isfinite(ep["policy_action"]).all()
+    took_over = ep["intervention"]
+    assert not took_over[0] and took_over.any()  # the policy started; the intervener stepped in
+    # where the policy acted, what it proposed is what was sent (within the safety clip)
+    policy_steps = ~took_over
+    np.testing.assert_allclose(ep["action"][policy_steps], np.clip(ep["policy_action"][policy_steps], -1, 1),
+                               atol=1e-6)
+    assert summary["episodes"][0]["interventions"] == int(took_over.sum())
+    assert store.episodes[0]["task"] == "lift the cube"
