@@ -67,7 +67,7 @@ def test_session_closes_the_loop(tmp_path, ports):
     sent = control["transitions"]["submitted"]
     assert sent == control["steps"] and control["transitions"]["acked_upto"] == sent - 1
     got = learner["senders"]["robot0"]
-    assert control["transitions"]["all_acknowledged"]
+    assert control["transitions"]["all_acknowledged"], (control["transitions"], summary["learner"])
     assert got == {"transitions": sent, "unique": sent, "min_seq": 0, "max_seq": sent - 1}
     assert learner["rejected_messages"] >= 2
     assert learner["updates"] > 0 and learner["weight_version"] >= versions[-1]
@@ -171,6 +171,6 @@ def test_ctrl_c_stops_both_processes_cleanly(tmp_path, ports):
     control = summary["control"]
     assert 0 < control["episodes"] < 50
     assert control["safety_events"]["forced_safe"] >= 1  # the final hold
-    assert control["transitions"]["all_acknowledged"]
+    assert control["transitions"]["all_acknowledged"], (control["transitions"], summary["learner"])
     assert summary["learner"]["senders"]["robot0"]["transitions"] == control["steps"]
     assert "Traceback" not in out

@@ -180,7 +180,8 @@ class Learner:
         and acknowledging until the stream has been quiet for `quiet_s` (bounded by session.drain_timeout_s)."""
         deadline = time.monotonic() + self.s.drain_timeout_s
         while time.monotonic() < deadline:
-            if time.monotonic() - self._last_batch > quiet_s and self._to_store.empty() and self._stored.empty():
+            quiet = time.monotonic() - self._last_batch > quiet_s
+            if quiet and self._to_store.empty() and self._stored.empty() and self.receiver.all_acked:
                 return
             time.sleep(0.05)
 

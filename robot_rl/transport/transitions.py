@@ -470,12 +470,18 @@ class TransitionReceiver:
             if out or time.monotonic() >= deadline:
                 return out
 
-    def close(self) -> None:
+    @property
+    def all_acked(self) -> bool:
+        """Every transition delivered so far has been acknowledged (nothing a sender still waits for)."""
+        return all(p.acked >= p.next_expected - 1 for p in list(self._peers.values()))
+
+    def close(self, linger_s: float = 0.5) -> None:
+        """Close, giving the last acks up to `linger_s` to leave (linger 0 would drop them unsent)."""
         if self._closed:
             return
         self._closed = True
         release_server_socket(self._sock, self._curve)
-        self._sock.close(0)
+        self._sock.close(int(linger_s * 1000))
 
     def __enter__(self):
         return self
