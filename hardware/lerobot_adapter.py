@@ -150,6 +150,8 @@ class LeRobotRobot(Robot):
         self.robot = robot
         self.name = f"lerobot_{getattr(robot, 'name', type(robot).__name__)}"
         self.calibrate = calibrate
+        self._last_frames: dict[str, np.ndarray] = {}
+        self._dropped = 0
         obs_feats = dict(robot.observation_features)
         self.state_names = [k for k, v in obs_feats.items() if _is_scalar(v)]
         self.image_keys = [k for k, v in obs_feats.items()
@@ -208,9 +210,24 @@ class LeRobotRobot(Robot):
             out[STATE_KEY] = np.array([raw[k] for k in self.state_names], dtype=np.float32)
         for k in self.image_keys:
             out[k] = np.asarray(raw[k], dtype=np.uint8)
+            self._count_stale(k, out[k])
         for k in self.array_keys:
             out[k] = np.asarray(raw[k], dtype=np.float32)
         return out
+
+    def _count_stale(self, key: str, frame: np.ndarray) -> None:
+        """A camera frame bit-identical to the previous tick's is a stale buffer, i.e. a dropped frame: sensor
+        noise makes two real consecutive frames differ. (A perfectly static *simulated* camera would be counted
+        too, so the count is meaningful for hardware cameras.)"""
+        last = self._last_frames.get(key)
+        if last is not None and last.shape == frame.shape and np.array_equal(last, frame):
+            self._dropped += 1
+        self._last_frames[key] = frame
+
+    @property
+    def dropped_frames(self) -> int:
+        """Camera frames that were not new when read, since connect (all cameras)."""
+        return self._dropped
 
     def send_action(self, action: np.ndarray) -> np.ndarray:
         a = np.asarray(action, dtype=np.float32).reshape(-1)

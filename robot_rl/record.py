@@ -195,7 +195,7 @@ class Recorder:
         dim = self.robot.action_feature.shape[0]
         nan = np.full(dim, np.nan, dtype=np.float32)
         success_steps = interventions = 0
-        overruns0, missed0 = self.loop.overruns, self.loop.missed_slots
+        overruns0, missed0, dropped0 = self.loop.overruns, self.loop.missed_slots, self._dropped_frames()
         self.loop.start(keep_stats=bool(self.saved or self.discarded))
         t0 = time.perf_counter()
         last_report = t0
@@ -238,17 +238,18 @@ class Recorder:
             now = time.perf_counter()
             if now - last_report >= self.r.report_every_s:
                 last_report = now
-                log.info("episode %d step %d: %.1f Hz (target %.0f), %d missed ticks, success=%s",
+                log.info("episode %d step %d: %.1f Hz (target %.0f), %d missed ticks, %d dropped frames, success=%s",
                          len(self.saved), step + 1, (step + 1) / (now - t0), self.r.fps,
-                         self.loop.missed_slots - missed0, success)
+                         self.loop.missed_slots - missed0, self._dropped_frames() - dropped0, success)
         meta.update(success=success, length=writer.steps, missed_ticks=self.loop.missed_slots - missed0,
-                    overruns=self.loop.overruns - overruns0, dropped_frames=self._dropped_frames(),
+                    overruns=self.loop.overruns - overruns0, dropped_frames=self._dropped_frames() - dropped0,
                     interventions=int(interventions), duration_s=time.perf_counter() - t0,
                     achieved_hz=writer.steps / max(time.perf_counter() - t0, 1e-9))
         return outcome, meta
 
     def _dropped_frames(self) -> int:
-        """Camera frames a robot reports it could not deliver on time (sim renders synchronously: 0)."""
+        """Camera frames the robot reports were not new when read, cumulative (LeRobotRobot counts stale frames;
+        the MuJoCo robot renders every tick synchronously, so it has none)."""
         counter = getattr(self.robot, "dropped_frames", None)
         return int(counter() if callable(counter) else (counter or 0))
 

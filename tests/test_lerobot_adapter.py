@@ -142,3 +142,30 @@ def test_teleop_wrapper(tmp_path):
     bad = LeRobotTeleop(FakePad(FakePadConfig(calibration_dir=tmp_path, fail=True)))
     with pytest.raises(ConnectionError, match="could not open.*ttyACM9.*lerobot-find-port"):
         bad.connect()
+
+
+def test_stale_camera_frames_are_counted_as_dropped():
+    """A camera that hands back the same buffer twice (a stalled driver) shows up in `dropped_frames`."""
+    import numpy as np
+
+    from robot_rl.hardware.lerobot_adapter import LeRobotRobot
+
+    class FakeCamRobot:
+        name = "fake"
+        is_connected = True
+        observation_features = {"x": float, "cam": (4, 4, 3)}
+        action_features = {"a": float}
+
+        def __init__(self):
+            self.frames = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)]
+            self.i = 0
+
+        def get_observation(self):
+            f = self.frames[min(self.i, 2)]
+            self.i += 1
+            return {"x": 0.0, "cam": f}
+
+    robot = LeRobotRobot(FakeCamRobot())
+    for _ in range(3):
+        robot.get_observation()
+    assert robot.dropped_frames == 1
