@@ -5,13 +5,15 @@
   robot-rl learner   only the learner (GPU side of a two-machine session)
   robot-rl keys DIR  make CURVE key pairs for a learner bound to a network address
   robot-rl train     behaviour cloning (diffusion policy or MLP) from an episode store or a LeRobotDataset
+  robot-rl deploy    run a trained policy (checkpoint or artefact) at a fixed rate, chunks computed ahead
+  robot-rl export-policy CKPT DIR   deployment artefact: weights + manifest, loads without the training code
   robot-rl record    teleoperate (or run the scripted expert) and record episodes to an episode store
   robot-rl dataset   list / inspect / stats / delete / keep / recover episodes of a store
   robot-rl replay    replay a recorded episode in MuJoCo (divergence report, mp4)
   robot-rl export    episode store -> LeRobotDataset v3
   robot-rl import    LeRobotDataset v3 or robomimic HDF5 -> episode store
 
-hydra verbs (session, control, learner, record, train) take overrides like `robot=stack record.episodes=5`; the others
+hydra verbs (session, control, learner, record, train, deploy) take overrides like `robot=stack record.episodes=5`; the others
 take plain arguments: `robot-rl <verb> --help`.
 """
 
@@ -22,11 +24,12 @@ import sys
 from pathlib import Path
 
 VERBS = {"session": "session", "control": "session", "learner": "session", "record": "record",
-         "train": "train"}  # verb -> config name
+         "train": "train", "deploy": "deploy"}  # verb -> config name
 
 
 PLAIN_VERBS = {"dataset": "robot_rl.data.tool", "replay": "robot_rl.replay", "export": "robot_rl.data.interchange",
-               "import": "robot_rl.data.interchange_import"}  # verb -> module with main(argv) -> exit code
+               "import": "robot_rl.data.interchange_import",
+               "export-policy": "robot_rl.policies.artifact"}  # verb -> module with main(argv) -> exit code
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -48,6 +51,11 @@ def _run_verb(verb: str, cfg) -> None:
             write_run_info(run_dir, cfg, verb)
             summary = Recorder(cfg, run_dir).run()
             sys.exit(0 if summary["saved"] or summary["discarded"] else 1)
+        if verb == "deploy":
+            from robot_rl.deploy import main as deploy_main
+
+            write_run_info(run_dir, cfg, verb)
+            sys.exit(deploy_main(cfg, run_dir))
         if verb == "train":
             from robot_rl.train import main as train_main
 
