@@ -5,6 +5,8 @@
   robot-rl learner   only the learner (GPU side of a two-machine session)
   robot-rl keys DIR  make CURVE key pairs for a learner bound to a network address
   robot-rl train     behaviour cloning (diffusion policy or MLP) from an episode store or a LeRobotDataset
+  robot-rl eval      N seeded sim episodes of a checkpoint: success with a 95% CI, mp4s, training curves
+  robot-rl distill   one-step student from a diffusion teacher (same-noise DDIM targets, as RL-100)
   robot-rl deploy    run a trained policy (checkpoint or artefact) at a fixed rate, chunks computed ahead
   robot-rl export-policy CKPT DIR   deployment artefact: weights + manifest, loads without the training code
   robot-rl record    teleoperate (or run the scripted expert) and record episodes to an episode store
@@ -13,7 +15,7 @@
   robot-rl export    episode store -> LeRobotDataset v3
   robot-rl import    LeRobotDataset v3 or robomimic HDF5 -> episode store
 
-hydra verbs (session, control, learner, record, train, deploy) take overrides like `robot=stack record.episodes=5`; the others
+hydra verbs (session, control, learner, record, train, eval, distill, deploy) take overrides like `robot=stack record.episodes=5`; the others
 take plain arguments: `robot-rl <verb> --help`.
 """
 
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 VERBS = {"session": "session", "control": "session", "learner": "session", "record": "record",
-         "train": "train", "deploy": "deploy"}  # verb -> config name
+         "train": "train", "deploy": "deploy", "eval": "eval", "distill": "distill"}  # verb -> config name
 
 
 PLAIN_VERBS = {"dataset": "robot_rl.data.tool", "replay": "robot_rl.replay", "export": "robot_rl.data.interchange",
@@ -51,11 +53,12 @@ def _run_verb(verb: str, cfg) -> None:
             write_run_info(run_dir, cfg, verb)
             summary = Recorder(cfg, run_dir).run()
             sys.exit(0 if summary["saved"] or summary["discarded"] else 1)
-        if verb == "deploy":
-            from robot_rl.deploy import main as deploy_main
+        if verb in ("deploy", "eval", "distill"):
+            import importlib
 
+            module = {"deploy": "robot_rl.deploy", "eval": "robot_rl.evaluate", "distill": "robot_rl.distill"}[verb]
             write_run_info(run_dir, cfg, verb)
-            sys.exit(deploy_main(cfg, run_dir))
+            sys.exit(importlib.import_module(module).main(cfg, run_dir))
         if verb == "train":
             from robot_rl.train import main as train_main
 
