@@ -58,11 +58,10 @@ def validate_session(cfg: DictConfig) -> None:
         raise ConfigError("policy=none: a session trains a policy; choose one, e.g. policy=mlp")
     robot = make_robot(cfg.robot)  # raises ConfigError on unknown type/env/robot names; does not connect
     make_teleop(cfg.teleop, robot)
-    from robot_rl.algos import make_algorithm
+    from robot_rl.algos import check_algorithm
 
     try:
-        make_algorithm(OmegaConf.to_container(cfg.algo, resolve=True),
-                       OmegaConf.to_container(cfg.policy, resolve=True), torch.device("cpu"))
+        check_algorithm(OmegaConf.to_container(cfg.algo, resolve=True))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     resolve_device(cfg.device)

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import write_json
+from robot_rl.control.telemetry import plot_learning_curve
 
 log = logging.getLogger("robot_rl.session")
 
@@ -43,6 +44,36 @@ def _stop(proc: subprocess.Popen, name: str, timeout_s: float, already_interrupt
     return proc.wait()
 
 
+def _supervise(cfg, run_dir: Path, config_path: Path, names: list[str], controls: dict, procs: dict,
+               restarts: dict) -> dict[str, int]:
+    """Wait for the control processes; a crashed learner or control process is restarted (up to
+    session.restart_crashed times each) and resumes from what is on disk: the learner from its checkpoint and
+    replay, a control process from its episode log (numbering and seeds continue)."""
+    limit = int(cfg.session.get("restart_crashed", 0) or 0)
+    codes: dict[str, int] = {}
+    while len(codes) < len(controls):
+        for i, name in enumerate(names):
+            if name in codes or (code := controls[name].poll()) is None:
+                continue
+            if code != 0 and restarts.get(name, 0) < limit:
+                restarts[name] = restarts.get(name, 0) + 1
+                log.warning("control process %s exited with %d: restarting it (%d/%d), resuming from its log",
+                            name, code, restarts[name], limit)
+                controls[name] = _spawn("robot_rl.control", config_path, run_dir / _control_dir(names, name), name,
+                                        str(i), "--resume")
+            else:
+                codes[name] = code
+        learner = procs.get("learner")
+        if learner is not None and (code := learner.poll()) is not None and len(codes) < len(controls):
+            if restarts.get("learner", 0) < limit:
+                restarts["learner"] = restarts.get("learner", 0) + 1
+                log.warning("learner exited with %d: restarting it (%d/%d) from its checkpoint and replay", code,
+                            restarts["learner"], limit)
+                procs["learner"] = _spawn("robot_rl.learner", config_path, run_dir / "learner")
+        time.sleep(0.2)
+    return codes
+
+
 def _control_dir(names: list[str], name: str) -> str:
     return "control" if len(names) == 1 else f"control_{name}"
 
@@ -54,24 +85,30 @@ def _read(path: Path) -> dict | None:
 def run_session(cfg: DictConfig, run_dir: Path) -> int:
     config_path = run_dir / "config.yaml"
     t0 = time.time()
+    resume = ("--resume",) if cfg.session.get("resume", False) else ()
     learner = None
     if cfg.session.learner == "local":
         learner = _spawn("robot_rl.learner", config_path, run_dir / "learner")
     # one control process per robot; several feed one learner, each under its own sender id
     names = [cfg.session.sender_id] if cfg.session.num_robots == 1 else [
         f"{cfg.session.sender_id}_{i}" for i in range(cfg.session.num_robots)]
-    controls = {name: _spawn("robot_rl.control", config_path, run_dir / _control_dir(names, name), name, str(i))
-                for i, name in enumerate(names)}
+    controls = {name: _spawn("robot_rl.control", config_path, run_dir / _control_dir(names, name), name, str(i),
+                             *resume) for i, name in enumerate(names)}
     interrupted = False
+    restarts: dict[str, int] = {}
+    procs = {"learner": learner}  # the supervisor may replace a crashed learner
     try:
-        control_codes = {name: proc.wait() for name, proc in controls.items()}
+        control_codes = _supervise(cfg, run_dir, config_path, names, controls, procs, restarts)
+        learner = procs["learner"]
     except KeyboardInterrupt:
         interrupted = True
+        learner = procs["learner"]
         log.info("Ctrl-C: stopping the control process(es) and the learner")
         control_codes = {name: _stop(proc, name, cfg.session.drain_timeout_s + 5, already_interrupted=True)
                          for name, proc in controls.items()}
     learner_code = _stop(learner, "learner", 30.0, interrupted) if learner is not None else None
     control_code = max(control_codes.values())
+    curve = plot_learning_curve([run_dir / _control_dir(names, n) for n in names], run_dir / "learning_curve.png")
 
     control_summary = _read(run_dir / _control_dir(names, names[0]) / "summary.json")
     learner_summary = _read(run_dir / "learner" / "summary.json")
@@ -88,6 +125,8 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
         "policy_success_rate": control_summary and control_summary["policy_success_rate"],
         "final_policy_version": control_summary and control_summary["final_policy_version"],
         "learner_updates": learner_summary and learner_summary["updates"],
+        "restarts": restarts,
+        "learning_curve": str(curve) if curve else None,
         "wall_s": time.time() - t0,
         "control": control_summary,
         "other_robots": {n: _read(run_dir / _control_dir(names, n) / "summary.json") for n in names[1:]},

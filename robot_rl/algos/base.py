@@ -27,6 +27,15 @@ class Algorithm(abc.ABC):
     def on_publish(self, replay: ReplayStore) -> None:
         """Hook before each publish (e.g. refresh normalisation stats from the data)."""
 
+    def trainable_transitions(self, replay: ReplayStore) -> int:
+        """Transitions that count towards the update budget (updates = UTD x this); warm-up data may not."""
+        return replay.size
+
+    def publish_meta(self, replay: ReplayStore) -> dict:
+        """Travels with the weights: what the robot should do besides loading them (e.g. how to explore).
+        A change publishes at once."""
+        return {}
+
     @abc.abstractmethod
     def state_dict(self) -> dict:
         """Everything needed to resume (networks and optimiser)."""

@@ -5,6 +5,6 @@ import sys
 from robot_rl.control.process import main
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4, 5):
-        sys.exit("usage: python -m robot_rl.control <resolved config.yaml> <run dir> [sender id [robot index]]")
+    if len(sys.argv) not in (3, 4, 5, 6):
+        sys.exit("usage: python -m robot_rl.control <resolved config.yaml> <run dir> [sender id [robot index [--resume]]]")
     sys.exit(main(*sys.argv[1:]))

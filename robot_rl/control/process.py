@@ -8,6 +8,7 @@ the safe action until the learner is back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -18,11 +19,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import write_json
+from robot_rl.control.telemetry import EpisodeLog
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import SafetyFilter, Watchdog
 from robot_rl.control.takeover import SOURCES, pick_source
 from robot_rl.factory import make_policy, make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX
+from robot_rl.policies.residual import ResidualPolicy
+from robot_rl.reward.success import make_success_detector
 from robot_rl.transport import TransitionSender, WeightSubscriber
 from robot_rl.transport.security import load_client_keys
 
@@ -45,18 +49,24 @@ def build_safety(cfg: DictConfig, robot) -> SafetyFilter:
 
 
 class ControlProcess:
-    def __init__(self, cfg: DictConfig, run_dir: Path, sender_id: str | None = None, robot_index: int = 0):
+    def __init__(self, cfg: DictConfig, run_dir: Path, sender_id: str | None = None, robot_index: int = 0,
+                 resume: bool = False):
         self.cfg, self.s = cfg, cfg.session
         self.run_dir = Path(run_dir)
         self.robot = make_robot(cfg.robot)
         self.teleop = make_teleop(cfg.teleop, self.robot)
-        self.policy = make_policy(cfg.policy, self.robot)
-        self.policy_version = -1  # no weights yet: the policy cannot act
+        self.seed = int(cfg.seed) + 100_003 * robot_index  # each robot of a fleet gets its own seeded episodes
+        self.policy = self._make_policy()
+        # a residual policy acts before any weights arrive (its residual starts at zero: the base alone)
+        self.acts_without_weights = isinstance(self.policy, ResidualPolicy) or self.cfg.algo.name == "sac"
+        self.policy_version = -1  # no weights yet
+        self.success = make_success_detector(OmegaConf.to_container(cfg.get("reward") or {}, resolve=True),
+                                             self.robot, self.teleop)
         self.safety = build_safety(cfg, self.robot)
         self.loop = PacedLoop(self.s.rate_hz)
         self.watchdog = Watchdog(self.s.watchdog_s, name="learner")
         self.sender_id = sender_id or self.s.sender_id
-        self.seed = int(cfg.seed) + 100_003 * robot_index  # each robot of a fleet gets its own seeded episodes
+        self.log = EpisodeLog(self.run_dir, resume=resume or bool(self.s.get("resume", False)))
         self.sender = self.subscriber = None
         if self.s.learner != "none":
             keys = None
@@ -72,6 +82,26 @@ class ControlProcess:
         self.weight_updates: list[dict] = []
         self.ticks = {k: [] for k in ("t", "lateness", "episode", "source", "forced_safe", "policy_version")}
 
+    def _make_policy(self):
+        """The policy the learner trains: algo=residual/sac bring their own, others use policy=..."""
+        if self.cfg.algo.name == "sac":
+            from robot_rl.algos.sac import SACModel, SACPolicy, default_obs_keys
+
+            algo, feats = OmegaConf.to_container(self.cfg.algo, resolve=True), self.robot.observation_features
+            model = SACModel(feats, default_obs_keys(feats, algo), self.robot.action_feature.shape[0], algo)
+            return SACPolicy(model, seed=self.seed)
+        if self.cfg.algo.name != "residual":
+            return make_policy(self.cfg.policy, self.robot)
+        from robot_rl.algos.residual import load_base
+        from robot_rl.policies.residual import ResidualModel, residual_obs_keys
+
+        algo = OmegaConf.to_container(self.cfg.algo, resolve=True)
+        base = load_base(algo["base_checkpoint"], "cpu")
+        feats = self.robot.observation_features
+        model = ResidualModel(feats, residual_obs_keys(feats, base, algo), self.robot.action_feature.shape[0], algo)
+        return ResidualPolicy(base, model, seed=self.seed, warmup_noise=algo["warmup_noise"],
+                              explore_std=algo["explore_std"], noise_clip=algo["noise_clip"])
+
     def request_stop(self, *_):
         if not self._stop:
             log.info("stop requested: finishing the current tick and holding the robot")
@@ -84,32 +114,38 @@ class ControlProcess:
             return
         self.policy.load_state_dict(update.tensors)
         self.policy_version = update.version
-        probe = self.policy.select_action(probe_obs)
-        self.weight_updates.append({"version": update.version, "t": time.time(), "probe_action": probe.tolist()})
+        if hasattr(self.policy, "exploration"):  # the learner decides how the robot explores
+            self.policy.exploration = update.meta.get("exploration", self.policy.exploration)
+            probe = None  # probing would advance a chunk queue / the exploration noise mid-episode
+        else:
+            probe = self.policy.select_action(probe_obs).tolist()
+        self.weight_updates.append({"version": update.version, "t": time.time(), "probe_action": probe,
+                                    "meta": update.meta})
         log.info("policy weights v%d loaded", update.version)
 
-    def _tick(self, obs, episode: int, step: int):
+    def _tick(self, obs, episode: int, step: int, evaluating: bool = False):
+        """Decide and send one action; returns the transition (reward/success filled in by the caller from the
+        next observation), who acted, and whether the safe action was forced."""
         if self.sender is not None and self.sender.last_contact is not None:
             self.watchdog.feed(self.sender.last_contact)
         dim = self.robot.action_feature.shape[0]
         nan = np.full(dim, np.nan, dtype=np.float32)
 
-        label = self.teleop.get_action(obs) if self.teleop is not None else None
-        policy_action = self.policy.select_action(obs) if self.policy_version >= 0 else None
-        source, proposal = pick_source(self.teleop, label, policy_action, episode < self.s.expert_episodes)
+        teleop = None if evaluating else self.teleop  # evaluation episodes measure the policy alone
+        label = teleop.get_action(obs) if teleop is not None else None
+        can_act = self.policy_version >= 0 or self.acts_without_weights
+        policy_action = self.policy.select_action(obs) if can_act else None
+        source, proposal = pick_source(teleop, label, policy_action, episode < self.s.expert_episodes)
         learner_lost = source == "policy" and self.sender is not None and self.watchdog.expired()
         force_safe = proposal is None or learner_lost or self._stop
         action, _ = self.safety(proposal if proposal is not None else nan, force_safe=force_safe)
         sent = self.robot.send_action(action)
-        success = bool(self.robot.is_success())
 
         transition = {OBS_PREFIX + k: np.asarray(v) for k, v in obs.items()}
         transition.update({
             "action": np.asarray(sent, dtype=np.float32),
             "policy_action": nan if policy_action is None else np.asarray(policy_action, dtype=np.float32),
             "expert_action": nan if label is None else np.asarray(label, dtype=np.float32),
-            "reward": np.float32(success),
-            "success": np.bool_(success),
             "intervention": np.bool_(source == "teleop"),
             "forced_safe": np.bool_(force_safe),
             "episode": np.int64(episode),
@@ -117,9 +153,24 @@ class ControlProcess:
             "policy_version": np.int64(self.policy_version),
             "t": np.float64(time.time()),
         })
-        return transition, source, force_safe, success
+        if isinstance(self.policy, ResidualPolicy):  # the critic needs the base action at every state
+            computed = policy_action is not None
+            transition["base_action"] = self.policy.last_base if computed else nan
+            transition["residual"] = self.policy.last_residual if computed else nan
+        return transition, source, force_safe
 
     # ---------------------------------------------------------------------------------------------- episodes
+    def _wait_for_learner(self) -> None:
+        """A learner may need a while to start (loading data, relabelling demos); episodes start once it answers."""
+        deadline = time.monotonic() + float(self.s.get("learner_wait_s", 0))
+        if self.sender is not None and time.monotonic() < deadline:
+            log.info("waiting up to %.0f s for the learner at %s", deadline - time.monotonic(),
+                     self.s.endpoints.transitions)
+        while self.sender is not None and self.sender.last_contact is None and time.monotonic() < deadline:
+            if self._stop:
+                return
+            time.sleep(0.05)
+
     def run(self) -> dict:
         torch.set_num_threads(1)  # small-network inference: extra threads only steal cores from sim and learner
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,24 +181,25 @@ class ControlProcess:
         if self.sender is not None:
             self.sender.start()
             self.subscriber.start()
+            self._wait_for_learner()
             self.watchdog.arm()
         t_start = time.time()
         probe_obs = None
+        first = self.log.next_episode  # > 0 when resuming: episode numbers and seeds continue
+        if first:
+            log.info("resuming at episode %d (%d env steps so far)", first, self.log.env_steps)
         try:
-            for episode in range(self.s.episodes):
+            for episode in range(first, self.s.episodes):
                 if self._stop:
                     break
-                obs = self.robot.reset(seed=self.seed + episode)
+                obs = self._reset(self.seed + episode)
                 probe_obs = probe_obs if probe_obs is not None else obs
-                self.policy.reset()
-                self.safety.reset()
-                if self.teleop is not None:
-                    self.teleop.reset()
-                self.episodes.append(self._run_episode(episode, obs, probe_obs))
-                ep = self.episodes[-1]
-                log.info("episode %d: success=%s steps=%d policy_steps=%d safe_steps=%d weights=v%d",
-                         episode, ep["success"], ep["steps"], ep["policy_steps"], ep["safe_steps"],
-                         self.policy_version)
+                ep = self._run_episode(episode, obs, probe_obs)
+                self.episodes.append(ep)
+                self.log.episode(ep)
+                every = int(self.s.get("eval_every_episodes", 0) or 0)
+                if every and (episode + 1) % every == 0 and not self._stop:
+                    self._evaluate(episode)
         finally:
             self._hold_safe()
             drained = self._drain()
@@ -158,34 +210,90 @@ class ControlProcess:
             self._close_transport()
             write_json(self.run_dir / "summary.json", summary)
             np.savez(self.run_dir / "ticks.npz", **{k: np.asarray(v) for k, v in self.ticks.items()})
+            self.log.close()
         return summary
 
-    def _run_episode(self, episode: int, obs, probe_obs) -> dict:
+    def _reset(self, seed: int):
+        obs = self.robot.reset(seed=seed)
+        if hasattr(self.policy, "seed_episode"):
+            self.policy.seed_episode(seed)
+        self.policy.reset()
+        self.safety.reset()
+        self.success.reset()
+        if self.teleop is not None:
+            self.teleop.reset()
+        return obs
+
+    def _evaluate(self, after_episode: int) -> None:
+        """Evaluation block: no exploration noise, no takeover, nothing sent to the learner, the same seeds
+        every time. A residual policy is compared with its base alone (evaluated once: the base is frozen)."""
+        modes = ["policy"]
+        if isinstance(self.policy, ResidualPolicy):
+            modes = ["residual"] if self.log.base_eval is not None else ["base", "residual"]
+        for mode in modes:
+            results = []
+            for j in range(int(self.s.eval_episodes)):
+                if self._stop:
+                    return
+                obs = self._reset(int(self.s.eval_seed) + j)
+                with self._eval_mode(mode):
+                    results.append(self._run_episode(after_episode, obs, None, evaluating=True))
+            self.log.evaluation(mode, after_episode, self.policy_version, results)
+
+    @contextlib.contextmanager
+    def _eval_mode(self, mode: str):
+        """No exploration noise; mode "base" switches a residual policy's residual off."""
+        policy = self.policy
+        saved = (getattr(policy, "exploration", None), getattr(policy, "use_residual", None))
+        if saved[0] is not None:
+            policy.exploration = "none"
+        if saved[1] is not None:
+            policy.use_residual = mode != "base"
+        try:
+            yield
+        finally:
+            if saved[0] is not None:
+                policy.exploration = saved[0]
+            if saved[1] is not None:
+                policy.use_residual = saved[1]
+
+    def _run_episode(self, episode: int, obs, probe_obs, evaluating: bool = False) -> dict:
         steps = policy_steps = safe_steps = teleop_steps = 0
-        success = False
-        self.loop.start(keep_stats=episode > 0)  # resets are not overruns; stats cover the whole session
+        success, residual_abs, t0 = False, [], time.monotonic()
+        self.loop.start(keep_stats=bool(self.ticks["t"]))  # resets are not overruns; stats cover the session
         for step in range(self.s.max_episode_steps):
-            self._take_new_weights(probe_obs)
+            if not evaluating:
+                self._take_new_weights(probe_obs)
             t_decide = time.time()
-            transition, source, forced_safe, success = self._tick(obs, episode, step)
+            transition, source, forced_safe = self._tick(obs, episode, step, evaluating)
+            obs = self.robot.get_observation()
+            success = bool(self.success(obs, self.robot))
+            transition["reward"], transition["success"] = np.float32(success), np.bool_(success)
             steps += 1
             policy_steps += source == "policy"
             teleop_steps += source == "teleop"
             safe_steps += forced_safe
+            if "residual" in transition and np.isfinite(transition["residual"]).all():
+                residual_abs.append(float(np.abs(transition["residual"]).mean()))
             done = (success and self.s.stop_on_success) or step == self.s.max_episode_steps - 1 or self._stop
             transition["done"] = np.bool_(done)
-            if self.sender is not None:
+            if self.sender is not None and not evaluating:
                 self.sender.submit(transition)
-            obs = self.robot.get_observation()
             lateness = self.loop.wait()
-            for key, value in (("t", t_decide), ("lateness", lateness), ("episode", episode),
-                               ("source", SOURCES.index(source)), ("forced_safe", forced_safe),
-                               ("policy_version", self.policy_version)):
-                self.ticks[key].append(value)
+            if not evaluating:
+                for key, value in (("t", t_decide), ("lateness", lateness), ("episode", episode),
+                                   ("source", SOURCES.index(source)), ("forced_safe", forced_safe),
+                                   ("policy_version", self.policy_version)):
+                    self.ticks[key].append(value)
             if done:
                 break
-        return {"episode": episode, "success": bool(success), "steps": steps, "policy_steps": policy_steps,
-                "teleop_steps": teleop_steps, "safe_steps": safe_steps, "policy_version": self.policy_version}
+        duration = time.monotonic() - t0
+        return {"episode": episode, "success": bool(success), "return": float(success), "steps": steps,
+                "policy_steps": policy_steps, "teleop_steps": teleop_steps, "safe_steps": safe_steps,
+                "policy_version": self.policy_version,
+                "residual_abs": float(np.mean(residual_abs)) if residual_abs else None,
+                "exploration": getattr(self.policy, "exploration", None),
+                "achieved_hz": steps / duration if duration > 0 else None}
 
     def _hold_safe(self) -> None:
         """Leave the robot on the safe action, whatever ended the run."""
@@ -238,10 +346,11 @@ class ControlProcess:
         }
 
 
-def main(config_path: str, run_dir: str, sender_id: str | None = None, robot_index: str = "0") -> int:
+def main(config_path: str, run_dir: str, sender_id: str | None = None, robot_index: str = "0",
+         resume: str = "") -> int:
     from robot_rl.cli import setup_logging
 
     setup_logging()
     cfg = OmegaConf.load(config_path)
-    summary = ControlProcess(cfg, Path(run_dir), sender_id, int(robot_index)).run()
+    summary = ControlProcess(cfg, Path(run_dir), sender_id, int(robot_index), resume == "--resume").run()
     return 0 if summary["episodes"] else 1

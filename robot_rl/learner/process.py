@@ -44,7 +44,8 @@ class Learner:
         torch.manual_seed(int(cfg.seed))
 
         self.replay = ReplayStore(self.run_dir / "replay.zarr")
-        self.algo = make_algorithm(algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device)
+        self.algo = make_algorithm(algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device,
+                                   self.run_dir)
         keys = load_server_keys(self.s.curve_keys_dir) if self.s.curve_keys_dir else None
         self.receiver = TransitionReceiver(self.s.endpoints.bind_transitions, heartbeat_interval_s=self.s.heartbeat_s,
                                            curve=keys)
@@ -63,6 +64,9 @@ class Learner:
         self._stored: queue.Queue = queue.Queue()  # storage thread -> receiver thread: (sender, upto) to ack
         self._errors: list[str] = []
         self.metrics: dict[str, float] = {}
+        self._published_meta: dict | None = None
+        self._telemetry = (self.run_dir / "metrics.jsonl").open("a")
+        self._rate = (time.monotonic(), 0)  # (t, updates) at the last telemetry line
         self._restore_checkpoint()
         self.writer = None
         if cfg.get("tensorboard", True):
@@ -77,11 +81,17 @@ class Learner:
 
     def _restore_checkpoint(self) -> None:
         meta_path = self._ckpt_dir / "latest.json"
-        if not meta_path.exists() or not self.algo.ready(self.replay):
+        if not meta_path.exists():
             return
         meta = json.loads(meta_path.read_text())
-        state = {"policy": load_file(self._ckpt_dir / "policy.safetensors")}
-        state["opt"] = torch.load(self._ckpt_dir / "optimizer.pt", weights_only=True)  # tensors only, no code
+        self.version = int(meta["version"])  # robots ignore versions they already have: continue the numbering
+        if not self.algo.ready(self.replay):
+            return
+        if (self._ckpt_dir / "algo_state.pt").exists():  # tensors and plain containers only: no code is loaded
+            state = torch.load(self._ckpt_dir / "algo_state.pt", weights_only=True, map_location=self.device)
+        else:  # checkpoints written before algo_state.pt existed
+            state = {"policy": load_file(self._ckpt_dir / "policy.safetensors"),
+                     "opt": torch.load(self._ckpt_dir / "optimizer.pt", weights_only=True)}
         self.algo.load_state_dict(state)
         self.updates, self.version = int(meta["updates"]), int(meta["version"])
         log.info("resumed from checkpoint: version %d, %d updates, %d stored transitions",
@@ -89,9 +99,10 @@ class Learner:
 
     def _checkpoint(self) -> None:
         self._ckpt_dir.mkdir(parents=True, exist_ok=True)
-        state = self.algo.state_dict()
-        save_file({k: v.contiguous() for k, v in state["policy"].items()}, self._ckpt_dir / "policy.safetensors")
-        torch.save(state["opt"], self._ckpt_dir / "optimizer.pt")
+        tmp = self._ckpt_dir / "algo_state.pt.tmp"
+        torch.save(self.algo.state_dict(), tmp)
+        tmp.replace(self._ckpt_dir / "algo_state.pt")  # a crash mid-write leaves the previous checkpoint whole
+        save_file({k: v.contiguous() for k, v in self.algo.policy_state().items()}, self._ckpt_dir / "policy.safetensors")
         write_json(self._ckpt_dir / "latest.json", {"version": self.version, "updates": self.updates,
                                                     "replay_rows": self.replay.size})
 
@@ -130,8 +141,29 @@ class Learner:
     def publish(self) -> None:
         self.algo.on_publish(self.replay)
         self.version += 1
-        self.publisher.publish(self.version, self.algo.policy_state(), meta={"updates": self.updates})
+        meta = self.algo.publish_meta(self.replay)
+        self.publisher.publish(self.version, self.algo.policy_state(), meta={**meta, "updates": self.updates})
+        self._published_meta = meta
         self._checkpoint()
+
+    def _log(self) -> None:
+        """Telemetry: tensorboard scalars, one JSON line per interval (metrics.jsonl) and a status line."""
+        now = time.monotonic()
+        t0, u0 = self._rate
+        rate = (self.updates - u0) / (now - t0) if now > t0 else 0.0
+        self._rate = (now, self.updates)
+        row = {"t": time.time(), "updates": self.updates, "replay": self.replay.size, "version": self.version,
+               "updates_per_s": rate, **self.metrics}
+        self._telemetry.write(json.dumps(row) + "\n")
+        self._telemetry.flush()
+        if self.writer is not None:
+            for k, v in self.metrics.items():
+                self.writer.add_scalar(k, v, self.updates)
+            self.writer.add_scalar("learner/replay_size", self.replay.size, self.updates)
+            self.writer.add_scalar("learner/updates_per_s", rate, self.updates)
+        q = self.metrics.get("critic/q_mean")
+        log.info("updates %d (%.0f/s), replay %d, weights v%d%s", self.updates, rate, self.replay.size, self.version,
+                 "" if q is None else f", Q mean {q:.3f}")
 
     def run(self) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -145,16 +177,17 @@ class Learner:
         log.info("learner ready on %s (weights on %s), device %s", self.s.endpoints.bind_transitions,
                  self.s.endpoints.bind_weights, self.device)
         while not self._stop_requested.is_set():
-            owed = self.updates_per_transition * self.replay.size - self.updates
+            meta = self.algo.publish_meta(self.replay)
+            if meta and meta != self._published_meta:  # e.g. warm-up over: tell the robot at once
+                self.publish()
+            owed = self.updates_per_transition * self.algo.trainable_transitions(self.replay) - self.updates
             if owed >= 1 and self.algo.ready(self.replay):
                 self.metrics = self.algo.update(self.replay, self.rng)
                 self.updates += 1
                 if self.updates % self.publish_every == 0:
                     self.publish()
-                if self.writer is not None and self.updates % self.log_every == 0:
-                    for k, v in self.metrics.items():
-                        self.writer.add_scalar(k, v, self.updates)
-                    self.writer.add_scalar("learner/replay_size", self.replay.size, self.updates)
+                if self.updates % self.log_every == 0:
+                    self._log()
             else:
                 time.sleep(0.005)
             now = time.monotonic()
@@ -171,6 +204,7 @@ class Learner:
         write_json(self.run_dir / "summary.json", summary)
         self.receiver.close()
         self.publisher.close()
+        self._telemetry.close()
         if self.writer is not None:
             self.writer.close()
         return summary

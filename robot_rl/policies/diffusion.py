@@ -437,6 +437,10 @@ class DiffusionPolicy(nn.Module, Policy):
         self._obs_queue.clear()
         self._action_queue.clear()
 
+    def steps_left_in_chunk(self) -> int:
+        """Actions of the current chunk still queued (0: the next `select_action` predicts a new chunk)."""
+        return len(self._action_queue)
+
     @torch.no_grad()
     def select_action(self, observation: Observation) -> np.ndarray:
         """Next action (A,): predicts a chunk from the last To observations whenever the queue is empty."""

@@ -1,0 +1,254 @@
+"""Residual off-policy RL (ResFiT): ensemble critic, n-step pools, demos relabelling, residual policy, the update."""
+
+from __future__ import annotations
+
+import copy
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from robot_rl.algos.demos import load_demos, relabel_base_actions
+from robot_rl.algos.ensemble import EnsembleQ
+from robot_rl.algos.nstep import EpisodeLinks, Pool
+from robot_rl.algos.residual import ResidualConfig, ResidualTD3
+from robot_rl.data.episode_store import EpisodeStore
+from robot_rl.interfaces import Feature
+from robot_rl.learner.replay import ReplayStore
+from robot_rl.policies.residual import ResidualModel, ResidualPolicy
+from robot_rl.train import Trainer, load_policy
+
+TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
+               "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",
+               "policy.num_inference_steps=3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_store(path, episodes: int = 6, steps: int = 20, success_at: int | None = 15) -> None:
+    """Toy task: the action is a fixed function of the state; `success` turns on at step `success_at`."""
+    feats = {"obs.state": Feature((4,)), "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2),
+                                                           high=np.ones(2)), "success": Feature((), "bool")}
+    store = EpisodeStore.create(path, feats, fps=10)
+    w = store.writer()
+    rng = np.random.default_rng(0)
+    m = np.array([[0.5, -0.3, 0.2, 0.1], [-0.2, 0.4, 0.1, -0.5]], np.float32)
+    for e in range(episodes):
+        w.begin({"seed": e})
+        s = rng.normal(size=4).astype(np.float32)
+        for t in range(steps):
+            a = np.tanh(m @ s).astype(np.float32)
+            w.add({"obs.state": s, "action": a, "success": np.bool_(success_at is not None and t >= success_at)})
+            s = (0.9 * s + 0.1 * np.concatenate([a, a])).astype(np.float32)
+        w.save({"success": success_at is not None})
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny chunked diffusion base trained briefly on the toy store."""
+    tmp = tmp_path_factory.mktemp("base")
+    make_store(tmp / "store")
+    with initialize_config_module("robot_rl.configs", version_base=None):
+        cfg = compose("train", overrides=[f"train.data={tmp / 'store'}", "train.progress=false", "train.steps=40",
+                                          "train.batch_size=32", "train.lr=3e-3", "train.warmup_steps=5",
+                                          "train.checkpoint_every=1000", "train.tensorboard=false", *TINY_POLICY])
+    Trainer(cfg, tmp / "run").run()
+    return tmp
+
+
+# ------------------------------------------------------------------------------------------------- ensemble
+def test_batched_ensemble_equals_each_head_run_alone():
+    torch.manual_seed(0)
+    q = EnsembleQ(10, 7, [32, 32])
+    feats, act = torch.randn(64, 5), torch.randn(64, 2)
+    out = q(feats, act)
+    assert out.shape == (10, 64)
+    for i in range(10):
+        alone = q.head(i)(torch.cat([feats, act], dim=-1)).squeeze(-1)
+        torch.testing.assert_close(out[i], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[0], out[1]), "heads must be initialised independently"
+
+
+# ------------------------------------------------------------------------------------------------- n-step
+def _toy_pool(rewards, success, ends):
+    arrays = {"reward": np.asarray(rewards, np.float32), "success": np.asarray(success, bool),
+              "x": np.arange(len(rewards))}
+    return Pool.from_arrays(arrays, np.asarray(ends))
+
+
+def test_nstep_return_bootstrap_and_terminal():
+    # episode A: 5 rows, success at row 3 (cut there in practice; row 4 kept to check it stops); B: 4 rows, timeout
+    pool = _toy_pool([0, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0, 0], [5, 9])
+    g = 0.9
+    out = pool.nstep(np.array([0, 1, 3, 5, 6, 7]), n=3, gamma=g)
+    # row 0: rewards of rows 0,1,2 (all 0), bootstrap from row 3 with g^3
+    assert out["boot"][0] == 3 and out["discount"][0] == pytest.approx(g ** 3) and out["return"][0] == 0
+    # row 1: rows 1,2,3 -> the success at row 3 pays g^2 and ends the return (discount 0)
+    assert out["return"][1] == pytest.approx(g ** 2) and out["discount"][1] == 0
+    # row 3 is terminal itself
+    assert out["return"][2] == 1 and out["discount"][2] == 0
+    # episode B was cut by the time limit: its last row (8) cannot start a transition but is a bootstrap state
+    assert 8 not in pool.starts and 7 in pool.starts
+    assert out["boot"][3] == 8 and out["discount"][3] == pytest.approx(g ** 3)
+    assert out["boot"][4] == 8 and out["discount"][4] == pytest.approx(g ** 2)
+    assert out["boot"][5] == 8 and out["discount"][5] == pytest.approx(g)
+
+
+def test_episode_links_interleaved_senders_and_a_restarted_control():
+    links = EpisodeLinks()
+    # rows: sender 0 ep0 steps 0,1 | sender 1 ep0 step 0 | sender 0 ep0 step 2 | sender 1 ep0 step 1
+    links.extend(np.array([0, 0, 1]), np.array([0, 0, 0]), np.array([0, 1, 0]))
+    links.extend(np.array([0, 1]), np.array([0, 0]), np.array([2, 1]))
+    assert links.next_idx[:5].tolist() == [1, 3, 4, -1, -1]
+    # sender 0 restarts (crash + resume from step 0 of episode 0 again): never linked to its old rows
+    links.extend(np.array([0, 0]), np.array([0, 0]), np.array([0, 1]))
+    assert links.next_idx[3] == -1 and links.next_idx[5] == 6
+
+
+# ------------------------------------------------------------------------------------------------- demos
+class CountingChunkedBase:
+    """A chunked stand-in base: returns its call index within the current chunk; counts resets."""
+
+    def __init__(self, chunk=4):
+        self.chunk, self.queue, self.resets = chunk, 0, 0
+
+    def reset(self):
+        self.queue, self.resets = 0, self.resets + 1
+
+    def steps_left_in_chunk(self):
+        return self.queue
+
+    def select_action(self, obs):
+        if self.queue == 0:
+            self.queue = self.chunk
+        self.queue -= 1
+        return np.full(2, self.chunk - 1 - self.queue, np.float32)
+
+
+def test_demos_cut_at_success_and_relabelled_with_a_reset_per_episode(tmp_path):
+    make_store(tmp_path / "s", episodes=3, steps=10, success_at=6)
+    arrays, ends = load_demos(tmp_path / "s", ["state"])
+    assert ends.tolist() == [7, 14, 21]  # steps 0..6, cut right after the first success
+    assert arrays["reward"].sum() == 3 and arrays["success"][[6, 13, 20]].all()
+    base = CountingChunkedBase(chunk=4)
+    labels = relabel_base_actions(base, arrays, ends, ["state"])
+    assert base.resets == 3
+    # each episode starts a fresh chunk: 0,1,2,3,0,1,2 — a stale queue would shift the second episode
+    assert labels[:7, 0].tolist() == [0, 1, 2, 3, 0, 1, 2] and labels[7:14, 0].tolist() == [0, 1, 2, 3, 0, 1, 2]
+
+
+def test_no_successful_demos_is_a_clear_error(tmp_path):
+    make_store(tmp_path / "s", episodes=2, steps=5, success_at=None)
+    with pytest.raises(ValueError, match="no successful episodes"):
+        load_demos(tmp_path / "s", ["state"])
+
+
+# ------------------------------------------------------------------------------------------- residual policy
+def _model(scale=0.2):
+    cfg = {"actor_hidden": [16], "scale": scale}
+    return ResidualModel({"state": Feature((4,))}, ["state"], 2, cfg)
+
+
+def test_residual_starts_at_zero_and_is_bounded():
+    model = _model(scale=0.1)
+    model.scaler.fit(np.array([[-1.0, 0.0], [1.0, 0.5]]), 0.1, 0.1)
+    obs = {"state": torch.randn(8, 4)}
+    assert torch.equal(model(obs, torch.zeros(8, 2)), torch.zeros(8, 2))
+    with torch.no_grad():  # any weights: |residual| <= scale
+        for p in model.actor.parameters():
+            p.normal_(0, 10)
+    assert model(obs, torch.zeros(8, 2)).abs().max() <= 0.1 + 1e-6
+    # the base lies within +-1/(1+scale) of the normalised range
+    assert model.scaler.normalize(torch.tensor([1.0, 0.5])).tolist() == pytest.approx([1 / 1.1, 1 / 1.1])
+
+
+def test_residual_policy_is_the_base_before_learning_and_swaps_weights_at_chunk_boundaries():
+    base = CountingChunkedBase(chunk=4)
+    model = _model()
+    policy = ResidualPolicy(base, model, seed=0)
+    policy.exploration = "none"
+    policy.reset()
+    obs = {"state": np.zeros(4, np.float32)}
+    assert policy.select_action(obs).tolist() == [0.0, 0.0]  # base's action exactly
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+    last_bias = [k for k in new if k.startswith("actor.net.") and k.endswith(".bias")][-1]
+    new[last_bias] = torch.full((2,), 5.0)  # a residual of +scale after tanh saturation
+    policy.load_state_dict(new)  # mid-chunk: staged
+    assert policy.select_action(obs)[0] == pytest.approx(1.0)  # still the old (zero) residual
+    policy.select_action(obs), policy.select_action(obs)  # chunk ends
+    a = policy.select_action(obs)  # new chunk: new weights
+    assert a[0] == pytest.approx(0.0 + 0.2 * np.tanh(5.0), abs=1e-5)
+    policy.use_residual = False
+    base.reset()
+    assert policy.select_action(obs).tolist() == [0.0, 0.0]
+
+
+# -------------------------------------------------------------------------------------------------- update
+def _online_replay(path, store_path, base, episodes=4):
+    """Online rows as the control process sends them (episodes of the toy store, base actions attached)."""
+    replay = ReplayStore(path)
+    store = EpisodeStore.open(store_path)
+    seq = 0
+    for e in range(episodes):
+        a, b = store.episode_bounds(e % store.num_episodes)
+        base.reset()
+        n = b - a
+        states = store.array("obs.state")[a:b]
+        arrays = {"obs.state": states, "action": store.array("action")[a:b],
+                  "base_action": np.stack([base.select_action({"state": s}) for s in states]),
+                  "reward": store.array("success")[a:b].astype(np.float32),
+                  "success": store.array("success")[a:b], "intervention": np.zeros(n, bool),
+                  "episode": np.full(n, e, np.int64), "step": np.arange(n, dtype=np.int64)}
+        replay.append("robot0", np.arange(seq, seq + n), arrays)
+        seq += n
+    return replay
+
+
+def test_update_learns_and_resumes_exactly(base_run, tmp_path):
+    cfg = ResidualConfig(base_checkpoint=str(base_run / "run"), demos=str(base_run / "store"), batch_size=32,
+                         actor_hidden=[32], critic_hidden=[32, 32], num_critics=4, learning_starts=40,
+                         critic_warmup=60, actor_every=1, actor_lr=1e-3)
+    algo = ResidualTD3(cfg, {}, torch.device("cpu"), tmp_path / "learner")
+    assert list((tmp_path / "learner").glob("demo_base_actions_*.npy")), "relabelled demos are cached"
+    replay = _online_replay(tmp_path / "replay", base_run / "store", load_policy(base_run / "run", "cpu"), 2)
+    assert algo.ready(replay) and algo.exploration(replay) == "gaussian"
+    rng = np.random.default_rng(0)
+    before = {k: v.clone() for k, v in algo.model.actor.state_dict().items()}
+    m = algo.update(replay, rng)
+    assert m["phase"] == 1.0 and "actor/loss" not in m, "critic-only while replay < learning_starts+critic_warmup"
+    assert all(torch.equal(before[k], v) for k, v in algo.model.actor.state_dict().items())
+    replay = _online_replay(tmp_path / "replay2", base_run / "store", load_policy(base_run / "run", "cpu"), 6)
+    losses = [algo.update(replay, rng) for _ in range(30)]
+    assert all(np.isfinite(x["critic/loss"]) for x in losses) and "actor/loss" in losses[-1]
+    assert any(not torch.equal(before[k], v) for k, v in algo.model.actor.state_dict().items())
+
+    # resume: a fresh learner loading the state continues with identical updates
+    state = copy.deepcopy(algo.state_dict())  # as if read back from disk (no tensors shared)
+    twin = ResidualTD3(cfg, {}, torch.device("cpu"), tmp_path / "learner")
+    twin.load_state_dict(state)
+    twin.torch_rng.set_state(algo.torch_rng.get_state())
+    torch.manual_seed(1)
+    a = algo.update(replay, np.random.default_rng(5))
+    torch.manual_seed(1)
+    b = twin.update(replay, np.random.default_rng(5))
+    assert a == b
+
+
+def test_check_config_errors(base_run, tmp_path):
+    from robot_rl.algos import check_algorithm
+
+    with pytest.raises(ValueError, match="base_checkpoint is required"):
+        check_algorithm({"name": "residual"})
+    with pytest.raises(ValueError, match="algo.base_checkpoint"):
+        check_algorithm({"name": "residual", "base_checkpoint": str(tmp_path / "nope"), "demos": "x"})
+    with pytest.raises(ValueError, match="not an episode store"):
+        check_algorithm({"name": "residual", "base_checkpoint": str(base_run / "run"), "demos": str(tmp_path)})
+    with pytest.raises(ValueError, match="not a setting"):
+        check_algorithm({"name": "residual", "critic_heads": 3})
