@@ -59,3 +59,44 @@ def test_sample_is_seeded(tmp_path):
     a = store.sample(16, np.random.default_rng(0), ["obs.x"])
     b = store.sample(16, np.random.default_rng(0), ["obs.x"])
     np.testing.assert_array_equal(a["obs.x"], b["obs.x"])
+
+
+def test_capacity_hint_allocates_up_front_and_growth_keeps_contents(tmp_path):
+    store = ReplayStore(tmp_path / "r.zarr", capacity=30)
+    store.append("robot0", *batch(0, 10))
+    used, allocated = store.memory_bytes()
+    row = sum(a[0].nbytes for a in batch(0, 1)[1].values()) + 8 + 4  # + _seq (int64) + _sender (int32)
+    assert (used, allocated) == (10 * row, 30 * row)  # exactly the hint, not 1024 rows
+    for start in range(10, 30, 10):
+        store.append("robot0", *batch(start, 10))
+    assert store.memory_bytes() == (30 * row, 30 * row)  # full, no growth yet
+    before = {k: store.column(k).copy() for k in store.keys()}
+    store.append("robot1", *batch(0, 45))  # past the hint: grows (doubling below 64k rows) to 120
+    assert store.size == 75 and store.memory_bytes() == (75 * row, 120 * row)
+    for k, v in before.items():  # the rows held before growing are unchanged, the new ones follow
+        np.testing.assert_array_equal(store.column(k)[:30], v)
+        np.testing.assert_array_equal(store.column(k)[30:], batch(0, 45)[1][k])
+    seqs = store.seqs_by_sender()
+    np.testing.assert_array_equal(seqs["robot0"], np.arange(30))
+    np.testing.assert_array_equal(seqs["robot1"], np.arange(45))
+    # reopening honours the hint too, and holds the same rows
+    again = ReplayStore(tmp_path / "r.zarr", capacity=200)
+    assert again.memory_bytes() == (75 * row, 200 * row)
+    for k in store.keys():
+        np.testing.assert_array_equal(again.column(k), store.column(k))
+    assert ReplayStore(tmp_path / "r.zarr").memory_bytes()[1] == 1024 * row  # no hint: 1024 rows as before
+
+
+def test_growth_doubles_up_to_64k_rows_then_steps_by_quarter():
+    from robot_rl.learner.replay import next_capacity
+
+    assert next_capacity(1024, 1025) == 2048
+    assert next_capacity(1024, 65536) == 65536
+    assert next_capacity(40_000, 40_001) == 65536  # doubling stops at 64k ...
+    assert next_capacity(65536, 65537) == 81920  # ... then 1.25x
+    assert next_capacity(1024, 100_000) == 102_400  # 100k transitions: 2.4 % spare instead of 31 % (131072)
+    cap = 65536
+    for _ in range(20):
+        nxt = next_capacity(cap, cap + 1)
+        assert cap < nxt <= cap * 1.25 + 1
+        cap = nxt

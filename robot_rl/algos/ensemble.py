@@ -1,8 +1,10 @@
 """A Q-function ensemble evaluated in one batched call: every layer holds all heads' weights as one tensor.
 
-Why: RLPD/ResFiT use ~10 critic heads; a Python loop over 10 small MLPs launches 10x the kernels and is
-dominated by per-op overhead (see benchmarks/bench_learner_throughput.py). Stacked weights turn each layer into
-one batched matmul over heads, with the same maths per head as an `nn.Linear` + `nn.LayerNorm` MLP.
+Why: RLPD/ResFiT use ~10 critic heads; a Python loop over 10 MLPs launches 10x the kernels, which dominates for
+small heads and on a GPU. Stacked weights turn each layer into one batched matmul over heads, with the same maths
+per head as an `nn.Linear` + `nn.LayerNorm` MLP. The TD target evaluates only the 2 heads it uses (`heads=`).
+Measured on a 2-core CPU (benchmarks/bench_learner_throughput.py), wide heads ([256, 256] and up) are not faster
+batched than looped there: the stacked tensors leave the cache; see the benchmark for current figures.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ class EnsembleLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias = (self.weight, self.bias) if heads is None else (self.weight[heads], self.bias[heads])
         if x.dim() == 2:  # same input for every head
-            x = x.unsqueeze(0).expand(self.weight.shape[0], -1, -1)
-        return torch.baddbmm(self.bias, x, self.weight)
+            x = x.unsqueeze(0).expand(weight.shape[0], -1, -1)
+        return torch.baddbmm(bias, x, weight)
 
 
 class EnsembleLayerNorm(nn.Module):
@@ -40,8 +43,9 @@ class EnsembleLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_heads, 1, features))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias = (self.weight, self.bias) if heads is None else (self.weight[heads], self.bias[heads])
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * weight + bias
 
 
 class EnsembleQ(nn.Module):
@@ -65,8 +69,12 @@ class EnsembleQ(nn.Module):
         self.net = nn.Sequential(*layers)
         self.num_heads = num_heads
 
-    def forward(self, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([features, action], dim=-1)).squeeze(-1)
+    def forward(self, features: torch.Tensor, action: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """(E, B) Q-values, or (len(heads), B) for a subset of heads."""
+        x = torch.cat([features, action], dim=-1)
+        for layer in self.net:
+            x = layer(x, heads) if isinstance(layer, (EnsembleLinear, EnsembleLayerNorm)) else layer(x)
+        return x.squeeze(-1)
 
     def head(self, i: int) -> nn.Sequential:
         """Head i as a plain nn.Sequential of nn.Linear/nn.LayerNorm (a copy; for checks and the loop baseline)."""
@@ -85,3 +93,26 @@ class EnsembleQ(nn.Module):
             else:
                 out.append(nn.ReLU())
         return nn.Sequential(*out)
+
+
+def _fused_ok(params) -> bool:
+    """Fused (single-kernel) Adam exists for float params on CPU and CUDA in recent torch; fewer passes over the
+    stacked ensemble weights."""
+    return all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
+               for p in params)
+
+
+def make_adamw(params, lr: float) -> torch.optim.Optimizer:
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=_fused_ok(params) or None)
+    except (RuntimeError, TypeError):  # a torch without fused CPU Adam
+        return torch.optim.AdamW(params, lr=lr)
+
+
+def make_adam(params, lr: float) -> torch.optim.Optimizer:
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=_fused_ok(params) or None)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr)

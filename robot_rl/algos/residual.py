@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from robot_rl.algos.base import Algorithm
 from robot_rl.algos.demos import cached_base_actions, load_demos
-from robot_rl.algos.ensemble import EnsembleQ
+from robot_rl.algos.ensemble import EnsembleQ, make_adamw
 from robot_rl.algos.nstep import Pool, RLPDSampler
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import OBS_PREFIX
@@ -134,8 +134,8 @@ class ResidualTD3(Algorithm):
                                 list(cfg.critic_hidden)).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.target_actor = copy.deepcopy(self.model.actor).requires_grad_(False)
-        self.actor_opt = torch.optim.AdamW(self.model.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.AdamW([*self.critic.parameters(), *self.model.featurizer.parameters()],
+        self.actor_opt = make_adamw(self.model.actor.parameters(), lr=cfg.actor_lr)
+        self.critic_opt = make_adamw([*self.critic.parameters(), *self.model.featurizer.parameters()],
                                             lr=cfg.critic_lr)
         self.sampler = RLPDSampler(self.demos, self.obs_keys, ["action", "base_action"], cfg.n_step, cfg.gamma,
                                    cfg.batch_size, cfg.demo_fraction, cfg.interventions_to_demos)
@@ -193,7 +193,7 @@ class ResidualTD3(Algorithm):
             noise = (torch.randn_like(res_next) * cfg.target_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
             a_next = (next_base + res_next + noise).clamp(-1, 1)
             heads = torch.randperm(cfg.num_critics, generator=self.torch_rng)[: cfg.target_heads].to(self.device)
-            q_next = self.target_critic(f_next, a_next)[heads].min(dim=0).values
+            q_next = self.target_critic(f_next, a_next, heads).min(dim=0).values
             target = b["return"] + b["discount"] * q_next
         features = self.model.featurizer(obs)  # the encoder (if any) learns from the critic loss only
         q = self.critic(features, action)  # (heads, batch)

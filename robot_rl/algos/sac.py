@@ -20,7 +20,7 @@ from torch import nn
 
 from robot_rl.algos.base import Algorithm
 from robot_rl.algos.demos import load_demos
-from robot_rl.algos.ensemble import EnsembleQ
+from robot_rl.algos.ensemble import EnsembleQ, make_adam, make_adamw
 from robot_rl.algos.nstep import Pool, RLPDSampler
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import OBS_PREFIX, Feature, Observation, Policy
@@ -143,10 +143,10 @@ class SAC(Algorithm):
                                 list(cfg.critic_hidden)).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=device, requires_grad=True)
-        self.actor_opt = torch.optim.Adam(self.model.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam([*self.critic.parameters(), *self.model.featurizer.parameters()],
+        self.actor_opt = make_adam(self.model.actor.parameters(), lr=cfg.actor_lr)
+        self.critic_opt = make_adam([*self.critic.parameters(), *self.model.featurizer.parameters()],
                                            lr=cfg.critic_lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.temperature_lr)
+        self.alpha_opt = make_adam([self.log_alpha], lr=cfg.temperature_lr)
         self.sampler = RLPDSampler(Pool.from_arrays(arrays, ends), self.obs_keys, ["action"], cfg.n_step,
                                    cfg.gamma, cfg.batch_size, cfg.demo_fraction, cfg.interventions_to_demos)
         self.torch_rng = torch.Generator(device="cpu").manual_seed(0)
@@ -179,7 +179,7 @@ class SAC(Algorithm):
             f_next = self.model.featurizer(nxt)
             a_next, _ = self.model.sample(f_next)
             heads = torch.randperm(cfg.num_critics, generator=self.torch_rng)[: cfg.target_heads].to(self.device)
-            target = b["return"] + b["discount"] * self.target_critic(f_next, a_next)[heads].min(dim=0).values
+            target = b["return"] + b["discount"] * self.target_critic(f_next, a_next, heads).min(dim=0).values
         features = self.model.featurizer(obs)
         q = self.critic(features, action)
         critic_loss = F.mse_loss(q, target.expand_as(q), reduction="none").mean(dim=1).sum()

@@ -43,7 +43,7 @@ class Learner:
         self.rng = np.random.default_rng(int(cfg.seed))
         torch.manual_seed(int(cfg.seed))
 
-        self.replay = ReplayStore(self.run_dir / "replay.zarr")
+        self.replay = ReplayStore(self.run_dir / "replay.zarr", capacity=self.s.get("replay_capacity"))
         self.algo = make_algorithm(algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device,
                                    self.run_dir)
         keys = load_server_keys(self.s.curve_keys_dir) if self.s.curve_keys_dir else None

@@ -3,6 +3,12 @@
 Why on disk: the learner acknowledges a transition only after it is stored, so a learner killed at any moment
 restarts with exactly what it acknowledged and tells each control process where to resume (exactly once).
 
+Memory: every column is one numpy array with room for `capacity` rows. Give the expected number of transitions
+(`capacity=`) and exactly that is allocated up front; without it (or past it) the arrays grow by doubling up to
+64k rows and by 1.25x beyond, so a large buffer has room for at most 25 % more rows than it holds (doubling
+alone: up to 100 %).
+`memory_bytes()` says how much is used and allocated.
+
 Crash consistency: zarr's LocalStore writes every chunk and metadata file atomically (temp file + rename), and
 `commit.json` — also replaced atomically, and written last — says how many rows are committed and up to which
 sequence number each sender is stored. Rows past the committed count (a crash mid-append) are cut on open.
@@ -21,19 +27,38 @@ import zarr
 COMMIT_FILE = "commit.json"
 SEQ_KEY = "_seq"
 SENDER_KEY = "_sender"
+MIN_ROWS = 1024           # smallest allocation without a capacity hint
+DOUBLING_LIMIT = 1 << 16  # grow by 2x up to this many rows, by 1.25x beyond
+READ_ROWS = 4096          # rows read from disk at a time when reopening (no whole-column temporary copy)
+
+
+def next_capacity(cap: int, need: int) -> int:
+    """Smallest capacity >= need reached from `cap` by the growth rule: 2x up to 64k rows, then 1.25x."""
+    cap = max(int(cap), 1)
+    while cap < need:
+        if cap < DOUBLING_LIMIT:
+            cap = min(2 * cap, DOUBLING_LIMIT)
+        else:
+            cap += -(-cap // 4)  # ceil(cap * 1.25)
+    return cap
 
 
 class ReplayStore:
-    def __init__(self, path: str | os.PathLike, chunk_rows: int = 1024):
+    def __init__(self, path: str | os.PathLike, chunk_rows: int = 1024, capacity: int | None = None):
+        """`capacity`: rows to allocate in memory up front (the expected number of transitions); the store
+        still accepts more (growing past it), and never drops any."""
+        if capacity is not None and int(capacity) < 1:
+            raise ValueError(f"capacity must be >= 1 (or None), got {capacity!r}")
         self.path = Path(path)
         self.chunk_rows = chunk_rows
+        self.capacity = None if capacity is None else int(capacity)
         self._lock = threading.Lock()
         self._senders: list[str] = []  # sender index -> sender id
         self.next_expected: dict[str, int] = {}
         self._mem: dict[str, np.ndarray] = {}
         self.size = 0
         self._group = None
-        self._open()  # memory buffers grow by doubling
+        self._open()
 
     # ------------------------------------------------------------------ disk
     def _open(self) -> None:
@@ -51,7 +76,10 @@ class ReplayStore:
             arr = self._group[key]
             if arr.shape[0] != n:  # a crash mid-append left uncommitted rows: cut them
                 arr.resize((n, *arr.shape[1:]))
-            self._mem[key] = self._grow(None, arr[:n], max(n, 1024))
+            buf = np.empty((self._capacity_for(0, n), *arr.shape[1:]), dtype=arr.dtype)
+            for a in range(0, n, READ_ROWS):
+                buf[a:min(n, a + READ_ROWS)] = arr[a:min(n, a + READ_ROWS)]
+            self._mem[key] = buf
         self.size = n
 
     def _commit(self) -> None:
@@ -68,17 +96,23 @@ class ReplayStore:
             os.fsync(f.fileno())
         os.replace(tmp, self.path / COMMIT_FILE)
 
-    @staticmethod
-    def _grow(buf: np.ndarray | None, rows: np.ndarray, need: int) -> np.ndarray:
-        """Return a buffer of capacity >= need holding `rows` at its start (when buf is None)."""
+    def _capacity_for(self, current: int, need: int) -> int:
+        """Rows to allocate for `need` rows, given a buffer of `current` rows (0: none yet)."""
+        if current == 0:
+            current = self.capacity if self.capacity is not None else MIN_ROWS
+            if need <= current:
+                return current
+        return next_capacity(current, need)
+
+    def _grow(self, buf: np.ndarray | None, like: np.ndarray, need: int) -> np.ndarray:
+        """`buf` if it has room for `need` rows, else a larger buffer holding its first `size` rows (the
+        dtype/row shape of a new buffer comes from `like`)."""
         if buf is not None and buf.shape[0] >= need:
             return buf
-        cap = max(1024, 1 << (max(need, 1) - 1).bit_length())
-        new = np.empty((cap, *rows.shape[1:]), dtype=rows.dtype)
-        if buf is None:
-            new[: len(rows)] = rows
-        else:
-            new[: buf.shape[0]] = buf
+        cap = self._capacity_for(0 if buf is None else buf.shape[0], need)
+        new = np.empty((cap, *like.shape[1:]), dtype=like.dtype)
+        if buf is not None:
+            new[: self.size] = buf[: self.size]
         return new
 
     # ---------------------------------------------------------------- append
@@ -120,6 +154,13 @@ class ReplayStore:
     # ---------------------------------------------------------------- access
     def keys(self) -> list[str]:
         return sorted(k for k in self._mem if not k.startswith("_"))
+
+    def memory_bytes(self) -> tuple[int, int]:
+        """(used, allocated) bytes of the in-memory columns: the `size` rows held, and the arrays' capacity."""
+        with self._lock:
+            used = sum(buf[: self.size].nbytes for buf in self._mem.values())
+            allocated = sum(buf.nbytes for buf in self._mem.values())
+        return used, allocated
 
     def column(self, key: str) -> np.ndarray:
         """A view of the first `size` rows of one key (do not write into it)."""
