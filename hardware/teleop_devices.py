@@ -6,8 +6,10 @@ All three produce an end-effector delta action for an OSC delta-pose robot (robo
 None = no gripper entry); a device then fills only the first 3 (keyboard, gamepad) or 6 (SpaceMouse) entries that
 are not the gripper, and leaves the rest at 0.
 
-Every device also carries `controls`, an `EpisodeControls` queue of "save" / "rerecord" / "stop" events from its
-episode keys or buttons; the recorder polls it once per tick.
+Every device also carries `controls`, an `EpisodeControls` queue of "save" / "rerecord" / "stop" / "success" events
+from its episode keys or buttons; the recorder polls it once per tick. "success" is the operator saying the task is
+solved: the recorder labels the episode's steps from then on `success=True`, and a session's `OperatorSuccess`
+reward takes it out of the queue with `take("success")`, leaving the other events where they are.
 
 Each device keeps its raw state (keys pressed, axis values, buttons held) and turns it into an action with a
 pure method, `_action_from_state(...)`, so the mapping is testable without hardware; the background reader threads
@@ -45,7 +47,7 @@ __all__ = [
 
 DEFAULT_ACTION_NAMES = ("dx", "dy", "dz", "dax", "day", "daz", "gripper")
 GRIPPER_OPEN, GRIPPER_CLOSED = -1.0, 1.0
-EPISODE_EVENTS = ("save", "rerecord", "stop")
+EPISODE_EVENTS = ("save", "rerecord", "stop", "success")
 # what a key / button can be bound to on every device
 DEVICE_ACTIONS = EPISODE_EVENTS + ("gripper_open", "gripper_close", "gripper_toggle", "takeover")
 
@@ -58,7 +60,8 @@ class DeviceUnavailableError(RuntimeError):
 
 # ============================================================================================== episode controls
 class EpisodeControls:
-    """Thread-safe FIFO of episode events ("save", "rerecord", "stop") pushed by devices, polled by the recorder."""
+    """Thread-safe FIFO of episode events ("save", "rerecord", "stop", "success") pushed by devices, polled by the
+    recorder; a consumer interested in one event only uses `take(event)`, which leaves the others queued."""
 
     def __init__(self, maxlen: int = 64):
         self._q: collections.deque[str] = collections.deque(maxlen=maxlen)
@@ -75,6 +78,19 @@ class EpisodeControls:
         """Pop and return the oldest pending event, or None."""
         with self._lock:
             return self._q.popleft() if self._q else None
+
+    def take(self, event: str) -> bool:
+        """Remove every pending `event` and say whether there was one; other events stay queued, in order."""
+        if event not in EPISODE_EVENTS:
+            raise ValueError(f"unknown episode event {event!r}; choose one of: {', '.join(EPISODE_EVENTS)}")
+        with self._lock:
+            n = len(self._q)
+            kept = [e for e in self._q if e != event]
+            if len(kept) == n:
+                return False
+            self._q.clear()
+            self._q.extend(kept)
+            return True
 
     def clear(self) -> None:
         with self._lock:
@@ -243,7 +259,7 @@ class _SelectReader:
 # ============================================================================================== keyboard
 _KEY_MOTION = {"w": (0, +1.0), "s": (0, -1.0), "a": (1, +1.0), "d": (1, -1.0), "r": (2, +1.0), "f": (2, -1.0)}
 _KEY_ACTIONS = {"space": "gripper_toggle", "i": "takeover", "enter": "save", "n": "save", "backspace": "rerecord",
-                "x": "rerecord", "esc": "stop", "q": "stop"}
+                "x": "rerecord", "esc": "stop", "q": "stop", "y": "success"}
 _KEY_INTERVENE = set(_KEY_MOTION) | {"space"}
 
 
@@ -333,6 +349,7 @@ class KeyboardTeleop(_DeviceTeleop):
         Enter / n  save the episode ("save")
         Backspace / x  discard and re-record it ("rerecord")
         Esc / q    stop recording ("stop")
+        y          the task is solved ("success": operator success label / sparse reward)
 
     A motion key drives its axis at `speed` (action units) while it is held and for `hold_s` after its last press
     or auto-repeat (a terminal only reports key repeats, never releases; for smooth motion from the terminal make
@@ -447,7 +464,7 @@ class KeyboardTeleop(_DeviceTeleop):
         self.backend = backend
         self._connected = True
         log.info("keyboard teleop (%s): w/s a/d r/f = x/y/z, space = gripper, i = takeover latch, Enter/n = save, "
-                 "Backspace/x = re-record, Esc/q = stop", backend)
+                 "Backspace/x = re-record, Esc/q = stop, y = success", backend)
 
     def disconnect(self) -> None:
         if self._reader is not None:
@@ -897,6 +914,11 @@ class _EvdevTeleop(_DeviceTeleop):
     def _on_axis(self, etype: int, code: int, value: int) -> None:
         raise NotImplementedError
 
+    def _takeover_buttons_held(self) -> set[int]:
+        """Held buttons that count as the human acting: all but those bound to "success" (the operator marking
+        the task solved is not taking over the robot)."""
+        return {b for b in self._buttons_held if self._button_actions.get(b) != "success"}
+
     def _resync(self) -> None:
         dev = self._dev
         log.warning("%s: input events were dropped (SYN_DROPPED); re-reading the device state", self.name)
@@ -931,14 +953,16 @@ class GamepadTeleop(_EvdevTeleop):
         B / circle             re-record episode (BTN_EAST)
         Back / Select / Share  stop recording    (BTN_SELECT)
         Start / Options        latch takeover on/off (BTN_START)
+        Y / triangle           the task is solved, "success" (BTN_NORTH)
 
     Override with `axes` ({"x"|"y"|"z": "[-]ABS_..."}), `triggers` ({"ABS_...": action}) and `buttons`
     ({"BTN_...": action}); entries merge with the defaults, a null value removes one. Actions: save, rerecord,
-    stop, gripper_open, gripper_close, gripper_toggle, takeover. Stick values are normalized to [-1, 1] from the
-    device's axis ranges, `deadzone` is applied (and the rest rescaled), then scaled by `speed` (action units).
-    `intervening` is True while any stick is outside the deadzone, a trigger is pressed, any button is held, or the
-    takeover latch is on. Device: `device_path`, else the first device whose name contains `device_name`, else the
-    first input device with X/Y absolute axes and gamepad/joystick buttons (touchpads excluded).
+    stop, success, gripper_open, gripper_close, gripper_toggle, takeover. Stick values are normalized to [-1, 1]
+    from the device's axis ranges, `deadzone` is applied (and the rest rescaled), then scaled by `speed` (action
+    units). `intervening` is True while any stick is outside the deadzone, a trigger is pressed, any button is held
+    (except one bound to "success": marking success is not a takeover), or the takeover latch is on. Device:
+    `device_path`, else the first device whose name contains `device_name`, else the first input device with X/Y
+    absolute axes and gamepad/joystick buttons (touchpads excluded).
     """
 
     name = "gamepad"
@@ -948,7 +972,8 @@ class GamepadTeleop(_EvdevTeleop):
     default_axes = {"x": "-ABS_Y", "y": "-ABS_X", "z": "-ABS_RY"}
     default_triggers = {"ABS_RZ": "gripper_close", "ABS_Z": "gripper_open"}
     default_buttons = {"BTN_TR": "gripper_close", "BTN_TL": "gripper_open", "BTN_SOUTH": "save",
-                       "BTN_EAST": "rerecord", "BTN_SELECT": "stop", "BTN_START": "takeover"}
+                       "BTN_EAST": "rerecord", "BTN_SELECT": "stop", "BTN_START": "takeover",
+                       "BTN_NORTH": "success"}
     STICK_AXES = ("ABS_X", "ABS_Y", "ABS_RX", "ABS_RY")
     DEFAULT_STICK_RANGE = (-32768, 32767)
     DEFAULT_TRIGGER_RANGE = (0, 255)
@@ -1071,7 +1096,7 @@ class GamepadTeleop(_EvdevTeleop):
     @property
     def intervening(self) -> bool:
         with self._lock:
-            return self._intervening_from_state(self._axes, self._buttons_held, self._takeover_latched)
+            return self._intervening_from_state(self._axes, self._takeover_buttons_held(), self._takeover_latched)
 
 
 # ---------------------------------------------------------------------------------------------- spacemouse
@@ -1089,6 +1114,8 @@ class SpaceMouseTeleop(_EvdevTeleop):
         lift / press down    +z / -z   axes["z"]  = "-Z"        twist                        axes["rz"] = "-RZ"
         button 0 (left)      toggle gripper   (buttons["BTN_0"] = gripper_toggle)
         button 1 (right)     save episode     (buttons["BTN_1"] = save)
+        (no spare button for "success": to label successes rebind one, e.g. buttons={"BTN_1": "success"};
+        episodes are then saved when they reach record.max_episode_steps)
 
     Values (EV_REL or EV_ABS, whichever the device reports) are divided by `max_value` (full deflection, ~350 on
     current models), the `deadzone` is applied (and the rest rescaled), then translation is scaled by `pos_scale`
@@ -1190,7 +1217,7 @@ class SpaceMouseTeleop(_EvdevTeleop):
     @property
     def intervening(self) -> bool:
         with self._lock:
-            return self._intervening_from_state(self._axes, self._buttons_held, self._takeover_latched)
+            return self._intervening_from_state(self._axes, self._takeover_buttons_held(), self._takeover_latched)
 
 
 # ============================================================================================== factory

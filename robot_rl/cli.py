@@ -7,6 +7,7 @@
   robot-rl train     behaviour cloning (diffusion policy or MLP) from an episode store or a LeRobotDataset
   robot-rl eval      N seeded sim episodes of a checkpoint: success with a 95% CI, mp4s, training curves
   robot-rl distill   one-step student from a diffusion teacher (same-noise DDIM targets, as RL-100)
+  robot-rl train-classifier   image success classifier from labelled frames (sparse reward on hardware)
   robot-rl deploy    run a trained policy (checkpoint or artefact) at a fixed rate, chunks computed ahead
   robot-rl export-policy CKPT DIR   deployment artefact: weights + manifest, loads without the training code
   robot-rl record    teleoperate (or run the scripted expert) and record episodes to an episode store
@@ -15,8 +16,8 @@
   robot-rl export    episode store -> LeRobotDataset v3
   robot-rl import    LeRobotDataset v3 or robomimic HDF5 -> episode store
 
-hydra verbs (session, control, learner, record, train, eval, distill, deploy) take overrides like `robot=stack record.episodes=5`; the others
-take plain arguments: `robot-rl <verb> --help`.
+hydra verbs (session, control, learner, record, train, eval, distill, deploy, train-classifier) take overrides
+like `robot=stack record.episodes=5`; the others take plain arguments: `robot-rl <verb> --help`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import sys
 from pathlib import Path
 
 VERBS = {"session": "session", "control": "session", "learner": "session", "record": "record",
-         "train": "train", "deploy": "deploy", "eval": "eval", "distill": "distill"}  # verb -> config name
+         "train": "train", "deploy": "deploy", "eval": "eval", "distill": "distill",
+         "train-classifier": "classifier"}  # verb -> config name
 
 
 PLAIN_VERBS = {"dataset": "robot_rl.data.tool", "replay": "robot_rl.replay", "export": "robot_rl.data.interchange",
@@ -53,10 +55,11 @@ def _run_verb(verb: str, cfg) -> None:
             write_run_info(run_dir, cfg, verb)
             summary = Recorder(cfg, run_dir).run()
             sys.exit(0 if summary["saved"] or summary["discarded"] else 1)
-        if verb in ("deploy", "eval", "distill"):
+        if verb in ("deploy", "eval", "distill", "train-classifier"):
             import importlib
 
-            module = {"deploy": "robot_rl.deploy", "eval": "robot_rl.evaluate", "distill": "robot_rl.distill"}[verb]
+            module = {"deploy": "robot_rl.deploy", "eval": "robot_rl.evaluate", "distill": "robot_rl.distill",
+                      "train-classifier": "robot_rl.reward.classifier"}[verb]
             write_run_info(run_dir, cfg, verb)
             sys.exit(importlib.import_module(module).main(cfg, run_dir))
         if verb == "train":

@@ -5,6 +5,8 @@ policy configured the policy drives and the teleop takes over when it intervenes
 sim); each step records who acted and what the policy proposed. Episodes end on the operator's save key, on
 success (sim, after `success_extra_steps`), or at `max_episode_steps`; the rerecord key discards the episode and
 restarts it with the same seed; the stop key saves and quits; Ctrl-C quits and drops the episode in progress.
+The success key labels the step it is pressed at and every later step of the episode `success=True` (operator
+labels on hardware, where the robot cannot tell; they train the success classifier, docs/rewards.md).
 Disk writes happen on the store's writer thread, never in the loop.
 """
 
@@ -200,12 +202,16 @@ class Recorder:
         t0 = time.perf_counter()
         last_report = t0
         outcome = "save"
-        success = False
+        success = operator_success = False
         for step in range(self.r.max_episode_steps):
             event = self.controls.poll() if self.controls is not None else None
             if self._stop_signal:
                 outcome = "interrupted"
                 break
+            if event == "success" and not operator_success:  # latched: this and every later step are successes
+                operator_success = True
+                meta["operator_success_step"] = step
+                log.info("operator marked success at step %d", step)
             if event in ("save", "rerecord", "stop"):
                 outcome = {"save": "save", "rerecord": "rerecord", "stop": "stop-save"}[event]
                 if writer.steps == 0:
@@ -218,7 +224,7 @@ class Recorder:
             action, _ = self.safety(proposal if proposal is not None else nan, force_safe=proposal is None)
             with self.loop.section("robot"):
                 sent = self.robot.send_action(action)
-                success = bool(self.robot.is_success())
+                success = operator_success or bool(self.robot.is_success())
             frame = {OBS_PREFIX + k: v for k, v in obs.items()}
             frame.update(action=np.asarray(sent, np.float32), intervention=np.bool_(source == "teleop"),
                          success=np.bool_(success), timestamp=np.float64(time.perf_counter() - t0))

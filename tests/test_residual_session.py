@@ -124,3 +124,37 @@ def test_crashed_learner_is_restarted_and_resumes(lift_base, tmp_path, ports):
     learner = json.loads((run / "learner" / "summary.json").read_text())
     assert learner["restored_rows"] > 0, "the restarted learner resumed from its replay on disk"
     assert summary["episodes"] == 8
+
+
+def test_residual_session_with_a_camera(tmp_path, ports):
+    """The image path: the residual and critic see an 48x48 camera (conv encoder trained by the critic, DrQ
+    shift), the base stays low-dim; images travel as uint8 and are stored once in the learner's replay."""
+    lowdim = "[robot0_eef_pos,cube_pos,robot0_gripper_qpos]"
+    with initialize_config_module("robot_rl.configs", version_base=None):
+        cfg = compose("record", overrides=["robot=lift", "robot.cameras=[agentview]", "robot.camera_height=48",
+                                           "robot.camera_width=48", f"record.path={tmp_path / 'demos'}",
+                                           "record.episodes=2", "record.report_every_s=1e9", "teleop.quality=expert",
+                                           "teleop.seed=0"])
+        rec = Recorder(cfg, tmp_path / "record_run")
+        rec.loop = PacedLoop(1e6)
+        assert rec.run()["saved"] == 2
+        tcfg = compose("train", overrides=[f"train.data={tmp_path / 'demos'}", "train.progress=false",
+                                           "train.steps=5", "train.batch_size=16", "train.warmup_steps=1",
+                                           "train.tensorboard=false", "train.checkpoint_every=1000",
+                                           f"policy.obs_keys={lowdim}", *TINY_POLICY])
+    Trainer(tcfg, tmp_path / "base").run()
+    run = tmp_path / "run"
+    out = run_cli(session_args(tmp_path, run, ports, "session.episodes=3", "robot.cameras=[agentview]",
+                               "robot.camera_height=48", "robot.camera_width=48",
+                               "algo.obs_keys=[agentview_image,robot0_eef_pos,cube_pos,robot0_gripper_qpos]",
+                               "++algo.image_encoder={feature_dim:16,channels:[8,16],strides:[2,2],num_keypoints:8}",
+                               "session.eval_every_episodes=0"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    replay = ReplayStore(run / "learner" / "replay.zarr")
+    images = replay.column("obs.agentview_image")
+    assert images.dtype == np.uint8 and images.shape[1:] == (48, 48, 3)
+    assert not any(k.startswith("next") for k in replay.keys()), "next observations are not stored"
+    metrics = read_jsonl(run / "learner" / "metrics.jsonl")
+    assert metrics and all(np.isfinite(m["critic/loss"]) for m in metrics)
+    ckpt = torch.load(run / "learner" / "checkpoints" / "algo_state.pt", weights_only=True)
+    assert any("image_encoders" in k for k in ckpt["model"]), "the conv encoder travels with the residual"
