@@ -252,3 +252,26 @@ def test_check_config_errors(base_run, tmp_path):
         check_algorithm({"name": "residual", "base_checkpoint": str(base_run / "run"), "demos": str(tmp_path)})
     with pytest.raises(ValueError, match="not a setting"):
         check_algorithm({"name": "residual", "critic_heads": 3})
+
+
+def test_takeover_steps_join_the_demo_half_of_each_batch(tmp_path):
+    from robot_rl.algos.nstep import RLPDSampler
+
+    demo = {"obs.x": np.zeros((10, 1), np.float32), "action": np.zeros((10, 1), np.float32),
+            "reward": np.zeros(10, np.float32), "success": np.zeros(10, bool)}
+    demo["success"][9] = demo["reward"][9] = 1
+    replay = ReplayStore(tmp_path / "r")
+    n = 40
+    took_over = np.zeros(n, bool)
+    took_over[20:30] = True
+    replay.append("robot0", np.arange(n), {"obs.x": np.ones((n, 1), np.float32), "action": np.ones((n, 1), np.float32),
+                                          "reward": np.zeros(n, np.float32), "success": np.zeros(n, bool),
+                                          "intervention": took_over, "episode": np.zeros(n, np.int64),
+                                          "step": np.arange(n, dtype=np.int64)})
+    rng = np.random.default_rng(0)
+    for flag, expect_online_in_demo_half in ((True, True), (False, False)):
+        sampler = RLPDSampler(Pool.from_arrays(demo, np.array([10])), ["x"], ["action"], 3, 0.99, 200, 0.5, flag)
+        batch = sampler.sample(replay, rng)
+        demo_half = batch["obs.x"][:100, 0]
+        assert (demo_half == 1).any() == expect_online_in_demo_half
+        assert (batch["obs.x"][100:, 0] == 1).all(), "the online half comes from online rows only"

@@ -214,6 +214,13 @@ class ControlProcess:
         return summary
 
     def _reset(self, seed: int):
+        wait = float(self.s.get("reset_time_s", 0) or 0)
+        if wait > 0 and self.safety.last_sent is not None:  # hardware: the operator resets the scene meanwhile
+            self._hold_safe()
+            log.info("episode over: reset the scene (%.0f s, robot holding)", wait)
+            end = time.monotonic() + wait
+            while time.monotonic() < end and not self._stop:
+                time.sleep(0.05)
         obs = self.robot.reset(seed=seed)
         if hasattr(self.policy, "seed_episode"):
             self.policy.seed_episode(seed)
