@@ -58,6 +58,7 @@ class ReplayStore:
         self._mem: dict[str, np.ndarray] = {}
         self.size = 0
         self._group = None
+        self._arrays: dict[str, zarr.Array] = {}
         self._open()
 
     # ------------------------------------------------------------------ disk
@@ -138,7 +139,9 @@ class ReplayStore:
                 self._group.create_array(
                     key, shape=(0, *value.shape[1:]), dtype=value.dtype, chunks=(chunk, *value.shape[1:])
                 )
-            arr = self._group[key]
+            arr = self._arrays.get(key)
+            if arr is None:  # opening an array reads its metadata from disk: once per key, not per batch
+                arr = self._arrays[key] = self._group[key]
             arr.resize((end, *value.shape[1:]))
             arr[start:end] = value
         with self._lock:
