@@ -40,6 +40,8 @@ class Learner:
         self.publish_every = int(algo_cfg.get("publish_every_updates", 50))
         self.log_every = int(algo_cfg.get("log_every_updates", 50))
         self.device = resolve_device(cfg.device)
+        if self.s.get("learner_threads"):  # sharing a CPU with the control process: oversubscribed OpenMP crawls
+            torch.set_num_threads(int(self.s.learner_threads))
         self.rng = np.random.default_rng(int(cfg.seed))
         torch.manual_seed(int(cfg.seed))
 
