@@ -102,6 +102,9 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
         learner = procs["learner"]
     except KeyboardInterrupt:
         interrupted = True
+        # a second Ctrl-C must not abandon the children mid-shutdown: the SIGINT/SIGTERM/SIGKILL escalation in
+        # _stop bounds how long this takes anyway
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         learner = procs["learner"]
         log.info("Ctrl-C: stopping the control process(es) and the learner")
         control_codes = {name: _stop(proc, name, cfg.session.drain_timeout_s + 5, already_interrupted=True)
