@@ -13,7 +13,7 @@ Both variants do the same critic update per step, on the same random batch (batc
     forward runs only the 2 picked heads (the loop's natural advantage);
 (c) for reference: (a) with the target forward on the 2 picked heads only (stacked weights indexed by head):
     not what ResidualTD3 does, it shows what the 8 discarded target heads cost.
-Polyak: the same per-parameter `lerp_` loop as `ResidualTD3._polyak` (10 tensors batched, 100 looped).
+Polyak: the same per-parameter `lerp_` loop as `robot_rl.algos.ensemble.polyak` (10 tensors batched, 100 looped).
 Before timing, the script checks that both compute the same Q values (copied weights), and still do after one
 identical update.
 
@@ -50,7 +50,7 @@ ADAMW: dict = {}  # extra AdamW options (--fused-adamw); default: torch's defaul
 
 
 @torch.no_grad()
-def polyak(net: nn.Module, target: nn.Module) -> None:  # as ResidualTD3._polyak
+def polyak(net: nn.Module, target: nn.Module) -> None:  # as robot_rl.algos.ensemble.polyak
     for p, tp in zip(net.parameters(), target.parameters()):
         tp.lerp_(p, TAU)
 

@@ -275,3 +275,29 @@ def test_takeover_steps_join_the_demo_half_of_each_batch(tmp_path):
         demo_half = batch["obs.x"][:100, 0]
         assert (demo_half == 1).any() == expect_online_in_demo_half
         assert (batch["obs.x"][100:, 0] == 1).all(), "the online half comes from online rows only"
+
+
+def test_sac_baseline_phases_update_and_policy(base_run, tmp_path):
+    from robot_rl.algos.sac import SAC, SACConfig, SACPolicy
+
+    cfg = SACConfig(demos=str(base_run / "store"), batch_size=32, actor_hidden=[32], critic_hidden=[32, 32],
+                    num_critics=4, learning_starts=60)
+    algo = SAC(cfg, {}, torch.device("cpu"))
+    replay = _online_replay(tmp_path / "replay", base_run / "store", load_policy(base_run / "run", "cpu"), 2)
+    assert not algo.ready(replay) and algo.publish_meta(replay) == {"exploration": "warmup"}
+    replay = _online_replay(tmp_path / "replay2", base_run / "store", load_policy(base_run / "run", "cpu"), 6)
+    assert algo.ready(replay) and algo.exploration(replay) == "sample"
+    assert algo.trainable_transitions(replay) == replay.size - 60
+    rng = np.random.default_rng(0)
+    before = copy.deepcopy(algo.policy_state())
+    metrics = [algo.update(replay, rng) for _ in range(10)]
+    assert all(np.isfinite(m["critic/loss"]) and m["alpha"] > 0 for m in metrics)
+    assert any(not torch.equal(before[k], v) for k, v in algo.policy_state().items())
+    # the robot side: actions inside the demonstrated range, deterministic when evaluating
+    policy = SACPolicy(algo.model.__class__(
+        {"state": Feature((4,))}, ["state"], 2, {"actor_hidden": [32]}), seed=0)
+    policy.load_state_dict(algo.policy_state())
+    policy.exploration = "none"
+    obs = {"state": np.ones(4, np.float32)}
+    a = policy.select_action(obs)
+    assert np.array_equal(a, policy.select_action(obs)) and np.all(np.abs(a) <= 1.0 + 1e-6)

@@ -42,3 +42,25 @@ class Algorithm(abc.ABC):
 
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class WarmupPhases:
+    """Off-policy algorithms whose robot explores on its own for `cfg.learning_starts` transitions before any update,
+    then as `explore_mode` says; the learner publishes the robot-side `self.model`."""
+
+    explore_mode = "gaussian"
+
+    def ready(self, replay: ReplayStore) -> bool:
+        return replay.size >= self.cfg.learning_starts and replay.size > 0
+
+    def trainable_transitions(self, replay: ReplayStore) -> int:
+        return max(0, replay.size - self.cfg.learning_starts)
+
+    def exploration(self, replay: ReplayStore) -> str:
+        return "warmup" if replay.size < self.cfg.learning_starts else self.explore_mode
+
+    def publish_meta(self, replay: ReplayStore) -> dict:
+        return {"exploration": self.exploration(replay)}
+
+    def policy_state(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -96,6 +96,13 @@ class EnsembleQ(nn.Module):
         return nn.Sequential(*out)
 
 
+@torch.no_grad()
+def polyak(net: nn.Module, target: nn.Module, tau: float) -> None:
+    """Target <- (1 - tau) * target + tau * net, parameter by parameter."""
+    for p, tp in zip(net.parameters(), target.parameters()):
+        tp.lerp_(p, tau)
+
+
 def _fused_ok(params) -> bool:
     """Fused (single-kernel) Adam exists for float params on CPU and CUDA in recent torch; fewer passes over the
     stacked ensemble weights."""

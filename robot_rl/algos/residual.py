@@ -19,14 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robot_rl.algos.base import Algorithm
+from robot_rl.algos.base import Algorithm, WarmupPhases
 from robot_rl.algos.demos import cached_base_actions, load_demos
-from robot_rl.algos.ensemble import EnsembleQ, make_adamw
+from robot_rl.algos.ensemble import EnsembleQ, make_adamw, polyak
 from robot_rl.algos.nstep import Pool, RLPDSampler
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.learner.replay import ReplayStore
-from robot_rl.policies.residual import ResidualModel, residual_obs_keys
+from robot_rl.policies.residual import ResidualModel, fit_to_demos, residual_obs_keys
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str,
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-class ResidualTD3(Algorithm):
+class ResidualTD3(WarmupPhases, Algorithm):
     @staticmethod
     def check_config(cfg: ResidualConfig) -> None:
         """Fail before any process starts when the base or the demonstrations are missing."""
@@ -122,13 +122,7 @@ class ResidualTD3(Algorithm):
 
         # networks: the residual model travels to the robot; the critic stays here
         self.model = ResidualModel(obs_features, self.obs_keys, self.action_dim, vars(cfg))
-        act = store.features["action"]
-        self.model.scaler.fit(arrays["action"], cfg.scale, cfg.min_action_range, act.low, act.high)
-        lowdim = self.model.featurizer.lowdim({k: torch.as_tensor(arrays[OBS_PREFIX + k])
-                                               for k in self.model.featurizer.lowdim_keys}) \
-            if self.model.featurizer.lowdim_keys else None
-        if lowdim is not None:
-            self.model.featurizer.fit(lowdim.numpy(), cfg.min_obs_std)
+        fit_to_demos(self.model, arrays, store.features["action"], cfg.scale, cfg.min_action_range, cfg.min_obs_std)
         self.model.to(device)
         self.critic = EnsembleQ(cfg.num_critics, self.model.featurizer.out_dim + self.action_dim,
                                 list(cfg.critic_hidden)).to(device)
@@ -143,21 +137,6 @@ class ResidualTD3(Algorithm):
         self.torch_rng = torch.Generator(device="cpu").manual_seed(0)
 
     # ------------------------------------------------------------------------------------ learner interface
-    def ready(self, replay: ReplayStore) -> bool:
-        return replay.size >= self.cfg.learning_starts and replay.size > 0
-
-    def trainable_transitions(self, replay: ReplayStore) -> int:
-        return max(0, replay.size - self.cfg.learning_starts)
-
-    def exploration(self, replay: ReplayStore) -> str:
-        return "warmup" if replay.size < self.cfg.learning_starts else "gaussian"
-
-    def policy_state(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-
-    def publish_meta(self, replay: ReplayStore) -> dict:
-        return {"exploration": self.exploration(replay)}
-
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "critic": self.critic.state_dict(),
                 "target_critic": self.target_critic.state_dict(), "target_actor": self.target_actor.state_dict(),
@@ -217,13 +196,8 @@ class ResidualTD3(Algorithm):
             torch.nn.utils.clip_grad_norm_(self.model.actor.parameters(), cfg.grad_clip)
             self.actor_opt.step()
             metrics.update({"actor/loss": actor_loss.item(), "actor/residual_abs": residual.abs().mean().item()})
-            self._polyak(self.model.actor, self.target_actor)
-        self._polyak(self.critic, self.target_critic)
+            polyak(self.model.actor, self.target_actor, cfg.tau)
+        polyak(self.critic, self.target_critic, cfg.tau)
         self.num_updates += 1
         metrics["phase"] = 2.0 if actor_phase else 1.0
         return metrics
-
-    @torch.no_grad()
-    def _polyak(self, net: torch.nn.Module, target: torch.nn.Module) -> None:
-        for p, tp in zip(net.parameters(), target.parameters()):
-            tp.lerp_(p, self.cfg.tau)

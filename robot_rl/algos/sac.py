@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robot_rl.algos.base import Algorithm
+from robot_rl.algos.base import Algorithm, WarmupPhases
 from robot_rl.algos.demos import load_demos
-from robot_rl.algos.ensemble import EnsembleQ, make_adam, make_adamw
+from robot_rl.algos.ensemble import EnsembleQ, make_adam, polyak
 from robot_rl.algos.nstep import Pool, RLPDSampler
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import OBS_PREFIX, Feature, Observation, Policy
 from robot_rl.learner.replay import ReplayStore
-from robot_rl.policies.residual import ActionScaler, Featurizer, mlp
+from robot_rl.policies.residual import ActionScaler, Featurizer, fit_to_demos, mlp
 
 
 @dataclass
@@ -118,7 +118,9 @@ class SACPolicy(Policy):
         self.model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
 
 
-class SAC(Algorithm):
+class SAC(WarmupPhases, Algorithm):
+    explore_mode = "sample"  # draw from the tanh-Gaussian (the entropy bonus does the exploring)
+
     @staticmethod
     def check_config(cfg: SACConfig) -> None:
         if not cfg.demos or not (Path(cfg.demos) / "commit.json").exists():
@@ -132,12 +134,7 @@ class SAC(Algorithm):
         self.action_dim = int(store.features["action"].shape[0])
         arrays, ends = load_demos(cfg.demos, self.obs_keys, cfg.demo_episodes)
         self.model = SACModel(obs_features, self.obs_keys, self.action_dim, vars(cfg))
-        act = store.features["action"]
-        self.model.scaler.fit(arrays["action"], 0.0, cfg.min_action_range, act.low, act.high)
-        if self.model.featurizer.lowdim_keys:
-            lowdim = self.model.featurizer.lowdim({k: torch.as_tensor(arrays[OBS_PREFIX + k])
-                                                   for k in self.model.featurizer.lowdim_keys})
-            self.model.featurizer.fit(lowdim.numpy(), cfg.min_obs_std)
+        fit_to_demos(self.model, arrays, store.features["action"], 0.0, cfg.min_action_range, cfg.min_obs_std)
         self.model.to(device)
         self.critic = EnsembleQ(cfg.num_critics, self.model.featurizer.out_dim + self.action_dim,
                                 list(cfg.critic_hidden)).to(device)
@@ -151,21 +148,6 @@ class SAC(Algorithm):
                                    cfg.gamma, cfg.batch_size, cfg.demo_fraction, cfg.interventions_to_demos)
         self.torch_rng = torch.Generator(device="cpu").manual_seed(0)
         self.num_updates = 0
-
-    def ready(self, replay: ReplayStore) -> bool:
-        return replay.size >= self.cfg.learning_starts and replay.size > 0
-
-    def trainable_transitions(self, replay: ReplayStore) -> int:
-        return max(0, replay.size - self.cfg.learning_starts)
-
-    def exploration(self, replay: ReplayStore) -> str:
-        return "warmup" if replay.size < self.cfg.learning_starts else "sample"
-
-    def publish_meta(self, replay: ReplayStore) -> dict:
-        return {"exploration": self.exploration(replay)}
-
-    def policy_state(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def update(self, replay: ReplayStore, rng: np.random.Generator) -> dict[str, float]:
         cfg = self.cfg
@@ -199,9 +181,7 @@ class SAC(Algorithm):
         alpha_loss.backward()
         self.alpha_opt.step()
 
-        with torch.no_grad():
-            for p, tp in zip(self.critic.parameters(), self.target_critic.parameters()):
-                tp.lerp_(p, cfg.tau)
+        polyak(self.critic, self.target_critic, cfg.tau)
         self.num_updates += 1
         return {"critic/loss": critic_loss.item() / cfg.num_critics, "critic/q_mean": q.mean().item(),
                 "actor/loss": actor_loss.item(), "actor/entropy": -logp.mean().item(), "alpha": alpha.item()}

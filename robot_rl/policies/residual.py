@@ -125,6 +125,17 @@ class ResidualModel(nn.Module):
         return self.actor(self.featurizer(obs), base_norm)
 
 
+def fit_to_demos(model: nn.Module, arrays: Mapping[str, np.ndarray], action: Feature, scale: float,
+                 min_action_range: float, min_obs_std: float) -> None:
+    """Action scaler and low-dim observation statistics of a robot-side model (`.scaler`, `.featurizer`) from the
+    demonstrations (`obs.<k>` and `action` arrays); they travel with the weights."""
+    model.scaler.fit(arrays["action"], scale, min_action_range, action.low, action.high)
+    keys = model.featurizer.lowdim_keys
+    if keys:
+        lowdim = model.featurizer.lowdim({k: torch.as_tensor(arrays["obs." + k]) for k in keys})
+        model.featurizer.fit(lowdim.numpy(), min_obs_std)
+
+
 def residual_obs_keys(obs_features: Mapping[str, Feature], base_policy, cfg: Mapping) -> list[str]:
     """The residual sees the configured keys, else the base policy's own observation keys."""
     if cfg.get("obs_keys"):
