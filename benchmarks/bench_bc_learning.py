@@ -49,7 +49,7 @@ def finished(run: Path, steps: int) -> bool:
 
 def stage_record(work: Path, task: str, demos: int, reuse: bool) -> tuple[Path, float]:
     from robot_rl.data.episode_store import EpisodeStore
-    from robot_rl.record import Recorder
+    from robot_rl.commands.record import Recorder
 
     store = work / "demos"
     if reuse and (store / "meta.json").exists() and EpisodeStore.open(store).num_episodes >= demos:
@@ -65,7 +65,7 @@ def stage_record(work: Path, task: str, demos: int, reuse: bool) -> tuple[Path, 
 
 
 def stage_train(work: Path, store: Path, steps: int, reuse: bool) -> tuple[Path, float, dict | None]:
-    from robot_rl.train import Trainer
+    from robot_rl.commands.train import Trainer
 
     run = work / "train"
     if reuse and finished(run, steps):
@@ -81,7 +81,7 @@ def stage_train(work: Path, store: Path, steps: int, reuse: bool) -> tuple[Path,
 
 
 def stage_distill(work: Path, teacher: Path, steps: int, reuse: bool) -> tuple[Path, float, dict | None]:
-    from robot_rl.distill import Distiller
+    from robot_rl.commands.distill import Distiller
 
     run = work / "distill"
     if reuse and finished(run, steps):
@@ -100,8 +100,8 @@ def stage_distill(work: Path, teacher: Path, steps: int, reuse: bool) -> tuple[P
 
 
 def stage_eval(run: Path, robot_cfg: dict, episodes: int, seed: int, label: str) -> tuple[dict, float]:
-    from robot_rl.evaluate import evaluate, set_sampler, summary_line
-    from robot_rl.train import load_policy
+    from robot_rl.commands.evaluate import evaluate, set_sampler, summary_line
+    from robot_rl.policies.checkpoint import load_policy
 
     policy = load_policy(run, device="cpu")
     sampler = set_sampler(policy, "ddim", 10) if label == "teacher" else set_sampler(policy)
@@ -148,7 +148,7 @@ def main() -> None:
     student, walls["distill"], distill_summary = stage_distill(work, teacher, distill_steps, args.reuse)
     s_res, walls["eval_student"] = stage_eval(student, robot_cfg, episodes, args.seed, "student")
 
-    from robot_rl.evaluate import summary_line
+    from robot_rl.commands.evaluate import summary_line
 
     print(f"\n== {args.task}: {demos} scripted demos, {episodes} eval episodes (same seeds) ==")
     for label, res in (("teacher", t_res), ("student", s_res)):

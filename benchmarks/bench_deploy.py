@@ -5,7 +5,7 @@
 The policy: a diffusion policy trained on scripted-expert Lift demos (`--checkpoint`; default /tmp/lc1 when it
 exists, otherwise 20 demos are recorded and a small one is trained for 800 steps first, a few minutes on CPU),
 sampled with DDIM-10. Each mode runs the same N sim episodes (seeds 0..N-1, until success or 200 ticks) through
-`robot-rl deploy`'s loop (robot_rl.deploy.Deployer) at 20 Hz:
+`robot-rl deploy`'s loop (robot_rl.commands.deploy.Deployer) at 20 Hz:
 
 * async (AsyncChunkRunner: chunks predicted ahead of need, aligned on absolute ticks, blended): ensemble with
   inference on a thread of the loop's process and in a child process (deploy.executor); without --quick also
@@ -49,7 +49,7 @@ def ensure_checkpoint(path: str | None) -> str:
 def run_mode(checkpoint: str, episodes: int, steps: int, rate: float, overrides: list[str], out: Path) -> dict:
     from hydra import compose, initialize_config_module
 
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
 
     with initialize_config_module("robot_rl.configs", version_base=None):
         cfg = compose("deploy", overrides=[f"deploy.checkpoint={checkpoint}", f"deploy.episodes={episodes}",

@@ -6,7 +6,7 @@
 The network is a DiffusionPolicy with the default config sizes (UNet down_dims [256, 512, 1024], step embedding
 128, obs_horizon 2, action_horizon 16) on robosuite Lift's low-dim observations (14 keys, 106 values per frame) and
 7-D actions, freshly initialised (latency does not depend on the weights) unless --checkpoint gives a trained one.
-The student is `robot_rl.distill.make_student(teacher)`: the same weights and shape, config sample prediction +
+The student is `robot_rl.commands.distill.make_student(teacher)`: the same weights and shape, config sample prediction +
 DDIM with one step, i.e. what `robot-rl distill` produces. Each call is `policy.predict_chunk(window)` for one
 observation window (batch 1): encode + normalise the observations, the denoising loop, unnormalise the chunk
 (what `select_action` runs whenever its action queue is empty).
@@ -33,10 +33,10 @@ LIFT_OBS = {"robot0_joint_pos": 7, "robot0_joint_pos_cos": 7, "robot0_joint_pos_
 
 
 def build(down_dims: list[int] | None, checkpoint: str | None, device: torch.device):
-    from robot_rl.distill import make_student
+    from robot_rl.commands.distill import make_student
     from robot_rl.interfaces import Feature
     from robot_rl.policies.diffusion import DiffusionPolicy
-    from robot_rl.train import load_policy
+    from robot_rl.policies.checkpoint import load_policy
 
     if checkpoint:
         teacher = load_policy(checkpoint, device=device)

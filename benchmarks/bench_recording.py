@@ -25,7 +25,7 @@ import numpy as np
 def record_ours(tmp: Path, episodes: int, steps: int) -> dict:
     from hydra import compose, initialize_config_module
 
-    from robot_rl.record import Recorder
+    from robot_rl.commands.record import Recorder
 
     overrides = [f"record.path={tmp / 'ours'}", f"record.episodes={episodes}", f"record.max_episode_steps={steps}",
                  "record.stop_on_success=false", "record.fps=30", "robot.control_freq=30", "robot.horizon=100000",

@@ -28,7 +28,7 @@ BATCH, TO, HA = 256, 2, 16
 def record(tmp: Path, episodes: int) -> Path:
     from hydra import compose, initialize_config_module
 
-    from robot_rl.record import Recorder
+    from robot_rl.commands.record import Recorder
 
     with initialize_config_module("robot_rl.configs", version_base=None):
         cfg = compose("record", overrides=[f"record.path={tmp / 'store'}", f"record.episodes={episodes}",

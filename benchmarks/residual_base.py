@@ -30,7 +30,7 @@ reused if the result is missing (an interrupted run picks up where it stopped). 
 `out_dir` that already holds a result raise (use another `out_dir` or `overwrite=True`).
 
 Layout of `out_dir`: `demos/` (episode store), `train/` (run dir; `train/checkpoints/latest` is the frozen base:
-`robot_rl.train.load_policy(out_dir / "train")`), `eval.json`, `result.json`.
+`robot_rl.policies.checkpoint.load_policy(out_dir / "train")`), `eval.json`, `result.json`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def record_demos(task: str, store: Path, episodes: int, quality: str | None, see
     """Scripted-expert demos into `store` (reused when it already holds `episodes` episodes). Returns a summary."""
     from robot_rl.control.pacing import PacedLoop
     from robot_rl.data.episode_store import EpisodeStore
-    from robot_rl.record import Recorder
+    from robot_rl.commands.record import Recorder
 
     store = Path(store)
     if (store / "meta.json").exists():
@@ -146,7 +146,7 @@ def train_base(store: Path, run: Path, steps: int, seed: int, policy: dict[str, 
     """The chunked diffusion base on `store` (1 CPU thread); reused when `run` already finished `steps`."""
     import torch
 
-    from robot_rl.train import Trainer
+    from robot_rl.commands.train import Trainer
 
     run = Path(run)
     if _finished(run, steps):
@@ -172,8 +172,8 @@ def eval_base(checkpoint: Path, robot_cfg: dict, episodes: int, seed: int) -> di
     """Seeded sim rollouts of the (frozen) base on one CPU thread: success, Wilson 95 % CI, chunk latency."""
     import torch
 
-    from robot_rl.evaluate import evaluate, set_sampler
-    from robot_rl.train import load_policy
+    from robot_rl.commands.evaluate import evaluate, set_sampler
+    from robot_rl.policies.checkpoint import load_policy
 
     torch.set_num_threads(1)
     policy = load_policy(checkpoint, device="cpu")
@@ -192,7 +192,7 @@ def time_chunks(checkpoint: Path, store: Path, n: int = 50, warmup: int = 5) -> 
 
     from robot_rl.data.episode_store import EpisodeStore
     from robot_rl.interfaces import OBS_PREFIX
-    from robot_rl.train import load_policy
+    from robot_rl.policies.checkpoint import load_policy
 
     torch.set_num_threads(1)
     policy = load_policy(checkpoint, device="cpu")
@@ -283,7 +283,7 @@ def make_weak_base(task: str, out_dir: str | os.PathLike, *, episodes: int | Non
     run = out / "train"
     tr = train_base(store, run, settings["train_steps"], settings["seed"], settings["policy"], settings["train"])
     log.info("train: %s", tr)
-    from robot_rl.train import resolve_checkpoint
+    from robot_rl.policies.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
     t0 = time.monotonic()
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("robot_rl.record", "robot_rl.train", "robot_rl.evaluate", "robosuite"):
+    for noisy in ("robot_rl.commands.record", "robot_rl.commands.train", "robot_rl.commands.evaluate", "robosuite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     knobs = {k: v for k, v in (("noise_std", args.noise_std), ("hesitation", args.hesitation),
                                ("failed_grasp", args.failed_grasp)) if v is not None}

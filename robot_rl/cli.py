@@ -22,7 +22,6 @@ like `robot=stack record.episodes=5`; the others take plain arguments: `robot-rl
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -31,26 +30,24 @@ VERBS = {"session": "session", "control": "session", "learner": "session", "reco
          "train-classifier": "classifier"}  # verb -> config name
 
 
-PLAIN_VERBS = {"dataset": "robot_rl.data.tool", "replay": "robot_rl.replay", "export": "robot_rl.data.interchange",
+PLAIN_VERBS = {"dataset": "robot_rl.data.tool", "replay": "robot_rl.commands.replay", "export": "robot_rl.data.interchange",
                "import": "robot_rl.data.interchange_import",
                "export-policy": "robot_rl.policies.artifact"}  # verb -> module with main(argv) -> exit code
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
-                        force=True)
 
 
 def _run_verb(verb: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from robot_rl.config import ConfigError, validate_session, write_run_info
+    from robot_rl.commands.session import validate_session
+    from robot_rl.config import ConfigError, write_run_info
+
+    from robot_rl.config import setup_logging
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     setup_logging()
     try:
         if verb == "record":
-            from robot_rl.record import Recorder
+            from robot_rl.commands.record import Recorder
 
             write_run_info(run_dir, cfg, verb)
             summary = Recorder(cfg, run_dir).run()
@@ -58,12 +55,12 @@ def _run_verb(verb: str, cfg) -> None:
         if verb in ("deploy", "eval", "distill", "train-classifier"):
             import importlib
 
-            module = {"deploy": "robot_rl.deploy", "eval": "robot_rl.evaluate", "distill": "robot_rl.distill",
+            module = {"deploy": "robot_rl.commands.deploy", "eval": "robot_rl.commands.evaluate", "distill": "robot_rl.commands.distill",
                       "train-classifier": "robot_rl.reward.classifier"}[verb]
             write_run_info(run_dir, cfg, verb)
             sys.exit(importlib.import_module(module).main(cfg, run_dir))
         if verb == "train":
-            from robot_rl.train import main as train_main
+            from robot_rl.commands.train import main as train_main
 
             write_run_info(run_dir, cfg, verb)
             sys.exit(train_main(cfg, run_dir))
@@ -78,7 +75,7 @@ def _run_verb(verb: str, cfg) -> None:
         sys.exit(2)
     write_run_info(run_dir, cfg, verb)
     if verb == "session":
-        from robot_rl.session import run_session
+        from robot_rl.commands.session import run_session
 
         code = run_session(cfg, run_dir)
     elif verb == "control":
@@ -114,6 +111,8 @@ def _keys(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from robot_rl.config import setup_logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)

@@ -6,6 +6,7 @@ A bad value fails here, before any process starts, with one message naming the f
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -29,7 +30,7 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def _positive(cfg: DictConfig, dotted: str, integer: bool = False) -> None:
+def positive(cfg: DictConfig, dotted: str, integer: bool = False) -> None:
     value = OmegaConf.select(cfg, dotted)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if integer:
@@ -37,34 +38,6 @@ def _positive(cfg: DictConfig, dotted: str, integer: bool = False) -> None:
     if not ok:
         kind = "a positive integer" if integer else "a positive number"
         raise ConfigError(f"{dotted} must be {kind}, got {value!r}")
-
-
-def validate_session(cfg: DictConfig) -> None:
-    """Everything a session needs, checked up front (robot names are checked by building the robot object)."""
-    from robot_rl.factory import make_robot, make_teleop
-
-    for field in ("rate_hz", "watchdog_s", "heartbeat_s"):
-        _positive(cfg, f"session.{field}")
-    for field in ("episodes", "max_episode_steps", "transition_batch", "num_robots"):
-        _positive(cfg, f"session.{field}", integer=True)
-    if cfg.session.learner not in ("local", "remote", "none"):
-        raise ConfigError(f"session.learner must be local, remote or none, got {cfg.session.learner!r}")
-    if cfg.session.watchdog_s <= cfg.session.heartbeat_s:
-        raise ConfigError(
-            f"session.watchdog_s ({cfg.session.watchdog_s}) must exceed session.heartbeat_s "
-            f"({cfg.session.heartbeat_s}), or the watchdog trips between two healthy heartbeats"
-        )
-    if cfg.policy.get("type") == "none":
-        raise ConfigError("policy=none: a session trains a policy; choose one, e.g. policy=mlp")
-    robot = make_robot(cfg.robot)  # raises ConfigError on unknown type/env/robot names; does not connect
-    make_teleop(cfg.teleop, robot)
-    from robot_rl.algos import check_algorithm
-
-    try:
-        check_algorithm(OmegaConf.to_container(cfg.algo, resolve=True))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    resolve_device(cfg.device)
 
 
 def git_hash() -> str | None:
@@ -95,3 +68,8 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))
     os.replace(tmp, path)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)

@@ -15,7 +15,8 @@ from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
 from robot_rl.policies.artifact import (FORMAT_VERSION, ArtifactError, export_artifact, load_artifact, main_export,
                                         read_manifest)
-from robot_rl.train import Trainer, load_policy
+from robot_rl.commands.train import Trainer
+from robot_rl.policies.checkpoint import load_policy
 
 TINY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
         "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4", "policy.num_inference_steps=4"]
@@ -135,7 +136,7 @@ p = load_artifact({str(art)!r}, device="cpu")
 chunk = p.predict_chunk({{"state": torch.zeros(1, 2, 4), "vel": torch.zeros(1, 2, 3)}})
 assert chunk.shape == (1, 8, 2) and torch.isfinite(chunk).all()
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("hydra", "omegaconf", "zarr")
-             or m in ("robot_rl.train", "robot_rl.config", "robot_rl.data.episode_store"))
+             or m in ("robot_rl.commands.train", "robot_rl.config", "robot_rl.data.episode_store"))
 print("LOADED_MODULES_OK" if not bad else f"UNWANTED {{bad}}")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -292,7 +292,7 @@ def lift_run(tmp_path_factory):
     from robot_rl.data.episode_store import EpisodeStore
     from robot_rl.factory import make_robot
     from robot_rl.interfaces import OBS_PREFIX, Feature
-    from robot_rl.train import Trainer
+    from robot_rl.commands.train import Trainer
 
     tmp = tmp_path_factory.mktemp("deploy")
     with initialize_config_module("robot_rl.configs", version_base=None):
@@ -331,7 +331,7 @@ def deploy_cfg(checkpoint, *overrides):
 
 def test_deploy_sim_episode_summary_and_recording(lift_run):
     from robot_rl.data.episode_store import EpisodeStore
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
 
     run = lift_run / "dep1"
     d = Deployer(deploy_cfg(lift_run / "run", f"deploy.record_path={lift_run / 'rollouts'}"), run,
@@ -355,7 +355,7 @@ def test_deploy_sim_episode_summary_and_recording(lift_run):
 
 
 def test_deploy_nan_policy_is_caught_by_the_safety_filter(lift_run):
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
 
     d = Deployer(deploy_cfg(lift_run / "run", "deploy.max_episode_steps=6"), lift_run / "dep_nan", robot_given=False)
     real = d.policy.predict_chunk
@@ -366,7 +366,7 @@ def test_deploy_nan_policy_is_caught_by_the_safety_filter(lift_run):
 
 def test_deploy_starved_ticks_send_the_safe_action(lift_run):
     from robot_rl.data.episode_store import EpisodeStore
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
 
     d = Deployer(deploy_cfg(lift_run / "run", "deploy.max_action_age=3", "deploy.replan_every=2",
                             f"deploy.record_path={lift_run / 'starved'}"), lift_run / "dep_slow", robot_given=False)
@@ -393,7 +393,7 @@ def test_deploy_starved_ticks_send_the_safe_action(lift_run):
 
 
 def test_deploy_sync_mode_and_slow_warning(lift_run):
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
 
     s = Deployer(deploy_cfg(lift_run / "run", "deploy.inference=sync", "deploy.max_episode_steps=5",
                             "deploy.rate_hz=1000"), lift_run / "dep_sync", robot_given=False).run()
@@ -403,7 +403,7 @@ def test_deploy_sync_mode_and_slow_warning(lift_run):
 
 
 def test_deploy_config_errors(lift_run, tmp_path):
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
 
     with pytest.raises(ConfigError, match="deploy.checkpoint is empty"):
         Deployer(deploy_cfg("null"), tmp_path)
@@ -418,7 +418,7 @@ def test_deploy_config_errors(lift_run, tmp_path):
 
 
 def test_deploy_from_an_exported_artifact(lift_run):
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
     from robot_rl.policies.artifact import export_artifact
 
     export_artifact(lift_run / "run", lift_run / "artifact")
@@ -432,7 +432,7 @@ def test_deploy_from_an_exported_artifact(lift_run):
 
 
 def test_deploy_teleop_takeover(lift_run):
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
 
     # a simulated human who takes over as soon as the policy deviates from the expert at all (3 ticks' patience)
     s = Deployer(deploy_cfg(lift_run / "run", "teleop=sim_intervener", "teleop.intervener.threshold=0.0",
@@ -443,7 +443,7 @@ def test_deploy_teleop_takeover(lift_run):
 
 def test_process_executor_matches_the_thread_and_reports_load_errors(lift_run):
     from robot_rl.data.episode_store import EpisodeStore
-    from robot_rl.deploy import Deployer
+    from robot_rl.commands.deploy import Deployer
     from robot_rl.policies.chunking import ProcessPredictor, decode_message, encode_message
 
     h, arrays = decode_message(encode_message({"op": "x"}, {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
@@ -462,7 +462,7 @@ def test_process_executor_matches_the_thread_and_reports_load_errors(lift_run):
     np.testing.assert_array_equal(first["thread"], first["process"])
 
     with pytest.raises(RuntimeError, match="could not load the policy(.|\n)*neither a checkpoint"):
-        ProcessPredictor("robot_rl.deploy:worker_policy", {"checkpoint": str(lift_run / "nope"), "device": "cpu"})
+        ProcessPredictor("robot_rl.commands.deploy:worker_policy", {"checkpoint": str(lift_run / "nope"), "device": "cpu"})
 
 
 def test_prime_failure_is_reported_not_raised():
@@ -478,8 +478,8 @@ def test_prime_failure_is_reported_not_raised():
 
 
 def test_deploy_single_action_mlp_runs_synchronously(lift_run):
-    from robot_rl.deploy import Deployer
-    from robot_rl.train import Trainer
+    from robot_rl.commands.deploy import Deployer
+    from robot_rl.commands.train import Trainer
 
     with initialize_config_module("robot_rl.configs", version_base=None):
         cfg = compose("train", overrides=[f"train.data={lift_run / 'store'}", "train.steps=2", "train.batch_size=4",

@@ -1,4 +1,4 @@
-"""robot_rl.distill: one-step consistency distillation of a diffusion policy (RL-100 action_same_noise)."""
+"""robot_rl.commands.distill: one-step consistency distillation of a diffusion policy (RL-100 action_same_noise)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 
 from robot_rl.config import ConfigError
 from robot_rl.data.episode_store import EpisodeStore
-from robot_rl.distill import Distiller, ddim_chunk, main, make_student, one_step_timestep
-from robot_rl.evaluate import is_one_step, set_sampler
+from robot_rl.commands.distill import Distiller, ddim_chunk, main, make_student, one_step_timestep
+from robot_rl.commands.evaluate import is_one_step, set_sampler
 from robot_rl.interfaces import Feature
 from robot_rl.policies.diffusion import DiffusionPolicy
-from robot_rl.train import Trainer, load_policy
+from robot_rl.commands.train import Trainer
+from robot_rl.policies.checkpoint import load_policy
 
 TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
                "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",

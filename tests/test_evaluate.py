@@ -1,4 +1,4 @@
-"""robot_rl.evaluate: Wilson intervals, seeded sim evaluation (eval.json, mp4), training curves, `robot-rl eval`."""
+"""robot_rl.commands.evaluate: Wilson intervals, seeded sim evaluation (eval.json, mp4), training curves, `robot-rl eval`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from robot_rl.config import ConfigError
-from robot_rl.evaluate import (evaluate, main, plot_training_curves, robot_config_from_checkpoint, set_sampler,
+from robot_rl.commands.evaluate import (evaluate, main, plot_training_curves, robot_config_from_checkpoint, set_sampler,
                                summary_line, wilson_interval)
 
 LIFT = {"type": "robosuite", "env_name": "Lift", "robots": "Panda", "control_freq": 20, "horizon": 200,
@@ -72,7 +72,7 @@ def lift_run(tmp_path_factory):
     """A tiny diffusion policy 'trained' (a few steps on random data) on a store that says it came from Lift."""
     from robot_rl.data.episode_store import EpisodeStore
     from robot_rl.factory import make_robot
-    from robot_rl.train import Trainer
+    from robot_rl.commands.train import Trainer
 
     tmp = tmp_path_factory.mktemp("lift")
     robot = make_robot(LIFT)
@@ -129,7 +129,7 @@ def test_eval_main_writes_results_video_and_curves(lift_run, tmp_path, capsys):
 
 
 def test_evaluate_is_seeded(lift_run):
-    from robot_rl.train import load_policy
+    from robot_rl.policies.checkpoint import load_policy
 
     policy = load_policy(lift_run, device="cpu")
     a = evaluate(policy, LIFT, episodes=1, seed=3, max_steps=5)
@@ -174,7 +174,7 @@ def test_config_errors(lift_run, tmp_path):
 
 
 def test_set_sampler(lift_run):
-    from robot_rl.train import load_policy
+    from robot_rl.policies.checkpoint import load_policy
 
     pol = load_policy(lift_run, device="cpu")
     assert set_sampler(pol) == "ddim-3"

@@ -143,7 +143,7 @@ def recording(tmp_path_factory):
     """A real store: the scripted expert in sim, 2 episodes, one 32x32 camera."""
     from hydra import compose, initialize_config_module
 
-    from robot_rl.record import Recorder
+    from robot_rl.commands.record import Recorder
 
     tmp = tmp_path_factory.mktemp("rec")
     with initialize_config_module("robot_rl.configs", version_base=None):

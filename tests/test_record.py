@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 
 from robot_rl.config import ConfigError
 from robot_rl.data.episode_store import EpisodeStore
-from robot_rl.record import Recorder
+from robot_rl.commands.record import Recorder
 
 ROBOT_RL = str(Path(sys.executable).parent / "robot-rl")
 

@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_module
 
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import OBS_PREFIX, Feature
-from robot_rl.record import Recorder
-from robot_rl.replay import build_replay_robot, main, replay_episode, replay_robot_config
+from robot_rl.commands.record import Recorder
+from robot_rl.commands.replay import build_replay_robot, main, replay_episode, replay_robot_config
 from robot_rl.video import Mp4Writer, read_mp4, tile, write_mp4
 
 ROBOT_RL = str(Path(sys.executable).parent / "robot-rl")

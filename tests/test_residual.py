@@ -16,7 +16,8 @@ from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
 from robot_rl.learner.replay import ReplayStore
 from robot_rl.policies.residual import ResidualModel, ResidualPolicy
-from robot_rl.train import Trainer, load_policy
+from robot_rl.commands.train import Trainer
+from robot_rl.policies.checkpoint import load_policy
 
 TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
                "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",

@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_module
 
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.learner.replay import ReplayStore
-from robot_rl.record import Recorder
-from robot_rl.train import Trainer
+from robot_rl.commands.record import Recorder
+from robot_rl.commands.train import Trainer
 
 from conftest import REPO
 

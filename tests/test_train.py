@@ -1,4 +1,4 @@
-"""robot_rl.train: offline BC trainer — learning, checkpoints, load_policy, exact resume, MLP, LeRobot input."""
+"""robot_rl.commands.train: offline BC trainer — learning, checkpoints, load_policy, exact resume, MLP, LeRobot input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
 from robot_rl.policies.diffusion import DiffusionPolicy
 from robot_rl.policies.mlp import MLPPolicy
-from robot_rl.train import Trainer, load_policy, main
+from robot_rl.commands.train import Trainer, main
+from robot_rl.policies.checkpoint import load_policy
 
 TINY_POLICY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
                "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",

@@ -66,7 +66,7 @@ class ResidualConfig:
 
 def load_base(checkpoint: str, device: str = "cpu"):
     """The frozen base policy (eval mode, no gradients)."""
-    from robot_rl.train import load_policy
+    from robot_rl.policies.checkpoint import load_policy
 
     if not checkpoint:
         raise ValueError("algo.base_checkpoint is required: the BC policy to improve (a `robot-rl train` run dir)")
@@ -84,7 +84,7 @@ class ResidualTD3(WarmupPhases, Algorithm):
     @staticmethod
     def check_config(cfg: ResidualConfig) -> None:
         """Fail before any process starts when the base or the demonstrations are missing."""
-        from robot_rl.train import resolve_checkpoint
+        from robot_rl.policies.checkpoint import resolve_checkpoint
 
         if not cfg.base_checkpoint:
             raise ValueError("algo.base_checkpoint is required: the BC policy to improve (a `robot-rl train` run "
@@ -112,7 +112,7 @@ class ResidualTD3(WarmupPhases, Algorithm):
 
         # demos: cut at success, base-relabelled, as a pool of n-step transitions
         arrays, ends = load_demos(cfg.demos, self.obs_keys, cfg.demo_episodes)
-        from robot_rl.train import resolve_checkpoint
+        from robot_rl.policies.checkpoint import resolve_checkpoint
 
         weights = resolve_checkpoint(cfg.base_checkpoint) / "model.safetensors"
         arrays["base_action"] = cached_base_actions(run_dir, cfg.demos, weights, self.base, arrays, ends,

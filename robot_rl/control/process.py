@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from robot_rl.config import write_json
 from robot_rl.control.telemetry import EpisodeLog
 from robot_rl.control.pacing import PacedLoop
-from robot_rl.control.safety import SafetyFilter, Watchdog
+from robot_rl.control.safety import Watchdog, build_safety
 from robot_rl.control.takeover import SOURCES, pick_source
 from robot_rl.factory import make_policy, make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX
@@ -32,20 +32,6 @@ from robot_rl.transport.security import load_client_keys
 
 log = logging.getLogger("robot_rl.control")
 
-
-
-def build_safety(cfg: DictConfig, robot) -> SafetyFilter:
-    feat = robot.action_feature
-    safety = OmegaConf.to_container(cfg.robot.get("safety", {}) or {}, resolve=True)
-    dim = feat.shape[0]
-    low = np.asarray(feat.low if feat.low is not None else np.full(dim, -np.inf), dtype=np.float64)
-    high = np.asarray(feat.high if feat.high is not None else np.full(dim, np.inf), dtype=np.float64)
-    if safety.get("low") is not None:  # configured bounds may only tighten the device's own
-        low = np.maximum(low, np.asarray(safety["low"], dtype=np.float64))
-        high = np.minimum(high, np.asarray(safety["high"], dtype=np.float64))
-    safe = safety.get("safe_action")
-    return SafetyFilter(low, high, max_delta=safety.get("max_delta"),
-                        safe_action=None if safe is None else np.asarray(safe, dtype=np.float64))
 
 
 class ControlProcess:
@@ -355,7 +341,7 @@ class ControlProcess:
 
 def main(config_path: str, run_dir: str, sender_id: str | None = None, robot_index: str = "0",
          resume: str = "") -> int:
-    from robot_rl.cli import setup_logging
+    from robot_rl.config import setup_logging
 
     setup_logging()
     cfg = OmegaConf.load(config_path)

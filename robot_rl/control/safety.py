@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +189,17 @@ class Watchdog:
                     "%s silent for %.2f s (> %.2f s): sending safe actions", self.name, silence, self.timeout_s
                 )
         return stale
+
+
+def build_safety(cfg: DictConfig, robot) -> SafetyFilter:
+    feat = robot.action_feature
+    safety = OmegaConf.to_container(cfg.robot.get("safety", {}) or {}, resolve=True)
+    dim = feat.shape[0]
+    low = np.asarray(feat.low if feat.low is not None else np.full(dim, -np.inf), dtype=np.float64)
+    high = np.asarray(feat.high if feat.high is not None else np.full(dim, np.inf), dtype=np.float64)
+    if safety.get("low") is not None:  # configured bounds may only tighten the device's own
+        low = np.maximum(low, np.asarray(safety["low"], dtype=np.float64))
+        high = np.minimum(high, np.asarray(safety["high"], dtype=np.float64))
+    safe = safety.get("safe_action")
+    return SafetyFilter(low, high, max_delta=safety.get("max_delta"),
+                        safe_action=None if safe is None else np.asarray(safe, dtype=np.float64))

@@ -246,7 +246,7 @@ class Learner:
 
 
 def main(config_path: str, run_dir: str) -> int:
-    from robot_rl.cli import setup_logging
+    from robot_rl.config import setup_logging
 
     setup_logging()
     cfg = OmegaConf.load(config_path)

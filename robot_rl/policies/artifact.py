@@ -216,7 +216,7 @@ def export_artifact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
     `out_dir`; returns the manifest. The directory is written under a temporary name and renamed."""
     from robot_rl.config import git_hash
     from robot_rl.policies.diffusion import DiffusionPolicy
-    from robot_rl.train import _safetensors_metadata, load_policy, resolve_checkpoint
+    from robot_rl.policies.checkpoint import safetensors_metadata, load_policy, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     out = Path(out_dir)
@@ -224,7 +224,7 @@ def export_artifact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
         if not overwrite:
             raise ArtifactError(f"{out} exists and is not empty: choose a new directory or pass --overwrite")
     policy = load_policy(ckpt, device="cpu")
-    meta = _safetensors_metadata(ckpt / "model.safetensors")
+    meta = safetensors_metadata(ckpt / "model.safetensors")
     ctx = checkpoint_context(ckpt)
     if isinstance(policy, DiffusionPolicy):
         kind, config = "diffusion", {**policy.cfg.to_dict(), "obs_keys": list(policy.obs_keys)}

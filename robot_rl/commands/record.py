@@ -23,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import ConfigError, write_json
 from robot_rl.control.pacing import PacedLoop
-from robot_rl.control.process import build_safety
+from robot_rl.control.safety import build_safety
 from robot_rl.control.takeover import SOURCES, pick_source
 from robot_rl.data.episode_store import EpisodeStore, StoreError
 from robot_rl.factory import make_policy, make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX, Feature
 
-log = logging.getLogger("robot_rl.record")
+log = logging.getLogger("robot_rl.commands.record")
 
 
 def step_features(robot, with_policy: bool, has_sim_state: bool) -> dict[str, Feature]:

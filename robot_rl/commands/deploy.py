@@ -34,14 +34,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import ConfigError, resolve_device, write_json
 from robot_rl.control.pacing import PacedLoop
-from robot_rl.control.process import build_safety
+from robot_rl.control.safety import build_safety
 from robot_rl.control.takeover import SOURCES, pick_source
 from robot_rl.factory import make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.policies.artifact import ArtifactError, checkpoint_context, is_artifact, load_artifact
 from robot_rl.policies.chunking import BLENDS, AsyncChunkRunner, ProcessPredictor
 
-log = logging.getLogger("robot_rl.deploy")
+log = logging.getLogger("robot_rl.commands.deploy")
 
 SLOW_HINT = "lower deploy.num_inference_steps, use the distilled 1-step policy, or use CUDA"
 
@@ -88,7 +88,7 @@ def validate_deploy(cfg: DictConfig) -> None:
 
 def load_deploy_policy(checkpoint: str, device: str) -> tuple[Any, dict]:
     """(policy in eval mode, what we know about it: kind, path, fps, robot config, sha256...)."""
-    from robot_rl.train import load_policy, resolve_checkpoint
+    from robot_rl.policies.checkpoint import load_policy, resolve_checkpoint
 
     path = Path(str(checkpoint)).expanduser()
     dev = resolve_device(str(device))
@@ -201,7 +201,7 @@ class Deployer:
             log.info("deploy.executor=process loads the policy from deploy.checkpoint in the child; a policy object "
                      "was given, so inference runs on a thread of this process")
         elif in_child and hasattr(self.policy, "predict_chunk"):
-            self.predictor = ProcessPredictor("robot_rl.deploy:worker_policy",
+            self.predictor = ProcessPredictor("robot_rl.commands.deploy:worker_policy",
                                               {"checkpoint": self.policy_info["path"], "device": str(self.d.device),
                                                "num_inference_steps": self.d.num_inference_steps},
                                               torch_threads=self.d.torch_threads)
@@ -400,7 +400,7 @@ class Deployer:
 
     def _open_store(self, has_sim_state: bool):
         from robot_rl.data.episode_store import EpisodeStore
-        from robot_rl.record import preflight, step_features
+        from robot_rl.commands.record import preflight, step_features
 
         features = step_features(self.robot, True, has_sim_state)
         path = Path(str(self.d.record_path)).expanduser()

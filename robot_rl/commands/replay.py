@@ -40,7 +40,7 @@ import numpy as np
 from robot_rl.data.episode_store import EpisodeStore, StoreError
 from robot_rl.interfaces import OBS_PREFIX, Feature, Robot
 
-log = logging.getLogger("robot_rl.replay")
+log = logging.getLogger("robot_rl.commands.replay")
 
 MODES = ("state", "open_loop")
 DEFAULT_TOLERANCE = 1e-3  # m of position divergence before an episode counts as diverged

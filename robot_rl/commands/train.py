@@ -25,10 +25,8 @@ Ctrl-C / SIGTERM finish the current step, write a checkpoint and stop.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -41,44 +39,22 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from robot_rl.config import ConfigError, resolve_device
-from robot_rl.data.episode_store import EpisodeStore, feature_from_dict, write_json_atomic
+from robot_rl.data.episode_store import EpisodeStore, write_json_atomic
 from robot_rl.data.sequence import SequenceSampler
 from robot_rl.interfaces import OBS_PREFIX, Feature
 from robot_rl.policies.diffusion import EMA, DiffusionPolicy
+from robot_rl.policies.checkpoint import (POLICY_TYPES, build_policy, load_policy, plain_config, policy_features,
+                                          resolve_checkpoint)
 from robot_rl.policies.mlp import MLPPolicy
+from robot_rl.training.state import lr_lambda, rng_from_json, rng_to_json
 
-log = logging.getLogger("robot_rl.train")
-
-POLICY_TYPES = ("diffusion", "mlp")
+log = logging.getLogger("robot_rl.commands.train")
 
 
 # ------------------------------------------------------------------------------------------- policy building
-
-
-def _plain(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def build_policy(policy_cfg: dict, obs_features: dict[str, Feature], action_feature: Feature):
-    """A fresh (untrained) policy from the `policy:` config and the robot-side features (plain names)."""
-    kind = policy_cfg.get("type")
-    if kind == "diffusion":
-        return DiffusionPolicy.from_features(obs_features, action_feature, policy_cfg)
-    if kind == "mlp":
-        return MLPPolicy.from_features(obs_features, action_feature, policy_cfg["hidden"], policy_cfg.get("obs_keys"))
-    raise ConfigError(f"policy.type={kind!r} cannot be trained offline; choose one of: {', '.join(POLICY_TYPES)}")
-
-
-def policy_features(policy) -> dict:
-    """What a checkpoint needs to rebuild the policy: its observation features (plain names) and action."""
-    if isinstance(policy, DiffusionPolicy):
-        return policy.features_dict()
-    return {"obs": {k: Feature((d,)).to_dict() for k, d in zip(policy.obs_keys, policy.obs_dims)},
-            "action": Feature((int(policy.action_low.shape[0]),)).to_dict()}
 
 
 def fit_mlp_stats(policy: MLPPolicy, data: dict[str, np.ndarray]) -> None:
@@ -108,65 +84,6 @@ def horizons(policy) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from itself, a `checkpoints/` directory or a run directory (via `latest`)."""
-    path = Path(path)
-    if (path / "model.safetensors").exists():
-        return path
-    for root in (path, path / "checkpoints"):
-        pointer = root / "latest"
-        if pointer.exists():
-            ckpt = root / json.loads(pointer.read_text())["path"]
-            if not (ckpt / "model.safetensors").exists():
-                raise FileNotFoundError(f"{pointer} points at {ckpt}, which has no model.safetensors")
-            return ckpt
-    raise FileNotFoundError(f"{path} is neither a checkpoint (no model.safetensors) nor a run/checkpoints "
-                            f"directory with a `latest` pointer")
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def load_policy(checkpoint: str | os.PathLike, device: str | torch.device = "auto", weights: str = "model"):
-    """Rebuild a trained policy (DiffusionPolicy or MLPPolicy, in eval mode) from a checkpoint directory.
-
-    `checkpoint`: `.../checkpoints/step_<n>`, `.../checkpoints` or the run directory (latest checkpoint).
-    `weights`: "model" (the deployable, EMA weights) or "raw_model" (the optimised weights, when saved).
-    `device`: auto (CUDA when present) | cpu | cuda[:N].
-    Everything needed comes from the checkpoint: the policy config and features are in the safetensors metadata
-    (config.yaml is the fallback for the config), normalisation statistics are buffers in the weights.
-    """
-    ckpt = resolve_checkpoint(checkpoint)
-    path = ckpt / f"{weights}.safetensors"
-    meta = _safetensors_metadata(path)
-    if "policy_config" in meta:
-        policy_cfg = json.loads(meta["policy_config"])
-    else:
-        policy_cfg = _plain(OmegaConf.load(ckpt / "config.yaml").policy)
-    feats = json.loads(meta["features"])
-    obs = {k: feature_from_dict(d) for k, d in feats["obs"].items()}
-    action = feature_from_dict(feats["action"])
-    if policy_cfg.get("type") == "mlp":
-        policy = MLPPolicy(list(obs), [int(np.prod(f.shape)) for f in obs.values()], int(np.prod(action.shape)),
-                           list(policy_cfg["hidden"]))
-    else:
-        policy_cfg = dict(policy_cfg, obs_keys=list(obs))
-        policy = build_policy(policy_cfg, obs, action)
-    policy.load_state_dict(load_file(str(path)))
-    device = resolve_device(device) if isinstance(device, str) else device
-    return policy.to(device).eval()
-
-
-def _rng_to_json(state: torch.Tensor) -> str:
-    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
-
-
-def _rng_from_json(text: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
 # -------------------------------------------------------------------------------------------------- eval
@@ -211,18 +128,6 @@ def evaluate_in_sim(policy, robot_cfg: dict, episodes: int = 20, seed: int = 100
 # ----------------------------------------------------------------------------------------------- trainer
 
 
-def _lr_lambda(warmup: int, total: int, schedule: str):
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return step / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
 def validate_train(cfg: DictConfig) -> None:
     t = cfg.train
     for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -254,7 +159,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.device = resolve_device(str(self.t.device))
-        self.policy_cfg = _plain(cfg.policy)
+        self.policy_cfg = plain_config(cfg.policy)
 
         if self.t.get("num_threads"):
             torch.set_num_threads(int(self.t.num_threads))  # shared CPUs: 1 thread avoids OpenMP spin contention
@@ -297,7 +202,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=float(self.t.lr), betas=tuple(self.t.betas),
                                      weight_decay=float(self.t.weight_decay))
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, _lr_lambda(int(self.t.warmup_steps), int(self.t.steps), str(self.t.lr_schedule)))
+            self.opt, lr_lambda(int(self.t.warmup_steps), int(self.t.steps), str(self.t.lr_schedule)))
         self.ema = (EMA(self.policy, power=float(self.t.ema_power), max_decay=float(self.t.ema_max_decay),
                         decay=None if self.t.ema_decay is None else float(self.t.ema_decay))
                     if self.t.ema else None)
@@ -488,8 +393,8 @@ class Trainer:
         state = {
             "step": self.step,
             "ema": self.ema.state() if self.ema is not None else None,
-            "rng": {"torch": _rng_to_json(torch.get_rng_state()),
-                    "cuda": [_rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available()
+            "rng": {"torch": rng_to_json(torch.get_rng_state()),
+                    "cuda": [rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available()
                     else [],
                     "numpy": self.rng.bit_generator.state},
             "losses": self.losses,
@@ -539,9 +444,9 @@ class Trainer:
         self.step = int(state["step"])
         self.losses = list(state.get("losses", []))
         rng = state["rng"]
-        torch.set_rng_state(_rng_from_json(rng["torch"]))
+        torch.set_rng_state(rng_from_json(rng["torch"]))
         if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([_rng_from_json(s) for s in rng["cuda"]])
+            torch.cuda.set_rng_state_all([rng_from_json(s) for s in rng["cuda"]])
         self.rng.bit_generator.state = rng["numpy"]
         log.info("resumed from %s at step %d", ckpt, self.step)
 

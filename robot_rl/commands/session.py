@@ -16,10 +16,38 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from robot_rl.config import write_json
+from robot_rl.config import ConfigError, positive, resolve_device, write_json
 from robot_rl.control.telemetry import plot_learning_curve
 
-log = logging.getLogger("robot_rl.session")
+log = logging.getLogger("robot_rl.commands.session")
+
+
+def validate_session(cfg: DictConfig) -> None:
+    """Everything a session needs, checked up front (robot names are checked by building the robot object)."""
+    from robot_rl.factory import make_robot, make_teleop
+
+    for field in ("rate_hz", "watchdog_s", "heartbeat_s"):
+        positive(cfg, f"session.{field}")
+    for field in ("episodes", "max_episode_steps", "transition_batch", "num_robots"):
+        positive(cfg, f"session.{field}", integer=True)
+    if cfg.session.learner not in ("local", "remote", "none"):
+        raise ConfigError(f"session.learner must be local, remote or none, got {cfg.session.learner!r}")
+    if cfg.session.watchdog_s <= cfg.session.heartbeat_s:
+        raise ConfigError(
+            f"session.watchdog_s ({cfg.session.watchdog_s}) must exceed session.heartbeat_s "
+            f"({cfg.session.heartbeat_s}), or the watchdog trips between two healthy heartbeats"
+        )
+    if cfg.policy.get("type") == "none":
+        raise ConfigError("policy=none: a session trains a policy; choose one, e.g. policy=mlp")
+    robot = make_robot(cfg.robot)  # raises ConfigError on unknown type/env/robot names; does not connect
+    make_teleop(cfg.teleop, robot)
+    from robot_rl.algos import check_algorithm
+
+    try:
+        check_algorithm(OmegaConf.to_container(cfg.algo, resolve=True))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    resolve_device(cfg.device)
 
 
 def _spawn(module: str, config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:

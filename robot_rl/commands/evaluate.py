@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import ConfigError, resolve_device
 
-log = logging.getLogger("robot_rl.evaluate")
+log = logging.getLogger("robot_rl.commands.evaluate")
 
 Z95 = 1.959963984540054  # standard normal 97.5 % quantile
 
@@ -103,7 +103,7 @@ def summary_line(result: dict) -> str:
 
 
 def is_one_step(policy) -> bool:
-    """A distilled one-step diffusion student (robot_rl.distill): sample prediction, one DDIM step."""
+    """A distilled one-step diffusion student (robot_rl.commands.distill): sample prediction, one DDIM step."""
     from robot_rl.policies.diffusion import DiffusionPolicy
 
     return (isinstance(policy, DiffusionPolicy) and policy.cfg.prediction_type == "sample"
@@ -330,7 +330,7 @@ def plot_training_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike)
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from robot_rl.train import resolve_checkpoint
+    from robot_rl.policies.checkpoint import resolve_checkpoint
 
     run = _run_dir_of(Path(run_dir))
     losses: list[float] = []
@@ -388,7 +388,7 @@ def plot_training_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike)
 
 def training_config(checkpoint: str | os.PathLike) -> DictConfig | None:
     """The config.yaml saved with a checkpoint (None if there is none)."""
-    from robot_rl.train import resolve_checkpoint
+    from robot_rl.policies.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint) / "config.yaml"
     return OmegaConf.load(path) if path.exists() else None
@@ -402,7 +402,7 @@ def training_store(checkpoint: str | os.PathLike) -> Path | None:
         return None
     data = OmegaConf.select(cfg, "train.data") or OmegaConf.select(cfg, "distill.data")
     if OmegaConf.select(cfg, "train.data_format") == "lerobot":
-        from robot_rl.train import resolve_checkpoint
+        from robot_rl.policies.checkpoint import resolve_checkpoint
 
         ckpt = resolve_checkpoint(checkpoint)
         data = OmegaConf.select(cfg, "train.import_dir") or (_run_dir_of(ckpt) / "imported_store")
@@ -459,7 +459,7 @@ def validate_eval(cfg: DictConfig) -> None:
 def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     """Entry point of `robot-rl eval` (the CLI passes hydra's run directory). Returns an exit code."""
     from robot_rl.factory import make_robot
-    from robot_rl.train import load_policy, resolve_checkpoint
+    from robot_rl.policies.checkpoint import load_policy, resolve_checkpoint
 
     validate_eval(cfg)
     e = cfg.eval

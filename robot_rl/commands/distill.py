@@ -65,9 +65,10 @@ from robot_rl.config import ConfigError, resolve_device, write_json
 from robot_rl.data.episode_store import EpisodeStore, write_json_atomic
 from robot_rl.data.sequence import SequenceSampler
 from robot_rl.policies.diffusion import EMA, DiffusionConfig, DiffusionPolicy
-from robot_rl.train import _lr_lambda, _rng_from_json, _rng_to_json, load_policy, policy_features, resolve_checkpoint
+from robot_rl.policies.checkpoint import load_policy, policy_features, resolve_checkpoint
+from robot_rl.training.state import lr_lambda, rng_from_json, rng_to_json
 
-log = logging.getLogger("robot_rl.distill")
+log = logging.getLogger("robot_rl.commands.distill")
 
 
 # ------------------------------------------------------------------------------------------ student / sampling
@@ -172,7 +173,7 @@ class Distiller:
         if not isinstance(self.teacher, DiffusionPolicy):
             raise ConfigError(f"distill.teacher={d.teacher}: a {type(self.teacher).__name__} has no denoising chain "
                               f"to distil; give a diffusion policy")
-        from robot_rl.evaluate import is_one_step
+        from robot_rl.commands.evaluate import is_one_step
 
         if is_one_step(self.teacher):
             raise ConfigError(f"distill.teacher={d.teacher} is already a one-step (distilled) policy")
@@ -207,7 +208,7 @@ class Distiller:
         self.opt = torch.optim.AdamW(self.params, lr=float(d.lr), betas=tuple(d.betas),
                                      weight_decay=float(d.weight_decay))
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, _lr_lambda(int(d.warmup_steps), int(d.steps), str(d.lr_schedule)))
+            self.opt, lr_lambda(int(d.warmup_steps), int(d.steps), str(d.lr_schedule)))
         self.ema = (EMA(self.student, decay=None if d.ema_decay is None else float(d.ema_decay))
                     if d.ema else None)
         self.step = 0
@@ -222,7 +223,7 @@ class Distiller:
     def _data_path(self) -> Path:
         if self.d.get("data"):
             return Path(str(self.d.data)).expanduser()
-        from robot_rl.evaluate import training_store
+        from robot_rl.commands.evaluate import training_store
 
         path = training_store(self.teacher_ckpt)
         if path is None:
@@ -389,8 +390,8 @@ class Distiller:
         state = {
             "step": self.step,
             "ema": self.ema.state() if self.ema is not None else None,
-            "rng": {"torch": _rng_to_json(torch.get_rng_state()),
-                    "cuda": [_rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available()
+            "rng": {"torch": rng_to_json(torch.get_rng_state()),
+                    "cuda": [rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available()
                     else [],
                     "numpy": self.rng.bit_generator.state},
             "losses": self.losses, "probe_history": self.probe_history,
@@ -439,9 +440,9 @@ class Distiller:
         self.losses = list(state.get("losses", []))
         self.probe_history = [tuple(x) for x in state.get("probe_history", [])]
         rng = state["rng"]
-        torch.set_rng_state(_rng_from_json(rng["torch"]))
+        torch.set_rng_state(rng_from_json(rng["torch"]))
         if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([_rng_from_json(s) for s in rng["cuda"]])
+            torch.cuda.set_rng_state_all([rng_from_json(s) for s in rng["cuda"]])
         self.rng.bit_generator.state = rng["numpy"]
         log.info("resumed from %s at step %d", ckpt, self.step)
 
@@ -449,7 +450,7 @@ class Distiller:
     def compare_in_sim(self, episodes: int | None = None, seed: int | None = None,
                        video_dir: Path | None = None) -> dict | None:
         """Teacher (DDIM-K) and student (one step) rolled out on the same seeds; None without a sim robot."""
-        from robot_rl.evaluate import evaluate, set_sampler
+        from robot_rl.commands.evaluate import evaluate, set_sampler
 
         d = self.d
         robot_cfg = self.robot_config
@@ -474,7 +475,7 @@ class Distiller:
 
 def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     """Entry point of `robot-rl distill` (the CLI passes hydra's run directory). Returns an exit code."""
-    from robot_rl.evaluate import plot_training_curves, summary_line
+    from robot_rl.commands.evaluate import plot_training_curves, summary_line
 
     run_dir = Path(run_dir)
     dist = Distiller(cfg, run_dir)

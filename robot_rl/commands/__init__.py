@@ -1,0 +1,1 @@
+"""Command modules: what each `robot-rl <verb>` runs. The top layer: nothing in the library imports them."""
