@@ -55,7 +55,7 @@ def make_teleop(cfg, robot: Robot) -> Teleop | None:
                 return SimulatedIntervener(expert, **intervener)
             return expert
         if kind == "device":
-            from robot_rl.hardware.teleop_devices import make_device_teleop
+            from robot_rl.hardware.teleop import make_device_teleop
 
             return make_device_teleop(cfg.pop("device"), **cfg)
         if kind == "lerobot":

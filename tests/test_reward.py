@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from robot_rl.config import ConfigError
 from robot_rl.data.episode_store import EpisodeStore
-from robot_rl.hardware.teleop_devices import EPISODE_EVENTS, EpisodeControls, KeyboardTeleop
+from robot_rl.hardware.teleop import EPISODE_EVENTS, EpisodeControls, KeyboardTeleop
 from robot_rl.interfaces import OBS_PREFIX, Feature, Robot
 from robot_rl.reward import (ClassifierSuccess, OperatorSuccess, SimSuccess, SuccessDetector,
                              make_success_detector)
@@ -290,7 +290,7 @@ def test_success_key_on_keyboard_and_gamepad():
     kb._press("y")
     assert kb.controls.poll() == "success" and not kb.intervening  # marking success is not a takeover
     evdev = pytest.importorskip("evdev")
-    from robot_rl.hardware.teleop_devices import GamepadTeleop
+    from robot_rl.hardware.teleop import GamepadTeleop
 
     ec = evdev.ecodes
     g = GamepadTeleop()

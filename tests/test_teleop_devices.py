@@ -11,9 +11,9 @@ import types
 import numpy as np
 import pytest
 
-import robot_rl.hardware.teleop_devices as td
-from robot_rl.hardware.teleop_devices import (
-    DeviceUnavailableError, EpisodeControls, GamepadTeleop, KeyboardTeleop, SpaceMouseTeleop, make_device_teleop,
+from robot_rl.hardware.teleop import (
+    DeviceUnavailableError, EpisodeControls, GamepadTeleop, KeyboardTeleop, SpaceMouseTeleop, base, evdev_device,
+    keyboard, make_device_teleop,
 )
 
 evdev = pytest.importorskip("evdev")
@@ -73,7 +73,7 @@ def pty_keyboard():
 def test_terminal_keyboard_motion_decay_and_takeover(pty_keyboard):
     kb, press, clock, slave = pty_keyboard
     assert kb.backend == "terminal"
-    assert kb.action_feature.names == td.DEFAULT_ACTION_NAMES
+    assert kb.action_feature.names == base.DEFAULT_ACTION_NAMES
     a = kb.get_action({})
     assert a.dtype == np.float32 and a.shape == (7,)
     np.testing.assert_array_equal(a, [0, 0, 0, 0, 0, 0, -1])
@@ -183,11 +183,11 @@ def test_terminal_keyboard_pushes_to_given_controls_and_tty_path():
 
 
 def test_parse_terminal_bytes():
-    keys, rest = td._parse_terminal_bytes(b"W \n\r\x7f\x08\x1b[1;5A\x1bOPq\x1b")
+    keys, rest = keyboard._parse_terminal_bytes(b"W \n\r\x7f\x08\x1b[1;5A\x1bOPq\x1b")
     assert keys == ["w", "space", "enter", "enter", "backspace", "backspace", "q", "esc"] and rest == b""
-    keys, rest = td._parse_terminal_bytes(b"w\x1b[1;", final=False)
+    keys, rest = keyboard._parse_terminal_bytes(b"w\x1b[1;", final=False)
     assert keys == ["w"] and rest == b"\x1b[1;"
-    keys, rest = td._parse_terminal_bytes(b"\x1b", final=False)
+    keys, rest = keyboard._parse_terminal_bytes(b"\x1b", final=False)
     assert keys == [] and rest == b"\x1b"
 
 
@@ -235,7 +235,7 @@ def test_auto_backend_choice(monkeypatch, caplog):
     monkeypatch.setattr(sys, "platform", "linux")
     kb = KeyboardTeleop(backend="auto")
     monkeypatch.setattr(kb, "_stdin_is_tty", lambda: True)
-    with caplog.at_level("INFO", logger=td.__name__):
+    with caplog.at_level("INFO", logger=keyboard.__name__):
         assert kb._choose_backend({}) == "terminal"
     assert "DISPLAY" in caplog.text  # the fallback is logged with its reason
     assert kb._choose_backend({"DISPLAY": ":0", "WAYLAND_DISPLAY": "wayland-0"}) == "terminal"
@@ -285,7 +285,7 @@ def test_terminal_backend_when_stdin_is_not_a_tty(monkeypatch):
 def no_input_dir(monkeypatch, tmp_path):
     d = tmp_path / "input"
     d.mkdir()
-    monkeypatch.setattr(td, "INPUT_DIR", str(d))
+    monkeypatch.setattr(evdev_device, "INPUT_DIR", str(d))
     return d
 
 
@@ -299,7 +299,7 @@ def test_evdev_no_devices(monkeypatch, no_input_dir, cls):
 
 
 def test_evdev_no_input_dir(monkeypatch, tmp_path):
-    monkeypatch.setattr(td, "INPUT_DIR", str(tmp_path / "missing"))
+    monkeypatch.setattr(evdev_device, "INPUT_DIR", str(tmp_path / "missing"))
     monkeypatch.setattr(evdev, "list_devices", lambda *a, **k: [])
     with pytest.raises(DeviceUnavailableError, match="container"):
         GamepadTeleop().connect()
@@ -508,7 +508,7 @@ def test_gamepad_unplugged_stops_motion(caplog):
             raise OSError(19, "No such device")
 
     g._dev = Gone()
-    with caplog.at_level("ERROR", logger=td.__name__):
+    with caplog.at_level("ERROR", logger=base.__name__):  # _fail logs it
         assert g._read_device() is False
     assert "unplugged" in caplog.text and g.error
     assert np.all(g.get_action({})[:6] == 0) and not g.intervening
