@@ -364,7 +364,7 @@ class _Controls:
 def test_recorder_success_key_labels_this_and_later_steps(tmp_path):
     from hydra import compose, initialize_config_module
 
-    from robot_rl.record import Recorder
+    from robot_rl.commands.record import Recorder
 
     with initialize_config_module("robot_rl.configs", version_base=None):
         cfg = compose("record", overrides=[f"record.path={tmp_path / 'store'}", "record.report_every_s=100",
