@@ -64,7 +64,7 @@ def test_round_trip_gives_identical_chunks(runs):
     tmp, r = runs
     m = export_artifact(r["diffusion"], tmp / "art_d")
     assert sorted(p.name for p in (tmp / "art_d").iterdir()) == ["manifest.json", "policy.safetensors"]
-    assert m["format_version"] == FORMAT_VERSION and m["policy"]["type"] == "diffusion"
+    assert m["format_version"] == FORMAT_VERSION and m["kind"] == "diffusion"
     assert m["obs"] == {"state": {"shape": [4], "dtype": "float32"}, "vel": {"shape": [3], "dtype": "float32"}}
     assert m["action"]["names"] == ["a0", "a1"] and m["action"]["low"] == [-1.0, -1.0]
     assert (m["obs_horizon"], m["action_horizon"], m["n_action_steps"]) == (2, 8, 4)
@@ -110,7 +110,7 @@ def test_tampered_weights_and_versions_fail_clearly(runs, tmp_path):
     (art / "manifest.json").write_text(json.dumps({**m, "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(ArtifactError, match="newer than this robot_rl reads"):
         load_artifact(art, device="cpu")
-    with pytest.raises(ArtifactError, match="not a policy artefact"):
+    with pytest.raises(ArtifactError, match="not a policy directory"):
         read_manifest(tmp_path)
     with pytest.raises(ArtifactError, match="exists and is not empty"):
         export_artifact(r["diffusion"], art)
