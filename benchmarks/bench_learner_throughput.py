@@ -20,7 +20,7 @@ identical update.
 Timing is interleaved: a block of (a), then a block of (b), repeated; each block's updates/s, medians reported
 with the ratio. Batch sampling is not included (fixed pre-made batches on the device).
 
-`--full BASE_RUN DEMOS`: also the full `ResidualTD3.update` rate (sampling from a ReplayStore of online rows +
+`--full BASE_RUN DEMOS`: also the full `ResidualTD3.update` rate (sampling from a ReplayBuffer of online rows +
 the demo pool, n-step returns, critic and actor updates) with a `robot-rl train` base run and its demo store,
 at each width (actor and critic hidden both set to it).
 """
@@ -230,7 +230,7 @@ def bench_width(hidden: list[int], args, device: torch.device) -> dict:
 def bench_full(base_run: str, demos: str, hidden: list[int], args, device: torch.device) -> dict:
     from robot_rl.algos.residual import ResidualConfig, ResidualTD3
     from robot_rl.interfaces import OBS_PREFIX
-    from robot_rl.learner.replay import ReplayStore
+    from robot_rl.learner.replay_buffer import ReplayBuffer
 
     with tempfile.TemporaryDirectory(prefix="bench_learner_") as tmp:
         cfg = ResidualConfig(base_checkpoint=base_run, demos=demos, actor_hidden=list(hidden),
@@ -239,7 +239,7 @@ def bench_full(base_run: str, demos: str, hidden: list[int], args, device: torch
         # online rows: the demo episodes replayed as if a robot had sent them (base actions attached), repeated
         arr = algo.demo_arrays
         ends = np.flatnonzero(algo.demos.next_idx < 0) + 1
-        replay = ReplayStore(Path(tmp) / "replay.zarr")
+        replay = ReplayBuffer(Path(tmp) / "replay.zarr")
         seq, ep = 0, 0
         while replay.size < args.full_rows:
             start = 0

@@ -1,8 +1,8 @@
-"""Replay memory: RAM (and disk) per transition of the learner's ReplayStore vs lerobot's HIL-SERL ReplayBuffer.
+"""Replay memory: RAM (and disk) per transition of the learner's ReplayBuffer vs lerobot's HIL-SERL ReplayBuffer.
 
     python benchmarks/bench_replay_memory.py [--rows 5000] [--target 100000]
 
-Ours: the real `robot_rl.learner.replay.ReplayStore.append`, fed `--rows` transitions in batches of 16-64 rows,
+Ours: the real `robot_rl.learner.replay_buffer.ReplayBuffer.append`, fed `--rows` transitions in batches of 16-64 rows,
 with the columns a residual-RL control process sends (robot_rl/control/process.py `_tick`): the Lift low-dim
 observation keys (float32, as `RobosuiteRobot` publishes them), two 84x84 RGB cameras (uint8, HxWx3),
 action / policy_action / expert_action / base_action / residual (7 float32 each), reward, success,
@@ -74,11 +74,11 @@ def old_doubling_rows(n: int) -> int:  # the growth rule before the capacity hin
 
 
 def bench_ours(rows: int, target: int, size: int, tmp: Path) -> dict:
-    from robot_rl.learner.replay import MIN_ROWS, ReplayStore, next_capacity
+    from robot_rl.learner.replay_buffer import MIN_ROWS, ReplayBuffer, next_capacity
 
     rng = np.random.default_rng(0)
     rss0 = rss_bytes()
-    store = ReplayStore(tmp / "replay.zarr")
+    store = ReplayBuffer(tmp / "replay.zarr")
     t0 = time.perf_counter()
     seq, ep, step = 0, 0, 0
     while seq < rows:
@@ -96,7 +96,7 @@ def bench_ours(rows: int, target: int, size: int, tmp: Path) -> dict:
     disk = dir_bytes(tmp / "replay.zarr")
 
     # the capacity hint, for real: exactly `rows` rows allocated, nothing more
-    hinted = ReplayStore(tmp / "replay.zarr", capacity=rows)
+    hinted = ReplayBuffer(tmp / "replay.zarr", preallocate_rows=rows)
     h_used, h_alloc = hinted.memory_bytes()
     assert h_used == used and h_alloc == used, (h_used, h_alloc, used)
     del hinted
@@ -180,7 +180,7 @@ def main() -> None:
           f"  (rows allocated but not yet written are np.empty pages: address space, not RSS, until filled)")
     print(f"  on disk (zarr, random images = incompressible worst case): {ours['disk'] / 1e6:.1f} MB, "
           f"{ours['disk_row']:.0f} B/transition")
-    print(f"  capacity hint check: ReplayStore(capacity={ours['rows']}) reopened -> allocated == used")
+    print(f"  capacity hint check: ReplayBuffer(preallocate_rows={ours['rows']}) reopened -> allocated == used")
 
     rows = []
     t = ours["target"]

@@ -6,7 +6,7 @@
 What runs: the weak chunked diffusion base from `benchmarks/residual_base.py` (recorded poor-expert demos, small
 UNet, deliberately under-trained; cached in --bases), then for each method one synchronous loop in this process
 — the same parts a session uses (MuJoCo robot, SafetyFilter bounds, ResidualPolicy / SACPolicy on the robot side,
-ResidualTD3 / SAC learner updates, the learner's on-disk ReplayStore, 50/50 demo/online batches), minus the ZMQ
+ResidualTD3 / SAC learner updates, the learner's on-disk ReplayBuffer, 50/50 demo/online batches), minus the ZMQ
 hop: env steps and updates alternate at a fixed update-to-data ratio (as ResFiT's own single-process runs), so
 the figure does not depend on how two processes share this machine's two cores. Weights reach the policy every
 `publish_every` updates and swap at base-chunk boundaries, exactly as over the wire.
@@ -38,7 +38,7 @@ from robot_rl.algos.sac import SAC, SACConfig, SACModel, SACPolicy  # noqa: E402
 from robot_rl.control.safety import SafetyFilter  # noqa: E402
 from robot_rl.factory import make_robot  # noqa: E402
 from robot_rl.interfaces import OBS_PREFIX  # noqa: E402
-from robot_rl.learner.replay import ReplayStore  # noqa: E402
+from robot_rl.learner.replay_buffer import ReplayBuffer  # noqa: E402
 from robot_rl.policies.residual import ResidualModel, ResidualPolicy  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -84,7 +84,7 @@ class Run:
             self.algo = SAC(SACConfig(**cfg), {}, device, out / "cache")
             model = SACModel(self.robot.observation_features, self.algo.obs_keys, feat.shape[0], cfg)
             self.policy = SACPolicy(model, seed=args.seed)
-        self.replay = ReplayStore(out / method / "replay.zarr")
+        self.replay = ReplayBuffer(out / method / "replay.zarr")
         self.rng = np.random.default_rng(args.seed)
         self.updates = self.env_steps = self.episode = 0
         self.published = 0

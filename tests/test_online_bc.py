@@ -5,7 +5,7 @@ import torch
 
 from robot_rl.algos import make_algorithm
 from robot_rl.interfaces import Feature
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.policies.mlp import MLPPolicy
 from robot_rl.transport import decode_weights, encode_weights
 
@@ -25,7 +25,7 @@ def fill(store, n=2000, seed=0):
 
 def test_online_bc_fits_labels_and_weights_travel(tmp_path):
     torch.manual_seed(0)
-    store = ReplayStore(tmp_path / "r.zarr")
+    store = ReplayBuffer(tmp_path / "r.zarr")
     obs, label = fill(store)
     algo = make_algorithm({"name": "online_bc", "lr": 3e-3, "batch_size": 128, "min_transitions": 100},
                           POLICY_CFG, torch.device("cpu"))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer
 
 
 def batch(start, n, obs_dim=5):
@@ -16,11 +16,11 @@ def batch(start, n, obs_dim=5):
 
 
 def test_append_reopen_bit_exact(tmp_path):
-    store = ReplayStore(tmp_path / "r.zarr")
+    store = ReplayBuffer(tmp_path / "r.zarr")
     for start in range(0, 100, 10):
         assert store.append("robot0", *batch(start, 10)) == start + 9
     store.append("robot1", *batch(0, 4))
-    again = ReplayStore(tmp_path / "r.zarr")
+    again = ReplayBuffer(tmp_path / "r.zarr")
     assert again.size == 104
     assert again.next_expected == {"robot0": 100, "robot1": 4}
     np.testing.assert_array_equal(again.column("obs.x"), store.column("obs.x"))
@@ -31,20 +31,20 @@ def test_append_reopen_bit_exact(tmp_path):
 
 
 def test_uncommitted_rows_are_cut_on_open(tmp_path):
-    store = ReplayStore(tmp_path / "r.zarr")
+    store = ReplayBuffer(tmp_path / "r.zarr")
     store.append("robot0", *batch(0, 10))
     committed = json.loads((tmp_path / "r.zarr" / "commit.json").read_text())
     store.append("robot0", *batch(10, 10))
     # simulate a crash after the data was written but before commit.json was replaced
     (tmp_path / "r.zarr" / "commit.json").write_text(json.dumps(committed))
-    again = ReplayStore(tmp_path / "r.zarr")
+    again = ReplayBuffer(tmp_path / "r.zarr")
     assert again.size == 10 and again.next_expected == {"robot0": 10}
     again.append("robot0", *batch(10, 10))  # the resend lands exactly once
-    np.testing.assert_array_equal(ReplayStore(tmp_path / "r.zarr").seqs_by_sender()["robot0"], np.arange(20))
+    np.testing.assert_array_equal(ReplayBuffer(tmp_path / "r.zarr").seqs_by_sender()["robot0"], np.arange(20))
 
 
 def test_mismatched_keys_are_refused(tmp_path):
-    store = ReplayStore(tmp_path / "r.zarr")
+    store = ReplayBuffer(tmp_path / "r.zarr")
     store.append("robot0", *batch(0, 4))
     seqs, arrays = batch(0, 4)
     del arrays["obs.img"]
@@ -54,7 +54,7 @@ def test_mismatched_keys_are_refused(tmp_path):
 
 
 def test_sample_is_seeded(tmp_path):
-    store = ReplayStore(tmp_path / "r.zarr")
+    store = ReplayBuffer(tmp_path / "r.zarr")
     store.append("robot0", *batch(0, 50))
     a = store.sample(16, np.random.default_rng(0), ["obs.x"])
     b = store.sample(16, np.random.default_rng(0), ["obs.x"])
@@ -62,7 +62,7 @@ def test_sample_is_seeded(tmp_path):
 
 
 def test_capacity_hint_allocates_up_front_and_growth_keeps_contents(tmp_path):
-    store = ReplayStore(tmp_path / "r.zarr", capacity=30)
+    store = ReplayBuffer(tmp_path / "r.zarr", preallocate_rows=30)
     store.append("robot0", *batch(0, 10))
     used, allocated = store.memory_bytes()
     row = sum(a[0].nbytes for a in batch(0, 1)[1].values()) + 8 + 4  # + _seq (int64) + _sender (int32)
@@ -80,15 +80,15 @@ def test_capacity_hint_allocates_up_front_and_growth_keeps_contents(tmp_path):
     np.testing.assert_array_equal(seqs["robot0"], np.arange(30))
     np.testing.assert_array_equal(seqs["robot1"], np.arange(45))
     # reopening honours the hint too, and holds the same rows
-    again = ReplayStore(tmp_path / "r.zarr", capacity=200)
+    again = ReplayBuffer(tmp_path / "r.zarr", preallocate_rows=200)
     assert again.memory_bytes() == (75 * row, 200 * row)
     for k in store.keys():
         np.testing.assert_array_equal(again.column(k), store.column(k))
-    assert ReplayStore(tmp_path / "r.zarr").memory_bytes()[1] == 1024 * row  # no hint: 1024 rows as before
+    assert ReplayBuffer(tmp_path / "r.zarr").memory_bytes()[1] == 1024 * row  # no hint: 1024 rows as before
 
 
 def test_growth_doubles_up_to_64k_rows_then_steps_by_quarter():
-    from robot_rl.learner.replay import next_capacity
+    from robot_rl.learner.replay_buffer import next_capacity
 
     assert next_capacity(1024, 1025) == 2048
     assert next_capacity(1024, 65536) == 65536

@@ -14,7 +14,7 @@ from robot_rl.algos.nstep import EpisodeLinks, Pool
 from robot_rl.algos.residual import ResidualConfig, ResidualTD3
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.policies.residual import ResidualModel, ResidualPolicy
 from robot_rl.commands.train import Trainer
 from robot_rl.policies.checkpoint import load_policy
@@ -194,7 +194,7 @@ def test_residual_policy_is_the_base_before_learning_and_swaps_weights_at_chunk_
 # -------------------------------------------------------------------------------------------------- update
 def _online_replay(path, store_path, base, episodes=4):
     """Online rows as the control process sends them (episodes of the toy store, base actions attached)."""
-    replay = ReplayStore(path)
+    replay = ReplayBuffer(path)
     store = EpisodeStore.open(store_path)
     seq = 0
     for e in range(episodes):
@@ -261,7 +261,7 @@ def test_takeover_steps_join_the_demo_half_of_each_batch(tmp_path):
     demo = {"obs.x": np.zeros((10, 1), np.float32), "action": np.zeros((10, 1), np.float32),
             "reward": np.zeros(10, np.float32), "success": np.zeros(10, bool)}
     demo["success"][9] = demo["reward"][9] = 1
-    replay = ReplayStore(tmp_path / "r")
+    replay = ReplayBuffer(tmp_path / "r")
     n = 40
     took_over = np.zeros(n, bool)
     took_over[20:30] = True

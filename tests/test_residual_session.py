@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from robot_rl.control.pacing import PacedLoop
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.commands.record import Recorder
 from robot_rl.commands.train import Trainer
 
@@ -79,7 +79,7 @@ def test_residual_session_trains_evaluates_and_resumes(lift_base, tmp_path, port
     assert episodes[0]["exploration"] == "warmup"
     evals = read_jsonl(run / "control" / "evals.jsonl")
     assert [e["mode"] for e in evals] == ["base", "residual", "residual"], "the frozen base is evaluated once"
-    replay = ReplayStore(run / "learner" / "replay.zarr")
+    replay = ReplayBuffer(run / "learner" / "replay.zarr")
     assert replay.size == sum(e["steps"] for e in episodes)
     base_actions = replay.column("base_action")
     assert np.isfinite(base_actions).all(), "every online step carries the base action"
@@ -150,7 +150,7 @@ def test_residual_session_with_a_camera(tmp_path, ports):
                                "++algo.image_encoder={feature_dim:16,channels:[8,16],strides:[2,2],num_keypoints:8}",
                                "session.eval_every_episodes=0"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    replay = ReplayStore(run / "learner" / "replay.zarr")
+    replay = ReplayBuffer(run / "learner" / "replay.zarr")
     images = replay.column("obs.agentview_image")
     assert images.dtype == np.uint8 and images.shape[1:] == (48, 48, 3)
     assert not any(k.startswith("next") for k in replay.keys()), "next observations are not stored"

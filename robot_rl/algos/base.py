@@ -6,7 +6,7 @@ import abc
 
 import numpy as np
 
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer as ReplayStore  # until algos take a ReplayView
 
 
 class Algorithm(abc.ABC):

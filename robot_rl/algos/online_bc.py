@@ -13,7 +13,7 @@ import torch
 
 from robot_rl.algos.base import Algorithm
 from robot_rl.interfaces import OBS_PREFIX, Feature
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer as ReplayStore  # until algos take a ReplayView
 from robot_rl.policies.mlp import MLPPolicy
 
 

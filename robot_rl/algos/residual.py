@@ -25,7 +25,7 @@ from robot_rl.algos.ensemble import EnsembleQ, make_adamw, polyak
 from robot_rl.algos.nstep import Pool, RLPDSampler
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import OBS_PREFIX
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer as ReplayStore  # until algos take a ReplayView
 from robot_rl.policies.residual import ResidualModel, fit_to_demos, residual_obs_keys
 
 log = logging.getLogger(__name__)

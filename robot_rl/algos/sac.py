@@ -24,7 +24,7 @@ from robot_rl.algos.ensemble import EnsembleQ, make_adam, polyak
 from robot_rl.algos.nstep import Pool, RLPDSampler
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import OBS_PREFIX, Feature, Observation, Policy
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer as ReplayStore  # until algos take a ReplayView
 from robot_rl.policies.residual import ActionScaler, Featurizer, fit_to_demos, mlp
 
 
@@ -66,6 +66,10 @@ class SACModel(nn.Module):
         self.featurizer = Featurizer(lowdim, images, dict(cfg.get("image_encoder") or {}))
         self.actor = mlp(self.featurizer.out_dim, list(cfg["actor_hidden"]), 2 * action_dim)
         self.obs_keys = list(obs_keys)
+        # what a checkpoint needs to rebuild this module (robot_rl/policies/checkpoint.py)
+        self.config = {"obs_keys": list(obs_keys), "action_dim": int(action_dim), "actor_hidden": list(cfg["actor_hidden"]),
+                       "image_encoder": dict(cfg.get("image_encoder") or {})}
+        self.obs_features = {k: obs_features[k] for k in obs_keys}
 
     def dist(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.actor(features).chunk(2, dim=-1)

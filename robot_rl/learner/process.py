@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from robot_rl.algos import make_algorithm
 from robot_rl.config import resolve_device, write_json
-from robot_rl.learner.replay import ReplayStore
+from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.transport import TransitionReceiver, WeightPublisher
 from robot_rl.transport.security import load_server_keys
 
@@ -45,7 +45,7 @@ class Learner:
         self.rng = np.random.default_rng(int(cfg.seed))
         torch.manual_seed(int(cfg.seed))
 
-        self.replay = ReplayStore(self.run_dir / "replay.zarr", capacity=self.s.get("replay_capacity"))
+        self.replay = ReplayBuffer(self.run_dir / "replay.zarr", preallocate_rows=self.s.get("replay_capacity"))
         self.algo = make_algorithm(algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device,
                                    self.run_dir)
         keys = load_server_keys(self.s.curve_keys_dir) if self.s.curve_keys_dir else None

@@ -1,10 +1,10 @@
-"""The learner's replay: every received transition, in memory for sampling and in a zarr store on disk.
+"""The learner's replay buffer: every received transition, in memory for sampling and in a zarr store on disk.
 
 Why on disk: the learner acknowledges a transition only after it is stored, so a learner killed at any moment
 restarts with exactly what it acknowledged and tells each control process where to resume (exactly once).
 
-Memory: every column is one numpy array with room for `capacity` rows. Give the expected number of transitions
-(`capacity=`) and exactly that is allocated up front; without it (or past it) the arrays grow by doubling up to
+Memory: every column is one numpy array. Give the expected number of transitions (`preallocate_rows=`, a hint,
+not a limit) and exactly that is allocated up front; without it (or past it) the arrays grow by doubling up to
 64k rows and by 1.25x beyond, so a large buffer has room for at most 25 % more rows than it holds (doubling
 alone: up to 100 %).
 `memory_bytes()` says how much is used and allocated.
@@ -27,7 +27,7 @@ import zarr
 COMMIT_FILE = "commit.json"
 SEQ_KEY = "_seq"
 SENDER_KEY = "_sender"
-MIN_ROWS = 1024           # smallest allocation without a capacity hint
+MIN_ROWS = 1024           # smallest allocation without a preallocation hint
 DOUBLING_LIMIT = 1 << 16  # grow by 2x up to this many rows, by 1.25x beyond
 READ_ROWS = 4096          # rows read from disk at a time when reopening (no whole-column temporary copy)
 
@@ -43,15 +43,17 @@ def next_capacity(cap: int, need: int) -> int:
     return cap
 
 
-class ReplayStore:
-    def __init__(self, path: str | os.PathLike, chunk_rows: int = 1024, capacity: int | None = None):
-        """`capacity`: rows to allocate in memory up front (the expected number of transitions); the store
-        still accepts more (growing past it), and never drops any."""
-        if capacity is not None and int(capacity) < 1:
-            raise ValueError(f"capacity must be >= 1 (or None), got {capacity!r}")
+class ReplayBuffer:
+    """Implements the algorithms' read-only `ReplayView` (size, keys, column, sample) over what `append` stored."""
+
+    def __init__(self, path: str | os.PathLike, chunk_rows: int = 1024, preallocate_rows: int | None = None):
+        """`preallocate_rows`: rows to allocate in memory up front (the expected number of transitions); the
+        buffer still accepts more (growing past it), and never drops any."""
+        if preallocate_rows is not None and int(preallocate_rows) < 1:
+            raise ValueError(f"preallocate_rows must be >= 1 (or None), got {preallocate_rows!r}")
         self.path = Path(path)
         self.chunk_rows = chunk_rows
-        self.capacity = None if capacity is None else int(capacity)
+        self.preallocate_rows = None if preallocate_rows is None else int(preallocate_rows)
         self._lock = threading.Lock()
         self._senders: list[str] = []  # sender index -> sender id
         self.next_expected: dict[str, int] = {}
@@ -100,7 +102,7 @@ class ReplayStore:
     def _capacity_for(self, current: int, need: int) -> int:
         """Rows to allocate for `need` rows, given a buffer of `current` rows (0: none yet)."""
         if current == 0:
-            current = self.capacity if self.capacity is not None else MIN_ROWS
+            current = self.preallocate_rows if self.preallocate_rows is not None else MIN_ROWS
             if need <= current:
                 return current
         return next_capacity(current, need)
