@@ -17,7 +17,14 @@ def rng_from_json(text: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def lr_lambda(warmup: int, total: int, schedule: str):
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (or constant)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return step / warmup

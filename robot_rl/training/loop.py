@@ -1,0 +1,351 @@
+"""One offline training loop for any model and loss: BC policies, distilled students, reward models, VAEs, critics.
+
+    seed_everything(cfg.train.seed)                       # before the model is built (its init draws from torch)
+    model = ...
+    loop = TrainingLoop(run_dir, model, step_fn, batches, LoopConfig.from_section(cfg.train, "train"),
+                        hooks=[Hook("val", 1000, val_fn)], export=write_deployable)
+    if cfg.train.resume:
+        loop.resume(cfg.train.resume_from)
+    summary = loop.run()
+
+One step: `batch = batches(rng)` (the loop's numpy Generator, checkpointed), `loss, metrics = step_fn(batch)`,
+AdamW with gradient clipping, linear warm-up then cosine (or constant) LR, an optional EMA copy of the model.
+The loop knows nothing of what it trains: `step_fn` computes the loss, `export(directory, module)` writes the
+deployable form of a module (e.g. `policies.checkpoint.write_policy`), `hooks` measure it.
+
+`<run>/checkpoints/step_<n>/` (written under a temporary name and renamed, then `checkpoints/latest` replaced):
+
+    <export's files>          the deployable module (the EMA copy when cfg.ema); `weights_file` must hold its
+                              state_dict (without `export` the loop writes that file alone)
+    raw_<weights_file>        the optimised weights (cfg.ema only)
+    optimizer.pt              AdamW + LR-schedule state
+    trainer_state.json        step, EMA step, torch/CUDA/numpy RNG states, per-step losses, hook results, `state()`
+    config.yaml               the resolved config (when given)
+
+`resume()` restores all of it: on CPU a resumed run repeats the uninterrupted run's batches and noise exactly.
+Ctrl-C / SIGTERM finish the current step, write a checkpoint and stop. Hooks run under a forked torch RNG, so
+measuring never changes what is trained. Scalars go to `<run>/tb` (tensorboard), the end to `<name>_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from robot_rl.config import ConfigError, write_json
+from robot_rl.policies.checkpoint import latest_checkpoint, save_checkpoint
+from robot_rl.policies.diffusion import EMA
+from robot_rl.training.state import SCHEDULES, lr_lambda, rng_from_json, rng_to_json
+
+log = logging.getLogger("robot_rl.training.loop")
+
+OPTIMIZER, STATE, CONFIG = "optimizer.pt", "trainer_state.json", "config.yaml"
+FINAL_LOSS_WINDOW = 50  # the summary's final_loss: mean of the last this-many step losses
+_TINY = 1e-9  # guards rates against a zero wall time
+
+
+@dataclass
+class LoopConfig:
+    """The loop's settings; `from_section` reads them from a config section (`train:`, `distill:`, ...)."""
+    steps: int
+    batch_size: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    lr_schedule: str  # cosine | constant, both after `warmup_steps` of linear warm-up
+    warmup_steps: int
+    max_grad_norm: float | None  # None: no clipping (the norm is logged either way)
+    ema: bool
+    ema_power: float
+    ema_max_decay: float
+    ema_decay: float | None  # None: the warm-up schedule 1 - (1 + step)^-power, capped at ema_max_decay
+    log_every: int
+    checkpoint_every: int
+    keep_last: int | None
+    seed: int
+    progress: bool
+    tensorboard: bool
+
+    @classmethod
+    def from_section(cls, section, name: str) -> LoopConfig:
+        def count(key: str, minimum: int) -> int:
+            v = section.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ConfigError(f"{name}.{key} must be an integer >= {minimum}, got {v!r}")
+            return v
+
+        for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            count(key, 1)
+        lr = section.get("lr")
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+            raise ConfigError(f"{name}.lr must be a positive number, got {lr!r}")
+        if section.get("lr_schedule") not in SCHEDULES:
+            raise ConfigError(f"{name}.lr_schedule must be one of {', '.join(SCHEDULES)}, got "
+                              f"{section.get('lr_schedule')!r}")
+        decay = section.get("ema_decay")
+        if decay is not None and not 0.0 <= float(decay) < 1.0:
+            raise ConfigError(f"{name}.ema_decay must be null (warm-up schedule) or in [0, 1), got {decay!r}")
+        keep = section.get("keep_last")
+        return cls(steps=count("steps", 1), batch_size=count("batch_size", 1), lr=float(lr),
+                   betas=tuple(float(b) for b in section.get("betas")), weight_decay=float(section.get("weight_decay")),
+                   lr_schedule=str(section.get("lr_schedule")), warmup_steps=count("warmup_steps", 0),
+                   max_grad_norm=float(section.get("max_grad_norm")) if section.get("max_grad_norm") else None,
+                   ema=bool(section.get("ema")), ema_power=float(section.get("ema_power")),
+                   ema_max_decay=float(section.get("ema_max_decay")),
+                   ema_decay=None if decay is None else float(decay), log_every=count("log_every", 1),
+                   checkpoint_every=count("checkpoint_every", 1), keep_last=count("keep_last", 1) if keep else None,
+                   seed=int(section.get("seed")), progress=bool(section.get("progress")),
+                   tensorboard=bool(section.get("tensorboard")))
+
+
+@dataclass
+class Hook:
+    """`fn()` every `every` steps (0 = never) -> a dict (its numbers go to tensorboard as `<name>/<key>`) or None."""
+    name: str
+    every: int
+    fn: Callable[[], dict | None]
+    at_start: bool = False  # also before the first step of a fresh run
+    at_end: bool = False  # also after the last step (cfg.steps)
+
+
+def seed_everything(seed: int, num_threads: int | None = None) -> None:
+    """Seed python, numpy and torch (before building models); `num_threads` caps torch's CPU threads."""
+    import random
+
+    if num_threads:
+        torch.set_num_threads(int(num_threads))  # shared CPUs: 1 thread avoids OpenMP spin contention
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+class TrainingLoop:
+    def __init__(self, run_dir: str | os.PathLike, model: nn.Module,
+                 step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+                 batches: Callable[[np.random.Generator], Any], cfg: LoopConfig, *, name: str = "train",
+                 hooks: Iterable[Hook] = (), export: Callable[[Path, nn.Module], Any] | None = None,
+                 weights_file: str = "policy.safetensors", config_yaml: str | None = None,
+                 state: Callable[[], dict] | None = None, summary: Callable[[], dict] | None = None):
+        """`model`: every trained parameter (several networks: one nn.ModuleDict). `name`: tensorboard prefix,
+        progress label, summary file and the config section errors point at. `state()` / `summary()` add the
+        caller's entries to trainer_state.json / the summary."""
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.model, self.step_fn, self.batches, self.cfg, self.name = model, step_fn, batches, cfg, name
+        self.hooks, self.export, self.config_yaml = list(hooks), export, config_yaml
+        self.weights_file, self.raw_file = weights_file, f"raw_{weights_file}"
+        self.extra_state, self.extra_summary = state, summary
+        self.device = next(model.parameters()).device
+        self.rng = np.random.default_rng(cfg.seed)  # what `batches` draws from
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule))
+        self.ema = (EMA(model, power=cfg.ema_power, max_decay=cfg.ema_max_decay, decay=cfg.ema_decay)
+                    if cfg.ema else None)
+        self.step = 0
+        self.losses: list[float] = []  # per step, including the history a resume restores
+        self.history: dict[str, list[tuple[int, dict]]] = {h.name: [] for h in self.hooks}
+        self._stop = threading.Event()
+        self.writer = None
+
+    @property
+    def deployable(self) -> nn.Module:
+        """What to act with and export: the EMA copy when cfg.ema, else the optimised model."""
+        return self.ema.model if self.ema is not None else self.model
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self, *_) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: finishing this step, writing a checkpoint")
+        self._stop.set()
+
+    def _cuda(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    # ------------------------------------------------------------------------------------------------ step
+    def train_step(self) -> dict[str, float]:
+        loss, metrics = self.step_fn(self.batches(self.rng))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name} step {self.step}: loss is {loss.item()}; lower {self.name}.lr "
+                                     f"or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.lr_sched.step()
+        out = {"loss": float(loss.item()), "lr": lr, "grad_norm": float(grad_norm), **metrics}
+        if self.ema is not None:
+            out["ema_decay"] = self.ema.update(self.model)
+        self.step += 1
+        self.losses.append(out["loss"])
+        return out
+
+    def _scalars(self, prefix: str, values: dict) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, self.step)
+
+    def _run_hook(self, hook: Hook) -> None:
+        done = self.history[hook.name]
+        if done and done[-1][0] == self.step:
+            return  # measured at this step already (before a resume)
+        with torch.random.fork_rng(devices=self._cuda()):
+            result = hook.fn()
+        if result is not None:
+            done.append((self.step, result))
+            self._scalars(hook.name, result)
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train up to cfg.steps (or stop after `stop_after` total steps, as if killed after a checkpoint)."""
+        from tqdm import tqdm
+
+        c = self.cfg
+        if c.tensorboard and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        end = c.steps if stop_after is None else min(c.steps, int(stop_after))
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, dynamic_ncols=True, desc=self.name)
+        t_start, start_step = time.monotonic(), self.step
+        t_window, n_window = t_start, 0
+        try:
+            for hook in self.hooks:
+                if hook.every and hook.at_start and self.step == 0:
+                    self._run_hook(hook)
+            while self.step < end and not self._stop.is_set():
+                m = self.train_step()
+                n_window += 1
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == end:
+                    now = time.monotonic()
+                    m["samples_per_s"] = n_window * c.batch_size / max(now - t_window, _TINY)
+                    t_window, n_window = now, 0
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                    self._scalars(self.name, m)
+                for hook in self.hooks:
+                    if hook.every and (self.step % hook.every == 0 or (hook.at_end and self.step == c.steps)):
+                        self._run_hook(hook)
+                if self.step % c.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if self.step > 0 and not self._latest_is(self.step):
+                self.save_checkpoint()
+        finally:
+            bar.close()
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+        wall, done = time.monotonic() - t_start, self.step - start_step
+        summary = {"step": self.step, "steps_this_run": done, "wall_s": wall, "s_per_step": wall / max(done, 1),
+                   "samples_per_s": done * c.batch_size / max(wall, _TINY),
+                   "final_loss": float(np.mean(self.losses[-FINAL_LOSS_WINDOW:])) if self.losses else None,
+                   "finished": self.step >= c.steps,
+                   "checkpoint": str(self.ckpt_root / f"step_{self.step}") if self.step else None,
+                   **{h.name: self.history[h.name][-1][1] if self.history[h.name] else None for h in self.hooks},
+                   **(self.extra_summary() if self.extra_summary else {})}
+        write_json(self.run_dir / f"{self.name}_summary.json", summary)
+        return summary
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def _latest_is(self, step: int) -> bool:
+        latest = latest_checkpoint(self.ckpt_root)
+        return latest is not None and latest.name == f"step_{step}"
+
+    def save_checkpoint(self) -> Path:
+        def write(d: Path) -> None:
+            if self.export is not None:
+                self.export(d, self.deployable)
+            else:
+                save_file(_tensors(self.deployable), str(d / self.weights_file))
+            if self.ema is not None:
+                save_file(_tensors(self.model), str(d / self.raw_file))
+            torch.save({"optimizer": self.opt.state_dict(), "lr_scheduler": self.lr_sched.state_dict()}, d / OPTIMIZER)
+            cuda = [rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+            state = {"step": self.step, "ema": self.ema.state() if self.ema is not None else None,
+                     "rng": {"torch": rng_to_json(torch.get_rng_state()), "cuda": cuda,
+                             "numpy": self.rng.bit_generator.state},
+                     "losses": self.losses, "hooks": self.history, "time": time.time(),
+                     **(self.extra_state() if self.extra_state else {})}
+            (d / STATE).write_text(json.dumps(state, default=float))
+            if self.config_yaml is not None:
+                (d / CONFIG).write_text(self.config_yaml)
+
+        path = save_checkpoint(self.ckpt_root, f"step_{self.step}", write, {"step": self.step}, self.cfg.keep_last)
+        log.info("checkpoint %s", path)
+        return path
+
+    @staticmethod
+    def find_checkpoint(source: str | os.PathLike) -> Path | None:
+        """The training checkpoint meant by a checkpoint, `checkpoints/` or run directory (its latest)."""
+        source = Path(source).expanduser()
+        if (source / STATE).is_file():
+            return source
+        for root in (source / "checkpoints", source):
+            ckpt = latest_checkpoint(root)
+            if ckpt is not None and (ckpt / STATE).is_file():
+                return ckpt
+        return None
+
+    def resume(self, source: str | os.PathLike | None = None) -> dict:
+        """Restore weights, EMA, optimiser, LR schedule, RNG states, losses and hook results from `source`
+        (default: this run's latest checkpoint). Returns trainer_state.json for the caller's own checks."""
+        source = source or self.run_dir
+        ckpt = self.find_checkpoint(source)
+        if ckpt is None:
+            raise ConfigError(f"{self.name}.resume=true but there is nothing to resume in {source} (no checkpoint "
+                              f"with {STATE}). Point hydra.run.dir at the interrupted run or set "
+                              f"{self.name}.resume_from")
+        state = json.loads((ckpt / STATE).read_text())
+        raw = ckpt / (self.raw_file if self.ema is not None else self.weights_file)
+        if not raw.exists():
+            raise ConfigError(f"{self.name}.resume: {ckpt} has no {raw.name} (was it trained with "
+                              f"{self.name}.ema={str(self.ema is None).lower()}?)")
+        self.model.load_state_dict(load_file(str(raw)))
+        if self.ema is not None:
+            self.ema.model.load_state_dict(load_file(str(ckpt / self.weights_file)))
+            self.ema.load_state(state["ema"])
+        opt = torch.load(ckpt / OPTIMIZER, map_location=self.device, weights_only=True)
+        self.opt.load_state_dict(opt["optimizer"])
+        self.lr_sched.load_state_dict(opt["lr_scheduler"])
+        self.step, self.losses = int(state["step"]), list(state["losses"])
+        self.history = {h.name: [tuple(x) for x in state.get("hooks", {}).get(h.name, [])] for h in self.hooks}
+        rng = state["rng"]
+        torch.set_rng_state(rng_from_json(rng["torch"]))
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([rng_from_json(s) for s in rng["cuda"]])
+        self.rng.bit_generator.state = rng["numpy"]
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return state
+
