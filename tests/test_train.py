@@ -1,4 +1,5 @@
-"""robot_rl.commands.train: offline BC trainer — learning, checkpoints, load_policy, exact resume, MLP, LeRobot input."""
+"""robot_rl.commands.train: offline BC on the shared training loop — learning, checkpoints (one policy format),
+load_policy, exact resume, MLP, LeRobot input."""
 
 from __future__ import annotations
 
@@ -74,15 +75,19 @@ def test_loss_decreases_checkpoint_and_load_policy(tmp_path):
     tr = Trainer(cfg, tmp_path / "run")
     assert len(tr.val_episodes) == 2 and len(tr.train_episodes) == 4
     s = tr.run()
-    assert s["step"] == 60 and s["finished"] and s["val_loss"] is not None
+    assert s["step"] == 60 and s["finished"] and s["val"]["loss"] is not None
     assert np.mean(tr.losses[-10:]) < 0.6 * np.mean(tr.losses[:10]), tr.losses
     ckpt = tmp_path / "run" / "checkpoints" / "step_60"
-    for name in ("model.safetensors", "raw_model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml"):
+    for name in ("manifest.json", "policy.safetensors", "raw_policy.safetensors", "optimizer.pt",
+                 "trainer_state.json", "config.yaml"):
         assert (ckpt / name).exists(), name
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest").read_text()) == {"step": 60, "path": "step_60"}
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["kind"] == "diffusion" and manifest["fps"] == 10 and manifest["training"]["step"] == 60
+    assert manifest["training"]["source"] == "train" and manifest["training"]["ema"] is True
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     # the EMA weights (deployed) differ from the optimised ones; normaliser stats are inside the safetensors
-    ema, raw = load_file(ckpt / "model.safetensors"), load_file(ckpt / "raw_model.safetensors")
+    ema, raw = load_file(ckpt / "policy.safetensors"), load_file(ckpt / "raw_policy.safetensors")
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if "unet" in k)
     assert any(k.startswith("normalizer.") and "action" in k for k in ema)
     # round trip: the same chunk from the same starting noise, from any path form
@@ -93,7 +98,7 @@ def test_loss_decreases_checkpoint_and_load_policy(tmp_path):
         obs = {k: v for k, v in window.items() if k.startswith("obs.")}
         noise = torch.randn(5, 8, 2)
         assert torch.equal(pol.predict_chunk(obs, init_noise=noise), tr.model.predict_chunk(obs, init_noise=noise))
-    raw_pol = load_policy(ckpt, weights="raw_model")
+    raw_pol = load_policy(ckpt, weights="raw")
     assert torch.equal(raw_pol.unet.final[1].weight, tr.policy.unet.final[1].weight)
 
 
@@ -125,7 +130,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
 
     # same batches, same noise, same optimiser/EMA/LR state: on CPU the runs are bit-identical
     assert resumed.losses == straight.losses and len(straight.losses) == 10
-    for name in ("model.safetensors", "raw_model.safetensors"):
+    for name in ("policy.safetensors", "raw_policy.safetensors"):
         a = load_file(tmp_path / "a" / "checkpoints" / "step_10" / name)
         b = load_file(tmp_path / "b" / "checkpoints" / "step_10" / name)
         assert a.keys() == b.keys()

@@ -358,6 +358,11 @@ class DiffusionPolicy(nn.Module, Policy):
     def store_obs_keys(self) -> list[str]:
         return [OBS_PREFIX + k for k in self.obs_keys]
 
+    @property
+    def horizons(self) -> tuple[int, int]:
+        """(obs_horizon, action_horizon) of its training windows."""
+        return self.cfg.obs_horizon, self.cfg.action_horizon
+
     def features_dict(self) -> dict:
         """JSON description of what the policy reads and writes (checkpoints rebuild the policy from it)."""
         return {"obs": {k: f.to_dict() for k, f in self.obs_features.items()}, "action": self.action_feature.to_dict()}

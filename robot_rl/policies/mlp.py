@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from robot_rl.interfaces import Feature, Observation, Policy
+from robot_rl.interfaces import OBS_PREFIX, Feature, Observation, Policy
+
+ACTION_MARGIN, MIN_ACTION_MARGIN = 0.05, 1e-2  # fit_normalizer: the data's action range, widened by 5 % (>= 0.01)
 
 
 def lowdim_keys(features: dict[str, Feature], keys: list[str] | None = None) -> list[str]:
@@ -28,6 +30,7 @@ class MLPPolicy(nn.Module, Policy):
         nn.Module.__init__(self)
         self.obs_keys = list(obs_keys)
         self.obs_dims = list(obs_dims)
+        self.hidden = list(hidden)
         obs_dim = int(sum(obs_dims))
         layers, last = [], obs_dim
         for width in hidden:
@@ -52,6 +55,36 @@ class MLPPolicy(nn.Module, Policy):
     def set_obs_stats(self, mean: np.ndarray, std: np.ndarray, min_std: float = 1e-2) -> None:
         self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.obs_std.copy_(torch.as_tensor(np.maximum(std, min_std), dtype=torch.float32))
+
+    # --- what offline training needs (the same interface as DiffusionPolicy) ---------------------------------
+    @property
+    def horizons(self) -> tuple[int, int]:
+        """(obs_horizon, action_horizon) of its training windows: one observation -> one action."""
+        return 1, 1
+
+    @property
+    def store_obs_keys(self) -> list[str]:
+        return [OBS_PREFIX + k for k in self.obs_keys]
+
+    def features_dict(self) -> dict:
+        return {"obs": {k: Feature((d,)).to_dict() for k, d in zip(self.obs_keys, self.obs_dims)},
+                "action": Feature((int(self.action_low.shape[0]),)).to_dict()}
+
+    def fit_normalizer(self, data: dict[str, np.ndarray]) -> None:
+        """Observation mean/std and the action range (+ACTION_MARGIN) from arrays keyed by robot or store names."""
+        flat = self.flatten({k: data[k] if k in data else data[OBS_PREFIX + k] for k in self.obs_keys})
+        self.set_obs_stats(flat.mean(0).numpy(), flat.std(0).numpy())
+        lo, hi = data["action"].min(0), data["action"].max(0)
+        pad = np.maximum(ACTION_MARGIN * (hi - lo), MIN_ACTION_MARGIN)
+        self.action_low.copy_(torch.as_tensor(lo - pad))
+        self.action_high.copy_(torch.as_tensor(hi + pad))
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """MSE to the window's action (robot units): store-named obs (B, 1, D), `action` (B, 1, A)."""
+        device = self.obs_mean.device
+        obs = self.flatten({k: batch[OBS_PREFIX + k][:, -1] for k in self.obs_keys}).to(device)
+        target = torch.as_tensor(batch["action"][:, 0], device=device).float()
+        return ((self(obs) - target) ** 2).mean()
 
     def flatten(self, obs: dict[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
         parts = [torch.as_tensor(np.asarray(obs[k]) if not torch.is_tensor(obs[k]) else obs[k]) for k in self.obs_keys]
