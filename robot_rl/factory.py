@@ -70,23 +70,18 @@ def make_teleop(cfg, robot: Robot) -> Teleop | None:
 
 
 def make_policy(cfg, robot: Robot):
+    """policy.type: none | mlp | diffusion, untrained, for the robot's features (robot_rl/policies/checkpoint.py
+    builds it, so the algorithms can too)."""
+    from robot_rl.policies.checkpoint import POLICY_TYPES, build_policy
+
     cfg = _plain(cfg)
     kind = cfg.get("type")
     if kind == "none":
         return None
-    if kind == "diffusion":
-        from robot_rl.policies.diffusion import DiffusionPolicy
-
-        try:
-            return DiffusionPolicy.from_features(robot.observation_features, robot.action_feature, cfg)
-        except ValueError as e:
-            raise ConfigError(f"policy: {e}") from None
-    if kind == "mlp":
-        from robot_rl.policies.mlp import MLPPolicy
-
-        try:
-            return MLPPolicy.from_features(robot.observation_features, robot.action_feature, cfg["hidden"],
-                                           cfg.get("obs_keys"))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    raise ConfigError(f"policy.type={kind!r} is not a known policy type; choose one of: none, mlp, diffusion")
+    if kind not in POLICY_TYPES:
+        raise ConfigError(f"policy.type={kind!r} is not a known policy type; choose one of: none, "
+                          f"{', '.join(POLICY_TYPES)}")
+    try:
+        return build_policy(cfg, robot.observation_features, robot.action_feature)
+    except ValueError as e:
+        raise ConfigError(f"policy: {e}") from None

@@ -8,6 +8,7 @@ entries are named by `action_feature.names` (so a lerobot dict action maps onto 
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,7 +127,23 @@ class Teleop(abc.ABC):
 
 
 class Policy(abc.ABC):
-    """Maps observations to an action (A,) or an action chunk (H, A). Weights travel as safetensors."""
+    """Maps observations to an action (A,) or an action chunk (H, A). Weights travel as safetensors.
+
+    Besides acting, a policy tells the control process what it needs around a learner (all with defaults, so a
+    plain policy such as MLPPolicy or DiffusionPolicy implements nothing extra):
+    - `acts_without_weights`: act from the first tick (a frozen base, random warm-up), or wait for weights;
+    - `load_state_dict` may stage weights and apply them at the policy's own boundary (e.g. a chunk);
+    - `apply_meta(meta)`: what the learner sent with the weights (e.g. {"exploration": ...});
+    - `probe_after_load`: whether one extra `select_action` on a fixed observation after each load is harmless
+      (logged as the weights' probe action); not when it would draw exploration noise or advance a chunk;
+    - `transition_extras(acted)`: extra arrays sent with every transition (same keys every tick);
+    - `eval_modes` / `eval_once` / `evaluating(mode)`: what an evaluation block runs, with exploration off.
+    """
+
+    acts_without_weights: bool = False
+    probe_after_load: bool = True
+    eval_modes: tuple[str, ...] = ("policy",)
+    eval_once: tuple[str, ...] = ()  # modes whose result cannot change as the learner trains: first block only
 
     @abc.abstractmethod
     def reset(self) -> None:
@@ -140,3 +157,19 @@ class Policy(abc.ABC):
 
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
+
+    def seed_episode(self, seed: int) -> None:
+        """Seed any sampling noise for one episode (called before `reset`), so matched evaluations match."""
+
+    def apply_meta(self, meta: dict) -> None:
+        """Apply what the learner published with the weights (called right after `load_state_dict`)."""
+
+    def transition_extras(self, acted: bool) -> dict[str, np.ndarray]:
+        """Arrays stored with this tick's transition beside the standard keys; `acted` False when
+        `select_action` was not called this tick (return the same keys, NaN-filled)."""
+        return {}
+
+    @contextlib.contextmanager
+    def evaluating(self, mode: str):
+        """Within the block: act as evaluation mode `mode` (one of `eval_modes`), exploration off."""
+        yield

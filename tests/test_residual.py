@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_module
 from robot_rl.algos.demos import load_demos, relabel_base_actions
 from robot_rl.algos.ensemble import EnsembleQ
 from robot_rl.algos.nstep import EpisodeLinks, Pool
-from robot_rl.algos.residual import ResidualConfig, ResidualTD3
+from robot_rl.algos import algo_config
+from robot_rl.algos.residual import ResidualTD3
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
 from robot_rl.learner.replay_buffer import ReplayBuffer
@@ -213,7 +214,7 @@ def _online_replay(path, store_path, base, episodes=4):
 
 
 def test_update_learns_and_resumes_exactly(base_run, tmp_path):
-    cfg = ResidualConfig(base_checkpoint=str(base_run / "run"), demos=str(base_run / "store"), batch_size=32,
+    cfg = algo_config("residual", base_checkpoint=str(base_run / "run"), demos=str(base_run / "store"), batch_size=32,
                          actor_hidden=[32], critic_hidden=[32, 32], num_critics=4, learning_starts=40,
                          critic_warmup=60, actor_every=1, actor_lr=1e-3)
     algo = ResidualTD3(cfg, {}, torch.device("cpu"), tmp_path / "learner")
@@ -279,9 +280,10 @@ def test_takeover_steps_join_the_demo_half_of_each_batch(tmp_path):
 
 
 def test_sac_baseline_phases_update_and_policy(base_run, tmp_path):
-    from robot_rl.algos.sac import SAC, SACConfig, SACPolicy
+    from robot_rl.algos.sac import SAC
+    from robot_rl.policies.sac import SACPolicy
 
-    cfg = SACConfig(demos=str(base_run / "store"), batch_size=32, actor_hidden=[32], critic_hidden=[32, 32],
+    cfg = algo_config("sac", demos=str(base_run / "store"), batch_size=32, actor_hidden=[32], critic_hidden=[32, 32],
                     num_critics=4, learning_starts=60)
     algo = SAC(cfg, {}, torch.device("cpu"))
     replay = _online_replay(tmp_path / "replay", base_run / "store", load_policy(base_run / "run", "cpu"), 2)

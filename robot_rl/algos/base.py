@@ -1,38 +1,92 @@
-"""What the learner needs from an algorithm: update on replay, hand out the weights the robot should run."""
+"""What an algorithm is to the two processes: the learner's update on replay data, and the robot-side policy.
+
+Every algorithm is constructed as `cls(cfg, policy_cfg, device, run_dir)` and registered by name in
+`robot_rl/algos/__init__.py`; neither process names an algorithm.
+"""
 
 from __future__ import annotations
 
 import abc
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+import torch
 
-from robot_rl.learner.replay_buffer import ReplayBuffer as ReplayStore  # until algos take a ReplayView
+from robot_rl.interfaces import Policy, Robot
+
+# Column of a replay row naming the control process that sent it (an int index): episodes of different robots
+# interleave in the replay, and rows link into episodes only within one sender.
+SENDER_KEY = "_sender"
+
+
+class ReplayView(Protocol):
+    """The learner's replay as an algorithm may read it: every transition received so far, one row per control
+    step, columns named as on the wire (`obs.<k>`, `action`, `reward`, `success`, `episode`, `step`, ...).
+    Read-only: do not write into the arrays it returns."""
+
+    size: int  # rows stored so far; columns have exactly this many rows
+
+    def keys(self) -> list[str]:
+        """The wire keys stored (SENDER_KEY too is readable through `column`)."""
+
+    def column(self, key: str) -> np.ndarray:
+        """All `size` rows of one key."""
+
+    def sample(self, batch_size: int, rng: np.random.Generator, keys: list[str]) -> dict[str, np.ndarray]:
+        """`batch_size` rows drawn uniformly (with replacement), the given keys only."""
 
 
 class Algorithm(abc.ABC):
-    """One learning rule. The learner owns data flow, checkpoints and publishing; the algorithm owns the math."""
+    """One learning rule. The learner owns data flow, checkpoints and publishing; the algorithm owns the math.
+
+    Learner side, in the learner's main loop: `ready` -> `update` at the configured update-to-data ratio over
+    `trainable_transitions`; before each publish `on_publish`, then `policy_state` + `publish_meta` travel to the
+    robots; `state_dict`/`load_state_dict` for checkpoints, `robot_policy` for the policy checkpoint.
+    Robot side, in the control process: `build_robot_policy` (a class method: no learner state there).
+    """
+
+    def __init__(self, cfg, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
+        """The one constructor signature: the algorithm's config (its dataclass), the session's `policy:` group,
+        the training device, and the learner's run directory for caches (None: no cache)."""
+        self.cfg, self.policy_cfg, self.device, self.run_dir = cfg, policy_cfg, device, run_dir
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Fail before any process starts (missing files, impossible settings); reads no data."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build_robot_policy(cls, cfg, policy_cfg: dict, robot: Robot, seed: int) -> Policy:
+        """The policy the control process runs for this algorithm, before any weights arrive (`policy_cfg` is the
+        session's `policy:` group; `seed` seeds its exploration). The learner's `policy_state` loads into it."""
 
     @abc.abstractmethod
-    def ready(self, replay: ReplayStore) -> bool:
+    def ready(self, replay: ReplayView) -> bool:
         """Whether there is enough data to start updating."""
 
     @abc.abstractmethod
-    def update(self, replay: ReplayStore, rng: np.random.Generator) -> dict[str, float]:
+    def update(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, float]:
         """One gradient step; returns scalars to log."""
 
     @abc.abstractmethod
     def policy_state(self) -> dict:
         """The weights the control process loads (safetensors-able tensors)."""
 
-    def on_publish(self, replay: ReplayStore) -> None:
+    @abc.abstractmethod
+    def robot_policy(self) -> Policy:
+        """The policy exactly as the robot runs it with the current weights (a copy on the CPU, exploration off):
+        what a policy checkpoint serialises. Only called once `ready`."""
+
+    def on_publish(self, replay: ReplayView) -> None:
         """Hook before each publish (e.g. refresh normalisation stats from the data)."""
 
-    def trainable_transitions(self, replay: ReplayStore) -> int:
+    def trainable_transitions(self, replay: ReplayView) -> int:
         """Transitions that count towards the update budget (updates = UTD x this); warm-up data may not."""
         return replay.size
 
-    def publish_meta(self, replay: ReplayStore) -> dict:
-        """Travels with the weights: what the robot should do besides loading them (e.g. how to explore).
+    def publish_meta(self, replay: ReplayView) -> dict:
+        """Travels with the weights (the robot-side policy's `apply_meta` reads it), e.g. how to explore.
         A change publishes at once."""
         return {}
 
@@ -43,24 +97,3 @@ class Algorithm(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
 
-
-class WarmupPhases:
-    """Off-policy algorithms whose robot explores on its own for `cfg.learning_starts` transitions before any update,
-    then as `explore_mode` says; the learner publishes the robot-side `self.model`."""
-
-    explore_mode = "gaussian"
-
-    def ready(self, replay: ReplayStore) -> bool:
-        return replay.size >= self.cfg.learning_starts and replay.size > 0
-
-    def trainable_transitions(self, replay: ReplayStore) -> int:
-        return max(0, replay.size - self.cfg.learning_starts)
-
-    def exploration(self, replay: ReplayStore) -> str:
-        return "warmup" if replay.size < self.cfg.learning_starts else self.explore_mode
-
-    def publish_meta(self, replay: ReplayStore) -> dict:
-        return {"exploration": self.exploration(replay)}
-
-    def policy_state(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -6,26 +6,34 @@ states the learning policy visits get labelled too — the policy improves on it
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from robot_rl.algos.base import Algorithm
-from robot_rl.interfaces import OBS_PREFIX, Feature
-from robot_rl.learner.replay_buffer import ReplayBuffer as ReplayStore  # until algos take a ReplayView
+from robot_rl.algos.base import Algorithm, ReplayView
+from robot_rl.config import ConfigError
+from robot_rl.interfaces import OBS_PREFIX, Feature, Policy, Robot
+from robot_rl.policies.checkpoint import build_policy
 from robot_rl.policies.mlp import MLPPolicy
+
+ACTION_RANGE_PAD = 0.05  # the action bounds reach this fraction of the demonstrated range past it ...
+MIN_ACTION_PAD = 1e-2    # ... and at least this much
 
 
 @dataclass
 class OnlineBCConfig:
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    batch_size: int = 256
-    min_transitions: int = 200
+    """Every setting, its default and meaning: configs/algo/online_bc.yaml (the one place defaults live)."""
+
+    lr: float
+    weight_decay: float
+    batch_size: int
+    min_transitions: int
 
 
-def observation_features(replay: ReplayStore) -> dict[str, Feature]:
+def observation_features(replay: ReplayView) -> dict[str, Feature]:
     """Recover the robot's low-dim observation features from what arrived on the wire."""
     feats = {}
     for key in replay.keys():
@@ -36,14 +44,20 @@ def observation_features(replay: ReplayStore) -> dict[str, Feature]:
 
 
 class OnlineBC(Algorithm):
-    def __init__(self, cfg: OnlineBCConfig, policy_cfg: dict, device: torch.device):
-        self.cfg = cfg
-        self.policy_cfg = policy_cfg  # the same policy config the control process builds from
-        self.device = device
+    @classmethod
+    def build_robot_policy(cls, cfg: OnlineBCConfig, policy_cfg: dict, robot: Robot, seed: int) -> Policy:
+        """The session's `policy:` (from the robot's features); it waits for the learner's first weights."""
+        try:
+            return build_policy(policy_cfg, robot.observation_features, robot.action_feature)
+        except ValueError as e:
+            raise ConfigError(f"policy: {e}") from None
+
+    def __init__(self, cfg: OnlineBCConfig, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
+        super().__init__(cfg, policy_cfg, device, run_dir)  # policy_cfg: the config the control process builds from
         self.policy: MLPPolicy | None = None
         self.opt: torch.optim.Optimizer | None = None
 
-    def _build(self, replay: ReplayStore) -> None:
+    def _build(self, replay: ReplayView) -> None:
         labels = replay.column("expert_action")
         action = Feature((labels.shape[1],))
         self.policy = MLPPolicy.from_features(
@@ -53,7 +67,7 @@ class OnlineBC(Algorithm):
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.on_publish(replay)
 
-    def ready(self, replay: ReplayStore) -> bool:
+    def ready(self, replay: ReplayView) -> bool:
         """Enough expert-labelled steps to fit (a session without a teleop/expert never becomes ready)."""
         if self.policy is not None:
             return True
@@ -64,7 +78,7 @@ class OnlineBC(Algorithm):
         self._build(replay)
         return True
 
-    def on_publish(self, replay: ReplayStore) -> None:
+    def on_publish(self, replay: ReplayView) -> None:
         """Refresh observation and action normalisation from all data so far (stats travel with the weights)."""
         flat = self.policy.flatten({k: replay.column(OBS_PREFIX + k) for k in self.policy.obs_keys})
         self.policy.set_obs_stats(flat.mean(0).numpy(), flat.std(0).numpy())
@@ -72,11 +86,11 @@ class OnlineBC(Algorithm):
         labels = labels[np.isfinite(labels).all(axis=1)]
         if len(labels):
             lo, hi = labels.min(0), labels.max(0)
-            pad = np.maximum(0.05 * (hi - lo), 1e-2)  # a little room past the demonstrated range
+            pad = np.maximum(ACTION_RANGE_PAD * (hi - lo), MIN_ACTION_PAD)  # a little room past the demonstrated range
             self.policy.action_low.copy_(torch.as_tensor(lo - pad))
             self.policy.action_high.copy_(torch.as_tensor(hi + pad))
 
-    def update(self, replay: ReplayStore, rng: np.random.Generator) -> dict[str, float]:
+    def update(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, float]:
         keys = [OBS_PREFIX + k for k in self.policy.obs_keys] + ["expert_action"]
         batch = replay.sample(self.cfg.batch_size, rng, keys)
         target = torch.as_tensor(batch["expert_action"], device=self.device)
@@ -95,6 +109,9 @@ class OnlineBC(Algorithm):
 
     def policy_state(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+
+    def robot_policy(self) -> MLPPolicy:
+        return copy.deepcopy(self.policy).cpu().eval()
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict()} if self.policy else {}

@@ -23,9 +23,10 @@ from robot_rl.control.telemetry import EpisodeLog
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import Watchdog, build_safety
 from robot_rl.control.takeover import SOURCES, pick_source
-from robot_rl.factory import make_policy, make_robot, make_teleop
-from robot_rl.interfaces import OBS_PREFIX
-from robot_rl.policies.residual import ResidualPolicy
+from robot_rl.algos import make_robot_policy
+from robot_rl.factory import make_robot, make_teleop
+from robot_rl.interfaces import OBS_PREFIX, Policy
+from robot_rl.policies.residual import ResidualPolicy  # only _evaluate still names it (being rewritten)
 from robot_rl.reward.success import make_success_detector
 from robot_rl.transport import TransitionSender, WeightSubscriber
 from robot_rl.transport.security import load_client_keys
@@ -43,8 +44,6 @@ class ControlProcess:
         self.teleop = make_teleop(cfg.teleop, self.robot)
         self.seed = int(cfg.seed) + 100_003 * robot_index  # each robot of a fleet gets its own seeded episodes
         self.policy = self._make_policy()
-        # a residual policy acts before any weights arrive (its residual starts at zero: the base alone)
-        self.acts_without_weights = isinstance(self.policy, ResidualPolicy) or self.cfg.algo.name == "sac"
         self.policy_version = -1  # no weights yet
         self.success = make_success_detector(OmegaConf.to_container(cfg.get("reward") or {}, resolve=True),
                                              self.robot, self.teleop)
@@ -68,25 +67,10 @@ class ControlProcess:
         self.weight_updates: list[dict] = []
         self.ticks = {k: [] for k in ("t", "lateness", "episode", "source", "forced_safe", "policy_version")}
 
-    def _make_policy(self):
-        """The policy the learner trains: algo=residual/sac bring their own, others use policy=..."""
-        if self.cfg.algo.name == "sac":
-            from robot_rl.algos.sac import SACModel, SACPolicy, default_obs_keys
-
-            algo, feats = OmegaConf.to_container(self.cfg.algo, resolve=True), self.robot.observation_features
-            model = SACModel(feats, default_obs_keys(feats, algo), self.robot.action_feature.shape[0], algo)
-            return SACPolicy(model, seed=self.seed)
-        if self.cfg.algo.name != "residual":
-            return make_policy(self.cfg.policy, self.robot)
-        from robot_rl.algos.residual import load_base
-        from robot_rl.policies.residual import ResidualModel, residual_obs_keys
-
-        algo = OmegaConf.to_container(self.cfg.algo, resolve=True)
-        base = load_base(algo["base_checkpoint"], "cpu")
-        feats = self.robot.observation_features
-        model = ResidualModel(feats, residual_obs_keys(feats, base, algo), self.robot.action_feature.shape[0], algo)
-        return ResidualPolicy(base, model, seed=self.seed, warmup_noise=algo["warmup_noise"],
-                              explore_std=algo["explore_std"], noise_clip=algo["noise_clip"])
+    def _make_policy(self) -> Policy:
+        """The robot-side policy of the configured algorithm (the learner's weights load into it)."""
+        return make_robot_policy(OmegaConf.to_container(self.cfg.algo, resolve=True),
+                                 OmegaConf.to_container(self.cfg.policy, resolve=True), self.robot, self.seed)
 
     def request_stop(self, *_):
         if not self._stop:
@@ -98,13 +82,10 @@ class ControlProcess:
         update = self.subscriber.latest() if self.subscriber else None
         if update is None:
             return
-        self.policy.load_state_dict(update.tensors)
+        self.policy.load_state_dict(update.tensors)  # the policy may stage them until its own boundary
         self.policy_version = update.version
-        if hasattr(self.policy, "exploration"):  # the learner decides how the robot explores
-            self.policy.exploration = update.meta.get("exploration", self.policy.exploration)
-            probe = None  # probing would advance a chunk queue / the exploration noise mid-episode
-        else:
-            probe = self.policy.select_action(probe_obs).tolist()
+        self.policy.apply_meta(update.meta)  # e.g. how to explore, as the learner decides
+        probe = self.policy.select_action(probe_obs).tolist() if self.policy.probe_after_load else None
         self.weight_updates.append({"version": update.version, "t": time.time(), "probe_action": probe,
                                     "meta": update.meta})
         log.info("policy weights v%d loaded", update.version)
@@ -119,7 +100,7 @@ class ControlProcess:
 
         teleop = None if evaluating else self.teleop  # evaluation episodes measure the policy alone
         label = teleop.get_action(obs) if teleop is not None else None
-        can_act = self.policy_version >= 0 or self.acts_without_weights
+        can_act = self.policy_version >= 0 or self.policy.acts_without_weights
         policy_action = self.policy.select_action(obs) if can_act else None
         source, proposal = pick_source(teleop, label, policy_action, episode < self.s.expert_episodes)
         learner_lost = source == "policy" and self.sender is not None and self.watchdog.expired()
@@ -139,10 +120,7 @@ class ControlProcess:
             "policy_version": np.int64(self.policy_version),
             "t": np.float64(time.time()),
         })
-        if isinstance(self.policy, ResidualPolicy):  # the critic needs the base action at every state
-            computed = policy_action is not None
-            transition["base_action"] = self.policy.last_base if computed else nan
-            transition["residual"] = self.policy.last_residual if computed else nan
+        transition.update(self.policy.transition_extras(acted=policy_action is not None))
         return transition, source, force_safe
 
     # ---------------------------------------------------------------------------------------------- episodes

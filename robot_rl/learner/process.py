@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from robot_rl.algos import make_algorithm
+from robot_rl.algos import make_algorithm, with_defaults
 from robot_rl.config import resolve_device, write_json
 from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.transport import TransitionReceiver, WeightPublisher
@@ -36,9 +36,10 @@ class Learner:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         algo_cfg = OmegaConf.to_container(cfg.algo, resolve=True)
-        self.updates_per_transition = float(algo_cfg.get("updates_per_transition", 1.0))
-        self.publish_every = int(algo_cfg.get("publish_every_updates", 50))
-        self.log_every = int(algo_cfg.get("log_every_updates", 50))
+        settings = with_defaults(algo_cfg)  # the learner's keys of the algo config (defaults: configs/algo/)
+        self.updates_per_transition = float(settings["updates_per_transition"])
+        self.publish_every = int(settings["publish_every_updates"])
+        self.log_every = int(settings["log_every_updates"])
         self.device = resolve_device(cfg.device)
         if self.s.get("learner_threads"):  # sharing a CPU with the control process: oversubscribed OpenMP crawls
             torch.set_num_threads(int(self.s.learner_threads))

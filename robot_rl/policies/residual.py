@@ -14,6 +14,7 @@ different residuals.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import numpy as np
@@ -120,6 +121,10 @@ class ResidualModel(nn.Module):
         self.featurizer = Featurizer(lowdim, images, dict(cfg.get("image_encoder") or {}))
         self.actor = ResidualActor(self.featurizer.out_dim, action_dim, list(cfg["actor_hidden"]), cfg["scale"])
         self.obs_keys = list(obs_keys)
+        # what a checkpoint needs to rebuild this module (robot_rl/policies/checkpoint.py)
+        self.config = {"obs_keys": list(obs_keys), "action_dim": int(action_dim), "actor_hidden": list(cfg["actor_hidden"]),
+                       "image_encoder": dict(cfg.get("image_encoder") or {}), "scale": float(cfg["scale"])}
+        self.obs_features = {k: obs_features[k] for k in obs_keys}
 
     def forward(self, obs: Mapping[str, torch.Tensor], base_norm: torch.Tensor) -> torch.Tensor:
         return self.actor(self.featurizer(obs), base_norm)
@@ -150,8 +155,33 @@ def steps_left_in_chunk(policy) -> int:
     return int(fn()) if callable(fn) else 0
 
 
-class ResidualPolicy(Policy):
-    """The control-process side: frozen base + current residual, with the exploration the learner asks for."""
+class LearnerExploration:
+    """Robot side of an off-policy learner: acts from the first tick, explores as the learner's weight meta says
+    (`exploration`: "warmup" until the learner's first switch), never probed (a probe would draw exploration
+    noise or advance a chunk), exploration "none" while evaluating."""
+
+    acts_without_weights = True
+    probe_after_load = False
+    exploration = "warmup"
+
+    def apply_meta(self, meta: dict) -> None:
+        self.exploration = meta.get("exploration", self.exploration)
+
+    @contextlib.contextmanager
+    def evaluating(self, mode: str):
+        saved, self.exploration = self.exploration, "none"
+        try:
+            yield
+        finally:
+            self.exploration = saved
+
+
+class ResidualPolicy(LearnerExploration, Policy):
+    """The control-process side: frozen base + current residual, with the exploration the learner asks for.
+    Evaluation compares "base" (the base alone, evaluated once: it is frozen) with "residual" (base + residual)."""
+
+    eval_modes = ("base", "residual")
+    eval_once = ("base",)
 
     def __init__(self, base, model: ResidualModel, seed: int = 0, warmup_noise: float = 0.2,
                  explore_std: float = 0.05, noise_clip: float = 0.3):
@@ -178,6 +208,25 @@ class ResidualPolicy(Policy):
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
+
+    # --- control-process interface ----------------------------------------------------------------------
+    def transition_extras(self, acted: bool) -> dict[str, np.ndarray]:
+        """The critic needs the base action at every state; the residual (before noise) is logged."""
+        if not acted:
+            nan = np.full(self.model.scaler.center.shape[0], np.nan, dtype=np.float32)
+            return {"base_action": nan, "residual": nan}
+        return {"base_action": self.last_base, "residual": self.last_residual}
+
+    @contextlib.contextmanager
+    def evaluating(self, mode: str):
+        """Exploration off; mode "base" switches the residual off."""
+        saved = self.use_residual
+        self.use_residual = mode != "base"
+        try:
+            with super().evaluating(mode):
+                yield
+        finally:
+            self.use_residual = saved
 
     # --- acting -----------------------------------------------------------------------------------------
     def seed_episode(self, seed: int) -> None:
