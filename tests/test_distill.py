@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from robot_rl.config import ConfigError
@@ -20,6 +19,7 @@ from robot_rl.policies.diffusion import DiffusionPolicy
 from robot_rl.commands.train import Trainer
 from robot_rl.policies.checkpoint import load_policy
 
+ROBOT_INFO = {"robot": "toy", "robot_config": {"type": "toy", "horizon": 20}, "task": "follow"}
 TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
                "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",
                "policy.num_inference_steps=5"]
@@ -37,7 +37,7 @@ def make_store(path, episodes: int = 6, steps: int = 20) -> None:
     """Toy task: the action is a fixed nonlinear function of the state, the state drifts with the action."""
     feats = {"obs.state": Feature((4,)), "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2),
                                                            high=np.ones(2))}
-    store = EpisodeStore.create(path, feats, fps=10)
+    store = EpisodeStore.create(path, feats, fps=10, info=ROBOT_INFO)
     w = store.writer()
     rng = np.random.default_rng(0)
     m = np.array([[0.5, -0.3, 0.2, 0.1], [-0.2, 0.4, 0.1, -0.5]], np.float32)
@@ -102,17 +102,20 @@ def test_distillation_learns_the_teacher_chunk(teacher_run, tmp_path):
     err_after = float(((student.predict_chunk(window, init_noise=noise) - target) ** 2).mean())
     assert err_after < 0.4 * err_before, (err_before, err_after)
 
-    # the checkpoint: train's layout, and it says what it is
+    # the checkpoint: train's layout (one policy format), and it says what it is and which robot it drives
     ckpt = tmp_path / "run" / "checkpoints" / "step_80"
-    for name in ("model.safetensors", "raw_model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml"):
+    for name in ("manifest.json", "policy.safetensors", "raw_policy.safetensors", "optimizer.pt",
+                 "trainer_state.json", "config.yaml"):
         assert (ckpt / name).exists(), name
-    assert (tmp_path / "run" / "checkpoints" / "step_40" / "model.safetensors").exists()
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        meta = f.metadata()
-    assert json.loads(meta["distilled"])["one_step"] is True
-    assert json.loads(meta["distilled"])["teacher_steps"] == 5
-    pc = json.loads(meta["policy_config"])
+    assert (tmp_path / "run" / "checkpoints" / "step_40" / "policy.safetensors").exists()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["training"]["distilled"]["one_step"] is True
+    assert manifest["training"]["distilled"]["teacher_steps"] == 5 and manifest["training"]["source"] == "distill"
+    pc = manifest["config"]
     assert (pc["prediction_type"], pc["inference_scheduler"], pc["num_inference_steps"]) == ("sample", "ddim", 1)
+    teacher_manifest = load_policy(teacher_run).manifest
+    assert manifest["robot"] == teacher_manifest["robot"] and manifest["robot"]["config"] == ROBOT_INFO["robot_config"]
+    assert manifest["fps"] == teacher_manifest["fps"] == 10
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert len(state["losses"]) == 80 and state["teacher"] == str(dist.teacher_ckpt)
     assert (tmp_path / "run" / "distill_summary.json").exists()
@@ -168,9 +171,10 @@ def test_resume_repeats_the_uninterrupted_run(teacher_run, tmp_path):
     assert resumed.step == 4
     assert resumed.run()["finished"]
     assert resumed.losses == straight.losses and len(resumed.losses) == 8
-    a = load_file(tmp_path / "a" / "checkpoints" / "step_8" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "checkpoints" / "step_8" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("policy.safetensors", "raw_policy.safetensors"):
+        a = load_file(tmp_path / "a" / "checkpoints" / "step_8" / name)
+        b = load_file(tmp_path / "b" / "checkpoints" / "step_8" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_config_errors(teacher_run, tmp_path):
