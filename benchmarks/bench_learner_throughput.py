@@ -228,13 +228,14 @@ def bench_width(hidden: list[int], args, device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------------- full update
 def bench_full(base_run: str, demos: str, hidden: list[int], args, device: torch.device) -> dict:
-    from robot_rl.algos.residual import ResidualConfig, ResidualTD3
+    from robot_rl.algos import algo_config
+    from robot_rl.algos.residual import ResidualTD3
     from robot_rl.interfaces import OBS_PREFIX
     from robot_rl.learner.replay_buffer import ReplayBuffer
 
     with tempfile.TemporaryDirectory(prefix="bench_learner_") as tmp:
-        cfg = ResidualConfig(base_checkpoint=base_run, demos=demos, actor_hidden=list(hidden),
-                             critic_hidden=list(hidden), learning_starts=0, critic_warmup=0)
+        cfg = algo_config("residual", base_checkpoint=base_run, demos=demos, actor_hidden=list(hidden),
+                          critic_hidden=list(hidden), learning_starts=0, critic_warmup=0)
         algo = ResidualTD3(cfg, {}, device, Path(tmp) / "learner")
         # online rows: the demo episodes replayed as if a robot had sent them (base actions attached), repeated
         arr = algo.demo_arrays

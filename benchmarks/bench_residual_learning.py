@@ -33,13 +33,15 @@ from omegaconf import OmegaConf  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from residual_base import make_weak_base  # noqa: E402
 
-from robot_rl.algos.residual import ResidualConfig, ResidualTD3  # noqa: E402
-from robot_rl.algos.sac import SAC, SACConfig, SACModel, SACPolicy  # noqa: E402
+from robot_rl.algos import algo_config  # noqa: E402
+from robot_rl.algos.residual import ResidualTD3  # noqa: E402
+from robot_rl.algos.sac import SAC  # noqa: E402
 from robot_rl.control.safety import SafetyFilter  # noqa: E402
 from robot_rl.factory import make_robot  # noqa: E402
 from robot_rl.interfaces import OBS_PREFIX  # noqa: E402
 from robot_rl.learner.replay_buffer import ReplayBuffer  # noqa: E402
 from robot_rl.policies.residual import ResidualModel, ResidualPolicy  # noqa: E402
+from robot_rl.policies.sac import SACModel, SACPolicy  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EVAL_SEED = 10_000
@@ -73,7 +75,7 @@ class Run:
         cfg = algo_cfg(method, args, base)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if method == "residual":
-            self.algo = ResidualTD3(ResidualConfig(**cfg), {}, device, out / "cache")
+            self.algo = ResidualTD3(algo_config("residual", **cfg), {}, device, out / "cache")
             model = ResidualModel(self.robot.observation_features, self.algo.obs_keys, feat.shape[0], cfg | {
                 "scale": args.scale, "actor_hidden": args.actor_hidden})
             from robot_rl.algos.residual import load_base
@@ -81,7 +83,7 @@ class Run:
             self.policy = ResidualPolicy(load_base(base["checkpoint"]), model, seed=args.seed,
                                          explore_std=args.explore_std)
         else:
-            self.algo = SAC(SACConfig(**cfg), {}, device, out / "cache")
+            self.algo = SAC(algo_config("sac", **cfg), {}, device, out / "cache")
             model = SACModel(self.robot.observation_features, self.algo.obs_keys, feat.shape[0], cfg)
             self.policy = SACPolicy(model, seed=args.seed)
         self.replay = ReplayBuffer(out / method / "replay.zarr")
@@ -94,12 +96,11 @@ class Run:
 
     def sync(self) -> None:
         self.policy.load_state_dict(self.algo.policy_state())
-        self.policy.exploration = self.algo.exploration(self.replay)
+        self.policy.apply_meta(self.algo.publish_meta(self.replay))
 
     def rollout(self, seed: int, evaluating: bool) -> tuple[bool, int, dict]:
         obs = self.robot.reset(seed=seed)
-        if hasattr(self.policy, "seed_episode"):
-            self.policy.seed_episode(seed)  # matched noise: base alone and base + residual see the same samples
+        self.policy.seed_episode(seed)  # matched noise: base alone and base + residual see the same samples
         self.policy.reset()
         self.safety.reset()
         rows: dict[str, list] = {}
@@ -115,8 +116,7 @@ class Run:
                 row.update({"action": sent.astype(np.float32), "reward": np.float32(success),
                             "success": np.bool_(success), "intervention": np.bool_(False),
                             "episode": np.int64(self.episode), "step": np.int64(step)})
-                if isinstance(self.policy, ResidualPolicy):
-                    row["base_action"] = self.policy.last_base
+                row.update(self.policy.transition_extras(acted=True))  # residual: base_action for the critic
                 for k, v in row.items():
                     rows.setdefault(k, []).append(v)
             if success:
@@ -146,14 +146,8 @@ class Run:
 
     def evaluate(self, mode: str) -> dict:
         t0 = time.perf_counter()
-        saved = self.policy.exploration
-        self.policy.exploration = "none"
-        if isinstance(self.policy, ResidualPolicy):
-            self.policy.use_residual = mode != "base"
-        results = [self.rollout(EVAL_SEED + j, evaluating=True) for j in range(self.args.eval_episodes)]
-        self.policy.exploration = saved
-        if isinstance(self.policy, ResidualPolicy):
-            self.policy.use_residual = True
+        with self.policy.evaluating(mode):  # exploration off; "base" switches the residual off
+            results = [self.rollout(EVAL_SEED + j, evaluating=True) for j in range(self.args.eval_episodes)]
         self.wall["eval"] += time.perf_counter() - t0
         rate = float(np.mean([r[0] for r in results]))
         row = {"mode": mode, "env_steps": self.env_steps, "updates": self.updates, "success": rate,
