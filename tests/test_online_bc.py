@@ -55,3 +55,98 @@ def test_unknown_algo_and_setting_are_named():
         make_algorithm({"name": "ppo"}, POLICY_CFG, torch.device("cpu"))
     with pytest.raises(ValueError, match="algo.lrr"):
         make_algorithm({"name": "online_bc", "lrr": 1}, POLICY_CFG, torch.device("cpu"))
+
+
+def test_a_registered_algorithm_plugs_into_both_processes_without_touching_them():
+    """A new pipeline = one Algorithm class + config: the control process builds, feeds and evaluates its
+    robot-side policy through the registry and the Policy interface alone (its methods run here on a stub)."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    import pytest
+    from omegaconf import OmegaConf
+
+    from robot_rl.algos import REGISTRY, register
+    from robot_rl.algos.base import Algorithm
+    from robot_rl.control.process import ControlProcess
+    from robot_rl.interfaces import Policy
+
+    @dataclass
+    class ConstantConfig:
+        offset: float
+
+    class ConstantPolicy(Policy):
+        acts_without_weights = True  # acts before the learner's first weights
+        probe_after_load = False
+        eval_modes = ("policy", "zero")
+
+        def __init__(self, dim: int, offset: float):
+            self.bias, self.offset, self.explore = torch.zeros(dim), offset, None
+
+        def reset(self):
+            pass
+
+        def select_action(self, observation):
+            return (self.bias + self.offset).numpy()
+
+        def state_dict(self):
+            return {"bias": self.bias}
+
+        def load_state_dict(self, state):
+            self.bias = torch.as_tensor(np.asarray(state["bias"]))
+
+        def apply_meta(self, meta):
+            self.explore = meta.get("explore")
+
+        def transition_extras(self, acted):
+            return {"offset": np.float32(self.offset if acted else np.nan)}
+
+    class Constant(Algorithm):
+        @classmethod
+        def build_robot_policy(cls, cfg, policy_cfg, robot, seed):
+            return ConstantPolicy(robot.action_feature.shape[0], cfg.offset)
+
+        def ready(self, replay):
+            return True
+
+        def update(self, replay, rng):
+            return {}
+
+        def policy_state(self):
+            return {"bias": torch.ones(2)}
+
+        def robot_policy(self):
+            return ConstantPolicy(2, self.cfg.offset)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    register("test_constant", Constant, ConstantConfig)
+    try:
+        with pytest.raises(ValueError, match="algo.offset has no value"):
+            make_algorithm({"name": "test_constant"}, {}, torch.device("cpu"))
+        assert make_algorithm({"name": "test_constant", "offset": 0.5}, {}, torch.device("cpu")).cfg.offset == 0.5
+
+        robot = SimpleNamespace(observation_features={"state": Feature((4,))}, action_feature=Feature((2,)),
+                                send_action=lambda a: a)
+        update = SimpleNamespace(version=1, tensors={"bias": torch.ones(2)}, meta={"explore": "more"})
+        host = SimpleNamespace(cfg=OmegaConf.create({"algo": {"name": "test_constant", "offset": 0.5},
+                                                     "policy": {"type": "none"}}),
+                               robot=robot, seed=0, teleop=None, sender=None, policy_version=-1, _stop=False,
+                               s=SimpleNamespace(expert_episodes=0), safety=lambda a, force_safe: (a, None),
+                               subscriber=SimpleNamespace(latest=lambda: update), weight_updates=[])
+        host.policy = ControlProcess._make_policy(host)
+        assert isinstance(host.policy, ConstantPolicy)
+        obs = {"state": np.zeros(4, np.float32)}
+        transition, source, forced = ControlProcess._tick(host, obs, episode=0, step=0)
+        assert source == "policy" and not forced, "acts before any weights, as the policy says"
+        assert transition["action"].tolist() == [0.5, 0.5] and transition["offset"] == np.float32(0.5)
+        ControlProcess._take_new_weights(host, obs)
+        assert host.policy_version == 1 and host.policy.explore == "more"
+        assert host.weight_updates[-1]["probe_action"] is None
+        assert ControlProcess._tick(host, obs, episode=0, step=1)[0]["action"].tolist() == [1.5, 1.5]
+    finally:
+        del REGISTRY["test_constant"]

@@ -190,6 +190,18 @@ def test_residual_policy_is_the_base_before_learning_and_swaps_weights_at_chunk_
     policy.use_residual = False
     base.reset()
     assert policy.select_action(obs).tolist() == [0.0, 0.0]
+    # the control process's view: evaluation modes, exploration off inside a block, extras sent per transition
+    policy.use_residual, policy.exploration = True, "gaussian"
+    assert policy.eval_modes == ("base", "residual") and policy.eval_once == ("base",)
+    with policy.evaluating("base"):
+        base.reset()
+        assert policy.exploration == "none" and policy.select_action(obs).tolist() == [0.0, 0.0]
+    assert policy.exploration == "gaussian" and policy.use_residual
+    extras = policy.transition_extras(acted=True)
+    assert extras["base_action"].tolist() == [0.0, 0.0] and set(extras) == {"base_action", "residual"}
+    assert np.isnan(policy.transition_extras(acted=False)["residual"]).all()
+    policy.apply_meta({"exploration": "warmup"})
+    assert policy.exploration == "warmup" and policy.acts_without_weights and not policy.probe_after_load
 
 
 # -------------------------------------------------------------------------------------------------- update
@@ -241,6 +253,12 @@ def test_update_learns_and_resumes_exactly(base_run, tmp_path):
     torch.manual_seed(1)
     b = twin.update(replay, np.random.default_rng(5))
     assert a == b
+
+    # the policy as the robot runs it (frozen base + a copy of the current residual), exploration off
+    robot_side = algo.robot_policy()
+    assert isinstance(robot_side, ResidualPolicy) and robot_side.exploration == "none"
+    assert robot_side.base is algo.base and robot_side.model is not algo.model
+    assert all(torch.equal(v, algo.policy_state()[k]) for k, v in robot_side.state_dict().items())
 
 
 def test_check_config_errors(base_run, tmp_path):
@@ -304,3 +322,7 @@ def test_sac_baseline_phases_update_and_policy(base_run, tmp_path):
     obs = {"state": np.ones(4, np.float32)}
     a = policy.select_action(obs)
     assert np.array_equal(a, policy.select_action(obs)) and np.all(np.abs(a) <= 1.0 + 1e-6)
+    # the policy as the robot runs it, for checkpoints: the same actions, a copy the learner keeps training past
+    robot_side = algo.robot_policy()
+    assert isinstance(robot_side, SACPolicy) and robot_side.exploration == "none"
+    assert np.array_equal(robot_side.select_action(obs), a) and robot_side.model is not algo.model
