@@ -95,7 +95,7 @@ def stage_distill(work: Path, teacher: Path, steps: int, reuse: bool) -> tuple[P
     summary = Distiller(cfg, run).run()
     wall = time.monotonic() - t
     print(f"distilled {steps} steps in {wall:.0f} s, final loss {summary['final_loss']:.5f}, "
-          f"student-teacher chunk MSE {summary['probe_mse']:.5f}")
+          f"student-teacher chunk MSE {summary['probe']['mse']:.5f}")
     return run, wall, summary
 
 

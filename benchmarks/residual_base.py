@@ -283,9 +283,9 @@ def make_weak_base(task: str, out_dir: str | os.PathLike, *, episodes: int | Non
     run = out / "train"
     tr = train_base(store, run, settings["train_steps"], settings["seed"], settings["policy"], settings["train"])
     log.info("train: %s", tr)
-    from robot_rl.policies.checkpoint import resolve_checkpoint
+    from robot_rl.policies.checkpoint import find_policy_dir
 
-    ckpt = resolve_checkpoint(run)
+    ckpt = find_policy_dir(run)
     t0 = time.monotonic()
     ev = eval_base(ckpt, robot_cfg, settings["eval_episodes"], settings["eval_seed"])
     eval_s = time.monotonic() - t0
