@@ -35,7 +35,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -58,19 +58,21 @@ _TINY = 1e-9  # guards rates against a zero wall time
 
 @dataclass
 class LoopConfig:
-    """The loop's settings; `from_section` reads them from a config section (`train:`, `distill:`, ...)."""
+    """The loop's settings, read from a config section (`train:`, `distill:`, ...) by `from_section`.
+    lr_schedule: cosine | constant after warmup_steps of linear warm-up; max_grad_norm None: no clipping;
+    ema_decay None: the warm-up schedule 1 - (1 + step)^-ema_power capped at ema_max_decay; keep_last None: all."""
     steps: int
     batch_size: int
     lr: float
     betas: tuple[float, float]
     weight_decay: float
-    lr_schedule: str  # cosine | constant, both after `warmup_steps` of linear warm-up
+    lr_schedule: str
     warmup_steps: int
-    max_grad_norm: float | None  # None: no clipping (the norm is logged either way)
+    max_grad_norm: float | None
     ema: bool
     ema_power: float
     ema_max_decay: float
-    ema_decay: float | None  # None: the warm-up schedule 1 - (1 + step)^-power, capped at ema_max_decay
+    ema_decay: float | None
     log_every: int
     checkpoint_every: int
     keep_last: int | None
@@ -80,34 +82,22 @@ class LoopConfig:
 
     @classmethod
     def from_section(cls, section, name: str) -> LoopConfig:
-        def count(key: str, minimum: int) -> int:
-            v = section.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-                raise ConfigError(f"{name}.{key} must be an integer >= {minimum}, got {v!r}")
-            return v
-
-        for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            count(key, 1)
-        lr = section.get("lr")
-        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
-            raise ConfigError(f"{name}.lr must be a positive number, got {lr!r}")
-        if section.get("lr_schedule") not in SCHEDULES:
-            raise ConfigError(f"{name}.lr_schedule must be one of {', '.join(SCHEDULES)}, got "
-                              f"{section.get('lr_schedule')!r}")
-        decay = section.get("ema_decay")
-        if decay is not None and not 0.0 <= float(decay) < 1.0:
-            raise ConfigError(f"{name}.ema_decay must be null (warm-up schedule) or in [0, 1), got {decay!r}")
-        keep = section.get("keep_last")
-        return cls(steps=count("steps", 1), batch_size=count("batch_size", 1), lr=float(lr),
-                   betas=tuple(float(b) for b in section.get("betas")), weight_decay=float(section.get("weight_decay")),
-                   lr_schedule=str(section.get("lr_schedule")), warmup_steps=count("warmup_steps", 0),
-                   max_grad_norm=float(section.get("max_grad_norm")) if section.get("max_grad_norm") else None,
-                   ema=bool(section.get("ema")), ema_power=float(section.get("ema_power")),
-                   ema_max_decay=float(section.get("ema_max_decay")),
-                   ema_decay=None if decay is None else float(decay), log_every=count("log_every", 1),
-                   checkpoint_every=count("checkpoint_every", 1), keep_last=count("keep_last", 1) if keep else None,
-                   seed=int(section.get("seed")), progress=bool(section.get("progress")),
-                   tensorboard=bool(section.get("tensorboard")))
+        v = {f.name: section.get(f.name) for f in fields(cls)}
+        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "warmup_steps", "keep_last"):
+            least = 0 if key == "warmup_steps" else 1
+            if not (isinstance(v[key], int) and not isinstance(v[key], bool) and v[key] >= least) and not (
+                    key == "keep_last" and v[key] is None):
+                raise ConfigError(f"{name}.{key} must be an integer >= {least}, got {v[key]!r}")
+        if not (isinstance(v["lr"], (int, float)) and not isinstance(v["lr"], bool) and v["lr"] > 0):
+            raise ConfigError(f"{name}.lr must be a positive number, got {v['lr']!r}")
+        if v["lr_schedule"] not in SCHEDULES:
+            raise ConfigError(f"{name}.lr_schedule must be one of {', '.join(SCHEDULES)}, got {v['lr_schedule']!r}")
+        if v["ema_decay"] is not None and not 0.0 <= float(v["ema_decay"]) < 1.0:
+            raise ConfigError(f"{name}.ema_decay must be null (warm-up schedule) or in [0, 1), got {v['ema_decay']!r}")
+        floats = ("lr", "weight_decay", "ema_power", "ema_max_decay", "ema_decay", "max_grad_norm")
+        v.update({k: float(v[k]) for k in floats if v[k] is not None}, betas=tuple(float(b) for b in v["betas"]),
+                 max_grad_norm=float(v["max_grad_norm"]) if v["max_grad_norm"] else None)
+        return cls(**v)
 
 
 @dataclass
