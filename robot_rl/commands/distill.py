@@ -59,7 +59,7 @@ from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.data.sequence import SequenceSampler
 from robot_rl.policies.checkpoint import CheckpointError, find_policy_dir, load_policy, write_policy
 from robot_rl.policies.diffusion import DiffusionConfig, DiffusionPolicy
-from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, to_device
+from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, store_robot, to_device
 
 log = logging.getLogger("robot_rl.commands.distill")
 
@@ -172,10 +172,9 @@ class Distiller:
         if store.num_episodes == 0:
             raise ConfigError(f"distill.data={self.data_path} has no episodes")
         # the student drives the teacher's robot: its manifest's (else the store's) robot config and fps
-        info = store.meta.get("info") or {}
         self.robot = dict(manifest.get("robot") or {})
         if not self.robot.get("config"):
-            self.robot = {"name": info.get("robot"), "config": info.get("robot_config"), "task": info.get("task")}
+            self.robot = store_robot(store)
         self.fps = manifest.get("fps") or store.fps
         tc = self.teacher.cfg
         try:
@@ -194,7 +193,8 @@ class Distiller:
         self._probe = None
         self.distilled = {"one_step": True, "teacher": str(self.teacher_ckpt), "teacher_steps": int(d.teacher_steps),
                           "timestep": int(self.t_student), "init": str(d.init), "loss_rows": str(d.loss_rows)}
-        self.git = git_hash()
+        self.provenance = {"source": "distill", "data": str(self.data_path), "git": git_hash(),
+                           "distilled": self.distilled}
         conf = OmegaConf.to_container(cfg, resolve=True)
         conf["distill"]["teacher"], conf["distill"]["data"] = str(self.teacher_ckpt), str(self.data_path)
         conf["policy"] = {**self.student.cfg.to_dict(), "obs_keys": list(self.student.obs_keys)}  # what it is
@@ -229,10 +229,8 @@ class Distiller:
     def _batch(self, size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         return to_device(self.sampler.sample(size, rng), self.device)
 
-    def _export(self, directory: Path, student: DiffusionPolicy) -> None:
-        write_policy(directory, student, robot=self.robot, fps=self.fps,
-                     provenance={"source": "distill", "step": self.loop.step, "data": str(self.data_path),
-                                 "git": self.git, "ema": self.loop.ema is not None, "distilled": self.distilled})
+    def _export(self, directory: Path, student: DiffusionPolicy, loop_info: dict) -> None:
+        write_policy(directory, student, robot=self.robot, fps=self.fps, provenance={**self.provenance, **loop_info})
 
     # the loop's state, under the names the verbs and tests use
     model = property(lambda self: self.loop.deployable, doc="the EMA copy when distill.ema, else the student")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,7 @@ from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.data.sequence import SequenceSampler
 from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.policies.checkpoint import POLICY_TYPES, build_policy, plain_config, write_policy
-from robot_rl.policies.diffusion import DiffusionPolicy
-from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, to_device
+from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, store_robot, to_device
 
 log = logging.getLogger("robot_rl.commands.train")
 
@@ -46,39 +44,13 @@ log = logging.getLogger("robot_rl.commands.train")
 
 
 def evaluate_in_sim(policy, robot_cfg: dict, episodes: int = 20, seed: int = 1000, max_steps: int = 200) -> dict:
-    """Roll the policy out in simulation: episode i reset with seed+i, success at any step ends it."""
-    from robot_rl.factory import make_robot
+    """Roll the policy out in simulation with `robot-rl eval`'s evaluation (episode i reset with seed+i, success at
+    any step ends it); the fields the training run logs and keeps in its trainer state."""
+    from robot_rl.commands.evaluate import evaluate
 
-    robot = make_robot(robot_cfg)
-    robot.connect()
-    successes, lengths = [], []
-    was_training = getattr(policy, "training", False)
-    if hasattr(policy, "eval"):
-        policy.eval()
-    t0 = time.monotonic()
-    try:
-        for i in range(episodes):
-            obs = robot.reset(seed=seed + i)
-            policy.reset()
-            if isinstance(policy, DiffusionPolicy):
-                policy.generator = torch.Generator(device=policy.device).manual_seed(seed + i)
-            ok, t = False, 0
-            for t in range(1, max_steps + 1):
-                robot.send_action(policy.select_action(obs))
-                obs = robot.get_observation()
-                if robot.is_success():
-                    ok = True
-                    break
-            successes.append(ok)
-            lengths.append(t)
-    finally:
-        robot.disconnect()
-        if isinstance(policy, DiffusionPolicy):
-            policy.generator = None
-        if was_training:
-            policy.train()
-    return {"success_rate": float(np.mean(successes)), "successes": [bool(s) for s in successes],
-            "mean_length": float(np.mean(lengths)), "wall_s": time.monotonic() - t0}
+    r = evaluate(policy, robot_cfg, episodes=episodes, seed=seed, max_steps=max_steps)
+    return {"success_rate": r["success_rate"], "successes": [e["success"] for e in r["per_episode"]],
+            "mean_length": r["mean_length"], "wall_s": r["wall_s"]}
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -137,8 +109,7 @@ class Trainer:
         self.policy.fit_normalizer({k: self.sampler.data[k] for k in [*self.obs_keys, "action"]})
         self.policy.to(self.device).train()
 
-        info = self.store.meta.get("info") or {}
-        self.robot = {"name": info.get("robot"), "config": info.get("robot_config"), "task": info.get("task")}
+        self.robot = store_robot(self.store)
         self.provenance = {"source": "train", "data": str(self.store.path), "git": git_hash()}
         self.loop = TrainingLoop(
             self.run_dir, self.policy, lambda batch: (self.policy.compute_loss(batch), {}),
@@ -173,9 +144,8 @@ class Trainer:
     def _batch(self, sampler: SequenceSampler, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         return to_device(sampler.sample(int(self.t.batch_size), rng), self.device)
 
-    def _export(self, directory: Path, policy) -> None:
-        write_policy(directory, policy, robot=self.robot, fps=self.store.fps,
-                     provenance={**self.provenance, "step": self.loop.step, "ema": self.loop.ema is not None})
+    def _export(self, directory: Path, policy, loop_info: dict) -> None:
+        write_policy(directory, policy, robot=self.robot, fps=self.store.fps, provenance={**self.provenance, **loop_info})
 
     # the loop's state, under the names the verbs and tests use
     model = property(lambda self: self.loop.deployable, doc="the EMA copy when train.ema, else the policy")

@@ -10,8 +10,8 @@
 
 One step: `batch = batches(rng)` (the loop's numpy Generator, checkpointed), `loss, metrics = step_fn(batch)`,
 AdamW with gradient clipping, linear warm-up then cosine (or constant) LR, an optional EMA copy of the model.
-The loop knows nothing of what it trains: `step_fn` computes the loss, `export(directory, module)` writes the
-deployable form of a module (e.g. `policies.checkpoint.write_policy`), `hooks` measure it.
+The loop knows nothing of what it trains: `step_fn` computes the loss, `export(directory, module, {step, ema})`
+writes the deployable form of a module (e.g. with `policies.checkpoint.write_policy`), `hooks` measure it.
 
 `<run>/checkpoints/step_<n>/` (written under a temporary name and renamed, then `checkpoints/latest` replaced):
 
@@ -125,6 +125,12 @@ def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, t
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def store_robot(store) -> dict:
+    """{"name", "config", "task"} of the robot an episode store was recorded with (from its meta `info`)."""
+    info = store.meta.get("info") or {}
+    return {"name": info.get("robot"), "config": info.get("robot_config"), "task": info.get("task")}
+
+
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -133,7 +139,7 @@ class TrainingLoop:
     def __init__(self, run_dir: str | os.PathLike, model: nn.Module,
                  step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
                  batches: Callable[[np.random.Generator], Any], cfg: LoopConfig, *, name: str = "train",
-                 hooks: Iterable[Hook] = (), export: Callable[[Path, nn.Module], Any] | None = None,
+                 hooks: Iterable[Hook] = (), export: Callable[[Path, nn.Module, dict], Any] | None = None,
                  weights_file: str = "policy.safetensors", config_yaml: str | None = None,
                  state: Callable[[], dict] | None = None, summary: Callable[[], dict] | None = None):
         """`model`: every trained parameter (several networks: one nn.ModuleDict). `name`: tensorboard prefix,
@@ -276,7 +282,7 @@ class TrainingLoop:
     def save_checkpoint(self) -> Path:
         def write(d: Path) -> None:
             if self.export is not None:
-                self.export(d, self.deployable)
+                self.export(d, self.deployable, {"step": self.step, "ema": self.ema is not None})
             else:
                 save_file(_tensors(self.deployable), str(d / self.weights_file))
             if self.ema is not None:
