@@ -59,7 +59,7 @@ from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.data.sequence import SequenceSampler
 from robot_rl.policies.checkpoint import CheckpointError, find_policy_dir, load_policy, write_policy
 from robot_rl.policies.diffusion import DiffusionConfig, DiffusionPolicy
-from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, store_robot, to_device
+from robot_rl.training.loop import Hook, LoopConfig, LoopUser, TrainingLoop, seed_everything, store_robot, to_device
 
 log = logging.getLogger("robot_rl.commands.distill")
 
@@ -136,7 +136,7 @@ def validate_distill(cfg: DictConfig) -> LoopConfig:
 # ------------------------------------------------------------------------------------------------ distiller
 
 
-class Distiller:
+class Distiller(LoopUser):
     def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike):
         loop_cfg = validate_distill(cfg)
         self.cfg, self.d = cfg, cfg.distill
@@ -232,19 +232,11 @@ class Distiller:
     def _export(self, directory: Path, student: DiffusionPolicy, loop_info: dict) -> None:
         write_policy(directory, student, robot=self.robot, fps=self.fps, provenance={**self.provenance, **loop_info})
 
-    # the loop's state, under the names the verbs and tests use
-    model = property(lambda self: self.loop.deployable, doc="the EMA copy when distill.ema, else the student")
-    step = property(lambda self: self.loop.step)
-    losses = property(lambda self: self.loop.losses)
 
     @property
     def probe_history(self) -> list[tuple[int, float]]:
         """(step, probe MSE of the deployable student)"""
         return [(step, r["mse"]) for step, r in self.loop.history["probe"]]
-
-    def run(self, stop_after: int | None = None) -> dict:
-        """Distil up to distill.steps (or stop after `stop_after` total steps, as if killed after a checkpoint)."""
-        return self.loop.run(stop_after)
 
     # ------------------------------------------------------------------------------------------------ loss
     def distill_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:

@@ -35,7 +35,7 @@ from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.data.sequence import SequenceSampler
 from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.policies.checkpoint import POLICY_TYPES, build_policy, plain_config, write_policy
-from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, store_robot, to_device
+from robot_rl.training.loop import Hook, LoopConfig, LoopUser, TrainingLoop, seed_everything, store_robot, to_device
 
 log = logging.getLogger("robot_rl.commands.train")
 
@@ -71,7 +71,7 @@ def validate_train(cfg: DictConfig) -> LoopConfig:
     return loop_cfg
 
 
-class Trainer:
+class Trainer(LoopUser):
     def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike):
         loop_cfg = validate_train(cfg)
         self.cfg, self.t = cfg, cfg.train
@@ -145,15 +145,9 @@ class Trainer:
         return to_device(sampler.sample(int(self.t.batch_size), rng), self.device)
 
     def _export(self, directory: Path, policy, loop_info: dict) -> None:
-        write_policy(directory, policy, robot=self.robot, fps=self.store.fps, provenance={**self.provenance, **loop_info})
+        write_policy(directory, policy, robot=self.robot, fps=self.store.fps,
+                     provenance={**self.provenance, **loop_info})
 
-    # the loop's state, under the names the verbs and tests use
-    model = property(lambda self: self.loop.deployable, doc="the EMA copy when train.ema, else the policy")
-    step = property(lambda self: self.loop.step)
-    losses = property(lambda self: self.loop.losses)
-
-    def run(self, stop_after: int | None = None) -> dict:
-        return self.loop.run(stop_after)
 
     # ---------------------------------------------------------------------------------------------- hooks
     @torch.no_grad()

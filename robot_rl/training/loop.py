@@ -135,6 +135,18 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+class LoopUser:
+    """Base of a trainer built on a TrainingLoop (`self.loop`): its state under the names verbs and tests use."""
+    loop: TrainingLoop
+    model = property(lambda self: self.loop.deployable, doc="the EMA copy when cfg.ema, else the trained model")
+    step = property(lambda self: self.loop.step)
+    losses = property(lambda self: self.loop.losses)
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train up to cfg.steps (or stop after `stop_after` total steps, as if killed after a checkpoint)."""
+        return self.loop.run(stop_after)
+
+
 class TrainingLoop:
     def __init__(self, run_dir: str | os.PathLike, model: nn.Module,
                  step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
