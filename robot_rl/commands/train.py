@@ -10,7 +10,7 @@ horizons, its normaliser fitted on the training episodes, and `policy.compute_lo
 warm-up + cosine LR, EMA, checkpoints, bit-exact resume, tensorboard, Ctrl-C) is `robot_rl.training.loop`'s.
 
 A run directory holds `tb/` (tensorboard: train/loss, lr, grad_norm, samples_per_s, ema_decay, val/loss,
-eval/success_rate), `train_summary.json` and
+eval/success_rate), `train_summary.json` (step, final_loss, samples/s, the last `val` and sim `eval` results) and
 
     checkpoints/step_<n>/manifest.json + policy.safetensors   the deployable policy (EMA weights when train.ema),
                                                                with the store's robot config and fps
@@ -147,7 +147,6 @@ class Trainer(LoopUser):
     def _export(self, directory: Path, policy, loop_info: dict) -> None:
         write_policy(directory, policy, robot=self.robot, fps=self.store.fps,
                      provenance={**self.provenance, **loop_info})
-
 
     # ---------------------------------------------------------------------------------------------- hooks
     @torch.no_grad()
