@@ -3,6 +3,7 @@ measures and resumes bit-exactly through it (the way a reward model, VAE or crit
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -36,9 +37,16 @@ def config(**over) -> LoopConfig:
 
 
 def regression_loop(run_dir, cfg: LoopConfig) -> TrainingLoop:
-    """A 2-layer MLP fitting y(x) with dropout (torch RNG inside the loss) on batches from the loop's numpy RNG."""
+    """A 2-layer MLP fitting y(x) with dropout (torch RNG inside the loss) on batches from the loop's numpy RNG,
+    plus a Polyak-averaged target copy (as IQL's critics keep), checkpointed with it."""
     seed_everything(cfg.seed)
     net = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
+    model = nn.ModuleDict({"net": net, "target": copy.deepcopy(net).requires_grad_(False)})
+
+    @torch.no_grad()
+    def polyak():
+        for t, p in zip(model["target"].parameters(), net.parameters()):
+            t.lerp_(p, 0.1)
 
     def batches(rng):
         idx = rng.integers(0, len(X), cfg.batch_size)
@@ -49,13 +57,13 @@ def regression_loop(run_dir, cfg: LoopConfig) -> TrainingLoop:
         return (err ** 2).mean(), {"abs_err": float(err.detach().abs().mean())}
 
     def val():
-        loop.deployable.eval()
+        deployed = loop.deployable["net"].eval()
         with torch.no_grad():
-            mse = float(((loop.deployable(torch.as_tensor(X)) - torch.as_tensor(Y)) ** 2).mean())
+            mse = float(((deployed(torch.as_tensor(X)) - torch.as_tensor(Y)) ** 2).mean())
         return {"mse": mse, "noise": float(torch.randn(()))}  # draws from torch's RNG: must not disturb training
 
-    loop = TrainingLoop(run_dir, net, step_fn, batches, cfg, name="fit", hooks=[Hook("val", 10, val, at_start=True)],
-                        weights_file="model.safetensors", config_yaml="fit: {}\n",
+    loop = TrainingLoop(run_dir, model, step_fn, batches, cfg, name="fit", hooks=[Hook("val", 10, val, at_start=True)],
+                        weights_file="model.safetensors", config_yaml="fit: {}\n", after_step=polyak,
                         state=lambda: {"dataset": "toy"}, summary=lambda: {"kind": "regression"})
     return loop
 
@@ -86,7 +94,8 @@ def test_regression_trains_checkpoints_and_resumes_bit_exactly(tmp_path):
         a, b = load_file(ckpt / name), load_file(tmp_path / "b" / "checkpoints" / "step_40" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     ema, raw = load_file(ckpt / "model.safetensors"), load_file(ckpt / "raw_model.safetensors")
-    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.startswith("net."))
+    assert not torch.equal(raw["target.0.weight"], raw["net.0.weight"])  # the target lags, and is checkpointed
 
 
 def test_without_ema_keep_last_and_stop_request(tmp_path):

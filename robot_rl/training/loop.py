@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -112,8 +113,6 @@ class Hook:
 
 def seed_everything(seed: int, num_threads: int | None = None) -> None:
     """Seed python, numpy and torch (before building models); `num_threads` caps torch's CPU threads."""
-    import random
-
     if num_threads:
         torch.set_num_threads(int(num_threads))  # shared CPUs: 1 thread avoids OpenMP spin contention
     random.seed(seed)
@@ -153,17 +152,19 @@ class TrainingLoop:
                  batches: Callable[[np.random.Generator], Any], cfg: LoopConfig, *, name: str = "train",
                  hooks: Iterable[Hook] = (), export: Callable[[Path, nn.Module, dict], Any] | None = None,
                  weights_file: str = "policy.safetensors", config_yaml: str | None = None,
-                 state: Callable[[], dict] | None = None, summary: Callable[[], dict] | None = None):
-        """`model`: every trained parameter (several networks: one nn.ModuleDict). `name`: tensorboard prefix,
-        progress label, summary file and the config section errors point at. `state()` / `summary()` add the
-        caller's entries to trainer_state.json / the summary."""
+                 state: Callable[[], dict] | None = None, summary: Callable[[], dict] | None = None,
+                 after_step: Callable[[], None] | None = None):
+        """`model`: everything trained and checkpointed (several networks, target copies: one nn.ModuleDict; only
+        parameters with requires_grad are optimised). `name`: tensorboard prefix, progress label, summary file
+        and the config section errors point at. `state()` / `summary()` add the caller's entries to
+        trainer_state.json / the summary. `after_step()` runs after each optimiser step (e.g. a Polyak target)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.model, self.step_fn, self.batches, self.cfg, self.name = model, step_fn, batches, cfg, name
         self.hooks, self.export, self.config_yaml = list(hooks), export, config_yaml
         self.weights_file, self.raw_file = weights_file, f"raw_{weights_file}"
-        self.extra_state, self.extra_summary = state, summary
+        self.extra_state, self.extra_summary, self.after_step = state, summary, after_step
         self.device = next(model.parameters()).device
         self.rng = np.random.default_rng(cfg.seed)  # what `batches` draws from
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -207,6 +208,8 @@ class TrainingLoop:
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.lr_sched.step()
+        if self.after_step is not None:
+            self.after_step()
         out = {"loss": float(loss.item()), "lr": lr, "grad_norm": float(grad_norm), **metrics}
         if self.ema is not None:
             out["ema_decay"] = self.ema.update(self.model)
