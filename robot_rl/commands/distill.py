@@ -5,14 +5,13 @@
     robot-rl distill distill.teacher=<run> distill.data=data/more_demos distill.steps=3000
     robot-rl distill hydra.run.dir=<old distill run> distill.resume=true     # continue an interrupted run
 
-The loss (one step of `Distiller.distill_step`, all in the normalised action space [-1, 1]):
+The loss (`Distiller.distill_loss`, all in the normalised action space [-1, 1]):
 
     c         = teacher.encode_obs(o)                    frozen teacher observation features
     x_T       ~ N(0, I)                                  one noise for both
     a_teacher = sg[ DDIM_K(x_T, c) ]                     the teacher's deterministic (eta 0) K-step chunk
     a_student = student.unet(x_T, t*, c)                 one forward pass, sample prediction
     L         = mean (a_student - a_teacher)^2           whole chunk (distill.loss_rows=executed: the rows run)
-
 
 The student is a plain `DiffusionPolicy` of the teacher's shape whose config says `prediction_type: sample`,
 `inference_scheduler: ddim`, `num_inference_steps: 1`. DDIM with one step and sample prediction is exactly one
