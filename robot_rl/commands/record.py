@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from robot_rl.config import ConfigError, write_json
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import build_safety
-from robot_rl.control.takeover import SOURCES, pick_source
+from robot_rl.control.takeover import SOURCES
 from robot_rl.data.episode_store import EpisodeStore, StoreError
 from robot_rl.factory import make_policy, make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX, Feature
+from robot_rl.rollout import Rollout
 
 log = logging.getLogger("robot_rl.commands.record")
 
@@ -72,6 +73,42 @@ def preflight(path: Path, features: dict[str, Feature], r: DictConfig) -> None:
                           f"capped at record.min_free_gb={r.min_free_gb}); free space or record fewer episodes")
 
 
+class EpisodeRecording:
+    """A rollout hook that writes each step into an episode store (record, and deploy with a record path): the
+    observation the action was chosen from, what was executed, who acted, success, the real clock and, in sim,
+    the simulator state of that observation (so replay can restore it)."""
+
+    def __init__(self, writer, robot, pacer: PacedLoop, with_policy: bool):
+        self.writer, self.robot, self.pacer, self.with_policy = writer, robot, pacer, with_policy
+        self.no_action = np.full(robot.action_feature.shape[0], np.nan, dtype=np.float32)
+        self.sim_state = None
+        self.t0 = time.perf_counter()
+
+    def begin(self, meta: dict, store: EpisodeStore | None) -> None:
+        """Right after the reset; with a `store` (sim) the episode's model and initial state go into `meta`."""
+        if store is not None:
+            state = self.robot.get_sim_state()
+            meta["model_id"] = store.put_model_xml(state["model_xml"])
+            meta["initial_sim_state"] = np.asarray(state["states"]).tolist()
+            self.sim_state = state["states"]
+        self.writer.begin(meta)
+        self.t0 = time.perf_counter()
+
+    def __call__(self, step) -> None:
+        frame = {OBS_PREFIX + k: v for k, v in step.obs.items()}
+        frame.update(action=np.asarray(step.action, np.float32), intervention=np.bool_(step.source == "teleop"),
+                     success=np.bool_(step.success), timestamp=np.float64(time.perf_counter() - self.t0))
+        if self.with_policy:
+            frame["policy_action"] = (self.no_action if step.policy_action is None
+                                      else np.asarray(step.policy_action, np.float32))
+        if self.sim_state is not None:
+            frame["sim_state"] = self.sim_state
+        with self.pacer.section("store_add"):
+            self.writer.add(frame)
+        if self.sim_state is not None:  # the state the next step's observation comes from
+            self.sim_state = self.robot.get_sim_state()["states"]
+
+
 class Recorder:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.r = cfg, cfg.record
@@ -91,6 +128,11 @@ class Recorder:
         self.controls = getattr(self.teleop, "controls", None)  # a device's save/rerecord/stop keys
         self.safety = build_safety(cfg, self.robot)
         self.loop = PacedLoop(self.r.fps)
+        self.rollout = Rollout(self.robot, self.policy, teleop=self.teleop, safety=self.safety,
+                               success=self._operator_or_sim_success, pacer=self.loop,
+                               stop_on_success=bool(self.r.stop_on_success),
+                               success_extra_steps=int(self.r.success_extra_steps))
+        self._operator_success = False  # the operator pressed the success key this episode
         self._stop_signal = False
         self.saved: list[dict] = []
         self.discarded = 0
@@ -181,77 +223,51 @@ class Recorder:
         return summary
 
     def _record_episode(self, writer, store: EpisodeStore, seed: int, has_sim_state: bool) -> tuple[str, dict]:
-        obs = self.robot.reset(seed=seed)
-        if self.policy is not None:
-            self.policy.reset()
-        if self.teleop is not None:
-            self.teleop.reset()
-        self.safety.reset()
+        obs = self.rollout.reset(seed)
         meta = {"task": self.r.task, "operator": self.r.operator, "robot": getattr(self.robot, "name", "robot"),
                 "seed": seed, "start_time": time.time()}
-        if has_sim_state:
-            state = self.robot.get_sim_state()
-            meta["model_id"] = store.put_model_xml(state["model_xml"])
-            meta["initial_sim_state"] = np.asarray(state["states"]).tolist()
-        writer.begin(meta)
-        dim = self.robot.action_feature.shape[0]
-        nan = np.full(dim, np.nan, dtype=np.float32)
-        success_steps = interventions = 0
+        recording = EpisodeRecording(writer, self.robot, self.loop, with_policy=self.policy is not None)
+        recording.begin(meta, store if has_sim_state else None)
         overruns0, missed0, dropped0 = self.loop.overruns, self.loop.missed_slots, self._dropped_frames()
-        self.loop.start(keep_stats=bool(self.saved or self.discarded))
-        t0 = time.perf_counter()
-        last_report = t0
-        outcome = "save"
-        success = operator_success = False
-        for step in range(self.r.max_episode_steps):
+        self._operator_success = False
+        t0 = last_report = time.perf_counter()
+
+        def episode_controls(step: int, obs) -> str | None:
+            """The operator's keys, one poll per tick: save / rerecord / stop end the episode before this step."""
             event = self.controls.poll() if self.controls is not None else None
             if self._stop_signal:
-                outcome = "interrupted"
-                break
-            if event == "success" and not operator_success:  # latched: this and every later step are successes
-                operator_success = True
+                return "interrupted"
+            if event == "success" and not self._operator_success:  # latched: this and every later step succeed
+                self._operator_success = True
                 meta["operator_success_step"] = step
                 log.info("operator marked success at step %d", step)
             if event in ("save", "rerecord", "stop"):
-                outcome = {"save": "save", "rerecord": "rerecord", "stop": "stop-save"}[event]
                 if writer.steps == 0:
-                    outcome = "stop" if event == "stop" else "rerecord"
-                break
-            sim_state = self.robot.get_sim_state()["states"] if has_sim_state else None
-            label = self.teleop.get_action(obs) if self.teleop is not None else None
-            proposal_policy = self.policy.select_action(obs) if self.policy is not None else None
-            source, proposal = pick_source(self.teleop, label, proposal_policy, teleop_drives=self.policy is None)
-            action, _ = self.safety(proposal if proposal is not None else nan, force_safe=proposal is None)
-            with self.loop.section("robot"):
-                sent = self.robot.send_action(action)
-                success = operator_success or bool(self.robot.is_success())
-            frame = {OBS_PREFIX + k: v for k, v in obs.items()}
-            frame.update(action=np.asarray(sent, np.float32), intervention=np.bool_(source == "teleop"),
-                         success=np.bool_(success), timestamp=np.float64(time.perf_counter() - t0))
-            if self.policy is not None:
-                frame["policy_action"] = nan if proposal_policy is None else np.asarray(proposal_policy, np.float32)
-            if sim_state is not None:
-                frame["sim_state"] = sim_state
-            with self.loop.section("store_add"):
-                writer.add(frame)
-            interventions += source == "teleop" and self.policy is not None
-            success_steps = success_steps + 1 if success else 0
-            if self.r.stop_on_success and success_steps > self.r.success_extra_steps:
-                break
-            with self.loop.section("robot"):
-                obs = self.robot.get_observation()
-            self.loop.wait()
+                    return "stop" if event == "stop" else "rerecord"
+                return {"save": "save", "rerecord": "rerecord", "stop": "stop-save"}[event]
+            return None
+
+        def report(step) -> None:
+            nonlocal last_report
             now = time.perf_counter()
             if now - last_report >= self.r.report_every_s:
                 last_report = now
                 log.info("episode %d step %d: %.1f Hz (target %.0f), %d missed ticks, %d dropped frames, success=%s",
-                         len(self.saved), step + 1, (step + 1) / (now - t0), self.r.fps,
-                         self.loop.missed_slots - missed0, self._dropped_frames() - dropped0, success)
-        meta.update(success=success, length=writer.steps, missed_ticks=self.loop.missed_slots - missed0,
+                         len(self.saved), step.index + 1, (step.index + 1) / (now - t0), self.r.fps,
+                         self.loop.missed_slots - missed0, self._dropped_frames() - dropped0, step.success)
+
+        result = self.rollout.episode(obs, self.r.max_episode_steps, teleop_drives=self.policy is None,
+                                      before_step=episode_controls, hooks=[recording, report],
+                                      keep_pacing_stats=bool(self.saved or self.discarded))
+        meta.update(success=result["success"], length=writer.steps, missed_ticks=self.loop.missed_slots - missed0,
                     overruns=self.loop.overruns - overruns0, dropped_frames=self._dropped_frames() - dropped0,
-                    interventions=int(interventions), duration_s=time.perf_counter() - t0,
+                    interventions=int(result["teleop_steps"] if self.policy is not None else 0),
+                    duration_s=time.perf_counter() - t0,
                     achieved_hz=writer.steps / max(time.perf_counter() - t0, 1e-9))
-        return outcome, meta
+        return result["ended_by"] or "save", meta
+
+    def _operator_or_sim_success(self, obs, robot) -> bool:
+        return self._operator_success or bool(robot.is_success())
 
     def _dropped_frames(self) -> int:
         """Camera frames the robot reports were not new when read, cumulative (LeRobotRobot counts stale frames;
