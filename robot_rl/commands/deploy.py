@@ -35,11 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from robot_rl.config import ConfigError, resolve_device, write_json
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import build_safety
-from robot_rl.control.takeover import SOURCES, pick_source
+from robot_rl.control.takeover import SOURCES
 from robot_rl.factory import make_robot, make_teleop
-from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.policies.artifact import ArtifactError, checkpoint_context, is_artifact, load_artifact
 from robot_rl.policies.chunking import BLENDS, AsyncChunkRunner, ProcessPredictor
+from robot_rl.rollout import Rollout
 
 log = logging.getLogger("robot_rl.commands.deploy")
 
@@ -195,6 +195,8 @@ class Deployer:
         self.teleop = make_teleop(cfg.teleop, self.robot)
         self.safety = build_safety(OmegaConf.create({"robot": robot_cfg}), self.robot)
         self.loop = PacedLoop(self.d.rate_hz, field="deploy.rate_hz")
+        self.rollout = Rollout(self.robot, act=self._act, teleop=self.teleop, safety=self.safety, pacer=self.loop,
+                               stop_on_success=bool(self.d.stop_on_success), teleop_fills_gaps=False)
         self.executor = "thread"
         self.predictor = None
         if in_child and self.policy_info.get("source") not in ("checkpoint", "artifact"):
@@ -313,23 +315,18 @@ class Deployer:
         return summary
 
     def _run_episode(self, episode: int, writer, has_sim_state: bool) -> dict:
+        from robot_rl.commands.record import EpisodeRecording
+
         seed = int(self.cfg.seed) + episode
-        obs = self.robot.reset(seed=seed)
+        obs = self.rollout.reset(seed)
         self.runner.reset(seed=seed)
-        self.safety.reset()
-        if self.teleop is not None:
-            self.teleop.reset()
-        meta = {"task": self.task, "robot": self.robot.name, "seed": seed, "source": "deploy",
-                "policy": self.policy_info.get("path"), "policy_sha256": self.policy_info.get("sha256"),
-                "start_time": time.time()}
+        hooks = [self._replan_after_takeover()]
         if writer is not None:
-            if has_sim_state:
-                state = self.robot.get_sim_state()
-                meta["model_id"] = self.store.put_model_xml(state["model_xml"])
-                meta["initial_sim_state"] = np.asarray(state["states"]).tolist()
-            writer.begin(meta)
-        dim = self.robot.action_feature.shape[0]
-        nan = np.full(dim, np.nan, dtype=np.float32)
+            meta = {"task": self.task, "robot": self.robot.name, "seed": seed, "source": "deploy",
+                    "policy": self.policy_info.get("path"), "policy_sha256": self.policy_info.get("sha256"),
+                    "start_time": time.time()}
+            hooks.append(EpisodeRecording(writer, self.robot, self.loop, with_policy=True))
+            hooks[-1].begin(meta, self.store if has_sim_state else None)
         r = self.runner
         starv0, chunks0, reserve0 = r.starvations, r.chunks, r.reserve_ticks
         overruns0, missed0 = self.loop.overruns, self.loop.missed_slots
@@ -337,58 +334,38 @@ class Deployer:
             r.prime(obs, tick=0)
             if episode == 0:
                 self._early_latency_check()
-        steps = policy_steps = teleop_steps = safe_steps = 0
-        success, prev_source = False, None
-        self.loop.start(keep_stats=episode > 0)  # resets are not overruns; stats cover the whole run
-        t0 = time.perf_counter()
-        for _ in range(int(self.d.max_episode_steps)):
-            if self._stop or r.failed:
-                break
-            tick = self.loop.k
-            sim_state = self.robot.get_sim_state()["states"] if writer is not None and has_sim_state else None
-            with self.loop.section("policy"):
-                r.observe(obs, tick)
-                policy_action = r.action_for(tick)
-            label = self.teleop.get_action(obs) if self.teleop is not None else None
-            source, proposal = pick_source(self.teleop, label, policy_action)
-            if source == "teleop" and policy_action is None and not self.teleop.intervening:
-                source, proposal = "none", None  # a starved policy holds; the teleop only acts when it takes over
-            if prev_source == "teleop" and source != "teleop":
-                r.request_replan()  # control handed back: plan from where the human left the robot
-            prev_source = source
-            force_safe = proposal is None
-            action, _ = self.safety(proposal if proposal is not None else nan, force_safe=force_safe)
-            with self.loop.section("robot"):
-                sent = self.robot.send_action(action)
-                success = bool(self.robot.is_success())
-            steps += 1
-            policy_steps += source == "policy"
-            teleop_steps += source == "teleop"
-            safe_steps += force_safe
-            if writer is not None:
-                frame = {OBS_PREFIX + k: v for k, v in obs.items()}
-                frame.update(action=np.asarray(sent, np.float32), intervention=np.bool_(source == "teleop"),
-                             success=np.bool_(success), timestamp=np.float64(time.perf_counter() - t0),
-                             policy_action=nan if policy_action is None else np.asarray(policy_action, np.float32))
-                if sim_state is not None:
-                    frame["sim_state"] = sim_state
-                with self.loop.section("store_add"):
-                    writer.add(frame)
-            if success and self.d.stop_on_success:
-                break
-            with self.loop.section("robot"):
-                obs = self.robot.get_observation()
-            self.loop.wait()
-        ep = {"episode": episode, "seed": seed, "success": bool(success), "steps": steps,
-              "policy_steps": policy_steps, "teleop_steps": teleop_steps, "safe_steps": safe_steps,
-              "starvations": r.starvations - starv0, "reserve_ticks": r.reserve_ticks - reserve0,
-              "chunks": r.chunks - chunks0, "overruns": self.loop.overruns - overruns0,
-              "missed_slots": self.loop.missed_slots - missed0, "duration_s": time.perf_counter() - t0}
+        result = self.rollout.episode(obs, int(self.d.max_episode_steps), hooks=hooks,
+                                      before_step=lambda step, obs: "stopped" if self._stop or r.failed else None,
+                                      keep_pacing_stats=episode > 0)  # resets are not overruns
+        ep = {"episode": episode, "seed": seed, "success": result["success"], "steps": result["steps"],
+              "policy_steps": result["policy_steps"], "teleop_steps": result["teleop_steps"],
+              "safe_steps": result["safe_steps"], "starvations": r.starvations - starv0,
+              "reserve_ticks": r.reserve_ticks - reserve0, "chunks": r.chunks - chunks0,
+              "overruns": self.loop.overruns - overruns0, "missed_slots": self.loop.missed_slots - missed0,
+              "duration_s": result["duration_s"]}
         if writer is not None and writer.steps:
             writer.save({**ep, "stopped": self._stop, "length": writer.steps})
         elif writer is not None:
             writer.discard()
         return ep
+
+    def _act(self, obs):
+        """The action planned for this tick by the chunk runner (computed ahead), None when starved."""
+        tick = self.loop.k
+        self.runner.observe(obs, tick)
+        return self.runner.action_for(tick)
+
+    def _replan_after_takeover(self):
+        """A step hook: when the teleop hands control back, plan from where the human left the robot."""
+        previous = None
+
+        def hook(step) -> None:
+            nonlocal previous
+            if previous == "teleop" and step.source != "teleop":
+                self.runner.request_replan()
+            previous = step.source
+
+        return hook
 
     def _early_latency_check(self) -> None:
         """After the first chunk (warm-up excluded): say before the robot moves if inference cannot keep up."""

@@ -190,78 +190,54 @@ def evaluate(policy, robot_cfg: dict, episodes: int = 50, seed: int = 10_000, ma
     """Roll `policy` out for `episodes` seeded sim episodes (episode i: `reset(seed=seed + i)`, policy noise from a
     generator seeded `seed + i`) and return a JSON-able result: success rate + Wilson 95 % CI, lengths,
     per-episode results, latency per `select_action` call (`latency.step`) and per predicted chunk
-    (`latency.chunk`, the calls that ran the network), video paths. `max_steps` None = robot_cfg["horizon"]."""
+    (`latency.chunk`, the calls that ran the network), video paths. `max_steps` None = robot_cfg["horizon"].
+    The one evaluation of a policy in sim: `robot-rl eval`, train's and distill's sim evaluations."""
     import robot_rl.sim.robosuite_robot  # noqa: F401 - picks MUJOCO_GL before mujoco is first imported
     from robot_rl.factory import make_robot
-    from robot_rl.video import Mp4Writer
+    from robot_rl.rollout import Rollout
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     robot_cfg = OmegaConf.to_container(robot_cfg, resolve=True) if isinstance(robot_cfg, DictConfig) else dict(
         robot_cfg)
     max_steps = int(max_steps or robot_cfg.get("horizon") or 200)
-    fps = float(robot_cfg.get("control_freq") or 20)
     robot = make_robot(robot_cfg)
     robot.connect()
-    has_gen = hasattr(policy, "generator")
     was_training = getattr(policy, "training", False)
     if hasattr(policy, "eval"):
         policy.eval()
-    camera = None
-    video_dir = Path(video_dir) if video_dir is not None else None
-    n_video = min(int(video_episodes), episodes) if video_dir is not None else 0
-    results, step_times, chunk_times, videos = [], [], [], []
-    writer = None
+    latency = _Latency(policy)
+    videos = None
     t_start = time.monotonic()
     try:
-        if n_video:
-            camera = _VideoCamera(robot, cameras, int(video_size))
-        for i in range(episodes):
-            t_ep = time.monotonic()
-            obs = robot.reset(seed=seed + i)
-            policy.reset()
-            if has_gen:
-                policy.generator = torch.Generator(device=policy.device).manual_seed(seed + i)
-            writer = None
-            if i < n_video:
-                writer = Mp4Writer(video_dir / f".episode_{i:03d}.mp4", fps=fps)
-                writer.write(camera.frame())
-            ok, t, chunks = False, 0, 0
-            for t in range(1, max_steps + 1):
-                before = getattr(policy, "num_predictions", None)
-                t0 = time.perf_counter()
-                action = policy.select_action(obs)
-                dt = time.perf_counter() - t0
-                step_times.append(dt)
-                if before is None or policy.num_predictions != before:  # this call ran the network
-                    chunk_times.append(dt)
-                    chunks += 1
-                robot.send_action(action)
-                obs = robot.get_observation()
-                if writer is not None:
-                    writer.write(camera.frame())
-                if robot.is_success():
-                    ok = True
-                    break
-            if writer is not None:
-                writer.close()
-                final = video_dir / f"episode_{i:03d}_seed{seed + i}_{'success' if ok else 'failure'}.mp4"
-                os.replace(writer.path, final)
-                writer = None
-                videos.append(str(final))
-            results.append({"episode": i, "seed": seed + i, "success": ok, "length": t, "chunks": chunks,
-                            "wall_s": time.monotonic() - t_ep})
+        if video_dir is not None and video_episodes > 0:
+            videos = _EpisodeVideos(robot, Path(video_dir), min(int(video_episodes), episodes), cameras,
+                                    int(video_size), fps=float(robot_cfg.get("control_freq") or 20))
+
+        def on_start(i: int, episode_seed: int) -> None:
+            latency.start_episode()
+            if videos is not None:
+                videos.start(i)
+
+        def on_end(r: dict) -> None:
+            if videos is not None:
+                videos.finish(r)
             if progress:
-                n_ok = sum(r["success"] for r in results)
-                log.info("episode %d/%d (seed %d): %s after %d steps (%d/%d so far)", i + 1, episodes, seed + i,
-                         "success" if ok else "failure", t, n_ok, i + 1)
+                n_ok = sum(x["success"] for x in results) + r["success"]
+                log.info("episode %d/%d (seed %d): %s after %d steps (%d/%d so far)", r["episode"] + 1, episodes,
+                         r["seed"], "success" if r["success"] else "failure", r["steps"], n_ok, r["episode"] + 1)
+            results.append({"episode": r["episode"], "seed": r["seed"], "success": r["success"],
+                            "length": r["steps"], "chunks": latency.episode_chunks, "wall_s": r["wall_s"]})
+
+        results: list[dict] = []
+        hooks = [latency.step] + ([videos.step] if videos is not None else [])
+        Rollout(robot, policy).run_episodes(episodes, seed, max_steps, on_start=on_start, on_end=on_end,
+                                            hooks=hooks)
     finally:
-        if writer is not None:  # an episode that raised: keep what was rendered (under its temporary name)
-            writer.close()
-        if camera is not None:
-            camera.close()
+        if videos is not None:
+            videos.close()
         robot.disconnect()
-        if has_gen:
+        if hasattr(policy, "generator"):
             policy.generator = None
         if was_training:
             policy.train()
@@ -274,10 +250,68 @@ def evaluate(policy, robot_cfg: dict, episodes: int = 50, seed: int = 10_000, ma
         "success_rate": k / episodes, "success_ci95": [lo, hi],
         "mean_length": float(np.mean(lengths)),
         "mean_length_success": float(np.mean(ok_lengths)) if ok_lengths else None,
-        "latency": {"step": _percentiles(step_times), "chunk": _percentiles(chunk_times)},
-        "per_episode": results, "videos": videos, "wall_s": time.monotonic() - t_start,
-        "robot_config": _finite(robot_cfg),
+        "latency": {"step": _percentiles(latency.step_times), "chunk": _percentiles(latency.chunk_times)},
+        "per_episode": results, "videos": videos.paths if videos is not None else [],
+        "wall_s": time.monotonic() - t_start, "robot_config": _finite(robot_cfg),
     }
+
+
+class _Latency:
+    """Seconds per `select_action` call, and per call that ran the network (a new chunk: `num_predictions` grew)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.step_times: list[float] = []
+        self.chunk_times: list[float] = []
+        self.episode_chunks = 0
+        self._predictions = None
+
+    def start_episode(self) -> None:
+        self.episode_chunks = 0
+        self._predictions = getattr(self.policy, "num_predictions", None)
+
+    def step(self, step) -> None:
+        self.step_times.append(step.policy_s)
+        now = getattr(self.policy, "num_predictions", None)
+        if now is None or now != self._predictions:  # this call ran the network
+            self.chunk_times.append(step.policy_s)
+            self.episode_chunks += 1
+        self._predictions = now
+
+
+class _EpisodeVideos:
+    """mp4s of the first `count` episodes, named by seed and outcome once the episode is over."""
+
+    def __init__(self, robot, video_dir: Path, count: int, cameras: Sequence[str], size: int, fps: float):
+        self.camera = _VideoCamera(robot, cameras, size)
+        self.video_dir, self.count, self.fps = video_dir, count, fps
+        self.writer = None
+        self.paths: list[str] = []
+
+    def start(self, episode: int) -> None:
+        from robot_rl.video import Mp4Writer
+
+        if episode < self.count:
+            self.writer = Mp4Writer(self.video_dir / f".episode_{episode:03d}.mp4", fps=self.fps)
+            self.writer.write(self.camera.frame())
+
+    def step(self, step) -> None:
+        if self.writer is not None:
+            self.writer.write(self.camera.frame())
+
+    def finish(self, r: dict) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            final = self.video_dir / (f"episode_{r['episode']:03d}_seed{r['seed']}_"
+                                      f"{'success' if r['success'] else 'failure'}.mp4")
+            os.replace(self.writer.path, final)
+            self.writer = None
+            self.paths.append(str(final))
+
+    def close(self) -> None:
+        if self.writer is not None:  # an episode that raised: keep what was rendered (under its temporary name)
+            self.writer.close()
+        self.camera.close()
 
 
 # ------------------------------------------------------------------------------------------ training curves
