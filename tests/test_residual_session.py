@@ -21,6 +21,7 @@ from robot_rl.commands.record import Recorder
 from robot_rl.commands.train import Trainer
 
 from conftest import REPO
+from test_session import learner_checkpoint
 
 TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
                "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",
@@ -87,8 +88,8 @@ def test_residual_session_trains_evaluates_and_resumes(lift_base, tmp_path, port
     assert not np.allclose(replay.column("action"), base_actions)
     metrics = read_jsonl(run / "learner" / "metrics.jsonl")
     assert metrics and all(np.isfinite(m["critic/loss"]) and m["updates_per_s"] >= 0 for m in metrics)
-    ckpt = json.loads((run / "learner" / "checkpoints" / "latest.json").read_text())
-    assert ckpt["updates"] > 0 and (run / "learner" / "checkpoints" / "algo_state.pt").exists()
+    ckpt, ckpt_dir = learner_checkpoint(run / "learner")
+    assert ckpt["updates"] > 0 and (ckpt_dir / "algo_state.pt").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["learning_curve"] and (run / "learning_curve.png").stat().st_size > 0
     updates_before = summary["learner_updates"]
@@ -109,11 +110,10 @@ def test_crashed_learner_is_restarted_and_resumes(lift_base, tmp_path, ports):
     proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli",
                              *session_args(lift_base, run, ports, "session.episodes=8", "session.restart_crashed=1")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-    ckpt = run / "learner" / "checkpoints" / "latest.json"
     deadline = time.time() + 180
-    while not (ckpt.exists() and json.loads(ckpt.read_text())["updates"] > 0) and time.time() < deadline:
+    while not (learner_checkpoint(run / "learner")[0] or {"updates": 0})["updates"] > 0 and time.time() < deadline:
         time.sleep(0.2)
-    assert ckpt.exists(), "the learner never checkpointed"
+    assert learner_checkpoint(run / "learner")[0] is not None, "the learner never checkpointed"
     pids = subprocess.run(["pgrep", "-f", f"robot_rl.learner .*{run}"], capture_output=True, text=True).stdout.split()
     assert pids, "learner process not found"
     os.kill(int(pids[0]), signal.SIGKILL)
@@ -156,5 +156,5 @@ def test_residual_session_with_a_camera(tmp_path, ports):
     assert not any(k.startswith("next") for k in replay.keys()), "next observations are not stored"
     metrics = read_jsonl(run / "learner" / "metrics.jsonl")
     assert metrics and all(np.isfinite(m["critic/loss"]) for m in metrics)
-    ckpt = torch.load(run / "learner" / "checkpoints" / "algo_state.pt", weights_only=True)
+    ckpt = torch.load(learner_checkpoint(run / "learner")[1] / "algo_state.pt", weights_only=True)
     assert any("image_encoders" in k for k in ckpt["model"]), "the conv encoder travels with the residual"

@@ -19,6 +19,21 @@ FAST = [
 ]
 
 
+def learner_checkpoint(learner_dir):
+    """(pointer, directory holding algo_state.pt) of the learner's newest checkpoint, or (None, None): the one
+    checkpoint format keeps checkpoints/latest -> v<n>/, the layout before it checkpoints/latest.json."""
+    root = learner_dir / "checkpoints"
+    try:
+        if (root / "latest").is_file():
+            pointer = json.loads((root / "latest").read_text())
+            return pointer, root / pointer["path"]
+        if (root / "latest.json").is_file():
+            return json.loads((root / "latest.json").read_text()), root
+    except (json.JSONDecodeError, FileNotFoundError):  # read mid-write by a test poller: not there yet
+        pass
+    return None, None
+
+
 def endpoints(ports):
     return [f"session.transitions_port={ports[0]}", f"session.weights_port={ports[1]}"]
 
@@ -104,8 +119,8 @@ def test_learner_killed_and_restarted(tmp_path, ports):
     config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     learner = _start("robot_rl.learner", config, tmp_path / "learner")
     control = _start("robot_rl.control", config, tmp_path / "control")
-    ckpt = tmp_path / "learner" / "checkpoints" / "latest.json"
-    _wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["version"] >= 2, 90, "weights v2")
+    _wait_for(lambda: (learner_checkpoint(tmp_path / "learner")[0] or {"version": 0})["version"] >= 2, 90,
+              "weights v2")
     time.sleep(4.0)  # past the expert episode: the policy drives now
     kill_time = time.time()
     learner.send_signal(signal.SIGKILL)
@@ -162,8 +177,7 @@ def test_ctrl_c_stops_both_processes_cleanly(tmp_path, ports):
     proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "session", *FAST, "session.episodes=50",
                              *endpoints(ports), f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    ckpt = run_dir / "learner" / "checkpoints" / "latest.json"
-    _wait_for(lambda: ckpt.exists(), 90, "a first checkpoint")
+    _wait_for(lambda: learner_checkpoint(run_dir / "learner")[0] is not None, 90, "a first checkpoint")
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     summary = json.loads((run_dir / "summary.json").read_text())
