@@ -130,23 +130,22 @@ def test_a_registered_algorithm_plugs_into_both_processes_without_touching_them(
             make_algorithm({"name": "test_constant"}, {}, torch.device("cpu"))
         assert make_algorithm({"name": "test_constant", "offset": 0.5}, {}, torch.device("cpu")).cfg.offset == 0.5
 
-        robot = SimpleNamespace(observation_features={"state": Feature((4,))}, action_feature=Feature((2,)),
-                                send_action=lambda a: a)
+        robot = SimpleNamespace(observation_features={"state": Feature((4,))}, action_feature=Feature((2,)))
         update = SimpleNamespace(version=1, tensors={"bias": torch.ones(2)}, meta={"explore": "more"})
         host = SimpleNamespace(cfg=OmegaConf.create({"algo": {"name": "test_constant", "offset": 0.5},
                                                      "policy": {"type": "none"}}),
-                               robot=robot, seed=0, teleop=None, sender=None, policy_version=-1, _stop=False,
-                               s=SimpleNamespace(expert_episodes=0), safety=lambda a, force_safe: (a, None),
-                               subscriber=SimpleNamespace(latest=lambda: update), weight_updates=[])
+                               robot=robot, seed=0, policy_version=-1, weight_updates=[],
+                               subscriber=SimpleNamespace(latest=lambda: update))
         host.policy = ControlProcess._make_policy(host)
-        assert isinstance(host.policy, ConstantPolicy)
+        assert isinstance(host.policy, ConstantPolicy) and host.policy.acts_without_weights
         obs = {"state": np.zeros(4, np.float32)}
-        transition, source, forced = ControlProcess._tick(host, obs, episode=0, step=0)
-        assert source == "policy" and not forced, "acts before any weights, as the policy says"
-        assert transition["action"].tolist() == [0.5, 0.5] and transition["offset"] == np.float32(0.5)
-        ControlProcess._take_new_weights(host, obs)
+        assert host.policy.select_action(obs).tolist() == [0.5, 0.5]
+        assert host.policy.transition_extras(acted=True) == {"offset": np.float32(0.5)}
+        ControlProcess._take_new_weights(host, obs)  # load, version, learner's meta, no probe
         assert host.policy_version == 1 and host.policy.explore == "more"
         assert host.weight_updates[-1]["probe_action"] is None
-        assert ControlProcess._tick(host, obs, episode=0, step=1)[0]["action"].tolist() == [1.5, 1.5]
+        assert host.policy.select_action(obs).tolist() == [1.5, 1.5]
+        with host.policy.evaluating("zero"):  # the base class's default: nothing to switch
+            assert host.policy.eval_modes == ("policy", "zero") and host.policy.eval_once == ()
     finally:
         del REGISTRY["test_constant"]

@@ -23,6 +23,7 @@ from robot_rl.algos.demos import cached_base_actions, load_demos
 from robot_rl.algos.ensemble import make_adamw, polyak
 from robot_rl.algos.offpolicy import OffPolicy
 from robot_rl.interfaces import Robot
+from robot_rl.policies.checkpoint import WEIGHTS, CheckpointError, find_policy_dir, load_policy
 from robot_rl.policies.residual import ResidualModel, ResidualPolicy, residual_obs_keys
 
 
@@ -63,8 +64,6 @@ class ResidualConfig:
 
 def load_base(checkpoint: str, device: str = "cpu"):
     """The frozen base policy (eval mode, no gradients)."""
-    from robot_rl.policies.checkpoint import load_policy
-
     if not checkpoint:
         raise ValueError("algo.base_checkpoint is required: the BC policy to improve (a `robot-rl train` run dir)")
     base = load_policy(checkpoint, device=device)
@@ -74,24 +73,23 @@ def load_base(checkpoint: str, device: str = "cpu"):
 
 
 def base_weights_file(checkpoint: str) -> Path:
-    """The base's weights file (it keys the cache of relabelled demo actions)."""
-    from robot_rl.policies.checkpoint import WEIGHTS, resolve_checkpoint
-
-    directory = resolve_checkpoint(checkpoint)
+    """The base's weights file (it keys the cache of relabelled demo actions); model.safetensors in checkpoints
+    written by `robot-rl train` before the one checkpoint format."""
+    directory = find_policy_dir(checkpoint)
     return directory / WEIGHTS if (directory / WEIGHTS).exists() else directory / "model.safetensors"
 
 
 class ResidualTD3(OffPolicy):
+    saved = (*OffPolicy.saved, "target_actor")  # resumed with the model, critics and optimisers
+
     @classmethod
     def check_config(cls, cfg: ResidualConfig) -> None:
         """Fail before any process starts when the base or the demonstrations are missing."""
-        from robot_rl.policies.checkpoint import CheckpointError, resolve_checkpoint
-
         if not cfg.base_checkpoint:
             raise ValueError("algo.base_checkpoint is required: the BC policy to improve (a `robot-rl train` run "
                              "dir or checkpoint dir)")
         try:
-            resolve_checkpoint(cfg.base_checkpoint)
+            find_policy_dir(cfg.base_checkpoint)
         except (FileNotFoundError, CheckpointError) as e:
             raise ValueError(f"algo.base_checkpoint: {e}") from None
         super().check_config(cfg)
@@ -124,8 +122,6 @@ class ResidualTD3(OffPolicy):
         self.critic_opt = make_adamw([*self.critic.parameters(), *self.model.featurizer.parameters()],
                                      lr=cfg.critic_lr)
         self._make_sampler(arrays, ends, ["action", "base_action"])
-
-    saved = (*OffPolicy.saved, "target_actor")
 
     def robot_policy(self) -> ResidualPolicy:
         policy = ResidualPolicy(self.base, self.robot_model(), warmup_noise=self.cfg.warmup_noise,

@@ -54,6 +54,7 @@ class SACConfig:
 
 class SAC(OffPolicy):
     explore_mode = "sample"  # draw from the tanh-Gaussian (the entropy bonus does the exploring)
+    saved = (*OffPolicy.saved, "alpha_opt")  # resumed with the model, critics and optimisers (+ log_alpha below)
 
     @classmethod
     def build_robot_policy(cls, cfg: SACConfig, policy_cfg: dict, robot: Robot, seed: int) -> SACPolicy:
@@ -106,8 +107,6 @@ class SAC(OffPolicy):
         self.num_updates += 1
         return {"critic/loss": critic_loss.item() / cfg.num_critics, "critic/q_mean": q.mean().item(),
                 "actor/loss": actor_loss.item(), "actor/entropy": -logp.mean().item(), "alpha": alpha.item()}
-
-    saved = (*OffPolicy.saved, "alpha_opt")
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone()}
