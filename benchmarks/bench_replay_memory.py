@@ -169,7 +169,7 @@ def main() -> None:
     pk = ours["per_key"]
     img = sum(v for k, v in pk.items() if k.endswith("_image"))
     low = sum(v for k, v in pk.items() if k.startswith("obs.") and not k.endswith("_image"))
-    print(f"\nOURS: ReplayStore, {ours['rows']} transitions appended in batches of 16-64 "
+    print(f"\nOURS: ReplayBuffer, {ours['rows']} transitions appended in batches of 16-64 "
           f"({ours['append_s']:.1f} s, {ours['rows'] / ours['append_s']:.0f} rows/s incl. zarr + fsync'd commit)")
     print(f"  per transition: {ours['row_bytes']:.0f} B in RAM = images {img} B "
           f"(2 x {args.size}x{args.size}x3 uint8) + "
