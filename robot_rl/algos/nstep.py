@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from robot_rl.algos.base import SENDER_KEY, ReplayView
+
 
 class EpisodeLinks:
     """`next_idx` for rows appended in order, possibly interleaved from several senders (robots).
@@ -103,12 +105,12 @@ class RLPDSampler:
         self.demo_fraction, self.interventions_to_demos = demo_fraction, interventions_to_demos
         self.links = EpisodeLinks()
 
-    def online_pool(self, replay) -> Pool:
+    def online_pool(self, replay: ReplayView) -> Pool:
         """The learner's replay as a pool (links extended incrementally as rows arrive)."""
         n = replay.size
         if self.links.size < n:
             a = self.links.size
-            self.links.extend(replay.column("_sender")[a:n], replay.column("episode")[a:n],
+            self.links.extend(replay.column(SENDER_KEY)[a:n], replay.column("episode")[a:n],
                               replay.column("step")[a:n])
         terminal = replay.column("success")[:n].astype(bool)
         next_idx = self.links.next_idx[:n]
@@ -128,7 +130,7 @@ class RLPDSampler:
         out["return"], out["discount"] = ns["return"], ns["discount"]
         return out
 
-    def sample(self, replay, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def sample(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, np.ndarray]:
         online = self.online_pool(replay)
         n_demo = int(round(self.batch_size * self.demo_fraction)) if len(online) else self.batch_size
         sources = [(self.demos, self.demos.starts)]

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from robot_rl.algos.base import SENDER_KEY  # the column naming each row's control process (ReplayView's contract)
+
 COMMIT_FILE = "commit.json"
 SEQ_KEY = "_seq"
-SENDER_KEY = "_sender"
 MIN_ROWS = 1024           # smallest allocation without a preallocation hint
 DOUBLING_LIMIT = 1 << 16  # grow by 2x up to this many rows, by 1.25x beyond
 READ_ROWS = 4096          # rows read from disk at a time when reopening (no whole-column temporary copy)
