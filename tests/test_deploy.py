@@ -411,7 +411,7 @@ def test_deploy_config_errors(lift_run, tmp_path):
         Deployer(deploy_cfg(lift_run / "run", "deploy.blend=average"), tmp_path)
     with pytest.raises(ConfigError, match="replan_every must be in 1..7"):
         Deployer(deploy_cfg(lift_run / "run", "deploy.replan_every=9"), tmp_path)
-    with pytest.raises(ConfigError, match="neither a checkpoint"):
+    with pytest.raises(ConfigError, match="is not a policy checkpoint"):
         Deployer(deploy_cfg(tmp_path), tmp_path)
     with pytest.raises(ConfigError, match="observations"):  # a Stack robot does not produce Lift's cube_pos
         Deployer(deploy_cfg(lift_run / "run", "robot=stack"), tmp_path, robot_given=True)
@@ -461,7 +461,7 @@ def test_process_executor_matches_the_thread_and_reports_load_errors(lift_run):
     # same seed, same warm-up draws, same observation: the child computes the very same first chunk
     np.testing.assert_array_equal(first["thread"], first["process"])
 
-    with pytest.raises(RuntimeError, match="could not load the policy(.|\n)*neither a checkpoint"):
+    with pytest.raises(RuntimeError, match="could not load the policy(.|\n)*is not a policy checkpoint"):
         ProcessPredictor("robot_rl.commands.deploy:worker_policy", {"checkpoint": str(lift_run / "nope"), "device": "cpu"})
 
 

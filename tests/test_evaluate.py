@@ -108,7 +108,7 @@ def test_eval_main_writes_results_video_and_curves(lift_run, tmp_path, capsys):
     assert main(cfg, tmp_path / "out") == 0
     res = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert res["checkpoint"].endswith("step_4") and res["sampler"] == "ddim-3"
-    assert res["robot_config_source"] == "the training store" and res["robot_config"]["env_name"] == "Lift"
+    assert res["robot_config_source"] == "the checkpoint's manifest" and res["robot_config"]["env_name"] == "Lift"
     assert res["episodes"] == 2 and res["max_steps"] == 6 and len(res["per_episode"]) == 2
     assert [e["seed"] for e in res["per_episode"]] == [5, 6]
     assert res["successes"] == sum(e["success"] for e in res["per_episode"])
@@ -161,16 +161,22 @@ def test_config_errors(lift_run, tmp_path):
                       "device=cpu"), tmp_path)
     with pytest.raises(ConfigError, match="robot.env_name"):
         main(eval_cfg(f"eval.checkpoint={lift_run}", "robot=lift", "robot.env_name=NoSuchEnv"), tmp_path)
-    # a checkpoint whose training store is gone: the robot must be given
+    # a checkpoint whose manifest names no robot (written before it carried one) and whose training store is gone:
+    # the robot must be given
     import shutil
 
     moved = tmp_path / "run_copy"
     shutil.copytree(lift_run, moved)
-    cfg_path = moved / "checkpoints" / "step_4" / "config.yaml"
+    step = moved / "checkpoints" / "step_4"
+    manifest = json.loads((step / "manifest.json").read_text())
+    (step / "manifest.json").write_text(json.dumps({**manifest, "robot": {"name": None, "config": None}}))
+    from_store, source = robot_config_from_checkpoint(moved)
+    assert from_store["env_name"] == "Lift" and source == "the training store"
+    cfg_path = step / "config.yaml"
     cfg_path.write_text(cfg_path.read_text().replace(str(lift_run.parent / "store"), str(tmp_path / "gone")))
     with pytest.raises(ConfigError, match="robot=lift"):
         robot_config_from_checkpoint(moved)
-    assert robot_config_from_checkpoint(lift_run)["env_name"] == "Lift"
+    assert robot_config_from_checkpoint(lift_run) == (manifest["robot"]["config"], "the checkpoint's manifest")
 
 
 def test_set_sampler(lift_run):

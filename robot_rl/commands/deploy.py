@@ -37,7 +37,7 @@ from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import build_safety
 from robot_rl.control.takeover import SOURCES
 from robot_rl.factory import make_robot, make_teleop
-from robot_rl.policies.artifact import ArtifactError, checkpoint_context, is_artifact, load_artifact
+from robot_rl.policies.artifact import checkpoint_context
 from robot_rl.policies.chunking import BLENDS, AsyncChunkRunner, ProcessPredictor
 from robot_rl.rollout import Rollout
 
@@ -86,33 +86,34 @@ def validate_deploy(cfg: DictConfig) -> None:
     resolve_device(str(d.device))
 
 
-def load_deploy_policy(checkpoint: str, device: str) -> tuple[Any, dict]:
-    """(policy in eval mode, what we know about it: kind, path, fps, robot config, sha256...)."""
-    from robot_rl.policies.checkpoint import load_policy, resolve_checkpoint
+def load_deploy_policy(checkpoint: str, device: str, version: int | None = None) -> tuple[Any, dict]:
+    """(policy in eval mode, what we know about it: kind, path, fps, robot config, sha256...) from any checkpoint
+    the one loader reads: a policy/artefact dir, a train/distill/session run dir (newest or `version`)."""
+    from robot_rl.policies.checkpoint import CheckpointError, load_policy
 
     path = Path(str(checkpoint)).expanduser()
-    dev = resolve_device(str(device))
     try:
-        if is_artifact(path):
-            policy = load_artifact(path, dev)
-            m = policy.artifact_manifest
-            robot = m.get("robot") or {}
-            return policy, {"source": "artifact", "path": str(path), "fps": m.get("fps"),
-                            "robot_config": robot.get("config"), "robot": robot.get("name"),
-                            "task": robot.get("task"), "sha256": m["weights"]["sha256"],
-                            "step": (m.get("training") or {}).get("step")}
-        ckpt = resolve_checkpoint(path)
-        policy = load_policy(ckpt, dev)
-    except (ArtifactError, FileNotFoundError) as e:
+        policy = load_policy(path, resolve_device(str(device)), version)
+    except (CheckpointError, FileNotFoundError) as e:
         raise ConfigError(f"deploy.checkpoint={str(checkpoint)!r}: {e}") from None
-    ctx = checkpoint_context(ckpt)
-    return policy, {"source": "checkpoint", "path": str(ckpt), "fps": ctx["fps"], "robot_config": ctx["robot_config"],
-                    "robot": ctx["robot"], "task": ctx["task"], "sha256": None, "step": ctx["step"]}
+    m, directory = policy.manifest, policy.checkpoint_dir
+    if m.get("legacy"):  # a train checkpoint from before the one format: its context lies next to it
+        ctx = checkpoint_context(directory)
+        robot = {"config": ctx["robot_config"], "name": ctx["robot"], "task": ctx["task"]}
+        m = {**m, "fps": ctx["fps"], "training": {"step": ctx["step"]}, "robot": robot, "weights": {}}
+    robot, training = m.get("robot") or {}, m.get("training") or {}
+    training_state = ("trainer_state.json", "algo_state.pt", "optimizer.pt", "model.safetensors")
+    artifact = not any((directory / f).exists() for f in training_state)  # export-policy leaves training state behind
+    return policy, {"source": "artifact" if artifact else "checkpoint",
+                    "kind": m.get("kind"), "path": str(directory), "fps": m.get("fps"),
+                    "robot_config": robot.get("config"), "robot": robot.get("name"), "task": robot.get("task"),
+                    "sha256": (m.get("weights") or {}).get("sha256"), "step": training.get("step"),
+                    "version": training.get("version")}
 
 
-def worker_policy(checkpoint: str, device: str, num_inference_steps: int | None = None):
+def worker_policy(checkpoint: str, device: str, num_inference_steps: int | None = None, version: int | None = None):
     """The policy as the inference process (deploy.executor=process) loads it."""
-    policy, _ = load_deploy_policy(checkpoint, device)
+    policy, _ = load_deploy_policy(checkpoint, device, version)
     if num_inference_steps:
         policy.cfg.num_inference_steps = int(num_inference_steps)
     return policy
@@ -120,6 +121,10 @@ def worker_policy(checkpoint: str, device: str, num_inference_steps: int | None 
 
 def policy_io(policy) -> tuple[dict[str, tuple[int, ...]], int]:
     """The observation shapes a policy reads and its action size."""
+    manifest = getattr(policy, "manifest", None)
+    if manifest and not manifest.get("legacy"):  # every kind, residual on its base included
+        return ({k: tuple(int(x) for x in d["shape"]) for k, d in manifest["obs"].items()},
+                int(np.prod(manifest["action"]["shape"])))
     if hasattr(policy, "obs_features"):
         return {k: tuple(f.shape) for k, f in policy.obs_features.items()}, int(policy.action_dim)
     return ({k: (int(d),) for k, d in zip(policy.obs_keys, policy.obs_dims)}, int(policy.action_low.shape[0]))
@@ -166,7 +171,8 @@ class Deployer:
         self.run_dir = Path(run_dir)
         in_child = self.d.inference == "async" and self.d.executor == "process"
         if policy is None:  # with executor=process the child runs inference; our copy only describes the policy
-            policy, policy_info = load_deploy_policy(self.d.checkpoint, "cpu" if in_child else self.d.device)
+            policy, policy_info = load_deploy_policy(self.d.checkpoint, "cpu" if in_child else self.d.device,
+                                                    self.d.get("version"))
             if in_child and not hasattr(policy, "predict_chunk"):  # a single-action policy runs here after all
                 policy = policy.to(resolve_device(str(self.d.device)))
         self.policy = policy

@@ -116,6 +116,9 @@ def set_sampler(policy, scheduler: str | None = None, num_inference_steps: int |
     sampler, and DDPM always runs the full chain of num_train_timesteps steps."""
     from robot_rl.policies.diffusion import DiffusionPolicy
 
+    if not isinstance(policy, DiffusionPolicy) and isinstance(getattr(policy, "base", None), DiffusionPolicy):
+        kind = type(policy).__name__  # residual on a diffusion base: the base samples the chunks
+        return f"{kind} on {set_sampler(policy.base, scheduler, num_inference_steps)}"
     if not isinstance(policy, DiffusionPolicy):
         if scheduler or num_inference_steps:
             raise ConfigError("eval.scheduler / eval.num_inference_steps apply to diffusion policies only")
@@ -320,7 +323,7 @@ class _EpisodeVideos:
 def _run_dir_of(path: Path) -> Path:
     """The run directory of a run, `checkpoints/` or `checkpoints/step_<n>` path."""
     path = Path(path)
-    if (path / "model.safetensors").exists() and path.parent.name == "checkpoints":
+    if path.parent.name == "checkpoints" and ((path / "model.safetensors").exists() or (path / "manifest.json").exists()):
         return path.parent.parent
     if path.name == "checkpoints":
         return path.parent
@@ -364,15 +367,15 @@ def plot_training_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike)
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from robot_rl.policies.checkpoint import resolve_checkpoint
+    from robot_rl.policies.checkpoint import CheckpointError, find_policy_dir
 
     run = _run_dir_of(Path(run_dir))
     losses: list[float] = []
     try:
-        state_path = resolve_checkpoint(run_dir) / "trainer_state.json"
+        state_path = find_policy_dir(run_dir) / "trainer_state.json"
         if state_path.exists():
             losses = [float(x) for x in json.loads(state_path.read_text()).get("losses", [])]
-    except FileNotFoundError:
+    except CheckpointError:
         pass
     scalars = read_scalars(run / "tb")
     loss_tags = sorted(t for t in scalars if t.endswith("/loss") or t.endswith("_mse") or t.endswith("/mse"))
@@ -422,9 +425,9 @@ def plot_training_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike)
 
 def training_config(checkpoint: str | os.PathLike) -> DictConfig | None:
     """The config.yaml saved with a checkpoint (None if there is none)."""
-    from robot_rl.policies.checkpoint import resolve_checkpoint
+    from robot_rl.policies.checkpoint import find_policy_dir
 
-    path = resolve_checkpoint(checkpoint) / "config.yaml"
+    path = find_policy_dir(checkpoint) / "config.yaml"
     return OmegaConf.load(path) if path.exists() else None
 
 
@@ -436,16 +439,24 @@ def training_store(checkpoint: str | os.PathLike) -> Path | None:
         return None
     data = OmegaConf.select(cfg, "train.data") or OmegaConf.select(cfg, "distill.data")
     if OmegaConf.select(cfg, "train.data_format") == "lerobot":
-        from robot_rl.policies.checkpoint import resolve_checkpoint
+        from robot_rl.policies.checkpoint import find_policy_dir
 
-        ckpt = resolve_checkpoint(checkpoint)
+        ckpt = find_policy_dir(checkpoint)
         data = OmegaConf.select(cfg, "train.import_dir") or (_run_dir_of(ckpt) / "imported_store")
     return Path(str(data)).expanduser() if data else None
 
 
-def robot_config_from_checkpoint(checkpoint: str | os.PathLike) -> dict:
-    """The robot config the checkpoint's training data was recorded with (store meta `info.robot_config`)."""
-    store = training_store(checkpoint)
+def robot_config_from_checkpoint(checkpoint: str | os.PathLike, version: int | None = None) -> tuple[dict, str]:
+    """The robot config in the checkpoint's manifest (what it was trained or run with), else the one its training
+    data was recorded with (store meta `info.robot_config`)."""
+    from robot_rl.policies.checkpoint import MANIFEST, find_policy_dir, read_manifest
+
+    directory = find_policy_dir(checkpoint, version)
+    if (directory / MANIFEST).is_file():
+        robot_cfg = (read_manifest(directory).get("robot") or {}).get("config")
+        if robot_cfg:
+            return dict(robot_cfg), "the checkpoint's manifest"
+    store = training_store(directory)
     hint = "pass the robot yourself, e.g. robot=lift"
     if store is None:
         raise ConfigError(f"{checkpoint}: the checkpoint's config.yaml names no training data, so the robot is "
@@ -457,7 +468,7 @@ def robot_config_from_checkpoint(checkpoint: str | os.PathLike) -> dict:
     robot_cfg = json.loads(meta_path.read_text()).get("info", {}).get("robot_config")
     if not robot_cfg:
         raise ConfigError(f"{store} does not record the robot it came from (meta.info.robot_config); {hint}")
-    return dict(robot_cfg)
+    return dict(robot_cfg), "the training store"
 
 
 def validate_eval(cfg: DictConfig) -> None:
@@ -493,7 +504,7 @@ def validate_eval(cfg: DictConfig) -> None:
 def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     """Entry point of `robot-rl eval` (the CLI passes hydra's run directory). Returns an exit code."""
     from robot_rl.factory import make_robot
-    from robot_rl.policies.checkpoint import load_policy, resolve_checkpoint
+    from robot_rl.policies.checkpoint import CheckpointError, find_policy_dir, load_policy
 
     validate_eval(cfg)
     e = cfg.eval
@@ -501,19 +512,19 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if e.get("num_threads"):
         torch.set_num_threads(int(e.num_threads))
+    version = e.get("version")
     try:
-        ckpt = resolve_checkpoint(Path(str(e.checkpoint)).expanduser())
-    except FileNotFoundError as err:
+        ckpt = find_policy_dir(Path(str(e.checkpoint)).expanduser(), version)
+    except CheckpointError as err:
         raise ConfigError(f"eval.checkpoint: {err}") from None
     device = resolve_device(str(cfg.get("device", "auto")))
     if cfg.get("robot") is not None:
         robot_cfg = OmegaConf.to_container(cfg.robot, resolve=True)
         source = "robot= override"
     else:
-        robot_cfg = robot_config_from_checkpoint(ckpt)
-        source = "the training store"
+        robot_cfg, source = robot_config_from_checkpoint(ckpt)
     make_robot(robot_cfg)  # a bad robot config fails here as a ConfigError, before the policy is loaded
-    policy = load_policy(ckpt, device=device, weights=str(e.get("weights", "model")))
+    policy = load_policy(ckpt, device=device, weights="raw" if e.get("weights") == "raw_model" else "policy")
     sampler = set_sampler(policy, e.get("scheduler"), e.get("num_inference_steps"))
     log.info("evaluating %s (%s, %s) on %s (robot config from %s): %d episodes from seed %d", ckpt, sampler,
              device, robot_cfg.get("env_name", robot_cfg.get("type")), source, e.episodes, e.seed)

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 
 from robot_rl.algos import make_algorithm, with_defaults
-from robot_rl.config import resolve_device, write_json
+from robot_rl.config import git_hash, resolve_device, write_json
 from robot_rl.learner.replay_buffer import ReplayBuffer
+from robot_rl.policies.checkpoint import latest_checkpoint, save_checkpoint, write_policy
 from robot_rl.transport import TransitionReceiver, WeightPublisher
 from robot_rl.transport.security import load_server_keys
 
@@ -83,31 +83,44 @@ class Learner:
         return self.run_dir / "checkpoints"
 
     def _restore_checkpoint(self) -> None:
-        meta_path = self._ckpt_dir / "latest.json"
-        if not meta_path.exists():
+        """Resume from the newest checkpoint: all nets, targets, optimisers and counters (algo_state.pt beside the
+        policy), and the version numbering (robots ignore versions they already have). Sessions written before
+        the one checkpoint format kept algo_state.pt + latest.json in checkpoints/ itself: still read."""
+        latest = latest_checkpoint(self._ckpt_dir)
+        if latest is not None:
+            pointer = json.loads((self._ckpt_dir / "latest").read_text())
+            state_path = latest / "algo_state.pt"
+        elif (self._ckpt_dir / "latest.json").exists():
+            pointer = json.loads((self._ckpt_dir / "latest.json").read_text())
+            state_path = self._ckpt_dir / "algo_state.pt"
+        else:
             return
-        meta = json.loads(meta_path.read_text())
-        self.version = int(meta["version"])  # robots ignore versions they already have: continue the numbering
-        if not self.algo.ready(self.replay):
+        self.version = int(pointer["version"])
+        if not self.algo.ready(self.replay) or not state_path.exists():
             return
-        if (self._ckpt_dir / "algo_state.pt").exists():  # tensors and plain containers only: no code is loaded
-            state = torch.load(self._ckpt_dir / "algo_state.pt", weights_only=True, map_location=self.device)
-        else:  # checkpoints written before algo_state.pt existed
-            state = {"policy": load_file(self._ckpt_dir / "policy.safetensors"),
-                     "opt": torch.load(self._ckpt_dir / "optimizer.pt", weights_only=True)}
-        self.algo.load_state_dict(state)
-        self.updates, self.version = int(meta["updates"]), int(meta["version"])
+        # tensors and plain containers only: no code is loaded
+        self.algo.load_state_dict(torch.load(state_path, weights_only=True, map_location=self.device))
+        self.updates = int(pointer["updates"])
         log.info("resumed from checkpoint: version %d, %d updates, %d stored transitions",
                  self.version, self.updates, self.replay.size)
 
     def _checkpoint(self) -> None:
-        self._ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._ckpt_dir / "algo_state.pt.tmp"
-        torch.save(self.algo.state_dict(), tmp)
-        tmp.replace(self._ckpt_dir / "algo_state.pt")  # a crash mid-write leaves the previous checkpoint whole
-        save_file({k: v.contiguous() for k, v in self.algo.policy_state().items()}, self._ckpt_dir / "policy.safetensors")
-        write_json(self._ckpt_dir / "latest.json", {"version": self.version, "updates": self.updates,
-                                                    "replay_rows": self.replay.size})
+        """One policy directory per published version (the format `robot-rl eval/deploy/export-policy` read),
+        with the algorithm's full training state beside it; `latest` moves only once both are written."""
+        robot = OmegaConf.to_container(self.cfg.robot, resolve=True)
+        robot_info = {"name": robot.get("env_name") or robot.get("lerobot_type") or robot.get("type"),
+                      "config": robot, "task": robot.get("task")}
+        provenance = {"source": "session", "algo": self.cfg.algo.name, "version": self.version,
+                      "updates": self.updates, "replay_rows": self.replay.size, "git": git_hash()}
+
+        def write(directory: Path) -> None:
+            write_policy(directory, self.algo.robot_policy(), robot=robot_info, fps=float(self.s.rate_hz),
+                         provenance=provenance)
+            torch.save(self.algo.state_dict(), directory / "algo_state.pt")
+
+        save_checkpoint(self._ckpt_dir, f"v{self.version}", write,
+                        {"version": self.version, "updates": self.updates, "replay_rows": self.replay.size},
+                        keep_last=int(self.s.get("keep_checkpoints", 3) or 0) or None)
 
     # ----------------------------------------------------------------------------------------------- threads
     def _receive_loop(self) -> None:

@@ -213,7 +213,7 @@ def write_policy(directory: str | os.PathLike, policy, *, robot: dict | None = N
     if info["kind"] == "residual":
         base_src = getattr(policy.base, "checkpoint_dir", None)  # set by load_policy: copy it as it was written
         has_manifest = base_src is not None and (Path(base_src) / MANIFEST).is_file()
-        base_manifest = copy_policy(base_src, directory / BASE_DIR) if has_manifest else write_policy(
+        base_manifest = copy_policy(base_src, directory / BASE_DIR, link=True) if has_manifest else write_policy(
             directory / BASE_DIR, policy.base, robot=robot, fps=fps)
         base = {"dir": BASE_DIR, "kind": base_manifest["kind"], "sha256": base_manifest["weights"]["sha256"]}
     manifest = json_safe({
@@ -231,9 +231,10 @@ def write_policy(directory: str | os.PathLike, policy, *, robot: dict | None = N
     return manifest
 
 
-def copy_policy(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
-    """Copy the policy files of a policy directory (manifest, weights, base/; no training state), hard-linked
-    where the filesystem allows (a session writes a base copy with every version). Returns the manifest."""
+def copy_policy(src: str | os.PathLike, dst: str | os.PathLike, link: bool = False) -> dict:
+    """Copy the policy files of a policy directory (manifest, weights, base/; no training state). `link`: hard
+    links where the filesystem allows (a session writes its frozen base with every version; an export must copy,
+    or editing the artefact would change the run it came from). Returns the manifest."""
     src, dst = Path(src), Path(dst)
     manifest = verify(src)
     dst.mkdir(parents=True, exist_ok=True)
@@ -242,11 +243,13 @@ def copy_policy(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
         if target.exists():
             target.unlink()
         try:
+            if not link:
+                raise OSError
             os.link(src / name, target)
         except OSError:
             shutil.copy2(src / name, target)
     if manifest.get("base"):
-        copy_policy(src / manifest["base"]["dir"], dst / manifest["base"]["dir"])
+        copy_policy(src / manifest["base"]["dir"], dst / manifest["base"]["dir"], link)
     return manifest
 
 
