@@ -8,7 +8,6 @@ the safe action until the learner is back.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import time
@@ -22,12 +21,12 @@ from robot_rl.config import write_json
 from robot_rl.control.telemetry import EpisodeLog
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import Watchdog, build_safety
-from robot_rl.control.takeover import SOURCES, pick_source
+from robot_rl.control.takeover import SOURCES
 from robot_rl.algos import make_robot_policy
 from robot_rl.factory import make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX, Policy
-from robot_rl.policies.residual import ResidualPolicy  # only _evaluate still names it (being rewritten)
 from robot_rl.reward.success import make_success_detector
+from robot_rl.rollout import Rollout, Step
 from robot_rl.transport import TransitionSender, WeightSubscriber
 from robot_rl.transport.security import load_client_keys
 
@@ -90,38 +89,38 @@ class ControlProcess:
                                     "meta": update.meta})
         log.info("policy weights v%d loaded", update.version)
 
-    def _tick(self, obs, episode: int, step: int, evaluating: bool = False):
-        """Decide and send one action; returns the transition (reward/success filled in by the caller from the
-        next observation), who acted, and whether the safe action was forced."""
+    def _policy_action(self, obs):
+        """The policy acts once weights arrived, or from the first tick if it needs none (a frozen base)."""
+        can_act = self.policy_version >= 0 or self.policy.acts_without_weights
+        return self.policy.select_action(obs) if can_act else None
+
+    def _feed_watchdog(self) -> None:
         if self.sender is not None and self.sender.last_contact is not None:
             self.watchdog.feed(self.sender.last_contact)
-        dim = self.robot.action_feature.shape[0]
-        nan = np.full(dim, np.nan, dtype=np.float32)
 
-        teleop = None if evaluating else self.teleop  # evaluation episodes measure the policy alone
-        label = teleop.get_action(obs) if teleop is not None else None
-        can_act = self.policy_version >= 0 or self.policy.acts_without_weights
-        policy_action = self.policy.select_action(obs) if can_act else None
-        source, proposal = pick_source(teleop, label, policy_action, episode < self.s.expert_episodes)
+    def _must_hold(self, source: str) -> bool:
+        """The safe action despite a proposal: the learner went silent while the policy drives, or we stop."""
         learner_lost = source == "policy" and self.sender is not None and self.watchdog.expired()
-        force_safe = proposal is None or learner_lost or self._stop
-        action, _ = self.safety(proposal if proposal is not None else nan, force_safe=force_safe)
-        sent = self.robot.send_action(action)
+        return learner_lost or self._stop
 
-        transition = {OBS_PREFIX + k: np.asarray(v) for k, v in obs.items()}
+    def _transition(self, step: Step, episode: int) -> dict:
+        """What the learner gets for one tick: the observation, who proposed and who acted, the outcome."""
+        nan = np.full(self.robot.action_feature.shape[0], np.nan, dtype=np.float32)
+        transition = {OBS_PREFIX + k: np.asarray(v) for k, v in step.obs.items()}
         transition.update({
-            "action": np.asarray(sent, dtype=np.float32),
-            "policy_action": nan if policy_action is None else np.asarray(policy_action, dtype=np.float32),
-            "expert_action": nan if label is None else np.asarray(label, dtype=np.float32),
-            "intervention": np.bool_(source == "teleop"),
-            "forced_safe": np.bool_(force_safe),
+            "action": np.asarray(step.action, dtype=np.float32),
+            "policy_action": nan if step.policy_action is None else np.asarray(step.policy_action, dtype=np.float32),
+            "expert_action": nan if step.teleop_action is None else np.asarray(step.teleop_action, dtype=np.float32),
+            "intervention": np.bool_(step.source == "teleop"),
+            "forced_safe": np.bool_(step.forced_safe),
             "episode": np.int64(episode),
-            "step": np.int64(step),
+            "step": np.int64(step.index),
             "policy_version": np.int64(self.policy_version),
-            "t": np.float64(time.time()),
+            "t": np.float64(step.t),
         })
-        transition.update(self.policy.transition_extras(acted=policy_action is not None))
-        return transition, source, force_safe
+        transition.update(self.policy.transition_extras(acted=step.policy_action is not None))
+        transition.update(reward=np.float32(step.success), success=np.bool_(step.success), done=np.bool_(step.done))
+        return transition
 
     # ---------------------------------------------------------------------------------------------- episodes
     def _wait_for_learner(self) -> None:
@@ -137,6 +136,9 @@ class ControlProcess:
 
     def run(self) -> dict:
         torch.set_num_threads(1)  # small-network inference: extra threads only steal cores from sim and learner
+        self.rollout = Rollout(self.robot, self.policy, act=self._policy_action, teleop=self.teleop,
+                               safety=self.safety, success=self.success, pacer=self.loop,
+                               stop_on_success=bool(self.s.stop_on_success))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
         self.robot.connect()
@@ -185,86 +187,60 @@ class ControlProcess:
             end = time.monotonic() + wait
             while time.monotonic() < end and not self._stop:
                 time.sleep(0.05)
-        obs = self.robot.reset(seed=seed)
-        if hasattr(self.policy, "seed_episode"):
-            self.policy.seed_episode(seed)
-        self.policy.reset()
-        self.safety.reset()
-        self.success.reset()
-        if self.teleop is not None:
-            self.teleop.reset()
-        return obs
+        return self.rollout.reset(seed)
 
     def _evaluate(self, after_episode: int) -> None:
         """Evaluation block: no exploration noise, no takeover, nothing sent to the learner, the same seeds
-        every time. A residual policy is compared with its base alone (evaluated once: the base is frozen)."""
-        modes = ["policy"]
-        if isinstance(self.policy, ResidualPolicy):
-            modes = ["residual"] if self.log.base_eval is not None else ["base", "residual"]
-        for mode in modes:
+        every time, in each of the policy's evaluation modes (a residual policy: its base alone, then with the
+        residual; `eval_once` modes such as the frozen base only in the first block)."""
+        for mode in self._eval_modes():
             results = []
             for j in range(int(self.s.eval_episodes)):
                 if self._stop:
                     return
                 obs = self._reset(int(self.s.eval_seed) + j)
-                with self._eval_mode(mode):
+                with self.policy.evaluating(mode):
                     results.append(self._run_episode(after_episode, obs, None, evaluating=True))
             self.log.evaluation(mode, after_episode, self.policy_version, results)
 
-    @contextlib.contextmanager
-    def _eval_mode(self, mode: str):
-        """No exploration noise; mode "base" switches a residual policy's residual off."""
-        policy = self.policy
-        saved = (getattr(policy, "exploration", None), getattr(policy, "use_residual", None))
-        if saved[0] is not None:
-            policy.exploration = "none"
-        if saved[1] is not None:
-            policy.use_residual = mode != "base"
-        try:
-            yield
-        finally:
-            if saved[0] is not None:
-                policy.exploration = saved[0]
-            if saved[1] is not None:
-                policy.use_residual = saved[1]
+    def _eval_modes(self) -> list[str]:
+        evaluated = {"base"} if self.log.base_eval is not None else set()  # the log keeps a run's base result
+        return [m for m in self.policy.eval_modes if m not in self.policy.eval_once or m not in evaluated]
 
     def _run_episode(self, episode: int, obs, probe_obs, evaluating: bool = False) -> dict:
-        steps = policy_steps = safe_steps = teleop_steps = 0
-        success, residual_abs, t0 = False, [], time.monotonic()
-        self.loop.start(keep_stats=bool(self.ticks["t"]))  # resets are not overruns; stats cover the session
-        for step in range(self.s.max_episode_steps):
+        """One episode of the rollout loop; a training episode also takes new weights between ticks, streams its
+        transitions and records its ticks. Evaluation episodes measure the policy alone (no teleop)."""
+        residual_abs = []
+
+        def before_step(index: int, obs) -> None:
             if not evaluating:
-                self._take_new_weights(probe_obs)
-            t_decide = time.time()
-            transition, source, forced_safe = self._tick(obs, episode, step, evaluating)
-            obs = self.robot.get_observation()
-            success = bool(self.success(obs, self.robot))
-            transition["reward"], transition["success"] = np.float32(success), np.bool_(success)
-            steps += 1
-            policy_steps += source == "policy"
-            teleop_steps += source == "teleop"
-            safe_steps += forced_safe
+                self._take_new_weights(probe_obs)  # weights swap at a tick boundary
+            self._feed_watchdog()
+
+        def after_step(step: Step) -> None:
+            transition = self._transition(step, episode)
             if "residual" in transition and np.isfinite(transition["residual"]).all():
                 residual_abs.append(float(np.abs(transition["residual"]).mean()))
-            done = (success and self.s.stop_on_success) or step == self.s.max_episode_steps - 1 or self._stop
-            transition["done"] = np.bool_(done)
-            if self.sender is not None and not evaluating:
+            if evaluating:
+                return
+            if self.sender is not None:
                 self.sender.submit(transition)
-            lateness = self.loop.wait()
-            if not evaluating:
-                for key, value in (("t", t_decide), ("lateness", lateness), ("episode", episode),
-                                   ("source", SOURCES.index(source)), ("forced_safe", forced_safe),
-                                   ("policy_version", self.policy_version)):
-                    self.ticks[key].append(value)
-            if done:
-                break
-        duration = time.monotonic() - t0
-        return {"episode": episode, "success": bool(success), "return": float(success), "steps": steps,
-                "policy_steps": policy_steps, "teleop_steps": teleop_steps, "safe_steps": safe_steps,
+            for key, value in (("t", step.t), ("lateness", step.lateness), ("episode", episode),
+                               ("source", SOURCES.index(step.source)), ("forced_safe", step.forced_safe),
+                               ("policy_version", self.policy_version)):
+                self.ticks[key].append(value)
+
+        r = self.rollout.episode(obs, self.s.max_episode_steps, teleop_drives=episode < self.s.expert_episodes,
+                                 with_teleop=not evaluating, before_step=before_step, force_safe=self._must_hold,
+                                 stop=lambda: self._stop, hooks=[after_step],
+                                 keep_pacing_stats=bool(self.ticks["t"]))  # stats cover the session
+        duration = r["duration_s"]
+        return {"episode": episode, "success": r["success"], "return": float(r["success"]), "steps": r["steps"],
+                "policy_steps": r["policy_steps"], "teleop_steps": r["teleop_steps"], "safe_steps": r["safe_steps"],
                 "policy_version": self.policy_version,
                 "residual_abs": float(np.mean(residual_abs)) if residual_abs else None,
                 "exploration": getattr(self.policy, "exploration", None),
-                "achieved_hz": steps / duration if duration > 0 else None}
+                "achieved_hz": r["steps"] / duration if duration > 0 else None}
 
     def _hold_safe(self) -> None:
         """Leave the robot on the safe action, whatever ended the run."""
