@@ -5,11 +5,11 @@
     robot-rl deploy deploy.checkpoint=... teleop=spacemouse                  # a human can take over
     robot-rl deploy deploy.checkpoint=... deploy.record_path=data/rollouts   # rollouts become data
 
-Each tick (PacedLoop, absolute deadlines): observation -> `runner.observe` -> `runner.action_for(tick)` (an
-action chunk computed ahead by a background thread, in a child process by default (deploy.executor), aligned
-on absolute ticks and blended with the previous one; robot_rl.policies.chunking) or, if none is valid, the safe
-action -> optional teleop takeover (`pick_source`) -> safety filter (bounds, NaN/inf/shape, rate limit) ->
-`send_action`. See docs/deploy.md.
+Each tick of the rollout loop (robot_rl/rollout.py; PacedLoop, absolute deadlines): observation ->
+`runner.observe` -> `runner.action_for(tick)` (an action chunk computed ahead by a background thread, in a child
+process by default (deploy.executor), aligned on absolute ticks and blended with the previous one;
+robot_rl.policies.chunking) or, if none is valid, the safe action -> optional teleop takeover (`pick_source`) ->
+safety filter (bounds, NaN/inf/shape, rate limit) -> `send_action`. See docs/deploy.md.
 
 The robot comes from the checkpoint: the robot config the training data was recorded with (or the artefact's
 manifest), unless `robot=...` is given on the command line or `deploy.robot_from_checkpoint=false`.

@@ -1,8 +1,9 @@
 """`robot-rl record`: an operator (or a scripted expert in sim) drives the robot; episodes go to an episode store.
 
-The loop is the control process's: paced on absolute deadlines, every action through the safety filter. With a
-policy configured the policy drives and the teleop takes over when it intervenes (or a simulated intervener in
-sim); each step records who acted and what the policy proposed. Episodes end on the operator's save key, on
+The loop is the one rollout loop (robot_rl/rollout.py) that sessions, eval and deploy run: paced on absolute
+deadlines, every action through the safety filter; `EpisodeRecording` writes each step. With a policy
+configured the policy drives and the teleop takes over when it intervenes (or a simulated intervener in sim);
+each step records who acted and what the policy proposed. Episodes end on the operator's save key, on
 success (sim, after `success_extra_steps`), or at `max_episode_steps`; the rerecord key discards the episode and
 restarts it with the same seed; the stop key saves and quits; Ctrl-C quits and drops the episode in progress.
 The success key labels the step it is pressed at and every later step of the episode `success=True` (operator
