@@ -123,10 +123,7 @@ class Rollout:
             with self._section("policy"):
                 policy_action = act(obs) if act is not None else None
             policy_s = time.perf_counter() - t_policy
-            source, proposal = pick_source(teleop, label, policy_action, teleop_drives)
-            if (source == "teleop" and policy_action is None and not self.teleop_fills_gaps and not teleop_drives
-                    and not teleop.intervening):
-                source, proposal = "none", None  # a starved policy holds; the teleop acts only when it takes over
+            source, proposal = self._who_acts(teleop, label, policy_action, teleop_drives)
             forced = proposal is None or bool(force_safe is not None and force_safe(source))
             action = proposal
             if self.safety is not None:
@@ -173,6 +170,14 @@ class Rollout:
             if on_end is not None:
                 on_end(result)
         return results
+
+    def _who_acts(self, teleop, label: Action, policy_action: Action, teleop_drives: bool) -> tuple[str, Action]:
+        """`pick_source`; without `teleop_fills_gaps` a starved policy holds unless the teleop takes over."""
+        source, proposal = pick_source(teleop, label, policy_action, teleop_drives)
+        if source == "teleop" and policy_action is None and not (
+                self.teleop_fills_gaps or teleop_drives or teleop.intervening):
+            return "none", None
+        return source, proposal
 
     def _section(self, name: str):
         return self.pacer.section(name) if self.pacer is not None else contextlib.nullcontext()
