@@ -3,7 +3,8 @@ robot_rl's `Robot` / `Teleop` interfaces.
 
 Mapping: lerobot's scalar float features (`"shoulder_pan.pos": float`, ...) become one float32 vector `state`
 whose entry names are lerobot's keys in lerobot's order; image features (`"front": (H, W, 3)`) keep their key;
-other array features keep their key as float32. The action vector's entries are the `action_features` keys in
+depth maps (`"front_depth": (H, W, 1)`, lerobot >= 0.6 cameras with `use_depth=True`) keep their key as uint16
+millimetres (never squeezed into uint8); other array features keep their key as float32. The action vector's entries are the `action_features` keys in
 order, so `vector[i] <-> action_dict[names[i]]`.
 
 lerobot robots do not publish action bounds: pass `action_low`/`action_high` (arrays or name→value dicts) to give
@@ -154,10 +155,12 @@ class LeRobotRobot(Robot):
         self._dropped = 0
         obs_feats = dict(robot.observation_features)
         self.state_names = [k for k, v in obs_feats.items() if _is_scalar(v)]
-        self.image_keys = [k for k, v in obs_feats.items()
-                           if isinstance(v, tuple) and len(v) == 3 and v[-1] in (1, 3, 4)]
+        self.depth_keys = [k for k, v in obs_feats.items()
+                           if k.endswith("_depth") and isinstance(v, tuple) and len(v) == 3 and v[-1] == 1]
+        self.image_keys = [k for k, v in obs_feats.items() if k not in self.depth_keys
+                           and isinstance(v, tuple) and len(v) == 3 and v[-1] in (1, 3, 4)]
         self.array_keys = {k: tuple(v) for k, v in obs_feats.items()
-                           if isinstance(v, tuple) and k not in self.image_keys}
+                           if isinstance(v, tuple) and k not in self.image_keys and k not in self.depth_keys}
         self.action_names = _vector_names(robot.action_features)
         if not self.action_names:
             raise ValueError(f"{self.name}: no scalar action features in {robot.action_features!r}")
@@ -182,6 +185,8 @@ class LeRobotRobot(Robot):
             feats[STATE_KEY] = Feature(shape=(len(self.state_names),), dtype="float32", names=tuple(self.state_names))
         for k in self.image_keys:
             feats[k] = Feature(shape=tuple(self.robot.observation_features[k]), dtype="uint8")
+        for k in self.depth_keys:
+            feats[k] = Feature(shape=tuple(self.robot.observation_features[k]), dtype="uint16")
         for k, shape in self.array_keys.items():
             feats[k] = Feature(shape=shape, dtype="float32")
         return feats
@@ -211,6 +216,8 @@ class LeRobotRobot(Robot):
         for k in self.image_keys:
             out[k] = np.asarray(raw[k], dtype=np.uint8)
             self._count_stale(k, out[k])
+        for k in self.depth_keys:
+            out[k] = np.asarray(raw[k], dtype=np.uint16)
         for k in self.array_keys:
             out[k] = np.asarray(raw[k], dtype=np.float32)
         return out

@@ -27,7 +27,7 @@ if [ -z "$PY" ]; then
   cat >&2 <<'MSG'
 robot_rl needs Python 3.12 (lerobot 0.6 requires Python >= 3.12), and none was found
 (looked at $PYTHON, python3.12 on PATH, ~/.pyenv/versions/3.12.*). Install one, then re-run:
-  Debian/Ubuntu with 3.12 packaged:  sudo apt-get install python3.12 python3.12-venv
+  Ubuntu 24.04 / Debian 13:          sudo apt-get install python3.12 python3.12-venv
   any Linux, through pyenv:          pyenv install 3.12   (or: uv python install 3.12)
   or point at an existing one:       PYTHON=/path/to/python3.12 bash launch/setup.sh
 MSG

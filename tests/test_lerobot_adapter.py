@@ -169,3 +169,48 @@ def test_stale_camera_frames_are_counted_as_dropped():
     for _ in range(3):
         robot.get_observation()
     assert robot.dropped_frames == 1
+
+
+def test_depth_maps_stay_millimetres():
+    """lerobot 0.6 cameras with `use_depth=True` add `<cam>_depth: (H, W, 1)` uint16 (mm) beside the RGB frame:
+    the adapter keeps them as uint16 arrays, not as uint8 images."""
+
+    class FakeDepthRobot:
+        name = "fake_depth"
+        is_connected = True
+        observation_features = {"x.pos": float, "front": (4, 4, 3), "front_depth": (4, 4, 1)}
+        action_features = {"x.pos": float}
+
+        def get_observation(self):
+            return {"x.pos": 1.0, "front": np.full((4, 4, 3), 7, np.uint8),
+                    "front_depth": np.full((4, 4, 1), 1234, np.uint16)}
+
+    robot = LeRobotRobot(FakeDepthRobot(), action_low=-1, action_high=1)
+    feats = robot.observation_features
+    assert feats["front"].dtype == "uint8" and feats["front_depth"].dtype == "uint16"
+    assert robot.image_keys == ["front"] and robot.depth_keys == ["front_depth"]
+    obs = robot.get_observation()
+    assert obs["front_depth"].dtype == np.uint16 and int(obs["front_depth"].max()) == 1234
+
+
+def test_lerobot_06_registries(tmp_path):
+    """Devices registered in lerobot 0.6 (SO-100/101 share one config class there; reBot arms are new) resolve
+    through our factory; a device whose SDK extra is missing says which extra to install."""
+    from lerobot.robots import RobotConfig
+    from lerobot.teleoperators import TeleoperatorConfig
+
+    from robot_rl.hardware.lerobot_adapter import _build_config, make_lerobot_teleop
+
+    cfg = _build_config(RobotConfig, "robot", "so101_follower", {"port": "/dev/ttyACM0", "id": "arm"})
+    assert cfg.port == "/dev/ttyACM0" and cfg.id == "arm"
+    robots = set(RobotConfig.get_known_choices())
+    assert {"so100_follower", "so101_follower", "koch_follower", "rebot_b601_follower"} <= robots
+    _build_config(TeleoperatorConfig, "teleop", "so101_leader", {"port": "/dev/ttyACM1"})
+    assert {"so101_leader", "gamepad", "keyboard"} <= set(TeleoperatorConfig.get_known_choices())
+    try:
+        import scservo_sdk  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"lerobot\[feetech\]"):
+            make_lerobot_robot("so101_follower", port="/dev/ttyACM0", id="arm", calibration_dir=tmp_path)
+        with pytest.raises(ImportError, match=r"lerobot\[feetech\]"):
+            make_lerobot_teleop("so101_leader", port="/dev/ttyACM1", id="arm", calibration_dir=tmp_path)

@@ -5,7 +5,9 @@
 Key mapping (docs/interchange.md has the full tables):
 
     obs.<cam>_image (uint8 HxWx3)  -> observation.images.<cam>   dtype "video" (mp4), or "image" (PNG) with --no-videos
-    obs.<name> (low-dim)           -> observation.<name>          every low-dim obs key, as it is (shape () -> (1,))
+    obs.<name> (low-dim)           -> observation.<name>          every low-dim obs key, as it is (shape () -> (1,));
+                                                                  bool obs as float32 0/1 (lerobot normalises
+                                                                  every observation.* input; import: bool again)
     float obs.* of <= 1 dimension  -> observation.state           float32, concatenated in sorted key order,
                                                                   names "<name>_<i>"
     action                         -> action                      names from the store's Feature
@@ -148,6 +150,8 @@ def plan_export(features: dict[str, Feature], use_videos: bool = True) -> Export
         if k not in plan.key_map:
             plan.key_map[k] = claim("observation." + obs_name(k), k)
             plan.features[plan.key_map[k]] = _numeric_feature(features[k])
+            if features[k].dtype == "bool":  # lerobot normalises every observation.* input (max - min): no bools
+                plan.features[plan.key_map[k]]["dtype"] = "float32"
     for k, f in features.items():
         if k in plan.key_map:
             continue
@@ -197,6 +201,7 @@ def export_lerobot(store_path: str | Path, out_root: str | Path, repo_id: str | 
             raise InterchangeError(f"{k}: {h}x{w} images cannot be encoded as yuv420p video (odd size); "
                                    f"export with --no-videos")
 
+    from lerobot.configs.video import RGBEncoderConfig  # lerobot >= 0.5: encoder settings in one config
     from lerobot.datasets.lerobot_dataset import LeRobotDataset  # heavy (torch): only when really exporting
     from lerobot.utils.utils import SuppressProgressBars  # one "Map" bar per episode otherwise
 
@@ -204,7 +209,8 @@ def export_lerobot(store_path: str | Path, out_root: str | Path, repo_id: str | 
     t0 = time.perf_counter()
     with staged_output(out_root, "dataset") as staging:
         ds = LeRobotDataset.create(repo_id, fps, root=staging, features=plan.features, use_videos=use_videos,
-                                   robot_type=info.get("robot"), video_backend="pyav", vcodec=vcodec)
+                                   robot_type=info.get("robot"), video_backend="pyav",
+                                   rgb_encoder=RGBEncoderConfig(vcodec=vcodec))
         exported = []
         try:
             with SuppressProgressBars():
@@ -231,7 +237,7 @@ def _write_episode(ds, plan: ExportPlan, ep: dict[str, np.ndarray], task: str) -
     if plan.state_parts:
         state = np.concatenate([ep[k].reshape(n, -1).astype(np.float32) for k, _ in plan.state_parts], axis=1)
     # obs.state exported as observation.state itself (plan_export's special case) is `state` already
-    copies = [(k, lr, plan.features[lr]["shape"]) for k, lr in plan.key_map.items()
+    copies = [(k, lr, plan.features[lr]["shape"], plan.features[lr]["dtype"]) for k, lr in plan.key_map.items()
               if k not in plan.image_keys and lr != STATE_KEY]
     success = ep.get("success")
     for t in range(n):
@@ -240,8 +246,8 @@ def _write_episode(ds, plan: ExportPlan, ep: dict[str, np.ndarray], task: str) -
             frame[plan.key_map[k]] = PIL.Image.fromarray(np.ascontiguousarray(ep[k][t]))
         if state is not None:
             frame[STATE_KEY] = state[t]
-        for k, lr, shape in copies:
-            frame[lr] = np.asarray(ep[k][t]).reshape(shape)
+        for k, lr, shape, dtype in copies:
+            frame[lr] = np.asarray(ep[k][t]).reshape(shape).astype(dtype, copy=False)
         if "next.reward" in plan.derived:
             frame["next.reward"] = np.asarray([float(success[t])], np.float32)
         if "next.done" in plan.derived:
@@ -287,7 +293,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-videos", action="store_true", help="store camera frames as PNG images (lossless) instead "
                                                             "of mp4 videos")
     p.add_argument("--episodes", help="episodes to export, e.g. 0-4,9 (default: all)")
-    p.add_argument("--vcodec", default="libsvtav1", help="video codec lerobot encodes with (default libsvtav1)")
+    p.add_argument("--vcodec", default="libsvtav1", help="video codec lerobot encodes with (default libsvtav1; "
+                                                             "'auto': a hardware encoder when there is one)")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:  # usage errors: argparse already printed the message
