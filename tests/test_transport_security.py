@@ -90,12 +90,20 @@ def test_curve_weights_and_transitions_authorized_only(keys):
         for b in rx.poll(50):
             assert b.sender_id == "robot"
             got += b.seqs.tolist()
-            rx.ack(b.sender_id, int(b.seqs[-1]))
+            rx.ack(b.sender_id, b.stream, int(b.seqs[-1]))
     for b in rx.poll(300):
         assert b.sender_id == "robot"
     assert got == list(range(20))
     assert set(rx.senders) == {"robot"}
     assert tx_bad.last_contact is None and tx_bad.acked_upto == -1
+    # the failed handshakes are counted and explained on both sides (socket monitors)
+    deadline = time.monotonic() + 10
+    while (rx.stats()["handshake_failures"] == 0 or tx_bad.stats()["handshake_failures"] == 0) \
+            and time.monotonic() < deadline:
+        rx.poll(50)
+    assert rx.stats()["handshake_failures"] >= 1 and tx_bad.stats()["handshake_failures"] >= 1
+    assert "authentication refused" in tx_bad.rejected_reason
+    assert tx_good.stats()["handshake_failures"] == 0
     assert tx_good.close() == 0
     tx_bad.close(linger_s=0)
     for s in (good, bad):
