@@ -323,3 +323,192 @@ def test_submit_never_blocks_without_learner(tmp_path):
     with pytest.raises(ValueError, match="obs"):
         tx.submit({**_transition(0), "obs": np.zeros(6, np.float32)})
     assert tx.close(linger_s=0.1) == 5000
+
+
+# ------------------------------------------------------------------------------ restarts, takeover, timeouts
+def _drain_acking(rx, want: int, acked: list | None = None, ack=True, timeout=15.0) -> list:
+    """Poll until `want` transitions arrived; ack each batch (by its own stream) unless ack=False."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while sum(map(len, got)) < want and time.monotonic() < deadline:
+        for b in rx.poll(20):
+            got.append(b)
+            if ack:
+                rx.ack(b.sender_id, b.stream, int(b.seqs[-1]))
+    return got
+
+
+def _wait(cond, timeout=15.0, rx=None) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        if rx is not None:
+            rx.poll(20)
+        else:
+            time.sleep(0.01)
+    return True
+
+
+def test_control_restart_without_outbox_is_a_new_stream_and_stale_acks_never_raise(tmp_path, caplog):
+    """The reviewer's crash: a batch of the old stream acked after the sender restarted from seq 0."""
+    ep = _ipc(tmp_path)
+    rx = TransitionReceiver(ep, heartbeat_interval_s=0.02, peer_timeout_s=0.5)
+    tx1 = TransitionSender(ep, "robot-0", batch_size=10, max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    for i in range(300):
+        tx1.submit(_transition(i))
+    got = _drain_acking(rx, 300, ack=False)
+    assert sum(map(len, got)) == 300
+    for b in got[:-1]:  # "storage" acks all but the last batch before the control process dies
+        rx.ack(b.sender_id, b.stream, int(b.seqs[-1]))
+    old_stream, last = got[-1].stream, got[-1]
+    tx1.close(linger_s=0)  # crashed: its unacked transitions are gone with it (no outbox)
+    tx2 = TransitionSender(ep, "robot-0", batch_size=10, max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    assert tx2.stream != old_stream
+    for i in range(50):
+        tx2.submit(_transition(i))
+    got2 = _drain_acking(rx, 50, ack=False)  # delivered once the old connection is silent for peer_timeout_s
+    assert [s for b in got2 for s in b.seqs.tolist()] == list(range(50))
+    assert {b.stream for b in got2} == {tx2.stream} and rx.current_stream("robot-0") == tx2.stream
+    with caplog.at_level(logging.WARNING):
+        rx.ack(last.sender_id, last.stream, int(last.seqs[-1]))  # the storage thread's late ack: no exception
+    assert "no longer the sender's current one" in caplog.text
+    assert rx.next_expected("robot-0", old_stream) == 300 and rx.next_expected("robot-0") == 50
+    for b in got2:
+        rx.ack(b.sender_id, b.stream, int(b.seqs[-1]))
+    assert _wait(lambda: tx2.unacked_count == 0, rx=rx) and rx.all_acked
+    assert tx2.close() == 0
+    rx.close()
+
+
+def test_third_party_cannot_reset_or_take_over_a_live_sender(tmp_path):
+    ep = _ipc(tmp_path)
+    rx = TransitionReceiver(ep, heartbeat_interval_s=0.02, peer_timeout_s=30.0)
+    tx = TransitionSender(ep, "robot-0", batch_size=10, max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    for i in range(100):
+        tx.submit(_transition(i))
+    got = _drain_acking(rx, 100, ack=False)
+    # a third party claims robot-0 with its own stream and a heartbeat saying "next seq 0"
+    raw = _raw_dealer(ep)
+    _send(raw, "heartbeat", sender="robot-0", stream="f00d", base=0, next=0, sent=0)
+    assert _wait(lambda: rx.stats()["senders"]["robot-0"]["takeovers_refused"] >= 1, rx=rx)
+    err = [m for m in _replies(raw) if m["type"] == "error"]
+    assert err and err[0]["code"] == "sender_id_in_use" and "robot-0" in err[0]["message"]
+    # even a heartbeat on robot-0's own stream whose `next` is behind resets nothing
+    _send(raw, "heartbeat", sender="robot-0", stream=tx.stream, base=0, next=0, sent=0)
+    rx.poll(200)
+    assert rx.next_expected("robot-0", tx.stream) == 100
+    for b in got:  # the batches waiting to be stored are acked without error
+        rx.ack(b.sender_id, b.stream, int(b.seqs[-1]))
+    for i in range(100, 120):
+        tx.submit(_transition(i))
+    more = _drain_acking(rx, 20)
+    assert [s for b in more for s in b.seqs.tolist()] == list(range(100, 120))
+    assert _wait(lambda: tx.unacked_count == 0, rx=rx)
+    assert tx.close() == 0
+    raw.close()
+    rx.close()
+
+
+def test_second_live_sender_with_the_same_id_is_refused_with_a_reason(tmp_path):
+    ep = _ipc(tmp_path)
+    rx = TransitionReceiver(ep, heartbeat_interval_s=0.02, peer_timeout_s=30.0)
+    a = TransitionSender(ep, "robot-0", max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    a.submit(_transition(0))
+    _drain_acking(rx, 1)
+    b = TransitionSender(ep, "robot-0", max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    b.submit(_transition(0))
+    assert _wait(lambda: b.rejected_reason is not None, rx=rx)
+    assert "sender_id_in_use" in b.rejected_reason and "own sender id" in b.rejected_reason
+    a.submit(_transition(1))
+    got = _drain_acking(rx, 1)
+    assert [(x.stream, x.seqs.tolist()) for x in got] == [(a.stream, [1])]  # a keeps its id; nothing from b
+    assert rx.current_stream("robot-0") == a.stream and b.acked_upto == -1
+    b.close(linger_s=0)
+    assert a.close() == 0
+    rx.close()
+
+
+def test_silent_peers_stop_getting_heartbeats_then_are_forgotten_but_streams_resume(tmp_path):
+    ep = _ipc(tmp_path)
+    rx = TransitionReceiver(ep, heartbeat_interval_s=0.02, peer_timeout_s=0.3, forget_after_s=0.6)
+    raw = _raw_dealer(ep)
+    x = lambda s0, n: {"x": np.arange(s0, s0 + n, dtype=np.int64)}  # noqa: E731
+    _send(raw, "transitions", sender="r", stream="s1", seq=0, n=3, base=0, arrays=x(0, 3))
+    got = _drain_acking(rx, 3)
+    assert _wait(lambda: any(m["type"] == "heartbeat" for m in _replies(raw, 50)), rx=rx)  # heartbeats while alive
+    assert _wait(lambda: not rx.stats()["senders"]["r"]["alive"], rx=rx)
+    _replies(raw, 50)  # drain what was sent before it went silent
+    rx.poll(300)
+    assert [m for m in _replies(raw, 100) if m["type"] == "heartbeat"] == []  # silent: no more heartbeats
+    assert _wait(lambda: "r" not in rx.senders, rx=rx)  # forgotten ...
+    assert rx.next_expected("r", "s1") == 3  # ... but its stream state is kept
+    _send(raw, "transitions", sender="r", stream="s1", seq=2, n=3, base=0, arrays=x(2, 3))  # resumes: 2 is a dup
+    got += _drain_acking(rx, 2)
+    assert [s for b in got for s in b.seqs.tolist()] == [0, 1, 2, 3, 4] and rx.duplicates == 1
+    assert "r" in rx.senders
+    raw.close()
+    rx.close()
+
+
+def test_slow_acks_cause_no_resends(tmp_path):
+    """The ack deadline scales with what is in flight: a learner that takes longer than resend_after_s to store
+    a backlog gets no duplicate resends (only its explicit resend_from would cause one)."""
+    ep = _ipc(tmp_path)
+    rx = TransitionReceiver(ep, heartbeat_interval_s=0.02)
+    tx = TransitionSender(ep, "robot-0", batch_size=10, max_batch_delay_s=0, resend_after_s=1.0,
+                          heartbeat_interval_s=0.02).start()
+    for i in range(100):
+        tx.submit(_transition(i))
+    got = _drain_acking(rx, 100, ack=False)
+    assert sum(map(len, got)) == 100
+    t_stored = time.monotonic() + 2.0  # "storage" takes 2 s for the backlog: twice resend_after_s
+    while time.monotonic() < t_stored:
+        assert rx.poll(20) == []
+    rx.ack("robot-0", tx.stream, 99)
+    assert _wait(lambda: tx.unacked_count == 0, rx=rx)
+    assert tx.stats()["resent"] == 0 and rx.duplicates == 0
+    assert tx.close() == 0
+    rx.close()
+
+
+def test_expected_schema_is_announced_and_enforced(tmp_path):
+    ep = _ipc(tmp_path)
+    rx = TransitionReceiver(ep, heartbeat_interval_s=0.02)
+    rx.expected_schema = {"obs": (np.float32, (5,)), "action": ("float32", [2]), "reward": ("float32", ()),
+                          "done": (np.bool_, ())}
+    good = TransitionSender(ep, "good", max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    bad = TransitionSender(ep, "bad", max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    good.submit(_transition(0))
+    t = _transition(0)
+    bad.submit({"obs": t["obs"].astype(np.float64), "action": t["action"], "extra": np.zeros(1, np.int32)})
+    got = _drain_acking(rx, 1)
+    assert [b.sender_id for b in got] == ["good"]
+    assert _wait(lambda: bad.rejected_reason is not None and good.expected_schema is not None, rx=rx)
+    reason = bad.rejected_reason
+    assert "missing key 'reward'" in reason and "missing key 'done'" in reason and "unexpected key 'extra'" in reason
+    assert "key 'obs' is float64 shape (5,) per transition, expected float32 shape (5,)" in reason
+    assert good.expected_schema == {"obs": ("float32", (5,)), "action": ("float32", (2,)),
+                                    "reward": ("float32", ()), "done": ("bool", ())}
+    assert good.rejected_reason is None
+    rx.poll(300)
+    assert rx.stats()["senders"].get("bad", {}).get("received", 0) == 0 and rx.next_expected("bad") in (None, 0)
+    bad.close(linger_s=0)
+    assert good.close() == 0
+    rx.close()
+
+
+def test_first_sender_fixes_the_schema(tmp_path):
+    ep = _ipc(tmp_path)
+    rx = TransitionReceiver(ep, heartbeat_interval_s=0.02)
+    a = TransitionSender(ep, "a", max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    a.submit({"x": np.zeros(3, np.float32)})
+    assert len(_drain_acking(rx, 1)) == 1
+    assert rx.expected_schema == {"x": ("float32", (3,))}
+    b = TransitionSender(ep, "b", max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
+    b.submit({"x": np.zeros(4, np.float32)})
+    assert _wait(lambda: b.rejected_reason is not None, rx=rx)
+    assert "[schema]" in b.rejected_reason and "expected float32 shape (3,)" in b.rejected_reason
+    b.close(linger_s=0)
+    assert a.close() == 0
+    rx.close()

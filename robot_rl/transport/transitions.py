@@ -136,7 +136,7 @@ def _fd_peer(fd: int) -> str | None:
         return None
     try:
         name = s.getpeername()
-        return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else (name or None)
+        return str(name[0]) if isinstance(name, tuple) else (name or None)  # host only: ports change per retry
     except OSError:
         return None
     finally:
