@@ -18,7 +18,6 @@ import math
 import os
 import re
 import secrets
-import socket as pysocket
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from .security import (
     release_server_socket,
     setup_client_socket,
     setup_server_socket,
+    zap_denials,
 )
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ def _schema_of(arrays: dict[str, np.ndarray], batched: bool) -> Schema:
 # -------------------------------------------------------------------------------------- handshake monitoring
 _HS_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
               zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail"}
-_MONITOR_MASK = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+_MONITOR_MASK = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 def _handshake_reason(event: int, value: int) -> str:
@@ -129,62 +128,39 @@ def _handshake_reason(event: int, value: int) -> str:
             "holding the wrong server public key")
 
 
-def _fd_peer(fd: int) -> str | None:
-    try:
-        s = pysocket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        name = s.getpeername()
-        return str(name[0]) if isinstance(name, tuple) else (name or None)  # host only: ports change per retry
-    except OSError:
-        return None
-    finally:
-        s.close()
-
-
 class _HandshakeMonitor:
-    """ZMQ socket monitor: counts failed handshakes and logs each (peer address, reason) once."""
+    """ZMQ socket monitor: counts failed handshakes and logs each (peer, reason) once.
 
-    def __init__(self, sock: zmq.Socket, side: str):
-        self.side, self.endpoint = side, ""
+    libzmq reports a failed handshake with the socket's endpoint only: a client names the learner it connects to;
+    a server names the refused client (address and key) when its ZAP handler refused it (security.zap_denials),
+    and otherwise logs the reason once (the client's side logs its own failure with the learner's address)."""
+
+    def __init__(self, sock: zmq.Socket, label: str, server: bool):
+        self.label, self.server, self._sock = label, server, sock
         self.mon = sock.get_monitor_socket(_MONITOR_MASK)
         self.failures = 0
         self.last_reason: str | None = None
-        self._addr: dict[int, str] = {}  # accepted fd -> peer address (server side)
-        self._pending: list[tuple[str, float]] = []  # failures waiting for their connection's DISCONNECTED
         self._logged: set = set()
 
     def process(self) -> None:
         while True:
             try:
                 evt = parse_monitor_message(self.mon.recv_multipart(zmq.DONTWAIT))
-            except zmq.Again:
-                break
-            except (zmq.ZMQError, ValueError):
+            except (zmq.Again, zmq.ZMQError, ValueError):
                 break
             event, value = int(evt["event"]), int(evt["value"])
-            endpoint = evt["endpoint"].decode(errors="replace") if isinstance(evt["endpoint"], bytes) else ""
-            if event == zmq.EVENT_ACCEPTED:
-                if len(self._addr) > 4096:
-                    self._addr.clear()
-                self._addr[value] = _fd_peer(value) or "?"
-            elif event in _HS_EVENTS:
-                self.failures += 1
-                reason = _handshake_reason(event, value)
-                self.last_reason = reason
-                if self.side == "client":
-                    self._log(endpoint, reason)
-                else:
-                    self._pending.append((reason, time.monotonic()))
-            elif event == zmq.EVENT_DISCONNECTED:
-                addr = self._addr.pop(value, None)
-                if self._pending and self.side == "server":
-                    reason, _ = self._pending.pop(0)
-                    self._log(f"{addr or 'unknown peer'} at {endpoint}", reason)
-        now = time.monotonic()
-        while self._pending and now - self._pending[0][1] > 1.0:  # no disconnect seen: log without the address
-            self._log("unknown peer", self._pending.pop(0)[0])
+            if event not in _HS_EVENTS:
+                continue
+            self.failures += 1
+            self.last_reason = reason = _handshake_reason(event, value)
+            endpoint = evt["endpoint"].decode(errors="replace") if isinstance(evt["endpoint"], bytes) else "?"
+            if not self.server:
+                self._log(f"the learner at {endpoint}", reason)
+            elif _HS_EVENTS[event] == "auth" and (denied := zap_denials(self._sock)):
+                for address, key in denied:
+                    self._log(f"client {address} (public key {key})", reason)
+            else:
+                self._log("a client (libzmq does not report its address for this failure)", reason)
 
     def _log(self, peer: str, reason: str) -> None:
         key = (peer, reason)
@@ -193,7 +169,7 @@ class _HandshakeMonitor:
         if len(self._logged) < 10000:
             self._logged.add(key)
         log.warning("%s: CURVE/ZMTP handshake with %s failed: %s (%d handshake failures so far; each peer and reason "
-                    "is logged once)", self.side, peer, reason, self.failures)
+                    "is logged once)", self.label, peer, reason, self.failures)
 
     def close(self, sock: zmq.Socket) -> None:
         try:
@@ -436,7 +412,7 @@ class TransitionSender:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         _tune(sock)
         setup_client_socket(sock, self._curve)
-        monitor = _HandshakeMonitor(sock, f"transition sender {self.sender_id}")
+        monitor = _HandshakeMonitor(sock, f"transition sender {self.sender_id}", server=False)
         sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -754,7 +730,7 @@ class TransitionReceiver:
         self._sock.setsockopt(zmq.LINGER, 0)
         _tune(self._sock)
         setup_server_socket(self._sock, curve)
-        self._monitor = _HandshakeMonitor(self._sock, f"transition receiver {endpoint}")
+        self._monitor = _HandshakeMonitor(self._sock, f"transition receiver {endpoint}", server=True)
         try:
             self._sock.bind(endpoint)
         except zmq.ZMQError as e:
