@@ -141,3 +141,15 @@ def test_sigkilled_control_resends_unacked_under_its_stream_exactly_once(tmp_pat
     assert sum(os.path.getsize(os.path.join(outbox, p)) for p in _segments(outbox)) < 16384
     rx.close()
 
+
+
+def test_abandoned_stream_is_not_resumed(tmp_path):
+    ob = Outbox(tmp_path, "r")
+    ob.append(0, _arrays(0, 4))
+    old = ob.stream
+    ob.abandon()  # what the sender does when a write fails (disk full)
+    ob.close()
+    again = Outbox(tmp_path, "r")
+    assert again.stream != old and again.records == [] and again.next_seq == 0
+    assert list((tmp_path / "abandoned").rglob("seg-*.rec"))
+    again.close()

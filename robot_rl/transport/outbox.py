@@ -136,6 +136,7 @@ class Outbox:
             self.stream, start = str(meta["stream"]), int(meta["start_seq"])
         else:
             self.stream, start = secrets.token_hex(8), int(start_seq)
+            self._retire_leftovers()
             _write_atomic(meta_path, json.dumps({"format": FORMAT, "sender_id": sender_id, "stream": self.stream,
                                                  "start_seq": start}))
         self.sender_id = sender_id
@@ -150,6 +151,17 @@ class Outbox:
         self._fd: int | None = None  # the active segment (the last one), opened on the first append
 
     # ------------------------------------------------------------------------------------------------ open
+    def _retire_leftovers(self) -> None:
+        """Segments without a stream.json (a stream abandoned after a write error) are moved aside, not resent."""
+        old = [p for p in self.dir.iterdir() if _SEG.match(p.name) or p.name == "acked"]
+        if not old:
+            return
+        dest = self.dir / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in old:
+            os.replace(p, dest / p.name)
+        log.warning("outbox %s: %d files of an abandoned stream moved to %s (not resent)", self.dir, len(old), dest)
+
     def _load(self) -> None:
         paths = sorted(p for p in self.dir.iterdir() if _SEG.match(p.name))
         for i, path in enumerate(paths):
@@ -242,6 +254,14 @@ class Outbox:
             except FileNotFoundError:
                 pass
         self._segments = [s for s in self._segments if s not in done]
+
+    def abandon(self) -> None:
+        """Writing failed (disk full?): retire this stream, so that a restart starts a new one instead of reusing
+        seqs that may have reached the learner but are missing here."""
+        try:
+            os.replace(self.dir / "stream.json", self.dir / f"stream.{self.stream}.abandoned.json")
+        except OSError:
+            pass
 
     def disk_bytes(self) -> int:
         return sum(s.size for s in self._segments)

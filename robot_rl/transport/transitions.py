@@ -268,6 +268,7 @@ class TransitionSender:
         self.expected_schema: Schema | None = None  # what the learner said it expects (greeting)
         self._logged_errors: set[str] = set()
         self._hs_failures = 0
+        self._outbox_error: str | None = None
         self._stop = threading.Event()
         self._linger_deadline = 0.0
         self._thread: threading.Thread | None = None
@@ -383,6 +384,7 @@ class TransitionSender:
             "queued": len(self._queue) + len(self._staged),
             "unacked_bytes": sum(c.nbytes for c in chunks),
             "outbox_bytes": self.outbox.disk_bytes() if self.outbox else None,
+            "outbox_error": self._outbox_error,
             "rejected": self._rejected,
             "errors": self._errors,
             "rejected_reason": self.rejected_reason,
@@ -484,10 +486,17 @@ class TransitionSender:
                 return
             items = list(self._queue)
             self._queue.clear()
-        if self.outbox is not None:
-            for i in range(0, len(items), self.batch_size):
-                group = items[i:i + self.batch_size]
-                self.outbox.append(group[0][0], {k: np.stack([it[2][k] for it in group]) for k in group[0][2]})
+        if self.outbox is not None and self._outbox_error is None:
+            try:
+                for i in range(0, len(items), self.batch_size):
+                    group = items[i:i + self.batch_size]
+                    self.outbox.append(group[0][0], {k: np.stack([it[2][k] for it in group]) for k in group[0][2]})
+            except OSError as e:  # disk full or gone: go on from memory; the stream can no longer be resumed
+                self._outbox_error = str(e)
+                self.outbox.abandon()
+                log.error("sender %s: cannot write the outbox %s (%s): continuing without it; a restart will start a "
+                          "new stream, and what is unacknowledged at a crash is lost", self.sender_id, self.outbox.dir,
+                          e)
         self._staged.extend(items)
         with self._journal_cv:
             self._journaled = items[-1][0] + 1
@@ -610,8 +619,11 @@ class TransitionSender:
                     cut = upto + 1 - c.seq0
                     arrays = {name: a[cut:] for name, a in c.arrays.items()}
                     self._chunks[0] = _Chunk(upto + 1, c.n - cut, arrays, sum(a.nbytes for a in arrays.values()))
-                if self.outbox is not None:
-                    self.outbox.set_acked(upto)
+                if self.outbox is not None and self._outbox_error is None:
+                    try:
+                        self.outbox.set_acked(upto)
+                    except OSError as e:
+                        log.warning("sender %s: could not record the ack in the outbox: %s", self.sender_id, e)
                 self._progress_t = now
             if resend_from is not None:
                 idx = next((i for i, c in enumerate(self._chunks) if c.end > resend_from), len(self._chunks))
@@ -953,8 +965,8 @@ class TransitionReceiver:
             if c.stream != stream and silent <= self.peer_timeout_s:
                 self._per_sender[sender].takeovers_refused += 1
                 raise _Reject(
-                    f"sender id {sender!r} is in use by another live connection (stream {c.stream}, heard "
-                    f"{silent:.1f} s ago); a new stream takes the id over once that connection has been silent for "
+                    f"sender id {sender!r} is in use by another live connection (heard {silent:.1f} s ago) "
+                    f"speaking another stream; a new stream takes the id over once that connection has been silent for "
                     f"{self.peer_timeout_s:g} s. Give every control process its own sender id (or reuse its "
                     "outbox to continue its stream)", "sender_id_in_use", {"stream": stream})
             log.info("transition receiver %s: sender %r now speaks from a new connection (%s)", self.endpoint, sender,
