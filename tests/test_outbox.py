@@ -153,3 +153,19 @@ def test_abandoned_stream_is_not_resumed(tmp_path):
     assert again.stream != old and again.records == [] and again.next_seq == 0
     assert list((tmp_path / "abandoned").rglob("seg-*.rec"))
     again.close()
+
+
+def test_unreachable_learner_everything_kept_on_disk_for_the_next_process(tmp_path):
+    ep, outbox = f"ipc://{tmp_path}/nobody.ipc", tmp_path / "outbox"
+    tx = TransitionSender(ep, "robot-0", batch_size=16, outbox_dir=outbox).start()
+    for i in range(1000):
+        assert tx.submit({"obs": np.full(3, i, np.float32), "step": np.int64(i)}) == i
+    assert tx.flush(30.0)
+    stream = tx.stream
+    assert tx.close(linger_s=0) == 1000
+    tx2 = TransitionSender(ep, "robot-0", batch_size=16, outbox_dir=outbox)
+    assert tx2.stream == stream and tx2.unacked_count == 1000 and tx2.next_seq == 1000
+    assert tx2.submit({"obs": np.zeros(3, np.float32), "step": np.int64(1000)}) == 1000
+    with pytest.raises(ValueError, match="missing key 'step'"):
+        tx2.submit({"obs": np.zeros(3, np.float32)})  # the reloaded stream's schema holds
+    assert tx2.close(linger_s=0) == 1001

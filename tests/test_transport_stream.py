@@ -381,7 +381,7 @@ def test_control_restart_without_outbox_is_a_new_stream_and_stale_acks_never_rai
     rx.close()
 
 
-def test_third_party_cannot_reset_or_take_over_a_live_sender(tmp_path):
+def test_third_party_cannot_reset_or_take_over_a_live_sender(tmp_path, caplog):
     ep = _ipc(tmp_path)
     rx = TransitionReceiver(ep, heartbeat_interval_s=0.02, peer_timeout_s=30.0)
     tx = TransitionSender(ep, "robot-0", batch_size=10, max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
@@ -395,8 +395,9 @@ def test_third_party_cannot_reset_or_take_over_a_live_sender(tmp_path):
     err = [m for m in _replies(raw) if m["type"] == "error"]
     assert err and err[0]["code"] == "sender_id_in_use" and "robot-0" in err[0]["message"]
     # even a heartbeat on robot-0's own stream whose `next` is behind resets nothing
-    _send(raw, "heartbeat", sender="robot-0", stream=tx.stream, base=0, next=0, sent=0)
-    rx.poll(200)
+    with caplog.at_level(logging.WARNING):
+        _send(raw, "heartbeat", sender="robot-0", stream=tx.stream, base=0, next=0, sent=0)
+        assert _wait(lambda: "its outbox lost records" in caplog.text, rx=rx)
     assert rx.next_expected("robot-0", tx.stream) == 100
     for b in got:  # the batches waiting to be stored are acked without error
         rx.ack(b.sender_id, b.stream, int(b.seqs[-1]))
@@ -438,7 +439,7 @@ def test_silent_peers_stop_getting_heartbeats_then_are_forgotten_but_streams_res
     got = _drain_acking(rx, 3)
     assert _wait(lambda: any(m["type"] == "heartbeat" for m in _replies(raw, 50)), rx=rx)  # heartbeats while alive
     assert _wait(lambda: not rx.stats()["senders"]["r"]["alive"], rx=rx)
-    _replies(raw, 50)  # drain what was sent before it went silent
+    _replies(raw, 1000)  # drain what was sent before it went silent
     rx.poll(300)
     assert [m for m in _replies(raw, 100) if m["type"] == "heartbeat"] == []  # silent: no more heartbeats
     assert _wait(lambda: "r" not in rx.senders, rx=rx)  # forgotten ...
