@@ -22,7 +22,7 @@ def test_append_reopen_bit_exact(tmp_path):
     store.append("robot1", *batch(0, 4))
     again = ReplayBuffer(tmp_path / "r.zarr")
     assert again.size == 104
-    assert again.next_expected == {("robot0", 0): 100, ("robot1", 0): 4}
+    assert again.next_expected == {("robot0", None): 100, ("robot1", None): 4}
     np.testing.assert_array_equal(again.column("obs.x"), store.column("obs.x"))
     np.testing.assert_array_equal(again.column("obs.img"), store.column("obs.img"))
     seqs = again.seqs_by_sender()
@@ -38,7 +38,7 @@ def test_uncommitted_rows_are_cut_on_open(tmp_path):
     # simulate a crash after the data was written but before commit.json was replaced
     (tmp_path / "r.zarr" / "commit.json").write_text(json.dumps(committed))
     again = ReplayBuffer(tmp_path / "r.zarr")
-    assert again.size == 10 and again.next_expected == {("robot0", 0): 10}
+    assert again.size == 10 and again.next_expected == {("robot0", None): 10}
     again.append("robot0", *batch(10, 10))  # the resend lands exactly once
     np.testing.assert_array_equal(ReplayBuffer(tmp_path / "r.zarr").seqs_by_sender()["robot0"], np.arange(20))
 

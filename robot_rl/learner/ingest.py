@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import inspect
 import json
 import logging
 import queue
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from robot_rl.learner.ingest_log import IngestLog, Record
-from robot_rl.learner.replay_buffer import DEFAULT_STREAM, ReplayBuffer, schema_of, schema_problem
+from robot_rl.learner.replay_buffer import ReplayBuffer, schema_of, schema_problem
 
 log = logging.getLogger("robot_rl.learner")
 
@@ -43,6 +42,7 @@ class IngestConfig:
     flush_s: float = 1.0       # zarr write-behind interval
     finite_keys: tuple = ("obs.", "reward", "action")  # must be finite ('x.' = every key starting with it)
     quarantine_log_max: int = 10  # quarantined batches described in the log (all are counted)
+    segment_mb: float = 64.0   # ingest-log segment size: a closed segment is deleted once zarr holds it
 
     @classmethod
     def from_session(cls, s) -> IngestConfig:
@@ -50,43 +50,6 @@ class IngestConfig:
         if "finite_keys" in learner:
             learner["finite_keys"] = tuple(learner["finite_keys"])
         return cls(**learner)
-
-
-# ------------------------------------------------------------------------------------- the receiver's API
-def batch_stream(batch):
-    """The batch's stream id (transport API with streams), else the default stream (one stream per sender)."""
-    return getattr(batch, "stream", DEFAULT_STREAM)
-
-
-def _takes_stream(method) -> bool:
-    try:
-        return len(inspect.signature(method).parameters) >= 3
-    except (TypeError, ValueError):
-        return False
-
-
-class ReceiverStreams:
-    """The receiver's per-(sender, stream) calls, whether or not its transport version carries streams yet."""
-
-    def __init__(self, receiver):
-        self.r = receiver
-        self.streams = _takes_stream(receiver.ack)
-
-    def ack(self, sender: str, stream, upto: int) -> None:
-        try:
-            self.r.ack(sender, stream, upto) if self.streams else self.r.ack(sender, upto)
-        except (KeyError, ValueError) as e:  # transport without streams raises on an unknown peer
-            log.warning("could not acknowledge %s/%s up to %d: %s", sender, stream, upto, e)
-
-    def set_next_expected(self, sender: str, stream, seq: int) -> None:
-        if self.streams:
-            self.r.set_next_expected(sender, stream, seq)
-        else:
-            self.r.set_next_expected(sender, seq)
-
-    def set_schema(self, schema: dict | None) -> None:
-        if schema is not None:
-            self.r.expected_schema = {k: (d, tuple(s)) for k, (d, s) in schema.items()}
 
 
 def finite_mask(arrays: dict[str, np.ndarray], finite_keys: tuple) -> tuple[np.ndarray, list[str]]:
@@ -117,13 +80,13 @@ class Ingest:
     """Owns the receiver and the ingest log, feeds `replay`; `start()`, then `stop()` (drains and joins)."""
 
     def __init__(self, receiver, replay: ReplayBuffer, ingest_log: IngestLog, run_dir: Path, cfg: IngestConfig):
-        self.receiver, self.rx = receiver, ReceiverStreams(receiver)
-        self.replay, self.log, self.cfg = replay, ingest_log, cfg
+        self.receiver, self.replay, self.log, self.cfg = receiver, replay, ingest_log, cfg
         self.run_dir = Path(run_dir)
         self.schema = replay.schema
-        self.rx.set_schema(self.schema)
+        if self.schema is not None:  # a sender with other keys/dtypes/shapes is refused with a reply it shows
+            receiver.expected_schema = dict(self.schema)
         for (sender, stream), nxt in replay.next_expected.items():  # resume exactly where the stored data ends
-            self.rx.set_next_expected(sender, stream, nxt)
+            receiver.set_next_expected(sender, stream, nxt)  # stream None (rows from before streams): its first
         self._to_log: queue.Queue[_Pending] = queue.Queue()
         self._acks: queue.Queue = queue.Queue()  # (sender, stream, upto, [receive times])
         self._stop_rx = threading.Event()
@@ -190,7 +153,7 @@ class Ingest:
         return self._threads[1].is_alive()
 
     def _accept(self, batch, t: float) -> None:
-        stream = batch_stream(batch)
+        stream = batch.stream
         key = (batch.sender_id, stream)
         self.received[key] += len(batch.seqs)
         self.last_batch = t
@@ -198,8 +161,8 @@ class Ingest:
             return  # storage is gone: acknowledge nothing more (the robot keeps these)
         got = schema_of(batch.arrays)
         if self.schema is None:
-            self.schema = got  # the first batch fixes the replay's schema (persisted with it)
-            self.rx.set_schema(self.schema)
+            self.schema = got  # the first batch fixes the replay's schema (persisted with it; the receiver too
+            # fixed its expected_schema from it); a later mismatch is refused by the receiver, and here again
         else:
             problem = schema_problem(self.schema, got)
             if problem:
@@ -219,7 +182,7 @@ class Ingest:
                 sender, stream, upto, times, n = self._acks.get_nowait()
             except queue.Empty:
                 return
-            self.rx.ack(sender, stream, upto)
+            self.receiver.ack(sender, stream, upto)  # never raises
             self.acked[(sender, stream)] = upto
             self.acked_transitions += n
             lat = [now - t for t in times]

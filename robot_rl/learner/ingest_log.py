@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _PREFIX = struct.Struct("<II")  # payload length, crc32
 _HLEN = struct.Struct("<I")
 SEGMENT_GLOB = "seg-*.log"
+DEFAULT_SEGMENT_BYTES = 64 << 20
 
 
 @dataclass
@@ -114,8 +115,11 @@ def _scan(path: Path) -> Iterator[Record]:
 class IngestLog:
     """Append-only, fsynced batches. Thread-safe: one thread appends, another trims."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+        """`segment_bytes`: a segment this large is closed and the next append starts a new one (a closed segment
+        is deleted once zarr holds all its records; the active one is deleted when zarr has caught up)."""
         self.dir = Path(directory)
+        self.segment_bytes = int(segment_bytes)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._segments: dict[Path, int] = {}  # closed segment -> its last lsn
@@ -178,7 +182,14 @@ class IngestLog:
             self.next_lsn += len(lsns)
             self._active_last = lsns[-1] if lsns else self._active_last
             self.bytes_written += written
+            if start + written >= self.segment_bytes:  # full: the next append starts a new segment
+                self._close_active()
             return lsns
+
+    def _close_active(self) -> None:
+        os.close(self._fd)
+        self._segments[self._active] = self._active_last
+        self._fd, self._active, self._active_last = None, None, -1
 
     def trim(self, below_lsn: int) -> int:
         """Delete segments whose records all have lsn < below_lsn (zarr committed them); returns files deleted.
@@ -186,9 +197,7 @@ class IngestLog:
         deleted = 0
         with self._lock:
             if self._fd is not None and self._active_last < below_lsn and self.next_lsn <= below_lsn:
-                os.close(self._fd)
-                self._segments[self._active] = self._active_last
-                self._fd, self._active, self._active_last = None, None, -1
+                self._close_active()
             for path, last in list(self._segments.items()):
                 if last < below_lsn:
                     try:
@@ -205,6 +214,4 @@ class IngestLog:
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
-                os.close(self._fd)
-                self._segments[self._active] = self._active_last
-                self._fd = None
+                self._close_active()

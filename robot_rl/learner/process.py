@@ -79,7 +79,8 @@ class Learner:
 
         # the replay: zarr's committed rows, then the ingest log's records zarr does not hold yet (exactly once)
         self.replay = ReplayBuffer(self.run_dir / "replay.zarr", preallocate_rows=self.s.get("replay_capacity"))
-        ingest_log = IngestLog(self.run_dir / INGEST_LOG_DIR)
+        ingest_cfg = IngestConfig.from_session(self.s)
+        ingest_log = IngestLog(self.run_dir / INGEST_LOG_DIR, segment_bytes=int(ingest_cfg.segment_mb * 2**20))
         self.from_log = 0
         for rec in ingest_log.records(from_lsn=self.replay.lsn):
             self.replay.extend(rec.sender, rec.seqs, rec.arrays, rec.stream, end=rec.end, lsn=rec.lsn)
@@ -92,7 +93,7 @@ class Learner:
         keys = load_server_keys(self.s.curve_keys_dir) if self.s.curve_keys_dir else None
         self.receiver = TransitionReceiver(self.s.endpoints.bind_transitions, heartbeat_interval_s=self.s.heartbeat_s,
                                            curve=keys)
-        self.ingest = Ingest(self.receiver, self.replay, ingest_log, self.run_dir, IngestConfig.from_session(self.s))
+        self.ingest = Ingest(self.receiver, self.replay, ingest_log, self.run_dir, ingest_cfg)
         self.publisher = WeightPublisher(self.s.endpoints.bind_weights, curve=keys)
 
         self.updates = 0

@@ -39,7 +39,8 @@ from robot_rl.algos.base import SENDER_KEY  # the column naming each row's contr
 COMMIT_FILE = "commit.json"
 SEQ_KEY = "_seq"
 STREAM_KEY = "_stream"
-DEFAULT_STREAM = 0        # the stream of rows stored before streams existed (and of `append` without one)
+DEFAULT_STREAM = None     # rows stored before streams existed (and `append` without one): the receiver applies
+                          # this stream's next expected seq to the first stream its sender presents
 MIN_ROWS = 1024           # smallest allocation without a preallocation hint
 DOUBLING_LIMIT = 1 << 16  # grow by 2x up to this many rows, by 1.25x beyond
 READ_ROWS = 4096          # rows read from disk at a time when reopening (no whole-column temporary copy)
