@@ -64,9 +64,6 @@ def _tune(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
 
 
-_int_field = int_field  # (old name)
-
-
 def new_stream_id() -> str:
     return secrets.token_hex(8)
 
@@ -232,6 +229,7 @@ class TransitionSender:
         self._lock = threading.Lock()
         self._queue: collections.deque = collections.deque()  # (seq, t_submit, transition), from submit()
         self._schema: Schema | None = None
+        self._raw_schema: dict | None = None
         self._signaled = False
         # Owned by the sender thread (set up here before it starts):
         self._staged: collections.deque = collections.deque()  # journaled (outbox), waiting to form a batch
@@ -286,15 +284,17 @@ class TransitionSender:
         if self._closed:
             raise RuntimeError("TransitionSender.submit() after close()")
         t = {k: np.array(v) for k, v in transition.items()}
+        raw = {k: (a.dtype, a.shape) for k, a in t.items()}  # cheap to compare; wire names only when it changes
         with self._lock:
-            if self._schema is None:
+            if raw != self._raw_schema:
                 if not t:
                     raise ValueError("a transition needs at least one array")
-                self._schema = _schema_of(t, batched=False)
-            elif (schema := _schema_of(t, batched=False)) != self._schema:
-                raise ValueError(f"transition differs from the stream's earlier ones: "
-                                 f"{'; '.join(schema_diff(self._schema, schema))}: every transition of one "
-                                 "sender must have the same keys, dtypes and shapes")
+                schema = _schema_of(t, batched=False)
+                if self._schema is not None and schema != self._schema:
+                    raise ValueError(f"transition differs from the stream's earlier ones: "
+                                     f"{'; '.join(schema_diff(self._schema, schema))}: every transition of one "
+                                     "sender must have the same keys, dtypes and shapes")
+                self._schema, self._raw_schema = schema, raw
             seq = self._next_seq
             self._next_seq += 1
             self._queue.append((seq, time.monotonic(), t))
