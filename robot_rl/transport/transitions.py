@@ -563,8 +563,7 @@ class TransitionSender:
             now = time.monotonic()
             try:
                 msg = decode_message(frames)
-                if msg.type == "error":
-                    self._last_contact = now
+                if msg.type == "error":  # not "contact": a refused robot is not in touch with its learner
                     m, code = msg.header.get("message"), msg.header.get("code")
                     self._learner_error(f"[{code}] {m}")
                     continue
