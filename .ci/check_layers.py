@@ -61,35 +61,49 @@ def imports_of(path: Path, mod: str, known: dict[str, Path]) -> set[str]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan, iterative)."""
-    index, low, on, stack, out, counter = {}, {}, set(), [], [], [0]
+    """Groups of modules that import each other (strongly connected components of size > 1, Tarjan's
+    algorithm written iteratively: the module graph is deep enough to hit Python's recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+
     for root in graph:
         if root in index:
             continue
+        visit(root)
         work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = counter[0]; counter[0] += 1; stack.append(root); on.add(root)
         while work:
-            v, it = work[-1]
-            for w in it:
+            v, children = work[-1]
+            for w in children:
                 if w not in index:
-                    index[w] = low[w] = counter[0]; counter[0] += 1; stack.append(w); on.add(w)
+                    visit(w)
                     work.append((w, iter(sorted(graph[w]))))
                     break
-                if w in on:
+                if w in on_stack:
                     low[v] = min(low[v], index[w])
-            else:
+            else:  # all children of v done
                 work.pop()
                 if work:
-                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[v])
                 if low[v] == index[v]:
-                    comp = []
+                    group = []
                     while True:
-                        w = stack.pop(); on.discard(w); comp.append(w)
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        group.append(w)
                         if w == v:
                             break
-                    if len(comp) > 1:
-                        out.append(sorted(comp))
-    return out
+                    if len(group) > 1:
+                        found.append(sorted(group))
+    return found
 
 
 def main() -> int:

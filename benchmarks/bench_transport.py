@@ -105,7 +105,7 @@ def _run(impl: str, mode: str, endpoint: str, n: int, hz: float = 0.0, delay: fl
             for b in batches:
                 stamps = b.arrays["t"]
                 seen += len(b)
-                rx.ack(b.sender_id, int(b.seqs[-1]))
+                rx.ack(b.sender_id, b.stream, int(b.seqs[-1]))
                 lat.append(now - stamps)
             if not batches and not proc.is_alive():
                 break

@@ -1,9 +1,11 @@
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +21,27 @@ def ports():
     return free_port(), free_port()
 
 
-def robot_rl_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the installed CLI exactly as a user would (a separate process)."""
+def robot_rl_cli(*args: str, timeout: float = 300, threads: int | None = None) -> subprocess.CompletedProcess:
+    """Run the installed CLI exactly as a user would (a separate process); `threads` sets its OMP_NUM_THREADS."""
+    env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
     return subprocess.run([sys.executable, "-m", "robot_rl.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a whole module (its module-scoped trainings included), restored after it: small
+    models train faster and reproducibly so, and tests running side by side do not fight over the cores. A module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lift_base(one_thread, tmp_path_factory):
+    """Three scripted Lift demos (`demos/`) and a tiny diffusion base trained on them for a few steps (`base/`)."""
+    from builders import base_from_demos
+
+    return base_from_demos(tmp_path_factory.mktemp("lift_base"), "train.steps=20", "train.warmup_steps=2")

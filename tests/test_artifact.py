@@ -9,40 +9,23 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
 from robot_rl.policies.artifact import (FORMAT_VERSION, ArtifactError, export_artifact, load_artifact, main_export,
                                         read_manifest)
-from robot_rl.commands.train import Trainer
 from robot_rl.policies.checkpoint import load_policy
 
-TINY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
-        "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4", "policy.num_inference_steps=4"]
+from builders import random_store, tiny_diffusion, train_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROBOT_CFG = {"type": "robosuite", "env_name": "Lift", "safety": {"safe_action": [0.0, float("nan")]}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_store(path):
     feats = {"obs.state": Feature((4,)), "obs.vel": Feature((3,)),
              "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2), high=np.ones(2))}
-    store = EpisodeStore.create(path, feats, fps=15, info={"robot": "toy", "robot_config": ROBOT_CFG, "task": "t"})
-    w = store.writer()
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        w.begin()
-        for _ in range(12):
-            w.add({k: rng.normal(size=f.shape).astype(np.float32) for k, f in feats.items()})
-        w.save()
-    store.close()
+    random_store(path, feats, episodes=3, steps=12, fps=15,
+                 info={"robot": "toy", "robot_config": ROBOT_CFG, "task": "t"})
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +33,10 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("art")
     make_store(tmp / "store")
     out = {}
-    for kind, extra in (("diffusion", TINY), ("mlp", ["policy=mlp", "policy.hidden=[16]"])):
-        with initialize_config_module("robot_rl.configs", version_base=None):
-            cfg = compose("train", overrides=[f"train.data={tmp / 'store'}", "train.steps=3", "train.batch_size=8",
-                                              "train.progress=false", "train.tensorboard=false",
-                                              "train.warmup_steps=1", "train.checkpoint_every=1000", *extra])
-        Trainer(cfg, tmp / kind).run()
-        out[kind] = tmp / kind
+    policies = {"diffusion": tiny_diffusion(num_inference_steps=4), "mlp": ["policy=mlp", "policy.hidden=[16]"]}
+    for kind, extra in policies.items():
+        out[kind] = train_policy(tmp / "store", tmp / kind, "train.steps=3", "train.batch_size=8",
+                                 "train.warmup_steps=1", *extra)
     return tmp, out
 
 

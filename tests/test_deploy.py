@@ -22,13 +22,9 @@ from robot_rl.config import ConfigError
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.policies.chunking import AsyncChunkRunner, blend_chunk
 
+from builders import robot_store, tiny_diffusion, train_policy
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TickPolicy:
@@ -281,44 +277,19 @@ def test_synchronous_fallback_for_single_action_policies():
 
 # ---------------------------------------------------------------------------------------- deploy on sim Lift
 
-TINY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
-        "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4", "policy.num_inference_steps=3"]
-
-
 @pytest.fixture(scope="module")
 def lift_run(tmp_path_factory):
     """A tiny diffusion policy trained a few steps on random Lift-shaped data (through the real trainer, so
     the checkpoint, its config and the store's robot config are the real thing)."""
-    from robot_rl.data.episode_store import EpisodeStore
-    from robot_rl.factory import make_robot
-    from robot_rl.interfaces import OBS_PREFIX, Feature
-    from robot_rl.commands.train import Trainer
+    from omegaconf import OmegaConf
 
     tmp = tmp_path_factory.mktemp("deploy")
     with initialize_config_module("robot_rl.configs", version_base=None):
-        robot_cfg = compose("deploy").robot
-    from omegaconf import OmegaConf
-
-    robot_cfg = OmegaConf.to_container(robot_cfg, resolve=True)
-    robot = make_robot(robot_cfg)
-    act = robot.action_feature
-    feats = {OBS_PREFIX + k: f for k, f in robot.observation_features.items()}
-    feats["action"] = Feature(act.shape, "float32", act.names, act.low, act.high)
-    store = EpisodeStore.create(tmp / "store", feats, fps=20, info={"robot": robot.name, "robot_config": robot_cfg,
-                                                                     "task": "lift the cube"})
-    w = store.writer()
-    rng = np.random.default_rng(0)
-    for _ in range(2):
-        w.begin()
-        for _ in range(12):
-            w.add({k: rng.uniform(-0.5, 0.5, f.shape).astype(np.float32) for k, f in feats.items()})
-        w.save()
-    store.close()
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("train", overrides=[f"train.data={tmp / 'store'}", "train.steps=3", "train.batch_size=4",
-                                          "train.progress=false", "train.tensorboard=false", "train.warmup_steps=1",
-                                          "train.checkpoint_every=1000", *TINY])
-    Trainer(cfg, tmp / "run").run()
+        robot_cfg = OmegaConf.to_container(compose("deploy").robot, resolve=True)
+    robot_store(tmp / "store", robot_cfg, task="lift the cube",
+                draw=lambda rng, shape: rng.uniform(-0.5, 0.5, shape).astype(np.float32))
+    train_policy(tmp / "store", tmp / "run", "train.steps=3", "train.batch_size=4", "train.warmup_steps=1",
+                 *tiny_diffusion())
     return tmp
 
 
@@ -479,13 +450,9 @@ def test_prime_failure_is_reported_not_raised():
 
 def test_deploy_single_action_mlp_runs_synchronously(lift_run):
     from robot_rl.commands.deploy import Deployer
-    from robot_rl.commands.train import Trainer
 
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("train", overrides=[f"train.data={lift_run / 'store'}", "train.steps=2", "train.batch_size=4",
-                                          "train.progress=false", "train.tensorboard=false", "train.warmup_steps=1",
-                                          "policy=mlp", "policy.hidden=[16]"])
-    Trainer(cfg, lift_run / "mlp").run()
+    train_policy(lift_run / "store", lift_run / "mlp", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
+                 "policy=mlp", "policy.hidden=[16]")
     s = Deployer(deploy_cfg(lift_run / "mlp", "deploy.max_episode_steps=4", "deploy.executor=process"),
                  lift_run / "dep_mlp", robot_given=False).run()
     assert s["policy_type"] == "MLPPolicy" and s["inference"] == "sync" and s["executor"] is None

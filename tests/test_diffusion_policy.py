@@ -11,18 +11,10 @@ from robot_rl.policies.diffusion import EMA, DiffusionConfig, DiffusionPolicy
 from robot_rl.policies.encoders import RandomShift
 from robot_rl.policies.normalizer import Normalizer
 
-TINY = {"down_dims": [16, 32], "diffusion_step_embed_dim": 16, "kernel_size": 3, "n_groups": 4,
-        "obs_horizon": 2, "action_horizon": 8, "n_action_steps": 4, "num_inference_steps": 5,
-        "image": {"channels": [8, 8], "strides": [2, 1], "feature_dim": 8, "num_keypoints": 4, "n_groups": 4,
-                  "random_shift_pad": 2}}
+from builders import TINY_DIFFUSION, TINY_IMAGE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = {**TINY_DIFFUSION, "obs_horizon": 2, "num_inference_steps": 5, "image": {**TINY_IMAGE, "random_shift_pad": 2}}
 
 
 def features(image: bool) -> dict[str, Feature]:

@@ -16,53 +16,21 @@ from robot_rl.commands.distill import Distiller, ddim_chunk, main, make_student,
 from robot_rl.commands.evaluate import is_one_step, set_sampler
 from robot_rl.interfaces import Feature
 from robot_rl.policies.diffusion import DiffusionPolicy
-from robot_rl.commands.train import Trainer
 from robot_rl.policies.checkpoint import load_policy
 
+from builders import tiny_diffusion, toy_store, train_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # module scope: before the module-scoped teacher is trained
 ROBOT_INFO = {"robot": "toy", "robot_config": {"type": "toy", "horizon": 20}, "task": "follow"}
-TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
-               "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",
-               "policy.num_inference_steps=5"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: before the module-scoped teacher is trained
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_store(path, episodes: int = 6, steps: int = 20) -> None:
-    """Toy task: the action is a fixed nonlinear function of the state, the state drifts with the action."""
-    feats = {"obs.state": Feature((4,)), "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2),
-                                                           high=np.ones(2))}
-    store = EpisodeStore.create(path, feats, fps=10, info=ROBOT_INFO)
-    w = store.writer()
-    rng = np.random.default_rng(0)
-    m = np.array([[0.5, -0.3, 0.2, 0.1], [-0.2, 0.4, 0.1, -0.5]], np.float32)
-    for e in range(episodes):
-        w.begin({"seed": e})
-        s = rng.normal(size=4).astype(np.float32)
-        for _ in range(steps):
-            a = np.tanh(m @ s).astype(np.float32)
-            w.add({"obs.state": s, "action": a})
-            s = (0.9 * s + 0.1 * np.concatenate([a, a])).astype(np.float32)
-        w.save({"success": True})
-    store.close()
 
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     """A tiny diffusion policy trained briefly on the toy store (the teacher)."""
     tmp = tmp_path_factory.mktemp("teacher")
-    make_store(tmp / "store")
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("train", overrides=[f"train.data={tmp / 'store'}", "train.progress=false", "train.steps=100",
-                                          "train.batch_size=32", "train.lr=3e-3", "train.warmup_steps=5",
-                                          "train.checkpoint_every=1000", "train.tensorboard=false", *TINY_POLICY])
-    Trainer(cfg, tmp / "run").run()
-    return tmp / "run"
+    toy_store(tmp / "store", success_column=False, info=ROBOT_INFO)
+    return train_policy(tmp / "store", tmp / "run", "train.steps=100", "train.batch_size=32", "train.lr=3e-3",
+                        "train.warmup_steps=5", *tiny_diffusion(down_dims=[32, 64], num_inference_steps=5))
 
 
 def distill_cfg(teacher, *overrides):

@@ -8,27 +8,19 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_module
 
 from robot_rl.config import ConfigError
 from robot_rl.commands.evaluate import (evaluate, main, plot_training_curves, robot_config_from_checkpoint, set_sampler,
                                summary_line, wilson_interval)
 
+from builders import robot_store, tiny_diffusion, train_policy
+
 LIFT = {"type": "robosuite", "env_name": "Lift", "robots": "Panda", "control_freq": 20, "horizon": 200,
         "cameras": [], "camera_height": 84, "camera_width": 84,
         "safety": {"max_delta": None, "safe_action": [0, 0, 0, 0, 0, 0, float("nan")]}}
-TINY_POLICY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
-               "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",
-               "policy.num_inference_steps=3"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------- Wilson
@@ -70,29 +62,10 @@ def test_wilson_interval_properties():
 @pytest.fixture(scope="module")
 def lift_run(tmp_path_factory):
     """A tiny diffusion policy 'trained' (a few steps on random data) on a store that says it came from Lift."""
-    from robot_rl.data.episode_store import EpisodeStore
-    from robot_rl.factory import make_robot
-    from robot_rl.commands.train import Trainer
-
     tmp = tmp_path_factory.mktemp("lift")
-    robot = make_robot(LIFT)
-    feats = {f"obs.{k}": f for k, f in robot.observation_features.items()}
-    feats["action"] = robot.action_feature
-    store = EpisodeStore.create(tmp / "store", feats, fps=20, info={"robot_config": LIFT})
-    w = store.writer()
-    rng = np.random.default_rng(0)
-    for _ in range(2):
-        w.begin()
-        for _ in range(12):
-            w.add({k: rng.normal(size=f.shape).astype(np.float32) * 0.1 for k, f in feats.items()})
-        w.save()
-    store.close()
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("train", overrides=[f"train.data={tmp / 'store'}", "train.progress=false", "train.steps=4",
-                                          "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
-                                          "train.checkpoint_every=2", *TINY_POLICY])
-    Trainer(cfg, tmp / "run").run()
-    return tmp / "run"
+    robot_store(tmp / "store", LIFT, draw=lambda rng, shape: rng.normal(size=shape).astype(np.float32) * 0.1)
+    return train_policy(tmp / "store", tmp / "run", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
+                        "train.log_every=1", "train.checkpoint_every=2", "train.tensorboard=true", *tiny_diffusion())
 
 
 def eval_cfg(*overrides):

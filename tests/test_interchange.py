@@ -15,6 +15,7 @@ from robot_rl.data.interchange import InterchangeError, export_lerobot, plan_exp
 from robot_rl.data.interchange_import import import_lerobot, import_robomimic
 from robot_rl.interfaces import Feature
 
+from builders import camera, record_demos
 from conftest import robot_rl_cli
 
 H = W = 32  # tiny images: video encoding on CPU is the slow part
@@ -141,16 +142,8 @@ def test_roundtrip_png_images_bit_exact(tmp_path):
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory):
     """A real store: the scripted expert in sim, 2 episodes, one 32x32 camera."""
-    from hydra import compose, initialize_config_module
-
-    from robot_rl.commands.record import Recorder
-
     tmp = tmp_path_factory.mktemp("rec")
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("record", overrides=[f"record.path={tmp / 'store'}", "record.episodes=2",
-                                           "record.report_every_s=100", "robot.cameras=[agentview]",
-                                           f"robot.camera_height={H}", f"robot.camera_width={W}"])
-    Recorder(cfg, tmp / "run").run()
+    record_demos(tmp / "store", tmp / "run", "record.episodes=2", *camera(H, W))
     return EpisodeStore.open(tmp / "store", "r")
 
 

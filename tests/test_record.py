@@ -11,25 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 
 from robot_rl.config import ConfigError
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.commands.record import Recorder
 
+from builders import ScriptedControls, record_config, record_demos
+
 ROBOT_RL = str(Path(sys.executable).parent / "robot-rl")
-
-
-def record_cfg(path, *overrides):
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        return compose("record", overrides=[f"record.path={path}", "record.report_every_s=100", *overrides])
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rec")
-    summary = Recorder(record_cfg(tmp / "store", "record.episodes=2", "record.task=lift it"), tmp / "run").run()
-    return tmp, summary
+    return tmp, record_demos(tmp / "store", tmp / "run", "record.episodes=2", "record.task=lift it")
 
 
 def test_record_writes_episodes_with_metadata(recorded):
@@ -57,8 +52,8 @@ def test_resume_appends_and_refuses_without_flag(recorded, tmp_path):
 
     shutil.copytree(tmp / "store", tmp_path / "store")
     with pytest.raises(ConfigError, match="record.resume=true"):
-        Recorder(record_cfg(tmp_path / "store", "record.episodes=1"), tmp_path / "run").run()
-    Recorder(record_cfg(tmp_path / "store", "record.episodes=1", "record.resume=true"), tmp_path / "run2").run()
+        Recorder(record_config(tmp_path / "store", "record.episodes=1"), tmp_path / "run").run()
+    Recorder(record_config(tmp_path / "store", "record.episodes=1", "record.resume=true"), tmp_path / "run2").run()
     store = EpisodeStore.open(tmp_path / "store")
     assert store.num_episodes == 3 and store.episodes[2]["seed"] == 2  # the seed sequence continues
 
@@ -66,29 +61,18 @@ def test_resume_appends_and_refuses_without_flag(recorded, tmp_path):
 def test_unwritable_path_and_no_space_fail_before_recording(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not writable"):
-        Recorder(record_cfg(tmp_path / "file" / "store"), tmp_path / "run").run()
+        Recorder(record_config(tmp_path / "file" / "store"), tmp_path / "run").run()
     with pytest.raises(ConfigError, match="GiB free"):
-        Recorder(record_cfg(tmp_path / "store", "record.min_free_gb=1000000", "record.episodes=1000000000"),
+        Recorder(record_config(tmp_path / "store", "record.min_free_gb=1000000", "record.episodes=1000000000"),
                  tmp_path / "run").run()
     assert not (tmp_path / "store" / "meta.json").exists()
 
 
-class _Controls:
-    """Episode-control events as an operator's keys would deliver them, one per tick."""
-
-    def __init__(self, script: dict[int, str]):
-        self.script, self.tick = script, 0
-
-    def poll(self):
-        self.tick += 1
-        return self.script.get(self.tick)
-
-
 def test_rerecord_save_and_stop_keys(tmp_path):
-    rec = Recorder(record_cfg(tmp_path / "store", "record.episodes=5", "record.stop_on_success=false"),
+    rec = Recorder(record_config(tmp_path / "store", "record.episodes=5", "record.stop_on_success=false"),
                    tmp_path / "run")
     # tick 6: rerecord (discard, same seed); tick 16: save the re-recorded one early; tick 30: stop (saves it)
-    rec.controls = _Controls({6: "rerecord", 16: "save", 30: "stop"})
+    rec.controls = ScriptedControls({6: "rerecord", 16: "save", 30: "stop"})
     summary = rec.run()
     store = EpisodeStore.open(tmp_path / "store")
     assert summary["discarded"] == 1 and store.num_episodes == 2
@@ -116,7 +100,7 @@ def test_sigkill_recorder_then_resume(tmp_path):
     n = crashed.num_episodes
     assert n >= 2 and crashed.pending is not None
     before = [crashed.episode(i) for i in range(n)]
-    Recorder(record_cfg(store_path, "record.episodes=1", "record.resume=true", "record.partial=recover"),
+    Recorder(record_config(store_path, "record.episodes=1", "record.resume=true", "record.partial=recover"),
              tmp_path / "run2").run()
     store = EpisodeStore.open(store_path)
     assert store.num_episodes == n + 2  # the recovered partial episode, then one new one
@@ -132,7 +116,7 @@ def test_policy_rollout_with_simulated_intervener_records_who_acted(tmp_path):
 
     from robot_rl.factory import make_policy, make_robot
 
-    cfg = record_cfg(tmp_path / "store", "record.episodes=1", "policy=mlp", "teleop=sim_intervener",
+    cfg = record_config(tmp_path / "store", "record.episodes=1", "policy=mlp", "teleop=sim_intervener",
                      f"record.policy_weights={tmp_path / 'policy.safetensors'}", "record.max_episode_steps=60",
                      "teleop.intervener.min_steps=5")
     policy = make_policy(cfg.policy, make_robot(cfg.robot))

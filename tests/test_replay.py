@@ -10,13 +10,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import OBS_PREFIX, Feature
-from robot_rl.commands.record import Recorder
 from robot_rl.commands.replay import build_replay_robot, main, replay_episode, replay_robot_config
 from robot_rl.video import Mp4Writer, read_mp4, tile, write_mp4
+
+from builders import camera, record_demos
 
 ROBOT_RL = str(Path(sys.executable).parent / "robot-rl")
 CAM = 48  # recorded agentview size (small: the recording renders it every step)
@@ -26,11 +26,7 @@ CAM = 48  # recorded agentview size (small: the recording renders it every step)
 def recorded(tmp_path_factory):
     """Two Lift episodes by the scripted expert, with a recorded agentview camera, in a real store."""
     tmp = tmp_path_factory.mktemp("replay")
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("record", overrides=[f"record.path={tmp / 'store'}", "record.episodes=2",
-                                           "record.report_every_s=100", "robot.cameras=[agentview]",
-                                           f"robot.camera_height={CAM}", f"robot.camera_width={CAM}"])
-    summary = Recorder(cfg, tmp / "run").run()
+    summary = record_demos(tmp / "store", tmp / "run", "record.episodes=2", *camera(CAM))
     assert summary["saved"] == 2 and summary["success_rate"] == 1.0
     return tmp / "store"
 

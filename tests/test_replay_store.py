@@ -22,7 +22,7 @@ def test_append_reopen_bit_exact(tmp_path):
     store.append("robot1", *batch(0, 4))
     again = ReplayBuffer(tmp_path / "r.zarr")
     assert again.size == 104
-    assert again.next_expected == {"robot0": 100, "robot1": 4}
+    assert again.next_expected == {("robot0", None): 100, ("robot1", None): 4}
     np.testing.assert_array_equal(again.column("obs.x"), store.column("obs.x"))
     np.testing.assert_array_equal(again.column("obs.img"), store.column("obs.img"))
     seqs = again.seqs_by_sender()
@@ -38,7 +38,7 @@ def test_uncommitted_rows_are_cut_on_open(tmp_path):
     # simulate a crash after the data was written but before commit.json was replaced
     (tmp_path / "r.zarr" / "commit.json").write_text(json.dumps(committed))
     again = ReplayBuffer(tmp_path / "r.zarr")
-    assert again.size == 10 and again.next_expected == {"robot0": 10}
+    assert again.size == 10 and again.next_expected == {("robot0", None): 10}
     again.append("robot0", *batch(10, 10))  # the resend lands exactly once
     np.testing.assert_array_equal(ReplayBuffer(tmp_path / "r.zarr").seqs_by_sender()["robot0"], np.arange(20))
 
@@ -53,6 +53,30 @@ def test_mismatched_keys_are_refused(tmp_path):
     assert store.size == 4
 
 
+def test_streams_schema_and_write_behind(tmp_path):
+    """Rows of each (sender, stream) are kept apart; memory first (extend), zarr in one append (flush); the
+    schema is persisted and a batch with another row shape is refused without touching the columns on disk."""
+    store = ReplayBuffer(tmp_path / "r.zarr")
+    store.extend("robot0", *batch(0, 10), stream="a", lsn=0)
+    store.extend("robot0", *batch(0, 5), stream="b", lsn=1)
+    assert store.size == 15 and store.disk_rows == 0 and not (tmp_path / "r.zarr" / "commit.json").exists()
+    assert store.flush() == 15 and store.disk_rows == 15 and store.disk_lsn == 2
+    again = ReplayBuffer(tmp_path / "r.zarr")
+    assert again.next_expected == {("robot0", "a"): 10, ("robot0", "b"): 5} and again.lsn == 2
+    by_stream = again.seqs_by_stream()
+    np.testing.assert_array_equal(by_stream[("robot0", "a")], np.arange(10))
+    np.testing.assert_array_equal(by_stream[("robot0", "b")], np.arange(5))
+    assert again.schema["obs.x"] == (np.dtype(np.float32).str, (5,))
+    with pytest.raises(ValueError, match="shape"):
+        again.append("robot1", *batch(0, 3, obs_dim=6))
+    assert again.size == 15 and ReplayBuffer(tmp_path / "r.zarr").schema == again.schema
+    # held-back rows still advance the stream: `end` says where it resumes
+    again.extend("robot0", np.array([10, 12]), {k: v[[0, 2]] for k, v in batch(10, 3)[1].items()}, stream="a",
+                 end=13)
+    again.flush()
+    assert ReplayBuffer(tmp_path / "r.zarr").next_expected[("robot0", "a")] == 13
+
+
 def test_sample_is_seeded(tmp_path):
     store = ReplayBuffer(tmp_path / "r.zarr")
     store.append("robot0", *batch(0, 50))
@@ -65,7 +89,7 @@ def test_capacity_hint_allocates_up_front_and_growth_keeps_contents(tmp_path):
     store = ReplayBuffer(tmp_path / "r.zarr", preallocate_rows=30)
     store.append("robot0", *batch(0, 10))
     used, allocated = store.memory_bytes()
-    row = sum(a[0].nbytes for a in batch(0, 1)[1].values()) + 8 + 4  # + _seq (int64) + _sender (int32)
+    row = sum(a[0].nbytes for a in batch(0, 1)[1].values()) + 8 + 4 + 4  # + _seq, _sender, _stream
     assert (used, allocated) == (10 * row, 30 * row)  # exactly the hint, not 1024 rows
     for start in range(10, 30, 10):
         store.append("robot0", *batch(start, 10))

@@ -6,7 +6,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from robot_rl.algos.demos import load_demos, relabel_base_actions
 from robot_rl.algos.ensemble import EnsembleQ
@@ -17,51 +16,20 @@ from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
 from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.policies.residual import ResidualModel, ResidualPolicy
-from robot_rl.commands.train import Trainer
 from robot_rl.policies.checkpoint import load_policy
 
-TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
-               "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",
-               "policy.num_inference_steps=3"]
+from builders import TINY_BASE, toy_store, train_policy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_store(path, episodes: int = 6, steps: int = 20, success_at: int | None = 15) -> None:
-    """Toy task: the action is a fixed function of the state; `success` turns on at step `success_at`."""
-    feats = {"obs.state": Feature((4,)), "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2),
-                                                           high=np.ones(2)), "success": Feature((), "bool")}
-    store = EpisodeStore.create(path, feats, fps=10)
-    w = store.writer()
-    rng = np.random.default_rng(0)
-    m = np.array([[0.5, -0.3, 0.2, 0.1], [-0.2, 0.4, 0.1, -0.5]], np.float32)
-    for e in range(episodes):
-        w.begin({"seed": e})
-        s = rng.normal(size=4).astype(np.float32)
-        for t in range(steps):
-            a = np.tanh(m @ s).astype(np.float32)
-            w.add({"obs.state": s, "action": a, "success": np.bool_(success_at is not None and t >= success_at)})
-            s = (0.9 * s + 0.1 * np.concatenate([a, a])).astype(np.float32)
-        w.save({"success": success_at is not None})
-    store.close()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """A tiny chunked diffusion base trained briefly on the toy store."""
+    """A tiny chunked diffusion base trained briefly on the toy store (`success` from step 15 of 20)."""
     tmp = tmp_path_factory.mktemp("base")
-    make_store(tmp / "store")
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("train", overrides=[f"train.data={tmp / 'store'}", "train.progress=false", "train.steps=40",
-                                          "train.batch_size=32", "train.lr=3e-3", "train.warmup_steps=5",
-                                          "train.checkpoint_every=1000", "train.tensorboard=false", *TINY_POLICY])
-    Trainer(cfg, tmp / "run").run()
+    toy_store(tmp / "store", success_at=15)
+    train_policy(tmp / "store", tmp / "run", "train.steps=40", "train.batch_size=32", "train.lr=3e-3",
+                 "train.warmup_steps=5", *TINY_BASE)
     return tmp
 
 
@@ -135,7 +103,7 @@ class CountingChunkedBase:
 
 
 def test_demos_cut_at_success_and_relabelled_with_a_reset_per_episode(tmp_path):
-    make_store(tmp_path / "s", episodes=3, steps=10, success_at=6)
+    toy_store(tmp_path / "s", episodes=3, steps=10, success_at=6)
     arrays, ends = load_demos(tmp_path / "s", ["state"])
     assert ends.tolist() == [7, 14, 21]  # steps 0..6, cut right after the first success
     assert arrays["reward"].sum() == 3 and arrays["success"][[6, 13, 20]].all()
@@ -147,7 +115,7 @@ def test_demos_cut_at_success_and_relabelled_with_a_reset_per_episode(tmp_path):
 
 
 def test_no_successful_demos_is_a_clear_error(tmp_path):
-    make_store(tmp_path / "s", episodes=2, steps=5, success_at=None)
+    toy_store(tmp_path / "s", episodes=2, steps=5, success_at=None)
     with pytest.raises(ValueError, match="no successful episodes"):
         load_demos(tmp_path / "s", ["state"])
 

@@ -13,56 +13,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from robot_rl.control.pacing import PacedLoop
 from robot_rl.learner.replay_buffer import ReplayBuffer
-from robot_rl.commands.record import Recorder
-from robot_rl.commands.train import Trainer
 
+from builders import base_from_demos, camera, run_cli, session_args
 from conftest import REPO
 from test_session import learner_checkpoint
 
-TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
-               "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",
-               "policy.num_inference_steps=3"]
-
-
-@pytest.fixture(scope="module")
-def lift_base(tmp_path_factory):
-    """Three scripted Lift demos and a tiny diffusion base trained on them for a few steps."""
-    tmp = tmp_path_factory.mktemp("lift_base")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("record", overrides=["robot=lift", f"record.path={tmp / 'demos'}", "record.episodes=3",
-                                           "record.report_every_s=1e9", "teleop.quality=expert", "teleop.seed=0"])
-        rec = Recorder(cfg, tmp / "record_run")
-        rec.loop = PacedLoop(1e6)  # unpaced
-        assert rec.run()["saved"] == 3
-        tcfg = compose("train", overrides=[f"train.data={tmp / 'demos'}", "train.progress=false", "train.steps=20",
-                                           "train.batch_size=16", "train.warmup_steps=2", "train.tensorboard=false",
-                                           "train.checkpoint_every=1000", *TINY_POLICY])
-    Trainer(tcfg, tmp / "base").run()
-    torch.set_num_threads(threads)
-    return tmp
-
-
-def session_args(base, run_dir, ports, *extra):
-    return ["session", "algo=residual", f"algo.base_checkpoint={base / 'base'}", f"algo.demos={base / 'demos'}",
-            "algo.actor_hidden=[32]", "algo.critic_hidden=[32,32]", "algo.num_critics=4", "algo.batch_size=32",
-            "algo.learning_starts=40", "algo.critic_warmup=20", "algo.publish_every_updates=10",
-            "algo.log_every_updates=10", "algo.updates_per_transition=1", "session.max_episode_steps=30",
-            "session.rate_hz=60", "session.stop_on_success=true", "session.eval_every_episodes=2",
-            "session.eval_episodes=1", "session.watchdog_s=1.0", "session.heartbeat_s=0.02", "device=cpu",
-            "tensorboard=false", f"session.transitions_port={ports[0]}", f"session.weights_port={ports[1]}",
-            f"hydra.run.dir={run_dir}", *extra]
-
-
-def run_cli(args, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "robot_rl.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_jsonl(path):
@@ -130,22 +88,10 @@ def test_residual_session_with_a_camera(tmp_path, ports):
     """The image path: the residual and critic see an 48x48 camera (conv encoder trained by the critic, DrQ
     shift), the base stays low-dim; images travel as uint8 and are stored once in the learner's replay."""
     lowdim = "[robot0_eef_pos,cube_pos,robot0_gripper_qpos]"
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("record", overrides=["robot=lift", "robot.cameras=[agentview]", "robot.camera_height=48",
-                                           "robot.camera_width=48", f"record.path={tmp_path / 'demos'}",
-                                           "record.episodes=2", "record.report_every_s=1e9", "teleop.quality=expert",
-                                           "teleop.seed=0"])
-        rec = Recorder(cfg, tmp_path / "record_run")
-        rec.loop = PacedLoop(1e6)
-        assert rec.run()["saved"] == 2
-        tcfg = compose("train", overrides=[f"train.data={tmp_path / 'demos'}", "train.progress=false",
-                                           "train.steps=5", "train.batch_size=16", "train.warmup_steps=1",
-                                           "train.tensorboard=false", "train.checkpoint_every=1000",
-                                           f"policy.obs_keys={lowdim}", *TINY_POLICY])
-    Trainer(tcfg, tmp_path / "base").run()
+    base_from_demos(tmp_path, "train.steps=5", "train.warmup_steps=1", f"policy.obs_keys={lowdim}", demos=2,
+                    record_overrides=camera(48))
     run = tmp_path / "run"
-    out = run_cli(session_args(tmp_path, run, ports, "session.episodes=3", "robot.cameras=[agentview]",
-                               "robot.camera_height=48", "robot.camera_width=48",
+    out = run_cli(session_args(tmp_path, run, ports, "session.episodes=3", *camera(48),
                                "algo.obs_keys=[agentview_image,robot0_eef_pos,cube_pos,robot0_gripper_qpos]",
                                "++algo.image_encoder={feature_dim:16,channels:[8,16],strides:[2,2],num_keypoints:8}",
                                "session.eval_every_episodes=0"))

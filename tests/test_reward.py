@@ -20,9 +20,10 @@ from robot_rl.reward import (ClassifierSuccess, OperatorSuccess, SimSuccess, Suc
 from robot_rl.reward.classifier import (ClassifierDataError, SuccessClassifier, load_classifier, save_classifier,
                                         train_classifier)
 
+from builders import ScriptedControls, record_config
 from conftest import REPO, robot_rl_cli
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CAM = 48  # camera size of the test store: small enough to record and train in seconds
 EPISODES, STEPS = 6, 60  # the scripted Lift expert lifts the cube at ~step 35: both classes in every episode
@@ -350,28 +351,14 @@ def test_make_success_detector_sources_and_errors(tmp_path, caplog):
 
 
 # ================================================================================================== recorder
-class _Controls:
-    """Episode events as an operator's keys deliver them, one per tick (ticks count across episodes)."""
-
-    def __init__(self, script: dict[int, str]):
-        self.script, self.tick = script, 0
-
-    def poll(self):
-        self.tick += 1
-        return self.script.get(self.tick)
-
-
 def test_recorder_success_key_labels_this_and_later_steps(tmp_path):
-    from hydra import compose, initialize_config_module
-
     from robot_rl.commands.record import Recorder
 
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("record", overrides=[f"record.path={tmp_path / 'store'}", "record.report_every_s=100",
-                                           "record.episodes=2", "record.max_episode_steps=15", "record.fps=1000",
-                                           "record.stop_on_success=false", "record.min_free_gb=0"])
-    rec = Recorder(cfg, tmp_path / "run")
-    rec.controls = _Controls({8: "success"})  # pressed at step 7 of episode 0; the cube is not lifted by step 15
+    rec = Recorder(record_config(tmp_path / "store", "record.episodes=2", "record.max_episode_steps=15",
+                                 "record.fps=1000", "record.stop_on_success=false", "record.min_free_gb=0"),
+                   tmp_path / "run")
+    # the key is pressed at step 7 of episode 0; the cube is not lifted by step 15
+    rec.controls = ScriptedControls({8: "success"})
     summary = rec.run()
     store = EpisodeStore.open(tmp_path / "store")
     first, second = store.episode(0)["success"], store.episode(1)["success"]

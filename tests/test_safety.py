@@ -173,3 +173,35 @@ def test_watchdog_injected_clock_and_bad_timeout():
     assert w.expired() and w.silence_s() == pytest.approx(1.1)
     with pytest.raises(ValueError, match="timeout_s"):
         Watchdog(0)
+
+
+def test_one_outage_is_one_trip_however_often_the_stale_contact_is_fed(caplog):
+    """The control process feeds the learner's last contact time every tick: a 3 s silence at 20 Hz is 60 ticks
+    feeding the same old timestamp, and must count one trip and log its true length once contact returns."""
+    w = Watchdog(0.1, name="learner")
+    with caplog.at_level(logging.WARNING):
+        w.feed(now=10.0)
+        for tick in range(60):  # 3 s of ticks while the learner is frozen: last contact stays 10.0
+            now = 10.05 + tick * 0.05
+            w.feed(now=10.0)
+            w.expired(now=now)
+        assert w.trips == 1 and w.outages(now=13.0) == {"count": 1, "total_s": 3.0, "longest_s": 3.0,
+                                                         "ongoing": True}
+        w.feed(now=13.1)  # contact again
+        assert not w.expired(now=13.12)
+        w.feed(now=13.1)  # fed again with the same contact: nothing logged
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["learner silent for 0.10 s (> 0.10 s): sending safe actions",
+                    "learner back after 3.10 s of silence: resuming"]
+    assert w.outages() == {"count": 1, "total_s": 3.1, "longest_s": 3.1, "ongoing": False}
+
+
+def test_outages_count_total_and_longest():
+    w = Watchdog(0.25)
+    w.arm(now=0.0)
+    assert w.expired(now=0.3)  # never heard from: an outage from when it was armed
+    w.feed(now=1.0)
+    assert not w.expired(now=1.1)
+    assert w.expired(now=1.5)
+    w.feed(now=3.0)
+    assert w.outages() == {"count": 2, "total_s": 3.0, "longest_s": 2.0, "ongoing": False}

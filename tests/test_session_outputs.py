@@ -8,10 +8,10 @@ import json
 import numpy as np
 
 from robot_rl.policies.checkpoint import load_policy, read_manifest
-from test_residual_session import lift_base, run_cli, session_args  # noqa: F401 - lift_base is a fixture
+from builders import run_cli, session_args
 
 
-def test_residual_session_evaluates_deploys_and_exports_from_its_run_dir(lift_base, tmp_path, ports):  # noqa: F811
+def test_residual_session_evaluates_deploys_and_exports_from_its_run_dir(lift_base, tmp_path, ports):
     run = tmp_path / "run"
     out = run_cli(session_args(lift_base, run, ports, "session.episodes=3", "session.eval_every_episodes=0"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -8,70 +8,29 @@ import json
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
 from robot_rl.config import ConfigError
 from robot_rl.data.episode_store import EpisodeStore
-from robot_rl.interfaces import Feature
 from robot_rl.policies.diffusion import DiffusionPolicy
 from robot_rl.policies.mlp import MLPPolicy
 from robot_rl.commands.train import Trainer, main
 from robot_rl.policies.checkpoint import load_policy
 
-TINY_POLICY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16", "policy.kernel_size=3",
-               "policy.n_groups=4", "policy.action_horizon=8", "policy.n_action_steps=4",
-               "policy.num_inference_steps=5", "policy.image.channels=[8,8]", "policy.image.strides=[2,1]",
-               "policy.image.feature_dim=8", "policy.image.num_keypoints=4", "policy.image.n_groups=4"]
+from builders import TINY_IMAGE, tiny_diffusion, toy_store, train_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_store(path, episodes: int = 6, steps: int = 20, image: bool = False) -> EpisodeStore:
-    """Toy task: the action is a fixed linear function of the state, the state drifts with the action."""
-    feats = {"obs.state": Feature((4,)), "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2),
-                                                           high=np.ones(2)),
-             "success": Feature((), "bool")}
-    if image:
-        feats["obs.cam_image"] = Feature((16, 16, 3), "uint8")
-    store = EpisodeStore.create(path, feats, fps=10)
-    w = store.writer()
-    rng = np.random.default_rng(0)
-    m = np.array([[0.5, -0.3, 0.2, 0.1], [-0.2, 0.4, 0.1, -0.5]], np.float32)
-    for e in range(episodes):
-        w.begin({"seed": e})
-        s = rng.normal(size=4).astype(np.float32)
-        for t in range(steps):
-            a = np.tanh(m @ s).astype(np.float32)
-            frame = {"obs.state": s, "action": a, "success": np.bool_(t == steps - 1)}
-            if image:
-                img = np.zeros((16, 16, 3), np.uint8)
-                img[int(8 + 6 * np.tanh(s[0])), int(8 + 6 * np.tanh(s[1]))] = 255
-                frame["obs.cam_image"] = img
-            w.add(frame)
-            s = (0.9 * s + 0.1 * np.concatenate([a, a])).astype(np.float32)
-        w.save({"success": True})
-    store.close()
-    return EpisodeStore.open(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_cfg(data, *overrides):
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        return compose("train", overrides=[f"train.data={data}", "train.progress=false", "train.batch_size=16",
-                                           "train.warmup_steps=5", "train.lr=1e-3", "train.log_every=5",
-                                           "train.checkpoint_every=1000", *TINY_POLICY, *overrides])
+    return train_config(data, "train.batch_size=16", "train.warmup_steps=5", "train.lr=1e-3", "train.log_every=5",
+                        *tiny_diffusion(num_inference_steps=5, image=TINY_IMAGE), *overrides)
 
 
 def test_loss_decreases_checkpoint_and_load_policy(tmp_path):
-    make_store(tmp_path / "store")
+    toy_store(tmp_path / "store")
     cfg = train_cfg(tmp_path / "store", "train.steps=60", "train.val_ratio=0.34", "train.val_every=30",
-                    "train.lr=3e-3", "train.batch_size=64", "policy.down_dims=[32,64]")
+                    "train.lr=3e-3", "train.batch_size=64", "policy.down_dims=[32,64]", "train.tensorboard=true")
     tr = Trainer(cfg, tmp_path / "run")
     assert len(tr.val_episodes) == 2 and len(tr.train_episodes) == 4
     s = tr.run()
@@ -103,8 +62,8 @@ def test_loss_decreases_checkpoint_and_load_policy(tmp_path):
 
 
 def test_image_observations_train(tmp_path):
-    make_store(tmp_path / "store", episodes=3, steps=12, image=True)
-    tr = Trainer(train_cfg(tmp_path / "store", "train.steps=4", "train.tensorboard=false"), tmp_path / "run")
+    toy_store(tmp_path / "store", episodes=3, steps=12, image=True)
+    tr = Trainer(train_cfg(tmp_path / "store", "train.steps=4"), tmp_path / "run")
     assert tr.policy.obs_keys == ["state", "cam_image"]
     tr.run()
     pol = load_policy(tmp_path / "run")
@@ -114,8 +73,8 @@ def test_image_observations_train(tmp_path):
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
-    make_store(tmp_path / "store")
-    over = ["train.steps=10", "train.checkpoint_every=5", "train.tensorboard=false"]
+    toy_store(tmp_path / "store")
+    over = ["train.steps=10", "train.checkpoint_every=5"]
     straight = Trainer(train_cfg(tmp_path / "store", *over), tmp_path / "a")
     straight.run()
 
@@ -139,7 +98,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
 
 
 def test_resume_without_checkpoint_and_bad_config(tmp_path):
-    make_store(tmp_path / "store", episodes=2, steps=10)
+    toy_store(tmp_path / "store", episodes=2, steps=10)
     with pytest.raises(ConfigError, match="nothing to resume"):
         Trainer(train_cfg(tmp_path / "store", "train.resume=true"), tmp_path / "run")
     with pytest.raises(ConfigError, match="data_format"):
@@ -151,12 +110,9 @@ def test_resume_without_checkpoint_and_bad_config(tmp_path):
 
 
 def test_mlp_policy_trains_through_the_same_trainer(tmp_path):
-    make_store(tmp_path / "store")
-    with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("train", overrides=[f"train.data={tmp_path / 'store'}", "policy=mlp", "policy.hidden=[32]",
-                                          "train.steps=80", "train.lr=3e-3", "train.batch_size=32",
-                                          "train.warmup_steps=0", "train.progress=false", "train.tensorboard=false",
-                                          "train.ema=false"])
+    toy_store(tmp_path / "store")
+    cfg = train_config(tmp_path / "store", "policy=mlp", "policy.hidden=[32]", "train.steps=80", "train.lr=3e-3",
+                       "train.batch_size=32", "train.warmup_steps=0", "train.ema=false")
     assert main(cfg, tmp_path / "run") == 0
     pol = load_policy(tmp_path / "run")
     assert isinstance(pol, MLPPolicy) and pol.obs_keys == ["state"]
@@ -169,9 +125,9 @@ def test_mlp_policy_trains_through_the_same_trainer(tmp_path):
 
 def test_lerobot_input_is_imported_once(tmp_path):
     interchange = pytest.importorskip("robot_rl.data.interchange")
-    make_store(tmp_path / "store", episodes=2, steps=10)
+    toy_store(tmp_path / "store", episodes=2, steps=10)
     ds = interchange.export_lerobot(tmp_path / "store", tmp_path / "ds", repo_id="local/toy", use_videos=False)
-    cfg = train_cfg(ds, "train.data_format=lerobot", "train.steps=2", "train.tensorboard=false")
+    cfg = train_cfg(ds, "train.data_format=lerobot", "train.steps=2")
     tr = Trainer(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "imported_store" / "meta.json").exists()
     assert tr.store.num_episodes == 2

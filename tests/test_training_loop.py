@@ -20,13 +20,7 @@ from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everythi
 X = np.random.default_rng(0).normal(size=(256, 3)).astype(np.float32)
 Y = np.tanh(X @ np.array([[1.0], [-2.0], [0.5]], np.float32)).astype(np.float32)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**over) -> LoopConfig:

@@ -90,15 +90,53 @@ def test_curve_weights_and_transitions_authorized_only(keys):
         for b in rx.poll(50):
             assert b.sender_id == "robot"
             got += b.seqs.tolist()
-            rx.ack(b.sender_id, int(b.seqs[-1]))
+            rx.ack(b.sender_id, b.stream, int(b.seqs[-1]))
     for b in rx.poll(300):
         assert b.sender_id == "robot"
     assert got == list(range(20))
     assert set(rx.senders) == {"robot"}
     assert tx_bad.last_contact is None and tx_bad.acked_upto == -1
+    # the failed handshakes are counted and explained on both sides (socket monitors)
+    deadline = time.monotonic() + 10
+    while (rx.stats()["handshake_failures"] == 0 or tx_bad.stats()["handshake_failures"] == 0) \
+            and time.monotonic() < deadline:
+        rx.poll(50)
+    assert rx.stats()["handshake_failures"] >= 1 and tx_bad.stats()["handshake_failures"] >= 1
+    assert "authentication refused" in tx_bad.rejected_reason
+    assert tx_good.stats()["handshake_failures"] == 0
     assert tx_good.close() == 0
     tx_bad.close(linger_s=0)
     for s in (good, bad):
         s.close()
     rx.close()
     pub.close()
+
+
+def test_failed_handshakes_logged_once_per_peer_and_reason_and_counted(keys, caplog):
+    import logging
+
+    server, client, intruder = keys
+    t_ep = f"tcp://127.0.0.1:{free_port()}"
+    rx = TransitionReceiver(t_ep, curve=server)
+    plain = TransitionSender(t_ep, "plain").start()  # no CURVE at all: mechanism mismatch
+    wrong = TransitionSender(t_ep, "wrong", curve=type(client)(client.public, client.secret, client.public)).start()
+    stranger = TransitionSender(t_ep, "stranger", curve=intruder).start()  # key not authorized
+    with caplog.at_level(logging.WARNING, logger="robot_rl.transport.transitions"):
+        deadline = time.monotonic() + 20
+        while (rx.stats()["handshake_failures"] < 7 or stranger.stats()["handshake_failures"] < 1) \
+                and time.monotonic() < deadline:
+            rx.poll(50)  # the senders reconnect (and fail) again and again
+        for tx in (plain, wrong, stranger):
+            tx.close(linger_s=0)
+        rx.poll(100)
+    assert rx.stats()["handshake_failures"] >= 7
+    lines = [r.getMessage() for r in caplog.records if "handshake with" in r.getMessage()]
+    server_lines = [ln for ln in lines if ln.startswith("transition receiver")]
+    assert sum("mechanism mismatch" in ln for ln in server_lines) == 1, lines  # once per peer and reason
+    assert sum("cryptographic" in ln for ln in server_lines) == 1, lines
+    key = intruder.public.decode()
+    assert sum(f"client 127.0.0.1 (public key {key})" in ln for ln in server_lines) == 1, lines
+    assert plain.stats()["handshake_failures"] >= 1 and "mechanism mismatch" in plain.rejected_reason
+    assert "authentication refused" in stranger.rejected_reason
+    assert sum(ln.startswith("transition sender stranger") for ln in lines) == 1, lines
+    rx.close()

@@ -1,13 +1,30 @@
-"""`robot-rl session`: start the learner and the control process as separate OS processes, stop them cleanly.
+"""`robot-rl session`: start the learner and the control process(es) as separate OS processes, supervise them, stop
+them cleanly, and say truthfully what happened.
 
-Ctrl-C reaches both children (same process group); each finishes its tick/update, the control process leaves
-the robot on its safe action, the learner checkpoints, and the session writes one merged summary.
+Stopping: SIGINT (Ctrl-C, to the process group or to this process alone) and SIGTERM are caught explicitly, also
+when the session was started with SIGINT ignored (a background job of a script). The control processes get
+SIGTERM at once: the robot is on its safe action from their next tick; they wait (session.drain_timeout_s at
+most) until the learner acknowledged every transition, then the learner is stopped and checkpoints. Children
+started by a session also stop on their own if the session dies.
+
+Faults: a crashed learner or control process is restarted (session.restart_crashed times each) and resumes from
+what is on disk. A learner that exits for a full disk (or another storage error) is not restarted: the session
+stops early with one clear message, the robots hold their safe action, nothing stored is touched, and the summary
+is still written (a small space reserve is released for it). A control process is never restarted into a learner
+that is gone.
+
+The truth at the top: the final line and the top level of summary.json give transitions sent / stored /
+quarantined / unacknowledged, each drain's result, restarts, storage errors, watchdog outages, the episodes of
+the control logs and of the learner's replay, and whether the robot ever ran learner weights; the exit code is
+0 only when nothing was lost, every transition was acknowledged and every process ended cleanly (28 when the
+session stopped for a full disk, 1 for anything else).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -16,10 +33,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from robot_rl.config import ConfigError, positive, resolve_device, write_json
-from robot_rl.control.telemetry import plot_learning_curve
+from robot_rl.config import ConfigError, positive, resolve_device
+from robot_rl.control.telemetry import learning_curve, read_jsonl, write_json_safely
 
 log = logging.getLogger("robot_rl.commands.session")
+
+EXIT_OK, EXIT_FAILED, EXIT_DISK_FULL = 0, 1, 28
+LEARNER_DISK_FULL, LEARNER_STORAGE_ERROR = 28, 74  # robot_rl/learner/process.py's exit codes
+CONTROL_UNACKED, CONTROL_STREAM_FAILED = 3, 4  # robot_rl/control/process.py's exit codes
+PARENT_PID_ENV = "ROBOT_RL_PARENT_PID"
+RESERVE_FILE = ".session_space_reserve"
 
 
 def validate_session(cfg: DictConfig) -> None:
@@ -50,56 +73,73 @@ def validate_session(cfg: DictConfig) -> None:
     resolve_device(cfg.device)
 
 
+# ------------------------------------------------------------------------------------------------ preflight
+def preflight_warnings(cfg: DictConfig) -> list[str]:
+    """What will keep this session from learning anything, said before it starts: a budget (episodes x
+    max_episode_steps x robots) below what the algorithm needs before its first update or its first published
+    weights, or nobody at all to drive (no teleop, and weights that cannot come)."""
+    from robot_rl.algos import REGISTRY, with_defaults
+
+    s = cfg.session
+    algo = with_defaults(OmegaConf.to_container(cfg.algo, resolve=True))
+    entry = REGISTRY.get(algo.get("name"))
+    budget = int(s.episodes) * int(s.max_episode_steps) * int(s.num_robots)
+    first = int(algo.get("min_transitions") or algo.get("learning_starts") or 0)
+    utd = float(algo.get("updates_per_transition") or 1.0)
+    first_weights = first + int(float(algo.get("publish_every_updates") or 0) / max(utd, 1e-9))
+    no_teleop = (cfg.teleop.get("type") or "none") == "none"
+    # online BC learns from the teleop's labels: without a teleop it never gets any
+    needs_labels = bool(getattr(entry.algorithm, "needs_teleop_labels", "min_transitions" in algo)) if entry else False
+    warnings = []
+    if s.learner == "none":
+        pass
+    elif no_teleop and needs_labels:
+        warnings.append(f"algo={algo['name']} learns from the teleop's labels and teleop=none gives none: the "
+                        "learner will never update, the robot will never get weights")
+    elif budget < first:
+        warnings.append(f"budget cannot reach the first update: at most {budget} transitions (episodes "
+                        f"{s.episodes} x max_episode_steps {s.max_episode_steps} x robots {s.num_robots}) < the "
+                        f"{first} algo={algo['name']} needs before its first update")
+    elif budget < first_weights:
+        warnings.append(f"budget cannot reach the first published weights: at most {budget} transitions < about "
+                        f"{first_weights} ({first} before the first update + publish_every_updates "
+                        f"{algo.get('publish_every_updates')} at {utd:g} updates per transition)")
+    acts_without = bool(getattr(entry.algorithm, "robot_acts_without_weights", algo.get("name") == "residual")) \
+        if entry else False
+    if no_teleop and not acts_without and (s.learner == "none" or warnings):
+        warnings.append("no actor at all: teleop=none and the policy acts only with learner weights, which will not "
+                        f"come: every tick of the {s.episodes} episodes sends the safe action")
+    elif no_teleop and not acts_without:
+        warnings.append("teleop=none: until the learner's first weights arrive nobody drives (safe actions)")
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------- processes
 def _spawn(module: str, config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, str(config), str(run_dir), *extra])
+    env = dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())})
+    return subprocess.Popen([sys.executable, "-m", module, str(config), str(run_dir), *extra], env=env)
 
 
-def _stop(proc: subprocess.Popen, name: str, timeout_s: float, already_interrupted: bool = False) -> int:
-    """SIGINT, then SIGTERM, then SIGKILL: a child gets every chance to save its work. After a terminal Ctrl-C the
-    child got SIGINT already, so it is first left to finish on its own (a second SIGINT during interpreter exit
-    would kill it)."""
-    stages = ((None, timeout_s),) if already_interrupted else ()
-    stages += ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
-    for sig, wait_s in stages:
+def _signal(proc: subprocess.Popen | None, sig: int) -> None:
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _stop(proc: subprocess.Popen, name: str, wait_s: float) -> int:
+    """SIGTERM (a child caught it before: it is stopping), then SIGKILL: a child gets every chance to save its
+    work, and the session still ends in bounded time."""
+    for sig, timeout in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 10.0)):
         if proc.poll() is not None:
             break
-        if sig is not None:
-            proc.send_signal(sig)
+        _signal(proc, sig)
         try:
-            proc.wait(wait_s)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop after %s; escalating", name, signal.Signals(sig).name if sig else "Ctrl-C")
+            log.warning("%s did not stop within %.0f s after %s; escalating", name, timeout, signal.Signals(sig).name)
     return proc.wait()
-
-
-def _supervise(cfg, run_dir: Path, config_path: Path, names: list[str], controls: dict, procs: dict,
-               restarts: dict) -> dict[str, int]:
-    """Wait for the control processes; a crashed learner or control process is restarted (up to
-    session.restart_crashed times each) and resumes from what is on disk: the learner from its checkpoint and
-    replay, a control process from its episode log (numbering and seeds continue)."""
-    limit = int(cfg.session.get("restart_crashed", 0) or 0)
-    codes: dict[str, int] = {}
-    while len(codes) < len(controls):
-        for i, name in enumerate(names):
-            if name in codes or (code := controls[name].poll()) is None:
-                continue
-            if code != 0 and restarts.get(name, 0) < limit:
-                restarts[name] = restarts.get(name, 0) + 1
-                log.warning("control process %s exited with %d: restarting it (%d/%d), resuming from its log",
-                            name, code, restarts[name], limit)
-                controls[name] = _spawn("robot_rl.control", config_path, run_dir / _control_dir(names, name), name,
-                                        str(i), "--resume")
-            else:
-                codes[name] = code
-        learner = procs.get("learner")
-        if learner is not None and (code := learner.poll()) is not None and len(codes) < len(controls):
-            if restarts.get("learner", 0) < limit:
-                restarts["learner"] = restarts.get("learner", 0) + 1
-                log.warning("learner exited with %d: restarting it (%d/%d) from its checkpoint and replay", code,
-                            restarts["learner"], limit)
-                procs["learner"] = _spawn("robot_rl.learner", config_path, run_dir / "learner")
-        time.sleep(0.2)
-    return codes
 
 
 def _control_dir(names: list[str], name: str) -> str:
@@ -107,68 +147,369 @@ def _control_dir(names: list[str], name: str) -> str:
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class SpaceReserve:
+    """A few MB held in the run dir from the start and given back when the disk fills, so that the summaries, the
+    tick records and the learning curve can still be written."""
+
+    def __init__(self, run_dir: Path, mb: float):
+        self.path, self.held = run_dir / RESERVE_FILE, False
+        if mb <= 0:
+            return
+        try:
+            with open(self.path, "wb") as f:
+                block = b"\0" * (1 << 20)
+                for _ in range(int(mb)):
+                    f.write(block)
+            self.held = True
+        except OSError:
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.held = False
+
+
+class Supervisor:
+    """Runs the session's processes: restarts crashed ones, never a learner that exited for its disk, never a
+    control process into a learner that is gone; forwards stop signals."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, config_path: Path, reserve: SpaceReserve):
+        self.cfg, self.s, self.run_dir, self.config_path, self.reserve = cfg, cfg.session, run_dir, config_path, reserve
+        self.limit = int(self.s.get("restart_crashed", 0) or 0)
+        self.names = [self.s.sender_id] if self.s.num_robots == 1 else [
+            f"{self.s.sender_id}_{i}" for i in range(self.s.num_robots)]
+        self.controls: dict[str, subprocess.Popen] = {}
+        self.learner: subprocess.Popen | None = None
+        self.learner_code: int | None = None
+        self.learner_gone = False  # exited and will not be restarted
+        self.codes: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}
+        self.stop_signal: int | None = None
+        self.stopped_early: str | None = None  # why the session stopped before its episodes were done
+        self.disk_full = False
+        self.events: list[str] = []
+
+    # -- signals
+    def on_signal(self, signum, _frame) -> None:
+        first = self.stop_signal is None
+        self.stop_signal = self.stop_signal or signum
+        if first:
+            log.warning("%s: stopping the robot(s) at the next tick, then draining and stopping the learner",
+                        signal.Signals(signum).name)
+        for proc in self.controls.values():  # at once, also a second time (the children take it idempotently)
+            _signal(proc, signal.SIGTERM)
+        if not self.controls:
+            _signal(self.learner, signal.SIGTERM)
+
+    # -- start
+    def start(self, resume: bool) -> None:
+        if self.s.learner == "local":
+            self.learner = _spawn("robot_rl.learner", self.config_path, self.run_dir / "learner")
+        for i, name in enumerate(self.names):
+            self.controls[name] = self._spawn_control(i, name, resume)
+
+    def _spawn_control(self, i: int, name: str, resume: bool) -> subprocess.Popen:
+        return _spawn("robot_rl.control", self.config_path, self.run_dir / _control_dir(self.names, name), name,
+                      str(i), *(("--resume",) if resume else ()))
+
+    # -- the loop
+    def run(self) -> None:
+        while len(self.codes) < len(self.controls):
+            if self.stop_signal is not None:
+                break
+            self._check_learner()
+            for i, name in enumerate(self.names):
+                if name in self.codes or (code := self.controls[name].poll()) is None:
+                    continue
+                if self._restartable_control(name, code):
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    log.warning("control process %s exited with %d: restarting it (%d/%d), resuming from its log and "
+                                "outbox", name, code, self.restarts[name], self.limit)
+                    self.controls[name] = self._spawn_control(i, name, True)
+                else:
+                    self.codes[name] = code
+            time.sleep(0.1)
+        self._finish_controls()
+        self._finish_learner()
+
+    def _restartable_control(self, name: str, code: int) -> bool:
+        if code in (0, CONTROL_UNACKED, CONTROL_STREAM_FAILED) or self.stop_signal is not None or self.stopped_early:
+            return False
+        if self.restarts.get(name, 0) >= self.limit:
+            return False
+        if self.learner_gone:
+            log.error("control process %s exited with %d; not restarting it: the learner is gone", name, code)
+            return False
+        return True
+
+    def _check_learner(self) -> None:
+        if self.learner is None or self.learner_gone or (code := self.learner.poll()) is None:
+            return
+        self.learner_code = code
+        if code == LEARNER_DISK_FULL:
+            self.disk_full = True
+            self._learner_gone("the learner's disk is full (No space left on device, see learner/summary.json): "
+                               "stopping the session early; the robots hold their safe action, everything "
+                               "acknowledged is stored and kept. Free space, then resume with session.resume=true")
+        elif code == LEARNER_STORAGE_ERROR:
+            self._learner_gone("the learner could not write its storage (I/O error, see learner/summary.json): "
+                               "stopping the session early; the robots hold their safe action. Fix the storage, "
+                               "then resume with session.resume=true")
+        elif self.restarts.get("learner", 0) < self.limit:
+            self.restarts["learner"] = self.restarts.get("learner", 0) + 1
+            log.warning("learner exited with %d: restarting it (%d/%d) from its checkpoint and replay", code,
+                        self.restarts["learner"], self.limit)
+            self.learner = _spawn("robot_rl.learner", self.config_path, self.run_dir / "learner")
+            self.learner_code = None
+        else:
+            self._learner_gone(f"the learner exited with {code} and session.restart_crashed ({self.limit}) is "
+                               "spent: stopping the session early; the robots hold their safe action")
+
+    def _learner_gone(self, message: str) -> None:
+        self.learner_gone = True
+        self.stopped_early = message
+        log.error("%s", message)
+        self.reserve.release()  # room for the summaries
+        for proc in self.controls.values():  # stop now, do not wait for acknowledgements that cannot come
+            _signal(proc, signal.SIGUSR1)
+
+    def _finish_controls(self) -> None:
+        wait_s = float(self.s.drain_timeout_s) + 30.0
+        for name, proc in self.controls.items():
+            if name not in self.codes:
+                self.codes[name] = _stop(proc, f"control process {name}", wait_s)
+        self._check_learner_exit_code()
+
+    def _check_learner_exit_code(self) -> None:
+        if self.learner is not None and not self.learner_gone and (code := self.learner.poll()) is not None:
+            self.learner_code = code
+            self.disk_full = self.disk_full or code == LEARNER_DISK_FULL
+
+    def _finish_learner(self) -> None:
+        if self.learner is None:
+            return
+        if self.learner.poll() is None:
+            self.learner_code = _stop(self.learner, "learner", float(self.s.drain_timeout_s) + 60.0)
+        else:
+            self.learner_code = self.learner.returncode
+        if self.learner_code == LEARNER_DISK_FULL and not self.disk_full:
+            self.disk_full = True
+            self.stopped_early = self.stopped_early or "the learner's disk is full (No space left on device)"
+            log.error("the learner stopped for a full disk while finishing; see learner/summary.json")
+        if self.disk_full:
+            self.reserve.release()
+
+
+# ---------------------------------------------------------------------------------------- the truth at the top
+def replay_episodes(learner_dir: Path) -> dict[str, set[int]] | None:
+    """{sender: episode numbers} over the learner's committed replay (read straight from zarr, int columns only),
+    or None without one."""
+    path = learner_dir / "replay.zarr"
+    commit = _read(path / "commit.json")
+    if not commit or not int(commit.get("rows", 0)):
+        return {} if commit else None
+    try:
+        import numpy as np
+        import zarr
+
+        group = zarr.open_group(zarr.storage.LocalStore(str(path)), mode="r")
+        n = int(commit["rows"])
+        episode, sender = np.asarray(group["episode"][:n]), np.asarray(group["_sender"][:n])
+    except Exception as e:  # noqa: BLE001 - a report, not a failure of the session
+        log.warning("could not read the learner's replay episodes: %s", e)
+        return None
+    return {name: {int(e) for e in np.unique(episode[sender == i])} for i, name in enumerate(commit["senders"])}
+
+
+def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], learner: dict | None,
+          warnings: list[str]) -> dict:
+    """The top of summary.json: what was sent, stored and lost, how each process ended, and every problem."""
+    problems: list[str] = []
+    if sup.stopped_early:
+        problems.append(sup.stopped_early)
+    senders = (learner or {}).get("senders") or {}
+    sent = stored = unacked = duplicates = 0
+    sent_known = True
+    drains, outages = {}, {"count": 0, "total_s": 0.0, "longest_s": 0.0}
+    for name, c in controls.items():
+        code = sup.codes.get(name)
+        if c is None:
+            problems.append(f"control process {name} wrote no summary (exit code {code})")
+            sent_known = False
+            continue
+        t = c.get("transitions") or {}
+        s_sent = int(t.get("stream_sent", t.get("submitted", 0)) or 0)
+        got = senders.get(name) or {}
+        s_stored = int(got.get("transitions", 0))
+        sent, stored, unacked = sent + s_sent, stored + s_stored, unacked + int(t.get("unacked_at_exit", t.get("unacked", 0)) or 0)
+        duplicates += s_stored - int(got.get("unique", s_stored))
+        drain = c.get("drain") or {"result": "complete" if t.get("all_acknowledged") else "unknown"}
+        drains[name] = drain.get("result")
+        if drain.get("result") not in ("complete", "no learner"):
+            problems.append(f"control process {name}: drain {drain.get('result')}, "
+                            f"{drain.get('unacknowledged')} transitions unacknowledged (kept in its outbox)")
+        o = c.get("watchdog_outages") or {}
+        outages["count"] += int(o.get("count", c.get("watchdog_trips", 0)) or 0)
+        outages["total_s"] = round(outages["total_s"] + float(o.get("total_s", 0.0) or 0.0), 3)
+        outages["longest_s"] = max(outages["longest_s"], float(o.get("longest_s", 0.0) or 0.0))
+        if code not in (0, None, CONTROL_UNACKED):  # unacknowledged transitions: the drain's problem above
+            problems.append(f"control process {name} exited with {code} ({c.get('stop_reason')})")
+    quarantined = int((learner or {}).get("quarantined", 0) or 0)
+    learner_on = sup.s.learner == "local"
+    lost = None
+    if learner_on and sent_known and learner is not None:
+        lost = sent - stored - quarantined - unacked
+        if lost > 0:
+            problems.append(f"{lost} transitions sent but neither stored, quarantined nor kept unacknowledged")
+        if duplicates:
+            problems.append(f"{duplicates} transitions stored more than once")
+    if unacked:
+        problems.append(f"{unacked} transitions unacknowledged at exit (kept in the control outboxes)")
+    if quarantined:
+        warnings = [*warnings, f"{quarantined} transitions quarantined by the learner (non-finite values)"]
+    if learner_on and learner is None:
+        problems.append(f"the learner wrote no summary (exit code {sup.learner_code})")
+    if learner_on and sup.learner_code not in (0, None) and not sup.stopped_early:
+        problems.append(f"the learner exited with {sup.learner_code}")
+    storage_errors = list((learner or {}).get("storage_errors") or [])
+    if storage_errors and not sup.stopped_early:
+        problems.append(f"learner storage errors: {'; '.join(map(str, storage_errors[:3]))}")
+
+    # episodes: the control logs vs the learner's replay
+    logged = {n: set(((c or {}).get("episode_log") or {}).get("numbers") or []) for n, c in controls.items()}
+    in_replay = replay_episodes(run_dir / "learner") if learner_on else None
+    episodes = {"control_logs": sum(len(v) for v in logged.values()),
+                "replay": None if in_replay is None else sum(len(v) for v in in_replay.values()),
+                "interrupted": sum(int(((c or {}).get("episode_log") or {}).get("interrupted", 0)) for c in
+                                   controls.values())}
+    if in_replay is not None and sup.learner_code in (0, None) and not sup.disk_full:
+        differ = {n: sorted(logged[n] ^ in_replay.get(n, set())) for n in logged if logged[n] != in_replay.get(n, set())}
+        episodes["agree"] = not differ
+        if differ:
+            problems.append(f"episodes differ between the control log and the learner's replay: {differ}")
+    # the robot and the learner's weights
+    versions = [int((c or {}).get("final_policy_version", -1) if (c or {}).get("final_policy_version") is not None
+                    else -1) for c in controls.values()]
+    weights_loaded = any(v >= 0 for v in versions)
+    policy_steps = sum(int((c or {}).get("policy_steps", 0) or 0) for c in controls.values())
+    if learner_on and not weights_loaded:
+        warnings = [*warnings, "the robot never loaded learner weights (weights v-1): the learner did not publish "
+                               "in time; the policy never drove with learned weights"]
+    status = "ok" if not problems else "error"
+    code = EXIT_OK if not problems else (EXIT_DISK_FULL if sup.disk_full else EXIT_FAILED)
+    return {
+        "status": status,
+        "exit_code": code,
+        "problems": problems,
+        "warnings": warnings,
+        "stopped_early": sup.stopped_early,
+        "transitions": {"sent": sent if sent_known else None, "stored": stored if learner_on else None,
+                        "quarantined": quarantined, "unacknowledged": unacked, "lost": lost,
+                        "duplicates": duplicates},
+        "drain": drains,
+        "restarts": dict(sup.restarts),
+        "storage_errors": len(storage_errors),
+        "disk_full": sup.disk_full,
+        "watchdog_outages": outages,
+        "episodes_logged": episodes,
+        "weights_loaded": weights_loaded,
+        "policy_steps": policy_steps,
+    }
+
+
+def _final_line(summary: dict, top: dict) -> str:
+    t = top["transitions"]
+    head = "session done" if top["status"] == "ok" else "session FAILED"
+    if summary.get("interrupted"):
+        head += f" (stopped by {summary['interrupted']})"
+    parts = [f"{head} in {summary['wall_s']:.0f} s: {summary['episodes'] or 0} episodes"]
+    if summary.get("success_rate") is not None:
+        rate = summary["policy_success_rate"]
+        rate = "no policy-driven episodes" if rate is None else f"policy-driven: {rate:.2f}"
+        parts[0] += f", success rate {summary['success_rate']:.2f} ({rate})"
+    parts.append(f"weights v{summary['final_policy_version']}"
+                 + ("" if top["weights_loaded"] else " (the robot never loaded learner weights)")
+                 + f", {summary['learner_updates']} learner updates")
+    parts.append(f"transitions {t['sent']} sent / {t['stored']} stored / {t['unacknowledged']} unacknowledged"
+                 + (f" / {t['quarantined']} quarantined" if t["quarantined"] else "")
+                 + (f" / {t['lost']} LOST" if t["lost"] else "")
+                 + (f" / {t['duplicates']} DUPLICATED" if t["duplicates"] else ""))
+    drains = set(top["drain"].values())
+    parts.append(f"drain {', '.join(sorted(map(str, drains))) or 'n/a'}")
+    restarts = ", ".join(f"{k} {v}" for k, v in top["restarts"].items()) or "none"
+    parts.append(f"restarts {restarts}")
+    parts.append(f"storage errors {top['storage_errors']}")
+    o = top["watchdog_outages"]
+    parts.append(f"watchdog outages {o['count']}" + (f" ({o['total_s']:.1f} s, longest {o['longest_s']:.1f} s)"
+                                                     if o["count"] else ""))
+    line = "; ".join(parts)
+    for w in top["warnings"]:
+        line += f"\n  WARNING: {w}"
+    for p in top["problems"]:
+        line += f"\n  ERROR: {p}"
+    return line + f"\nsummary: {summary['run_dir']}/summary.json (exit code {top['exit_code']})"
 
 
 def run_session(cfg: DictConfig, run_dir: Path) -> int:
     config_path = run_dir / "config.yaml"
     t0 = time.time()
-    resume = ("--resume",) if cfg.session.get("resume", False) else ()
-    learner = None
-    if cfg.session.learner == "local":
-        learner = _spawn("robot_rl.learner", config_path, run_dir / "learner")
-    # one control process per robot; several feed one learner, each under its own sender id
-    names = [cfg.session.sender_id] if cfg.session.num_robots == 1 else [
-        f"{cfg.session.sender_id}_{i}" for i in range(cfg.session.num_robots)]
-    controls = {name: _spawn("robot_rl.control", config_path, run_dir / _control_dir(names, name), name, str(i),
-                             *resume) for i, name in enumerate(names)}
-    interrupted = False
-    restarts: dict[str, int] = {}
-    procs = {"learner": learner}  # the supervisor may replace a crashed learner
+    warnings = preflight_warnings(cfg)
+    for w in warnings:
+        log.warning("%s", w)
+    reserve = SpaceReserve(run_dir, float(cfg.session.get("space_reserve_mb", 4) or 0))
+    sup = Supervisor(cfg, run_dir, config_path, reserve)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # explicitly: also when started with SIGINT ignored
+        signal.signal(sig, sup.on_signal)
+    sup.start(bool(cfg.session.get("resume", False)))
     try:
-        control_codes = _supervise(cfg, run_dir, config_path, names, controls, procs, restarts)
-        learner = procs["learner"]
-    except KeyboardInterrupt:
-        interrupted = True
-        # a second Ctrl-C must not abandon the children mid-shutdown: the SIGINT/SIGTERM/SIGKILL escalation in
-        # _stop bounds how long this takes anyway
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        learner = procs["learner"]
-        log.info("Ctrl-C: stopping the control process(es) and the learner")
-        control_codes = {name: _stop(proc, name, cfg.session.drain_timeout_s + 5, already_interrupted=True)
-                         for name, proc in controls.items()}
-    learner_code = _stop(learner, "learner", 30.0, interrupted) if learner is not None else None
-    control_code = max(control_codes.values())
-    curve = plot_learning_curve([run_dir / _control_dir(names, n) for n in names], run_dir / "learning_curve.png")
-
-    control_summary = _read(run_dir / _control_dir(names, names[0]) / "summary.json")
+        sup.run()
+    finally:
+        for proc in [*sup.controls.values(), sup.learner]:  # an exception here must not orphan a child
+            if proc is not None and proc.poll() is None:
+                _stop(proc, "child", 10.0)
+    names = sup.names
+    controls = {n: _read(run_dir / _control_dir(names, n) / "summary.json") for n in names}
     learner_summary = _read(run_dir / "learner" / "summary.json")
+    curve, curve_skipped = learning_curve([run_dir / _control_dir(names, n) for n in names],
+                                          run_dir / "learning_curve.png")
+    first = controls[names[0]]
+    episodes_all = [r for n in names for r in read_jsonl(run_dir / _control_dir(names, n) / "episodes.jsonl")
+                    if not r.get("interrupted")]
+    top = truth(sup, run_dir, controls, learner_summary, warnings)
     summary = {
         "verb": "session",
+        **top,
         "run_dir": str(run_dir),
         "robot": OmegaConf.to_container(cfg.robot, resolve=True),
         "algo": cfg.algo.name,
         "learner": cfg.session.learner,
-        "interrupted": interrupted,
-        "exit_codes": {"control": control_codes, "learner": learner_code},
-        "episodes": control_summary and control_summary["episodes"],
-        "success_rate": control_summary and control_summary["success_rate"],
-        "policy_success_rate": control_summary and control_summary["policy_success_rate"],
-        "final_policy_version": control_summary and control_summary["final_policy_version"],
+        "interrupted": signal.Signals(sup.stop_signal).name if sup.stop_signal else False,
+        "exit_codes": {"control": sup.codes, "learner": sup.learner_code},
+        "episodes": sum(int(((c or {}).get("episode_log") or {}).get("episodes", (c or {}).get("episodes", 0)))
+                        for c in controls.values()),
+        "success_rate": (sum(bool(r["success"]) for r in episodes_all) / len(episodes_all)) if episodes_all else None,
+        "policy_success_rate": first and first["policy_success_rate"],
+        "final_policy_version": first and first["final_policy_version"],
         "learner_updates": learner_summary and learner_summary["updates"],
-        "restarts": restarts,
         "learning_curve": str(curve) if curve else None,
+        "learning_curve_skipped": curve_skipped,
         "wall_s": time.time() - t0,
-        "control": control_summary,
-        "other_robots": {n: _read(run_dir / _control_dir(names, n) / "summary.json") for n in names[1:]},
+        "control": first,
+        "other_robots": {n: controls[n] for n in names[1:]},
         "learner": learner_summary,
     }
-    write_json(run_dir / "summary.json", summary)
-    if control_summary and control_summary["episodes"]:
-        policy_rate = summary["policy_success_rate"]
-        policy_rate = "no policy-driven episodes" if policy_rate is None else f"policy-driven: {policy_rate:.2f}"
-        print(f"session done in {summary['wall_s']:.0f} s: {summary['episodes']} episodes, success rate "
-              f"{summary['success_rate']:.2f} ({policy_rate}), weights "
-              f"v{summary['final_policy_version']}, {summary['learner_updates']} learner updates; "
-              f"summary: {run_dir / 'summary.json'}")
-    return 0 if control_code == 0 else 1
+    problem = write_json_safely(run_dir / "summary.json", summary)
+    if problem:
+        reserve.release()
+        problem = write_json_safely(run_dir / "summary.json", summary)
+        if problem:
+            log.error("%s", problem)
+    reserve.release()
+    print(_final_line(summary, top), flush=True)
+    return top["exit_code"]

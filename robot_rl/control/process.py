@@ -4,11 +4,28 @@ Each tick: take the newest weights if any arrived (swap at the tick boundary), a
 policy, pick who acts (takeover switch), pass the action through the safety filter, send it, stream the
 transition. Transport runs on background threads; a silent learner trips the watchdog and the robot gets
 the safe action until the learner is back.
+
+Stopping: SIGINT or SIGTERM (installed explicitly, also when the process started with SIGINT ignored, as a
+background job does) stops the robot at the next tick on its safe action, then waits up to
+session.drain_timeout_s for the learner to acknowledge every transition; SIGUSR1 (the session: "the learner is
+gone for good") stops the same way without waiting for acknowledgements. Started by a session
+(ROBOT_RL_PARENT_PID), the process also stops on its own when that parent dies. Every submitted transition is
+kept in `<run dir>/outbox` until acknowledged, so a restarted control process (`--resume`) resends exactly what
+its predecessor had not got acknowledged, and an episode it had cut short is logged as interrupted.
+
+Exit codes (`python -m robot_rl.control`):
+    0   the episodes ran (or a stop was requested) and every transition was acknowledged
+    3   EXIT_UNACKED: transitions left unacknowledged (drain timed out, or the learner was gone); they stay in the
+        outbox for a resumed session
+    4   EXIT_STREAM_FAILED: the transition stream stopped working (see the log); the robot was stopped safely
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,8 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robot_rl.config import write_json
-from robot_rl.control.telemetry import EpisodeLog
+from robot_rl.control.telemetry import EpisodeLog, save_npz_atomic, write_json_safely
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import Watchdog, build_safety
 from robot_rl.control.takeover import SOURCES
@@ -32,6 +48,27 @@ from robot_rl.transport.security import load_client_keys
 
 log = logging.getLogger("robot_rl.control")
 
+EXIT_OK = 0
+EXIT_UNACKED = 3
+EXIT_STREAM_FAILED = 4
+PARENT_PID_ENV = "ROBOT_RL_PARENT_PID"  # set by `robot-rl session` for its children: stop when it dies
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: the learner is gone for good
+
+
+def watched_parent() -> int | None:
+    """The session's pid when this process was started by one (and it is still our parent), else None. On
+    Linux the kernel also sends SIGTERM when it dies (PR_SET_PDEATHSIG), which the stop handler catches."""
+    try:
+        pid = int(os.environ.get(PARENT_PID_ENV, ""))
+    except ValueError:
+        return None
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    return pid if os.getppid() == pid else None
 
 
 class ControlProcess:
@@ -50,18 +87,31 @@ class ControlProcess:
         self.loop = PacedLoop(self.s.rate_hz)
         self.watchdog = Watchdog(self.s.watchdog_s, name="learner")
         self.sender_id = sender_id or self.s.sender_id
-        self.log = EpisodeLog(self.run_dir, resume=resume or bool(self.s.get("resume", False)))
+        resume = resume or bool(self.s.get("resume", False))
+        self.log = EpisodeLog(self.run_dir, resume=resume)
         self.sender = self.subscriber = None
+        self.outbox_dir = self.run_dir / "outbox"
         if self.s.learner != "none":
             keys = None
             if self.s.curve_keys_dir:
                 keys = load_client_keys(self.s.curve_keys_dir, str(Path(self.s.curve_keys_dir) / "server.key"))
+            if not resume and self.outbox_dir.exists():
+                log.info("not resuming: starting a new transition stream (removing %s)", self.outbox_dir)
+                shutil.rmtree(self.outbox_dir, ignore_errors=True)
             self.sender = TransitionSender(self.s.endpoints.transitions, self.sender_id,
                                            batch_size=self.s.transition_batch,
                                            max_batch_delay_s=self.s.transition_max_delay_s,
-                                           heartbeat_interval_s=self.s.heartbeat_s, curve=keys)
+                                           heartbeat_interval_s=self.s.heartbeat_s, curve=keys,
+                                           outbox_dir=self.outbox_dir)
             self.subscriber = WeightSubscriber(self.s.endpoints.weights, curve=keys)
+        self.first_seq = self.sender.next_seq if self.sender is not None else 0  # this process's first new seq
         self._stop = False
+        self.stream_failed = False
+        self.stop_reason: str | None = None
+        self.learner_gone = False  # SIGUSR1: do not wait for acknowledgements
+        self.parent_pid = watched_parent()
+        self.interrupted_episodes: list[dict] = []
+        self._hold_reasons: collections.Counter = collections.Counter()
         self.episodes: list[dict] = []
         self.weight_updates: list[dict] = []
         self.ticks = {k: [] for k in ("t", "lateness", "episode", "source", "forced_safe", "policy_version")}
@@ -71,10 +121,31 @@ class ControlProcess:
         return make_robot_policy(OmegaConf.to_container(self.cfg.algo, resolve=True),
                                  OmegaConf.to_container(self.cfg.policy, resolve=True), self.robot, self.seed)
 
-    def request_stop(self, *_):
+    def request_stop(self, signum=None, _frame=None, reason: str | None = None):
+        """Signal handler (and the parent watch): the robot gets its safe action from the next tick on."""
+        if signum == signal.SIGUSR1:
+            self.learner_gone = True
+            reason = reason or "the session says the learner is gone"
+        elif reason is None:
+            reason = f"{signal.Signals(signum).name}" if signum else "stop requested"
         if not self._stop:
-            log.info("stop requested: finishing the current tick and holding the robot")
+            self.stop_reason = reason
+            log.info("stop (%s): safe action from the next tick, then %s", reason,
+                     "exit without waiting for the learner" if self.learner_gone else "drain and exit")
         self._stop = True
+
+    def _check_health(self) -> None:
+        """Per tick: the session that started us is alive, the transition stream still runs."""
+        if self._stop:
+            return
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.request_stop(reason="the session (parent process) died")
+        thread = getattr(self.sender, "_thread", None) if self.sender is not None else None
+        if thread is not None and not thread.is_alive():
+            self.stream_failed = True
+            log.error("the transition stream to the learner stopped working (see the error above): stopping the "
+                      "robot; unacknowledged transitions stay in %s", self.outbox_dir)
+            self.request_stop(reason="the transition stream failed")
 
     # ------------------------------------------------------------------------------------------------ ticks
     def _take_new_weights(self, probe_obs) -> None:
@@ -100,8 +171,13 @@ class ControlProcess:
 
     def _must_hold(self, source: str) -> bool:
         """The safe action despite a proposal: the learner went silent while the policy drives, or we stop."""
-        learner_lost = source == "policy" and self.sender is not None and self.watchdog.expired()
-        return learner_lost or self._stop
+        if self._stop:
+            self._hold_reasons["stopping"] += 1
+            return True
+        if source == "policy" and self.sender is not None and self.watchdog.expired():
+            self._hold_reasons["learner silent"] += 1
+            return True
+        return False
 
     def _transition(self, step: Step, episode: int) -> dict:
         """What the learner gets for one tick: the observation, who proposed and who acted, the outcome."""
@@ -130,6 +206,7 @@ class ControlProcess:
             log.info("waiting up to %.0f s for the learner at %s", deadline - time.monotonic(),
                      self.s.endpoints.transitions)
         while self.sender is not None and self.sender.last_contact is None and time.monotonic() < deadline:
+            self._check_health()
             if self._stop:
                 return
             time.sleep(0.05)
@@ -139,11 +216,13 @@ class ControlProcess:
         self.rollout = Rollout(self.robot, self.policy, act=self._policy_action, teleop=self.teleop,
                                safety=self.safety, success=self.success, pacer=self.loop,
                                stop_on_success=bool(self.s.stop_on_success))
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:  # explicitly: a process started with SIGINT ignored would otherwise ignore Ctrl-C
             signal.signal(sig, self.request_stop)
+        self._warn_if_nobody_acts()
         self.robot.connect()
         if self.teleop is not None:
             self.teleop.connect()
+        self._log_interrupted_episode()
         if self.sender is not None:
             self.sender.start()
             self.subscriber.start()
@@ -154,13 +233,18 @@ class ControlProcess:
         first = self.log.next_episode  # > 0 when resuming: episode numbers and seeds continue
         if first:
             log.info("resuming at episode %d (%d env steps so far)", first, self.log.env_steps)
+        drained = {"result": "not reached", "unacknowledged": None, "waited_s": 0.0}
         try:
             for episode in range(first, self.s.episodes):
                 if self._stop:
                     break
                 obs = self._reset(self.seed + episode)
                 probe_obs = probe_obs if probe_obs is not None else obs
+                if self.sender is not None:
+                    self.log.started(episode, self.sender.next_seq)
                 ep = self._run_episode(episode, obs, probe_obs)
+                if self.sender is not None and not self.sender.flush(timeout_s=5.0):
+                    log.warning("episode %d: not every transition reached the outbox within 5 s", episode)
                 self.episodes.append(ep)
                 self.log.episode(ep)
                 every = int(self.s.get("eval_every_episodes", 0) or 0)
@@ -174,10 +258,43 @@ class ControlProcess:
                 self.teleop.disconnect()
             summary = self._summary(time.time() - t_start, drained)
             self._close_transport()
-            write_json(self.run_dir / "summary.json", summary)
-            np.savez(self.run_dir / "ticks.npz", **{k: np.asarray(v) for k, v in self.ticks.items()})
+            summary["transitions"]["unacked_at_exit"] = self.sender.unacked_count if self.sender else 0
+            for problem in (write_json_safely(self.run_dir / "summary.json", summary),
+                            save_npz_atomic(self.run_dir / "ticks.npz",
+                                            {k: np.asarray(v) for k, v in self.ticks.items()})):
+                if problem:
+                    log.error("%s", problem)
             self.log.close()
         return summary
+
+    def exit_code(self, summary: dict) -> int:
+        if self.stream_failed:
+            return EXIT_STREAM_FAILED
+        return EXIT_OK if summary["drain"]["result"] in ("complete", "no learner") else EXIT_UNACKED
+
+    def _warn_if_nobody_acts(self) -> None:
+        """No teleop, a policy that waits for weights, and no learner to send any: every tick is the safe action."""
+        if self.teleop is None and not self.policy.acts_without_weights and self.sender is None:
+            log.warning("nobody can act: no teleop, no learner and the policy needs weights first: every tick of "
+                        "these %d episodes sends the safe action", self.s.episodes)
+
+    def _log_interrupted_episode(self) -> None:
+        """A predecessor killed mid-episode: that episode's transitions that reached the outbox are delivered (the
+        sender resends them), so the episode exists in the learner's replay: log it as interrupted, so that the
+        episode log and the replay agree, and continue with the next episode number."""
+        started = self.log.interrupted() if self.sender is not None else None
+        if not started or started.get("first_seq") is None:
+            return
+        streamed = max(0, self.sender.next_seq - int(started["first_seq"]))
+        if streamed == 0:
+            return  # nothing of it left this process: it simply runs again under the same number and seed
+        row = {"episode": int(started["episode"]), "interrupted": True, "success": False, "return": 0.0,
+               "steps": streamed, "policy_steps": None, "teleop_steps": None, "safe_steps": None,
+               "policy_version": None, "residual_abs": None, "exploration": None, "achieved_hz": None,
+               "driven_by": "interrupted: the control process was restarted mid-episode",
+               "first_seq": int(started["first_seq"])}
+        self.interrupted_episodes.append(row)
+        self.log.episode(row)
 
     def _reset(self, seed: int):
         wait = float(self.s.get("reset_time_s", 0) or 0)
@@ -186,6 +303,7 @@ class ControlProcess:
             log.info("episode over: reset the scene (%.0f s, robot holding)", wait)
             end = time.monotonic() + wait
             while time.monotonic() < end and not self._stop:
+                self._check_health()
                 time.sleep(0.05)
         return self.rollout.reset(seed)
 
@@ -211,8 +329,11 @@ class ControlProcess:
         """One episode of the rollout loop; a training episode also takes new weights between ticks, streams its
         transitions and records its ticks. Evaluation episodes measure the policy alone (no teleop)."""
         residual_abs = []
+        self._hold_reasons.clear()
+        teleop_drives = episode < self.s.expert_episodes and not evaluating
 
         def before_step(index: int, obs) -> None:
+            self._check_health()
             if not evaluating:
                 self._take_new_weights(probe_obs)  # weights swap at a tick boundary
             self._feed_watchdog()
@@ -230,7 +351,7 @@ class ControlProcess:
                                ("policy_version", self.policy_version)):
                 self.ticks[key].append(value)
 
-        r = self.rollout.episode(obs, self.s.max_episode_steps, teleop_drives=episode < self.s.expert_episodes,
+        r = self.rollout.episode(obs, self.s.max_episode_steps, teleop_drives=teleop_drives,
                                  with_teleop=not evaluating, before_step=before_step, force_safe=self._must_hold,
                                  stop=lambda: self._stop, hooks=[after_step],
                                  keep_pacing_stats=bool(self.ticks["t"]))  # stats cover the session
@@ -240,7 +361,32 @@ class ControlProcess:
                 "policy_version": self.policy_version,
                 "residual_abs": float(np.mean(residual_abs)) if residual_abs else None,
                 "exploration": getattr(self.policy, "exploration", None),
-                "achieved_hz": r["steps"] / duration if duration > 0 else None}
+                "achieved_hz": r["steps"] / duration if duration > 0 else None,
+                "driven_by": self._driven_by(r, teleop_drives, episode)}
+
+    def _driven_by(self, r: dict, teleop_drives: bool, episode: int) -> str:
+        """Who drove the episode and why, in words (the status line and episodes.jsonl)."""
+        if teleop_drives:
+            return f"expert (expert episode {episode + 1} of {self.s.expert_episodes})"
+        parts = []
+        if r["policy_steps"]:
+            parts.append(f"policy (weights v{self.policy_version})" if self.policy_version >= 0
+                         else "policy (no learner weights yet: acts without them)")
+        if r["teleop_steps"]:
+            why = ("the policy has no weights yet" if self.policy_version < 0 and not self.policy.acts_without_weights
+                   else "took over")
+            parts.append(f"expert {r['teleop_steps']} steps ({why})")
+        unexplained = r["safe_steps"] - sum(self._hold_reasons.values())
+        reasons = dict(self._hold_reasons)
+        if unexplained > 0:
+            no_actor = "no weights yet and no teleop" if self.policy_version < 0 else "no action proposed"
+            reasons[no_actor] = reasons.get(no_actor, 0) + unexplained
+        for why, n in reasons.items():
+            if n:
+                parts.append(f"safe actions {n} steps ({why})")
+        if len(parts) == 1 and not r["policy_steps"] and not r["teleop_steps"]:
+            return parts[0].replace(f" {r['safe_steps']} steps", "")
+        return ", ".join(parts) or "nobody (no steps)"
 
     def _hold_safe(self) -> None:
         """Leave the robot on the safe action, whatever ended the run."""
@@ -252,26 +398,47 @@ class ControlProcess:
         except Exception:  # noqa: BLE001 - shutting down: report and keep going
             log.exception("could not send the final safe action")
 
-    def _drain(self) -> bool:
-        """Give the learner a bounded time to acknowledge everything before exiting."""
+    def _drain(self) -> dict:
+        """Wait until the learner acknowledged every transition, at most session.drain_timeout_s; not at all when
+        the session said the learner is gone. What is not acknowledged stays in the outbox (a resumed session
+        delivers it) and is an error of this run."""
         if self.sender is None:
-            return True
-        deadline = time.monotonic() + self.s.drain_timeout_s
-        while self.sender.unacked_count and time.monotonic() < deadline:
+            return {"result": "no learner", "unacknowledged": 0, "waited_s": 0.0}
+        t0 = time.monotonic()
+        deadline = t0 + float(self.s.drain_timeout_s)
+        while self.sender.unacked_count and time.monotonic() < deadline and not self.learner_gone \
+                and not self.stream_failed:
+            self._check_health()
             time.sleep(0.02)
-        if self.sender.unacked_count:
-            log.warning("%d transitions were not acknowledged by the learner before exit",
-                        self.sender.unacked_count)
-        return self.sender.unacked_count == 0
+        left = self.sender.unacked_count
+        waited = time.monotonic() - t0
+        if not left:
+            result = "complete"
+        elif self.learner_gone or self.stream_failed:
+            result = "learner gone" if self.learner_gone else "stream failed"
+            log.error("%d transitions not acknowledged (%s): they stay in %s for a resumed session", left, result,
+                      self.outbox_dir)
+        else:
+            result = "timed out"
+            log.error("drain timed out: %d transitions not acknowledged within session.drain_timeout_s=%.1f s; they "
+                      "stay in %s for a resumed session", left, float(self.s.drain_timeout_s), self.outbox_dir)
+        return {"result": result, "unacknowledged": int(left), "waited_s": round(waited, 3)}
 
     def _close_transport(self) -> None:
         if self.sender is not None:
-            self.sender.close()
+            self.sender.close(linger_s=0.2 if self.learner_gone or self.stream_failed else 1.0)
             self.subscriber.close()
 
-    def _summary(self, wall_s: float, drained: bool) -> dict:
+    def _summary(self, wall_s: float, drained: dict) -> dict:
         eps = self.episodes
         n = len(eps)
+        logged = [*self.log.past, *self.interrupted_episodes, *eps]
+        stream = self.sender.stats() if self.sender else {}
+        if self.sender is not None:
+            # the whole stream across restarts (the outbox keeps ids and seqs): seqs 0 .. next_seq-1 were produced
+            stream.update(stream_sent=int(self.sender.next_seq - self.sender_start_seq()),
+                          stream_acked=int(self.sender.acked_upto + 1 - self.sender_start_seq()),
+                          first_seq_this_run=int(self.first_seq))
         policy_eps = [e for e in eps if e["policy_steps"] > e["teleop_steps"]]
         return {
             "process": "control",
@@ -286,11 +453,25 @@ class ControlProcess:
             "pacing": self.loop.stats(),
             "safety_events": dict(self.safety.counts),
             "watchdog_trips": self.watchdog.trips,
-            "transitions": {**(self.sender.stats() if self.sender else {}), "all_acknowledged": drained},
+            "watchdog_outages": self.watchdog.outages(),
+            "transitions": {**stream, "all_acknowledged": drained["result"] in ("complete", "no learner")},
+            "drain": drained,
+            "stop_reason": self.stop_reason or "episodes done",
+            "stream_failed": self.stream_failed,
+            "episode_log": {"episodes": len({e["episode"] for e in logged}),
+                            "interrupted": sum(bool(e.get("interrupted")) for e in logged),
+                            "numbers": sorted({int(e["episode"]) for e in logged}),
+                            "write_errors": self.log.write_errors},
             "weight_updates": self.weight_updates,
             "final_policy_version": self.policy_version,
+            "policy_steps": int(sum(e["policy_steps"] for e in eps)),
             "wall_s": wall_s,
         }
+
+    def sender_start_seq(self) -> int:
+        """The stream's first seq (0 unless the stream was started elsewhere)."""
+        return int(getattr(self.sender.outbox, "start_seq", 0) or 0) if self.sender.outbox is not None else \
+            int(self.first_seq)
 
 
 def main(config_path: str, run_dir: str, sender_id: str | None = None, robot_index: str = "0",
@@ -298,6 +479,21 @@ def main(config_path: str, run_dir: str, sender_id: str | None = None, robot_ind
     from robot_rl.config import setup_logging
 
     setup_logging()
+    # stop signals from the very start (building the robot and policy takes seconds): remembered, then applied
+    holder: dict = {"proc": None, "pending": []}
+
+    def early(signum, frame):
+        if holder["proc"] is not None:
+            holder["proc"].request_stop(signum, frame)
+        else:
+            holder["pending"].append(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, early)
     cfg = OmegaConf.load(config_path)
-    summary = ControlProcess(cfg, Path(run_dir), sender_id, int(robot_index), resume == "--resume").run()
-    return 0 if summary["episodes"] else 1
+    proc = ControlProcess(cfg, Path(run_dir), sender_id, int(robot_index), resume == "--resume")
+    holder["proc"] = proc
+    for signum in holder["pending"]:
+        proc.request_stop(signum)
+    summary = proc.run()
+    return proc.exit_code(summary)

@@ -140,7 +140,12 @@ class Watchdog:
     """Detects a silent peer (the learner, a teleop device) so the control loop can fall back to safe actions.
 
     Once armed (explicitly, or by the first `feed`), it is expired until the first feed and whenever the last
-    feed is older than `timeout_s`, so a session that starts with the peer missing is safe from tick one.
+    contact is older than `timeout_s`, so a session that starts with the peer missing is safe from tick one.
+
+    `feed(t)` reports a contact at time `t`; feeding the same (or an older) contact time again is not news and
+    changes nothing, so a caller may feed "the peer's last contact" every tick. One silence is one outage: it
+    trips once, logs once when it starts and once when contact returns (with its true length: last contact
+    before it to first contact after it), and `outages()` reports the count, total and longest seconds.
     """
 
     def __init__(self, timeout_s: float, name: str = "learner", *, clock: Callable[[], float] = time.monotonic):
@@ -150,21 +155,29 @@ class Watchdog:
         self.name = name
         self._clock = clock
         self.armed = False
+        self.armed_at: float | None = None
         self.last_fed: float | None = None
-        self.trips = 0
+        self.trips = 0  # outages begun (one per silence, however many ticks it lasts)
         self._stale = False
-        self._stale_since: float | None = None
+        self._outage_from: float | None = None  # last contact before the current outage (or when armed)
+        self.outage_total_s = 0.0  # closed outages only; `outages()` adds the one in progress
+        self.outage_longest_s = 0.0
 
-    def arm(self) -> None:
-        self.armed = True
+    def arm(self, now: float | None = None) -> None:
+        if not self.armed:
+            self.armed, self.armed_at = True, self._clock() if now is None else now
 
     def feed(self, now: float | None = None) -> None:
         now = self._clock() if now is None else now
+        if self.last_fed is not None and now <= self.last_fed:
+            return  # the same contact again: not news
         if self._stale:
             self._stale = False
-            since = self.last_fed if self.last_fed is not None else self._stale_since
-            log.warning("%s back after %.2f s of silence: resuming", self.name, now - since)
-        self.armed = True
+            length = now - self._outage_from
+            self.outage_total_s += length
+            self.outage_longest_s = max(self.outage_longest_s, length)
+            log.warning("%s back after %.2f s of silence: resuming", self.name, length)
+        self.arm(now)
         self.last_fed = now
 
     def silence_s(self, now: float | None = None) -> float:
@@ -180,7 +193,8 @@ class Watchdog:
         silence = self.silence_s(now)
         stale = silence > self.timeout_s
         if stale and not self._stale:
-            self._stale, self._stale_since = True, now
+            self._stale = True
+            self._outage_from = next(t for t in (self.last_fed, self.armed_at, now) if t is not None)
             self.trips += 1
             if self.last_fed is None:
                 log.warning("%s not heard from yet: sending safe actions", self.name)
@@ -189,6 +203,15 @@ class Watchdog:
                     "%s silent for %.2f s (> %.2f s): sending safe actions", self.name, silence, self.timeout_s
                 )
         return stale
+
+    def outages(self, now: float | None = None) -> dict:
+        """{count, total_s, longest_s, ongoing}: every silence longer than timeout_s so far; an outage still in
+        progress counts with its length up to `now`."""
+        total, longest, ongoing = self.outage_total_s, self.outage_longest_s, self._stale
+        if ongoing:
+            length = (self._clock() if now is None else now) - self._outage_from
+            total, longest = total + length, max(longest, length)
+        return {"count": self.trips, "total_s": round(total, 3), "longest_s": round(longest, 3), "ongoing": ongoing}
 
 
 def build_safety(cfg: DictConfig, robot) -> SafetyFilter:

@@ -9,10 +9,41 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 log = logging.getLogger("robot_rl.control")
+
+
+def write_json_safely(path: Path, data: dict) -> str | None:
+    """Write JSON atomically (temporary file renamed into place); on failure (a full disk) nothing is left behind
+    (no .tmp, the previous file intact) and the problem is returned in words, else None."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2, default=float))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        return f"could not write {path}: {e.strerror or e}"
+    return None
+
+
+def save_npz_atomic(path: Path, arrays: dict) -> str | None:
+    """np.savez through a temporary file renamed into place; the problem in words on failure, else None."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        return f"could not write {path}: {e.strerror or e}"
+    return None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -28,34 +59,95 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class EpisodeLog:
+    """`episodes.jsonl` / `evals.jsonl` of one control process, plus `episode_started.json`: the episode being
+    streamed right now and the seq of its first transition, so that a control process restarted after a kill
+    knows that episode was cut short and how many of its transitions reached the outbox (`interrupted`).
+
+    A write that fails (a full disk) is logged once and counted in `write_errors`; the robot keeps being driven
+    safely and the episode is still in memory (the summary has it)."""
+
     def __init__(self, run_dir: Path, resume: bool = False, window: int = 20):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.episodes_path, self.evals_path = run_dir / "episodes.jsonl", run_dir / "evals.jsonl"
+        self.started_path = run_dir / "episode_started.json"
         past = read_jsonl(self.episodes_path) if resume else []
         evals = read_jsonl(self.evals_path) if resume else []
         if not resume:
-            for path in (self.episodes_path, self.evals_path):
+            for path in (self.episodes_path, self.evals_path, self.started_path):
                 path.unlink(missing_ok=True)
+        self.past = past
         self.next_episode = max((r["episode"] for r in past), default=-1) + 1
         self.env_steps = sum(r["steps"] for r in past)
         self.recent = collections.deque((r["success"] for r in past), maxlen=window)
         self.base_eval = next((r for r in evals if r["mode"] == "base"), None)
-        self._episodes = self.episodes_path.open("a")
-        self._evals = self.evals_path.open("a")
+        self.write_errors = 0
+        self._write_error: str | None = None
+        self._episodes = self._open(self.episodes_path)
+        self._evals = self._open(self.evals_path)
 
+    def _open(self, path: Path):
+        try:
+            return path.open("a")
+        except OSError as e:
+            self._failed(path, e)
+            return None
+
+    def _failed(self, path: Path, e: OSError) -> None:
+        self.write_errors += 1
+        if self._write_error is None:
+            self._write_error = f"{path}: {e}"
+            log.error("could not write %s (%s): the robot keeps being driven safely; the summary keeps the episodes "
+                      "(further write errors are only counted)", path, e.strerror or e)
+
+    def _append(self, f, path: Path, row: dict) -> None:
+        if f is None:
+            self.write_errors += 1
+            return
+        try:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        except OSError as e:
+            self._failed(path, e)
+
+    # --------------------------------------------------------------------------- interrupted episodes
+    def started(self, episode: int, first_seq: int | None) -> None:
+        """Episode `episode` starts streaming at seq `first_seq` (atomically replaced, one small file)."""
+        tmp = self.started_path.with_name(self.started_path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps({"episode": episode, "first_seq": first_seq, "t": time.time()}))
+            os.replace(tmp, self.started_path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            self._failed(self.started_path, e)
+
+    def interrupted(self) -> dict | None:
+        """The episode a killed predecessor had started but not finished ({episode, first_seq}), or None."""
+        try:
+            started = json.loads(self.started_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return started if started.get("episode", -1) >= self.next_episode else None
+
+    # ------------------------------------------------------------------------------------------- rows
     def episode(self, ep: dict) -> None:
         self.env_steps += ep["steps"]
         self.recent.append(ep["success"])
         row = {**ep, "env_steps": self.env_steps, "t": time.time()}
-        self._episodes.write(json.dumps(row) + "\n")
-        self._episodes.flush()
+        self._append(self._episodes, self.episodes_path, row)
+        self.next_episode = max(self.next_episode, ep["episode"] + 1)
+        if ep.get("interrupted"):
+            log.warning("episode %d was cut short by a restart of this control process: %d of its transitions "
+                        "reached the outbox and are kept (logged as an interrupted episode)", ep["episode"],
+                        ep["steps"])
+            return
         res = "" if ep.get("residual_abs") is None else f", |residual| {ep['residual_abs']:.3f}"
         hz = "" if ep.get("achieved_hz") is None else f", {ep['achieved_hz']:.1f} Hz"
         explore = f" ({ep['exploration']})" if ep.get("exploration") else ""
-        log.info("episode %d: %s in %d steps, return %.1f | last %d: success %.2f | env steps %d%s%s | weights v%d%s",
+        driven = f" | driven by {ep['driven_by']}" if ep.get("driven_by") else ""
+        log.info("episode %d: %s in %d steps, return %.1f | last %d: success %.2f | env steps %d%s%s | weights v%d%s%s",
                  ep["episode"], "success" if ep["success"] else "failure", ep["steps"], ep["return"],
                  len(self.recent), sum(self.recent) / len(self.recent), self.env_steps, res, hz,
-                 ep["policy_version"], explore)
+                 ep["policy_version"], explore, driven)
 
     def evaluation(self, mode: str, after_episode: int, version: int, results: list[dict]) -> dict:
         n = len(results)
@@ -65,31 +157,43 @@ class EpisodeLog:
                "successes": [bool(r["success"]) for r in results], "t": time.time()}
         if mode == "base":
             self.base_eval = row
-        self._evals.write(json.dumps(row) + "\n")
-        self._evals.flush()
+        self._append(self._evals, self.evals_path, row)
         base = "" if self.base_eval is None or mode == "base" else f" (base alone {self.base_eval['success_rate']:.2f})"
         log.info("evaluation after episode %d, %s, weights v%d: success %.2f over %d seeded episodes%s",
                  after_episode, mode, version, row["success_rate"], n, base)
         return row
 
     def close(self) -> None:
-        self._episodes.close()
-        self._evals.close()
+        for f in (self._episodes, self._evals):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError as e:
+                    self._failed(self.episodes_path, e)
 
 
 def plot_learning_curve(run_dirs: list[Path], out: Path, window: int = 20) -> Path | None:
     """Success rate against environment steps: training episodes (moving average over `window`) and evaluation
-    blocks (policy vs base alone when present). Returns the png path, or None without data."""
+    blocks (policy vs base alone when present). Returns the png path, or None without data (see `learning_curve`
+    for the reason)."""
+    return learning_curve(run_dirs, out, window)[0]
+
+
+def learning_curve(run_dirs: list[Path], out: Path, window: int = 20) -> tuple[Path | None, str | None]:
+    """(png path, None), or (None, why it was skipped). The png is written atomically (a temporary file renamed
+    into place), so there is never a 0-byte or half-written `out`; a stale `out` from an earlier run is kept only
+    if a new one was drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    out = Path(out)
     fig, ax = plt.subplots(figsize=(7, 4))
     drew = False
     for run_dir in run_dirs:
-        eps = read_jsonl(Path(run_dir) / "episodes.jsonl")
+        eps = [r for r in read_jsonl(Path(run_dir) / "episodes.jsonl") if not r.get("interrupted")]
         if eps:
             steps = np.array([r["env_steps"] for r in eps])
             succ = np.array([float(r["success"]) for r in eps])
@@ -109,13 +213,21 @@ def plot_learning_curve(run_dirs: list[Path], out: Path, window: int = 20) -> Pa
             ax.axhline(base["success_rate"], linestyle="--", color="gray", label="base alone (evaluation)")
     if not drew:
         plt.close(fig)
-        return None
+        return None, "no finished episodes or evaluation blocks to plot"
     ax.set_xlabel("environment steps")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.error("learning curve not written (%s): %s", out, e.strerror or e)
+        return None, f"could not write {out.name}: {e.strerror or e}"
+    finally:
+        plt.close(fig)
+    return out, None

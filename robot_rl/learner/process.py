@@ -1,18 +1,26 @@
 """The learner process: receive transitions from any number of control processes, train, publish weights.
 
-Three threads with one job each:
-- receiver thread: owns the ROUTER socket, keeps heartbeats flowing, acknowledges what storage has written;
-- storage thread: appends each new batch to the on-disk replay (so an acknowledged transition survives a crash);
-- main thread: gradient updates at a fixed update-to-data ratio, publishes versioned weights, checkpoints.
+Ingest (robot_rl/learner/ingest.py, its own threads) acknowledges a batch once it is fsynced in the ingest log
+and feeds the in-memory replay; zarr is written behind. The main thread only trains: gradient updates at the
+configured update-to-data ratio (achieved UTD, backlog and ack latency are reported), publishes versioned weights
+and checkpoints them — never non-finite ones: a state dict with NaN/inf is not published or checkpointed, it is
+counted, and training stops with a clear error (the robots keep the last good weights, the newest checkpoint is
+the last good state; ingest goes on, so no transition is lost).
+
+Exit codes (`python -m robot_rl.learner`):
+    0   clean stop (Ctrl-C / SIGTERM), everything received acknowledged or reported in summary.json
+    28  EXIT_DISK_FULL: no space left on the learner's disk. It stopped acknowledging (the robots keep what was
+        not acknowledged), wrote what it could and said so in summary.json. Restarting will not help until space
+        is freed: a supervisor should not restart a learner that exits with this code.
+    74  EXIT_STORAGE_ERROR: any other error writing the ingest log or the replay (I/O error, permissions)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
+import math
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -22,12 +30,34 @@ from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.algos import make_algorithm, with_defaults
 from robot_rl.config import git_hash, resolve_device, write_json
+from robot_rl.learner.ingest import Ingest, IngestConfig
+from robot_rl.learner.ingest_log import IngestLog
 from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.policies.checkpoint import latest_checkpoint, save_checkpoint, write_policy
 from robot_rl.transport import TransitionReceiver, WeightPublisher
 from robot_rl.transport.security import load_server_keys
 
 log = logging.getLogger("robot_rl.learner")
+
+EXIT_OK = 0
+EXIT_DISK_FULL = 28  # = errno ENOSPC
+EXIT_STORAGE_ERROR = 74  # = sysexits EX_IOERR
+INGEST_LOG_DIR = "ingest_log"
+SPACE_RESERVE = ".space_reserve"  # held at start, deleted on a full disk: room for summary.json
+SPACE_RESERVE_BYTES = 1 << 18
+
+
+def nonfinite_tensors(state, prefix: str = "") -> list[str]:
+    """Names of the floating tensors holding NaN/inf in a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return [prefix or "tensor"] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
 class Learner:
@@ -40,35 +70,44 @@ class Learner:
         self.updates_per_transition = float(settings["updates_per_transition"])
         self.publish_every = int(settings["publish_every_updates"])
         self.log_every = int(settings["log_every_updates"])
+        self.metrics_every_s = float(self.s.get("learner_metrics_s", 5.0))
         self.device = resolve_device(cfg.device)
         if self.s.get("learner_threads"):  # sharing a CPU with the control process: oversubscribed OpenMP crawls
             torch.set_num_threads(int(self.s.learner_threads))
         self.rng = np.random.default_rng(int(cfg.seed))
         torch.manual_seed(int(cfg.seed))
 
+        # the replay: zarr's committed rows, then the ingest log's records zarr does not hold yet (exactly once)
         self.replay = ReplayBuffer(self.run_dir / "replay.zarr", preallocate_rows=self.s.get("replay_capacity"))
+        ingest_cfg = IngestConfig.from_session(self.s)
+        ingest_log = IngestLog(self.run_dir / INGEST_LOG_DIR, segment_bytes=int(ingest_cfg.segment_mb * 2**20))
+        self.from_log = 0
+        for rec in ingest_log.records(from_lsn=self.replay.lsn):
+            self.replay.extend(rec.sender, rec.seqs, rec.arrays, rec.stream, end=rec.end, lsn=rec.lsn)
+            self.from_log += len(rec.seqs)
+        if self.from_log:
+            log.info("replay rebuilt: %d rows from zarr + %d from the ingest log", self.replay.disk_rows,
+                     self.from_log)
         self.algo = make_algorithm(algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device,
                                    self.run_dir)
         keys = load_server_keys(self.s.curve_keys_dir) if self.s.curve_keys_dir else None
         self.receiver = TransitionReceiver(self.s.endpoints.bind_transitions, heartbeat_interval_s=self.s.heartbeat_s,
                                            curve=keys)
-        for sender, nxt in self.replay.next_expected.items():  # resume exactly where the stored data ends
-            self.receiver.set_next_expected(sender, nxt)
+        self.ingest = Ingest(self.receiver, self.replay, ingest_log, self.run_dir, ingest_cfg)
         self.publisher = WeightPublisher(self.s.endpoints.bind_weights, curve=keys)
 
         self.updates = 0
         self.version = 0
         self.restored_rows = self.replay.size
-        self.received = 0
-        self._stop = threading.Event()  # ends the receiver and storage threads
-        self._stop_requested = threading.Event()  # Ctrl-C / SIGTERM: stop training, drain, then stop
-        self._last_batch = time.monotonic()
-        self._to_store: queue.Queue = queue.Queue()  # receiver thread -> storage thread
-        self._stored: queue.Queue = queue.Queue()  # storage thread -> receiver thread: (sender, upto) to ack
-        self._errors: list[str] = []
+        self.nonfinite_weights = 0  # state dicts refused (not published, not checkpointed)
+        self.training_stopped: str | None = None
+        self.exit_code = EXIT_OK
+        self.drain_result = "not run"
+        self._stop_requested = False  # Ctrl-C / SIGTERM: stop training, drain, then stop
         self.metrics: dict[str, float] = {}
         self._published_meta: dict | None = None
         self._telemetry = (self.run_dir / "metrics.jsonl").open("a")
+        self._reserve_space()
         self._rate = (time.monotonic(), 0)  # (t, updates) at the last telemetry line
         self._restore_checkpoint()
         self.writer = None
@@ -76,6 +115,12 @@ class Learner:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    def _reserve_space(self) -> None:
+        try:
+            (self.run_dir / SPACE_RESERVE).write_bytes(bytes(SPACE_RESERVE_BYTES))
+        except OSError:
+            pass  # already full: the failure is reported when the first batch cannot be stored
 
     # -------------------------------------------------------------------------------------------- checkpoints
     @property
@@ -106,7 +151,12 @@ class Learner:
 
     def _checkpoint(self) -> None:
         """One policy directory per published version (the format `robot-rl eval/deploy/export-policy` read),
-        with the algorithm's full training state beside it; `latest` moves only once both are written."""
+        with the algorithm's full training state beside it; `latest` moves only once both are written.
+        Non-finite training state is never checkpointed."""
+        bad = nonfinite_tensors(self.algo.state_dict())
+        if bad:
+            self._refuse_weights(bad, "checkpoint")
+            return
         robot = OmegaConf.to_container(self.cfg.robot, resolve=True)
         robot_info = {"name": robot.get("env_name") or robot.get("lerobot_type") or robot.get("type"),
                       "config": robot, "task": robot.get("task")}
@@ -122,45 +172,43 @@ class Learner:
                         {"version": self.version, "updates": self.updates, "replay_rows": self.replay.size},
                         keep_last=int(self.s.get("keep_checkpoints", 3) or 0) or None)
 
-    # ----------------------------------------------------------------------------------------------- threads
-    def _receive_loop(self) -> None:
-        """Owns the socket: hands new batches to storage, sends acks for stored ones; never blocks on disk, so
-        heartbeats keep flowing while a batch is being written."""
-        while not self._stop.is_set():
-            for batch in self.receiver.poll(timeout_ms=5):
-                self._to_store.put(batch)
-                self._last_batch = time.monotonic()
-            while True:
-                try:
-                    sender_id, upto = self._stored.get_nowait()
-                except queue.Empty:
-                    break
-                self.receiver.ack(sender_id, upto)
+    def _refuse_weights(self, bad: list[str], what: str) -> None:
+        """Non-finite weights: never published or checkpointed; training stops (the data may be fine — a
+        learning rate or a reward scale is the usual cause — so the user decides, from the last good state)."""
+        self.nonfinite_weights += 1
+        if self.training_stopped is None:
+            self.training_stopped = (f"non-finite weights after update {self.updates} ({len(bad)} tensors, e.g. "
+                                     f"{', '.join(bad[:3])}): not {what}ed")
+            log.error("%s. Training stopped; the robots keep weights v%d and checkpoints/ holds the last good "
+                      "state (resume from it with other settings). Transitions are still received and stored.",
+                      self.training_stopped, self.version)
 
-    def _store_loop(self) -> None:
-        """Writes batches to the on-disk replay in arrival order; only then may they be acknowledged."""
-        while not (self._stop.is_set() and self._to_store.empty()):
-            try:
-                batch = self._to_store.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            try:
-                upto = self.replay.append(batch.sender_id, batch.seqs, batch.arrays)
-            except (ValueError, OSError) as e:  # bad data or disk trouble: do not ack, say why (once per cause)
-                if str(e) not in self._errors:
-                    log.error("could not store a batch from %s: %s", batch.sender_id, e)
-                    self._errors.append(str(e))
-                continue
-            self._stored.put((batch.sender_id, upto))
-            self.received += len(batch.seqs)
-
+    # ----------------------------------------------------------------------------------------------- training
     def publish(self) -> None:
         self.algo.on_publish(self.replay)
+        state = self.algo.policy_state()
+        bad = nonfinite_tensors(state)
+        if bad:
+            self._refuse_weights(bad, "publish")
+            return
         self.version += 1
         meta = self.algo.publish_meta(self.replay)
-        self.publisher.publish(self.version, self.algo.policy_state(), meta={**meta, "updates": self.updates})
+        self.publisher.publish(self.version, state, meta={**meta, "updates": self.updates})
         self._published_meta = meta
         self._checkpoint()
+
+    def achieved_utd(self) -> float | None:
+        """Updates per trainable transition so far (the configured ratio is `updates_per_transition`)."""
+        n = self.algo.trainable_transitions(self.replay)
+        return self.updates / n if n else None
+
+    def ingest_metrics(self) -> dict[str, float]:
+        backlog = self.ingest.backlog()
+        utd = self.achieved_utd()
+        return {"learner/utd": float("nan") if utd is None else utd,
+                "learner/backlog_not_in_zarr": backlog["not_in_zarr"], "learner/unacked": backlog["unacked"],
+                **{f"learner/{k}": v for k, v in self.ingest.window_latency().items()},
+                "learner/quarantined": sum(self.ingest.quarantined.values())}
 
     def _log(self) -> None:
         """Telemetry: tensorboard scalars, one JSON line per interval (metrics.jsonl) and a status line."""
@@ -168,93 +216,152 @@ class Learner:
         t0, u0 = self._rate
         rate = (self.updates - u0) / (now - t0) if now > t0 else 0.0
         self._rate = (now, self.updates)
+        ingest = self.ingest_metrics()
         row = {"t": time.time(), "updates": self.updates, "replay": self.replay.size, "version": self.version,
-               "updates_per_s": rate, **self.metrics}
-        self._telemetry.write(json.dumps(row) + "\n")
+               "updates_per_s": rate, **ingest, **self.metrics}
+        self._telemetry.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                          for k, v in row.items()}) + "\n")
         self._telemetry.flush()
         if self.writer is not None:
-            for k, v in self.metrics.items():
+            for k, v in {**self.metrics, **ingest}.items():
                 self.writer.add_scalar(k, v, self.updates)
             self.writer.add_scalar("learner/replay_size", self.replay.size, self.updates)
             self.writer.add_scalar("learner/updates_per_s", rate, self.updates)
         q = self.metrics.get("critic/q_mean")
-        log.info("updates %d (%.0f/s), replay %d, weights v%d%s", self.updates, rate, self.replay.size, self.version,
-                 "" if q is None else f", Q mean {q:.3f}")
+        log.info("updates %d (%.0f/s, UTD %.2f of %.2f), replay %d, weights v%d, ack p99 %.1f ms%s", self.updates,
+                 rate, ingest["learner/utd"], self.updates_per_transition, self.replay.size, self.version,
+                 ingest["learner/ack_p99_ms"], "" if q is None else f", Q mean {q:.3f}")
+
+    def _train_step(self) -> bool:
+        """One update if one is owed (UTD x trainable transitions); False when there was nothing to do."""
+        if self.training_stopped is not None:
+            return False
+        meta = self.algo.publish_meta(self.replay)
+        if meta and meta != self._published_meta:  # e.g. warm-up over: tell the robot at once
+            self.publish()
+        owed = self.updates_per_transition * self.algo.trainable_transitions(self.replay) - self.updates
+        if owed < 1 or not self.algo.ready(self.replay):
+            return False
+        self.metrics = self.algo.update(self.replay, self.rng)
+        self.updates += 1
+        if self.updates % self.publish_every == 0:
+            self.publish()
+        if self.updates % self.log_every == 0:
+            self._log()
+        return True
 
     def run(self) -> dict:
+        def request_stop(*_):
+            self._stop_requested = True
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._stop_requested.set())
-        threads = [threading.Thread(target=self._receive_loop, name="receiver", daemon=True),
-                   threading.Thread(target=self._store_loop, name="storage", daemon=True)]
-        for thread in threads:
-            thread.start()
+            signal.signal(sig, request_stop)
+        self.ingest.start()
         t_start = time.time()
-        last_republish = 0.0
+        last_republish = last_log = 0.0
         log.info("learner ready on %s (weights on %s), device %s", self.s.endpoints.bind_transitions,
                  self.s.endpoints.bind_weights, self.device)
-        while not self._stop_requested.is_set():
-            meta = self.algo.publish_meta(self.replay)
-            if meta and meta != self._published_meta:  # e.g. warm-up over: tell the robot at once
-                self.publish()
-            owed = self.updates_per_transition * self.algo.trainable_transitions(self.replay) - self.updates
-            if owed >= 1 and self.algo.ready(self.replay):
-                self.metrics = self.algo.update(self.replay, self.rng)
-                self.updates += 1
-                if self.updates % self.publish_every == 0:
-                    self.publish()
-                if self.updates % self.log_every == 0:
-                    self._log()
-            else:
+        while not self._stop_requested and not self.ingest.failed.is_set():
+            try:
+                trained = self._train_step()
+                if self.metrics and time.monotonic() - last_log > self.metrics_every_s:
+                    self._log()  # ingest figures between update logs
+                    last_log = time.monotonic()
+            except OSError as e:  # a checkpoint or a metrics line hit a full (or failing) disk
+                self.ingest.fail(e, "a checkpoint or the metrics")
+                break
+            if not trained:
                 time.sleep(0.005)
             now = time.monotonic()
             if self.version and now - last_republish > self.s.republish_s:
                 self.publisher.republish()  # late joiners and reconnecting subscribers miss earlier PUB messages
                 last_republish = now
-        self._drain()
-        self._stop.set()
-        for thread in threads:
-            thread.join(timeout=5)
-        if self.version:
+        if self.ingest.failed.is_set():
+            kind, msg = self.ingest.failure
+            self.exit_code = EXIT_DISK_FULL if kind == "disk_full" else EXIT_STORAGE_ERROR
+            self.drain_result = f"skipped: {msg}"
+            (self.run_dir / SPACE_RESERVE).unlink(missing_ok=True)
+        else:
+            self._drain()
+        self.ingest.stop()  # joins ingest's threads after the last flush: nothing touches zarr after this
+        if self.version and self.exit_code == EXIT_OK:
             self._checkpoint()
+        (self.run_dir / SPACE_RESERVE).unlink(missing_ok=True)
         summary = self.summary(time.time() - t_start)
-        write_json(self.run_dir / "summary.json", summary)
+        try:
+            write_json(self.run_dir / "summary.json", summary)
+        except OSError as e:
+            log.error("could not write %s: %s", self.run_dir / "summary.json", e.strerror or e)
         self.receiver.close()
         self.publisher.close()
-        self._telemetry.close()
+        try:
+            self._telemetry.close()
+        except OSError:
+            pass
         if self.writer is not None:
             self.writer.close()
+        if self.exit_code == EXIT_DISK_FULL:
+            log.error("learner stopped: no space left on device under %s (exit code %d); the robots keep what "
+                      "was not acknowledged — free space and resume the session", self.run_dir, self.exit_code)
         return summary
 
     def _drain(self, quiet_s: float = 1.0) -> None:
         """On Ctrl-C the control processes get the same signal and flush their last transitions: keep storing
         and acknowledging until the stream has been quiet for `quiet_s` (bounded by session.drain_timeout_s)."""
         deadline = time.monotonic() + self.s.drain_timeout_s
-        while time.monotonic() < deadline:
-            quiet = time.monotonic() - self._last_batch > quiet_s
-            if quiet and self._to_store.empty() and self._stored.empty() and self.receiver.all_acked:
+        while time.monotonic() < deadline and not self.ingest.failed.is_set():
+            quiet = time.monotonic() - self.ingest.last_batch > quiet_s
+            if quiet and self.ingest.idle:
+                self.drain_result = "all acknowledged"
                 return
             time.sleep(0.05)
+        unacked = self.ingest.backlog()["unacked"]
+        self.drain_result = ("all acknowledged" if unacked == 0 else
+                             f"timed out after {self.s.drain_timeout_s} s with {unacked} unacknowledged")
 
     def summary(self, wall_s: float) -> dict:
         per_sender = {}
-        for sender, seqs in (self.replay.seqs_by_sender().items() if self.replay.size else []):
+        for sender, seqs in self.replay.seqs_by_sender().items():
             per_sender[sender] = {"transitions": int(len(seqs)), "unique": int(len(np.unique(seqs))),
                                   "min_seq": int(seqs.min()), "max_seq": int(seqs.max())}
+        ing = self.ingest
+        streams = {}
+        for key in sorted(set(ing.received) | set(self.replay.next_expected), key=str):
+            streams[f"{key[0]}/{key[1]}"] = {
+                "received": ing.received[key], "stored": ing.stored[key], "quarantined": ing.quarantined[key],
+                "rejected_schema": ing.schema_rejected[key], "acked_upto": ing.acked.get(key),
+                "next_expected": self.replay.next_expected.get(key)}
+        utd = self.achieved_utd()
         return {
             "process": "learner",
             "algo": self.cfg.algo.name,
             "device": str(self.device),
             "replay_rows": self.replay.size,
+            "replay_rows_in_zarr": self.replay.disk_rows,
             "restored_rows": self.restored_rows,
-            "received_this_run": self.received,
+            "restored_from_log": self.from_log,
+            "received_this_run": sum(ing.received.values()),
+            "stored_this_run": sum(ing.stored.values()),
+            "quarantined": sum(ing.quarantined.values()),
             "senders": per_sender,
+            "streams": streams,
             "duplicates_dropped": self.receiver.duplicates,
             "rejected_messages": self.receiver.rejected,
-            "storage_errors": self._errors,
+            "rejected_transitions_schema": sum(ing.schema_rejected.values()),
+            "storage_errors": ing.errors,
+            "backlog": ing.backlog(),
+            "ack_latency_ms": ing.run_latency(),
+            "drain": self.drain_result,
             "updates": self.updates,
+            "target_utd": self.updates_per_transition,
+            "achieved_utd": utd,
             "weight_version": self.version,
+            "nonfinite_weights_refused": self.nonfinite_weights,
+            "training_stopped": self.training_stopped,
             "updates_per_s": self.updates / wall_s if wall_s > 0 else None,
             "last_metrics": self.metrics,
+            "exit_code": self.exit_code,
+            "disk_full": self.exit_code == EXIT_DISK_FULL,
             "wall_s": wall_s,
         }
 
@@ -264,5 +371,6 @@ def main(config_path: str, run_dir: str) -> int:
 
     setup_logging()
     cfg = OmegaConf.load(config_path)
-    Learner(cfg, Path(run_dir)).run()
-    return 0
+    learner = Learner(cfg, Path(run_dir))
+    learner.run()
+    return learner.exit_code

@@ -5,6 +5,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     Message,
     ProtocolError,
+    VersionError,
     WeightUpdate,
     decode_message,
     decode_weights,
@@ -20,11 +21,13 @@ from .security import (
     load_client_keys,
     load_server_keys,
 )
+from .outbox import Outbox
 from .transitions import TransitionBatch, TransitionReceiver, TransitionSender
 from .weights import WeightPublisher, WeightSubscriber
 
 __all__ = [
-    "DTYPES", "PROTOCOL_VERSION", "Message", "ProtocolError", "WeightUpdate", "decode_message", "decode_weights",
+    "DTYPES", "PROTOCOL_VERSION", "Message", "ProtocolError", "VersionError", "Outbox", "WeightUpdate",
+    "decode_message", "decode_weights",
     "encode_message", "encode_weights", "CurveClientKeys", "CurveServerKeys", "check_bind", "generate_keys",
     "is_loopback", "load_client_keys", "load_server_keys", "TransitionBatch", "TransitionReceiver",
     "TransitionSender", "WeightPublisher", "WeightSubscriber",

@@ -17,7 +17,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # v2: `sender`/`stream` in every transition-socket header, `error` replies, schema greeting
+INT64_MAX = 2**63 - 1  # seq numbers are int64 everywhere (numpy arrays, replay columns)
 
 # Wire dtype name -> numpy dtype (always little-endian on the wire).
 DTYPES: dict[str, np.dtype] = {
@@ -35,6 +36,18 @@ _UPGRADE = "upgrade robot_rl on the older side so both ends run the same protoco
 
 class ProtocolError(ValueError):
     """A message that does not follow docs/protocol.md; the text says what was wrong and what to do."""
+
+    code = "malformed"  # the `code` of the `error` reply a receiver sends back for it
+
+
+class VersionError(ProtocolError):
+    """The peer speaks another protocol version (`peer_version`)."""
+
+    code = "version"
+
+    def __init__(self, message: str, peer_version):
+        super().__init__(message)
+        self.peer_version = peer_version
 
 
 @dataclass
@@ -104,7 +117,28 @@ def _check_version(hdr: dict, what: str) -> None:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ProtocolError(f"{what} header field 'v' must be an integer, got {v!r}")
     if v != PROTOCOL_VERSION:
-        raise ProtocolError(f"peer speaks protocol v{v}, this build speaks v{PROTOCOL_VERSION}: {_UPGRADE}")
+        raise VersionError(f"peer speaks protocol v{v}, this build speaks v{PROTOCOL_VERSION}: {_UPGRADE}", v)
+
+
+def peek_header(frames) -> dict | None:
+    """Frame 0 as a msgpack map without any validation (None if it is not one): to read an `error` reply from a
+    peer of another protocol version, whose layout every version keeps (docs/protocol.md, "error")."""
+    try:
+        hdr = msgpack.unpackb(_frame_buffer(list(frames)[0]), raw=False, strict_map_key=True)
+    except Exception:  # noqa: BLE001 - any garbage: not a header
+        return None
+    return hdr if isinstance(hdr, dict) else None
+
+
+def int_field(h: dict, key: str, minimum: int | None = 0, maximum: int = INT64_MAX) -> int:
+    """Header field `key` as an int in [minimum, maximum] (default: a non-negative int64), else ProtocolError."""
+    v = h.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or (minimum is not None and v < minimum):
+        raise ProtocolError(f"header field {key!r} must be an integer >= {minimum}, got {v!r}")
+    if v > maximum:
+        raise ProtocolError(f"header field {key!r} = {v} is beyond {maximum} (seq numbers are int64): a sender must "
+                            "number transitions from a small start (0 or its outbox's next seq) and never wrap")
+    return v
 
 
 def _unpack_header(raw, what: str) -> dict:

@@ -7,6 +7,7 @@ Key layout (see docs/protocol.md, "CURVE"):
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import itertools
 import os
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,44 @@ def _load_secret(directory: str, name: str) -> tuple[bytes, bytes]:
 _auth_lock = threading.Lock()
 _auths: dict[int, list] = {}  # id(context) -> [authenticator, users]
 _domain_ids = itertools.count()
+# ZAP domain -> (peer address, client public key as Z85) of the latest refused CURVE clients: libzmq's socket monitor
+# reports a failed handshake without the peer, so a receiver names the refused client from here.
+_denials: dict[str, collections.deque] = {}
+
+
+def zap_denials(sock: zmq.Socket) -> list[tuple[str, str]]:
+    """(address, client key) of clients the ZAP handler refused on this server socket, oldest first; consumed."""
+    domain = (sock.zap_domain or b"").decode()
+    with _auth_lock:
+        q = _denials.get(domain)
+        out = list(q) if q else []
+        if q:
+            q.clear()
+    return out
+
+
+def _record_denials(auth) -> None:
+    """Wrap the authenticator so each refusal is remembered with the peer's address and key."""
+    handle, reply, current = auth.handle_zap_message, auth._send_zap_reply, {}
+
+    async def handle_zap_message(msg):
+        current["msg"] = msg
+        try:
+            return await handle(msg)
+        finally:
+            current.clear()
+
+    def send_zap_reply(request_id, status_code, status_text, user_id="anonymous"):
+        msg = current.get("msg")
+        if status_code != b"200" and msg is not None and len(msg) >= 6:
+            domain, address = msg[2].decode(errors="replace"), msg[3].decode(errors="replace")
+            key = zmq.utils.z85.encode(msg[6]).decode() if msg[5] == b"CURVE" and len(msg) > 6 and \
+                len(msg[6]) == 32 else "?"
+            with _auth_lock:
+                _denials.setdefault(domain, collections.deque(maxlen=100)).append((address, key))
+        return reply(request_id, status_code, status_text, user_id)
+
+    auth.handle_zap_message, auth._send_zap_reply = handle_zap_message, send_zap_reply
 
 
 def setup_server_socket(sock: zmq.Socket, curve: CurveServerKeys | None) -> None:
@@ -111,6 +151,7 @@ def setup_server_socket(sock: zmq.Socket, curve: CurveServerKeys | None) -> None
             from zmq.auth.thread import ThreadAuthenticator
 
             auth = ThreadAuthenticator(ctx)
+            _record_denials(auth)
             auth.start()
             entry = _auths[id(ctx)] = [auth, 0]
         entry[1] += 1

@@ -1,0 +1,303 @@
+"""Receive, make durable, acknowledge, and store behind: the learner's ingest path, never waiting on training.
+
+Three threads with one job each:
+- receiver: owns the ROUTER socket (heartbeats keep flowing), checks each new batch against the replay's schema,
+  hands it to the log thread, and sends the acks the log thread posts back;
+- log: takes every batch queued so far, holds back rows with non-finite observations/reward/action (quarantine),
+  appends the batches to the ingest log with ONE fsync, feeds them to the in-memory replay, then posts the acks;
+- zarr writer: every `flush_s`, writes the replay's new rows to zarr in one large append per column, commits,
+  and trims the log records zarr now holds.
+An ack therefore costs one log append + fsync, shared by every batch that arrived meanwhile.
+
+A full disk (or any other error writing the log) stops acknowledging for good: the robots keep what was not
+acknowledged; `failure` says why and the learner exits (see robot_rl/learner/process.py's exit codes).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from robot_rl.learner.ingest_log import IngestLog, Record
+from robot_rl.learner.replay_buffer import ReplayBuffer, schema_of, schema_problem
+
+log = logging.getLogger("robot_rl.learner")
+
+LATENCY_WINDOW = 100_000  # ack latencies kept for the run's percentiles (the newest ones)
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+@dataclass
+class IngestConfig:
+    poll_ms: int = 5           # receiver wait per poll: bounds how long a posted ack waits to be sent
+    flush_s: float = 1.0       # zarr write-behind interval
+    finite_keys: tuple = ("obs.", "reward", "action")  # must be finite ('x.' = every key starting with it)
+    quarantine_log_max: int = 10  # quarantined batches described in the log (all are counted)
+    segment_mb: float = 64.0   # ingest-log segment size: a closed segment is deleted once zarr holds it
+
+    @classmethod
+    def from_session(cls, s) -> IngestConfig:
+        learner = dict(s.get("learner_ingest") or {})
+        if "finite_keys" in learner:
+            learner["finite_keys"] = tuple(learner["finite_keys"])
+        return cls(**learner)
+
+
+def finite_mask(arrays: dict[str, np.ndarray], finite_keys: tuple) -> tuple[np.ndarray, list[str]]:
+    """(rows whose checked keys are all finite, the keys that had non-finite values). Other columns may carry
+    NaN on purpose ("not applicable": expert_action, policy_action, base_action, residual ...)."""
+    n = len(next(iter(arrays.values())))
+    ok, bad = np.ones(n, bool), []
+    for key, a in arrays.items():
+        if not any(key.startswith(k) if k.endswith(".") else key == k for k in finite_keys):
+            continue
+        if a.dtype.kind not in "fc":
+            continue
+        row_ok = np.isfinite(a.reshape(n, -1)).all(axis=1)
+        if not row_ok.all():
+            ok &= row_ok
+            bad.append(key)
+    return ok, bad
+
+
+@dataclass
+class _Pending:
+    batch: object
+    stream: object
+    t: float
+
+
+class Ingest:
+    """Owns the receiver and the ingest log, feeds `replay`; `start()`, then `stop()` (drains and joins)."""
+
+    def __init__(self, receiver, replay: ReplayBuffer, ingest_log: IngestLog, run_dir: Path, cfg: IngestConfig):
+        self.receiver, self.replay, self.log, self.cfg = receiver, replay, ingest_log, cfg
+        self.run_dir = Path(run_dir)
+        self.schema = replay.schema
+        if self.schema is not None:  # a sender with other keys/dtypes/shapes is refused with a reply it shows
+            receiver.expected_schema = dict(self.schema)
+        for (sender, stream), nxt in replay.next_expected.items():  # resume exactly where the stored data ends
+            receiver.set_next_expected(sender, stream, nxt)  # stream None (rows from before streams): its first
+        self._to_log: queue.Queue[_Pending] = queue.Queue()
+        self._acks: queue.Queue = queue.Queue()  # (sender, stream, upto, [receive times])
+        self._stop_rx = threading.Event()
+        self._rx_done = threading.Event()  # the receiver takes no more batches: the log thread may finish
+        self._stop_writer = threading.Event()
+        self.failed = threading.Event()
+        self.failure: tuple[str, str] | None = None  # (kind: "disk_full" | "storage", message)
+        self._threads: list[threading.Thread] = []
+        self.last_batch = time.monotonic()
+        # counters (written by one thread each, read by anyone)
+        self.received: collections.Counter = collections.Counter()  # (sender, stream) -> transitions delivered
+        self.stored: collections.Counter = collections.Counter()  # ... made durable and put in the replay
+        self.quarantined: collections.Counter = collections.Counter()
+        self.schema_rejected: collections.Counter = collections.Counter()
+        self.acked: dict = {}  # (sender, stream) -> highest acked seq
+        self.acked_transitions = 0  # acknowledged this run (stored + quarantined)
+        self.errors: list[str] = []
+        self._latencies: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self._window: list[float] = []  # latencies since the last `window_latency()`
+        self._window_lock = threading.Lock()
+        self._quarantine_logged = 0
+
+    # ---------------------------------------------------------------------------------------------- control
+    def start(self) -> Ingest:
+        self._threads = [threading.Thread(target=self._receive_loop, name="ingest-receiver"),
+                         threading.Thread(target=self._log_loop, name="ingest-log"),
+                         threading.Thread(target=self._writer_loop, name="zarr-writer")]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        """Clean shutdown, in dependency order: the receiver stops taking batches, the log thread makes the
+        queued ones durable (their acks go out before the receiver thread ends), then the writer flushes zarr."""
+        self._stop_rx.set()
+        for t in self._threads[:2]:
+            t.join()
+        self._stop_writer.set()
+        self._threads[2].join()
+        self.log.close()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and every delivered transition acknowledged."""
+        return self._to_log.empty() and self._acks.empty() and self.backlog()["unacked"] == 0
+
+    # ---------------------------------------------------------------------------------------------- threads
+    def _receive_loop(self) -> None:
+        while True:
+            stopping = self._stop_rx.is_set()
+            if stopping:
+                self._rx_done.set()
+            else:
+                for batch in self.receiver.poll(timeout_ms=self.cfg.poll_ms):
+                    self._accept(batch, time.monotonic())
+            self._send_acks()
+            if stopping and not self._log_thread_alive():
+                self._send_acks()
+                return
+            if stopping:
+                time.sleep(self.cfg.poll_ms / 1000)
+
+    def _log_thread_alive(self) -> bool:
+        return self._threads[1].is_alive()
+
+    def _accept(self, batch, t: float) -> None:
+        stream = batch.stream
+        key = (batch.sender_id, stream)
+        self.received[key] += len(batch.seqs)
+        self.last_batch = t
+        if self.failed.is_set():
+            return  # storage is gone: acknowledge nothing more (the robot keeps these)
+        got = schema_of(batch.arrays)
+        if self.schema is None:
+            self.schema = got  # the first batch fixes the replay's schema (persisted with it; the receiver too
+            # fixed its expected_schema from it); a later mismatch is refused by the receiver, and here again
+        else:
+            problem = schema_problem(self.schema, got)
+            if problem:
+                self.schema_rejected[key] += len(batch.seqs)
+                msg = f"rejected a batch from {batch.sender_id!r}: its {problem}"
+                if msg not in self.errors:
+                    log.error("%s (the replay's schema is fixed by its first batch; this sender's transitions "
+                              "are not stored or acknowledged)", msg)
+                    self.errors.append(msg)
+                return
+        self._to_log.put(_Pending(batch, stream, t))
+
+    def _send_acks(self) -> None:
+        now = time.monotonic()
+        while True:
+            try:
+                sender, stream, upto, times, n = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            self.receiver.ack(sender, stream, upto)  # never raises
+            self.acked[(sender, stream)] = upto
+            self.acked_transitions += n
+            lat = [now - t for t in times]
+            self._latencies.extend(lat)
+            with self._window_lock:
+                self._window.extend(lat)
+
+    def _log_loop(self) -> None:
+        while True:
+            try:
+                first = self._to_log.get(timeout=self.cfg.poll_ms / 1000)
+            except queue.Empty:
+                if self._rx_done.is_set():
+                    return
+                continue
+            pending = [first]
+            while True:
+                try:
+                    pending.append(self._to_log.get_nowait())
+                except queue.Empty:
+                    break
+            if self.failed.is_set():
+                continue  # drain without storing: nothing more is acknowledged
+            self._store(pending)
+
+    def _store(self, pending: list[_Pending]) -> None:
+        records = []
+        for p in pending:
+            b = p.batch
+            ok, bad = finite_mask(b.arrays, self.cfg.finite_keys)
+            if ok.all():
+                records.append(Record(b.sender_id, p.stream, b.seqs, b.arrays, int(b.seqs[-1]) + 1))
+                continue
+            self._quarantine(b, p.stream, ~ok, bad)
+            records.append(Record(b.sender_id, p.stream, b.seqs[ok], {k: a[ok] for k, a in b.arrays.items()},
+                                  int(b.seqs[-1]) + 1))
+        try:
+            lsns = self.log.append(records)
+        except OSError as e:
+            self.fail(e, "the ingest log")
+            return
+        acks: dict = {}
+        for rec, lsn, p in zip(records, lsns, pending):
+            self.replay.extend(rec.sender, rec.seqs, rec.arrays, rec.stream, end=rec.end, lsn=lsn)
+            key = (rec.sender, rec.stream)
+            self.stored[key] += len(rec.seqs)
+            upto, times, n = acks.get(key, (-1, [], 0))
+            acks[key] = (max(upto, rec.end - 1), times + [p.t], n + len(p.batch.seqs))
+        for (sender, stream), (upto, times, n) in acks.items():
+            self._acks.put((sender, stream, upto, times, n))
+
+    def _quarantine(self, batch, stream, rows: np.ndarray, bad: list[str]) -> None:
+        """Rows with NaN/inf where the learner needs numbers: counted, described, never put in the replay."""
+        key = (batch.sender_id, stream)
+        seqs = batch.seqs[rows]
+        self.quarantined[key] += len(seqs)
+        entry = {"t": time.time(), "sender": batch.sender_id, "stream": stream, "seqs": seqs.tolist(), "keys": bad}
+        try:
+            with (self.run_dir / QUARANTINE_FILE).open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError:
+            pass  # the log append right after reports a full disk once
+        if self._quarantine_logged < self.cfg.quarantine_log_max:
+            self._quarantine_logged += 1
+            log.warning("quarantined %d transition(s) from %s (seq %d..%d): non-finite values in %s; they are "
+                        "acknowledged but never trained on (%s)", len(seqs), batch.sender_id, int(seqs[0]),
+                        int(seqs[-1]), ", ".join(bad), self.run_dir / QUARANTINE_FILE)
+
+    def _writer_loop(self) -> None:
+        while not self._stop_writer.wait(self.cfg.flush_s):
+            self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the replay's new rows to zarr and trim what the log no longer needs to hold."""
+        if self.failed.is_set() and self.failure and self.failure[0] == "disk_full":
+            return  # writing more would fail the same way; zarr's last commit + the log hold what was acked
+        try:
+            self.replay.flush()
+            self.log.trim(self.replay.disk_lsn)
+        except OSError as e:
+            self.fail(e, "the replay's zarr store")
+        except ValueError as e:  # a column on disk with another shape: a bug, say so once
+            if str(e) not in self.errors:
+                log.error("could not write the replay to zarr: %s", e)
+                self.errors.append(str(e))
+
+    def fail(self, e: OSError, where: str) -> None:
+        kind = "disk_full" if e.errno == errno.ENOSPC else "storage"
+        msg = f"cannot write {where}: {e.strerror or e} ({getattr(e, 'filename', None) or self.run_dir})"
+        if not self.failed.is_set():
+            self.failure = (kind, msg)
+            log.error("%s; no longer acknowledging transitions (the robots keep them); stopping", msg)
+            self.errors.append(msg)
+            self.failed.set()
+
+    # ---------------------------------------------------------------------------------------------- figures
+    def window_latency(self) -> dict[str, float]:
+        """Ack latency p50/p99 (ms) since the previous call, for the metrics line."""
+        with self._window_lock:
+            lat, self._window = self._window, []
+        return _percentiles(lat)
+
+    def run_latency(self) -> dict[str, float]:
+        return {**_percentiles(list(self._latencies)), "acked_batches": len(self._latencies)}
+
+    def backlog(self) -> dict[str, int]:
+        """Transitions received but not yet in zarr, and delivered but not yet acknowledged."""
+        delivered = sum(self.received.values()) - sum(self.schema_rejected.values())
+        unacked = max(0, delivered - self.acked_transitions)
+        return {"not_in_zarr": self.replay.size - self.replay.disk_rows + unacked, "unacked": unacked}
+
+
+def _percentiles(lat: list[float]) -> dict[str, float]:
+    if not lat:
+        return {"ack_p50_ms": float("nan"), "ack_p99_ms": float("nan")}
+    p50, p99 = np.percentile(np.asarray(lat) * 1000, [50, 99])
+    return {"ack_p50_ms": float(p50), "ack_p99_ms": float(p99)}
