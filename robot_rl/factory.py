@@ -13,7 +13,8 @@ def _plain(cfg) -> dict:
 
 
 def make_robot(cfg) -> Robot:
-    """robot.type: robosuite (MuJoCo sim) | lerobot (any lerobot Robot, real or our sim plugin)."""
+    """robot.type: robosuite (MuJoCo sim) | gym_hil (gym-hil's MuJoCo Panda tasks) | lerobot (any lerobot Robot, real
+    or our sim plugin)."""
     cfg = _plain(cfg)
     kind = cfg.pop("type", None)
     cfg.pop("safety", None)
@@ -23,6 +24,10 @@ def make_robot(cfg) -> Robot:
             from robot_rl.sim.robosuite_robot import RobosuiteRobot
 
             return RobosuiteRobot(**cfg)
+        if kind == "gym_hil":
+            from robot_rl.sim.gym_hil_robot import GymHilRobot
+
+            return GymHilRobot(**cfg)
         if kind == "lerobot":
             from robot_rl.hardware.lerobot_adapter import LeRobotRobot, make_lerobot_robot
 
@@ -30,7 +35,7 @@ def make_robot(cfg) -> Robot:
             return LeRobotRobot(make_lerobot_robot(cfg.pop("lerobot_type"), **cfg), **ours)
     except (ValueError, TypeError, KeyError, ImportError) as e:
         raise ConfigError(f"robot: {e}") from None
-    raise ConfigError(f"robot.type={kind!r} is not a known robot type; choose one of: robosuite, lerobot")
+    raise ConfigError(f"robot.type={kind!r} is not a known robot type; choose one of: robosuite, gym_hil, lerobot")
 
 
 def make_teleop(cfg, robot: Robot) -> Teleop | None:
