@@ -38,6 +38,7 @@ from robot_rl.control.telemetry import EpisodeLog, save_npz_atomic, write_json_s
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import Watchdog, build_safety
 from robot_rl.control.takeover import SOURCES
+from robot_rl.control.viz import make_view
 from robot_rl.algos import make_robot_policy
 from robot_rl.factory import make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX, Policy
@@ -115,6 +116,7 @@ class ControlProcess:
         self.episodes: list[dict] = []
         self.weight_updates: list[dict] = []
         self.ticks = {k: [] for k in ("t", "lateness", "episode", "source", "forced_safe", "policy_version")}
+        self.view = make_view(self.s, self.run_dir)  # session.viz=rerun: a live view that never holds up the loop
 
     def _make_policy(self) -> Policy:
         """The robot-side policy of the configured algorithm (the learner's weights load into it)."""
@@ -259,6 +261,8 @@ class ControlProcess:
             summary = self._summary(time.time() - t_start, drained)
             self._close_transport()
             summary["transitions"]["unacked_at_exit"] = self.sender.unacked_count if self.sender else 0
+            if self.view is not None:
+                summary["viz"] = self.view.close()
             for problem in (write_json_safely(self.run_dir / "summary.json", summary),
                             save_npz_atomic(self.run_dir / "ticks.npz",
                                             {k: np.asarray(v) for k, v in self.ticks.items()})):
@@ -339,6 +343,8 @@ class ControlProcess:
             self._feed_watchdog()
 
         def after_step(step: Step) -> None:
+            if self.view is not None:
+                self.view.log_step(step, episode)
             transition = self._transition(step, episode)
             if "residual" in transition and np.isfinite(transition["residual"]).all():
                 residual_abs.append(float(np.abs(transition["residual"]).mean()))
