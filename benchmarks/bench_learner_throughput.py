@@ -66,18 +66,25 @@ class Batched:
     def q(self, obs, act):
         return self.critic(obs, act)
 
+    def target_q(self, b, heads: torch.Tensor) -> torch.Tensor:
+        return self.target(b["next_obs"], b["next_act"])[heads]
+
     def update(self, b, heads: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             heads = heads.to(b["obs"].device)  # as ResidualTD3.update
-            q_next = self.target(b["next_obs"], b["next_act"])[heads].min(dim=0).values
-            y = b["ret"] + b["disc"] * q_next
+            y = b["ret"] + b["disc"] * self.target_q(b, heads).min(dim=0).values
         q = self.critic(b["obs"], b["act"])  # (heads, batch)
-        loss = F.mse_loss(q, y.expand_as(q), reduction="none").mean(dim=1).sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        polyak(self.critic, self.target)
-        return loss.detach()
+        return td_step(self.opt, q, y, self.critic, self.target)
+
+
+def td_step(opt, q: torch.Tensor, y: torch.Tensor, net: nn.Module, target: nn.Module) -> torch.Tensor:
+    """Every head's MSE to the TD target, one optimiser step, then the Polyak-averaged target (as ResidualTD3)."""
+    loss = F.mse_loss(q, y.expand_as(q), reduction="none").mean(dim=1).sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    polyak(net, target)
+    return loss.detach()
 
 
 def subset_q(ens: EnsembleQ, obs: torch.Tensor, act: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
@@ -98,18 +105,8 @@ class BatchedSubsetTarget(Batched):
     does today; shows what evaluating all 10 target heads costs."""
     name = "batched, 2-head target"
 
-    def update(self, b, heads: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            heads = heads.to(b["obs"].device)
-            q_next = subset_q(self.target, b["next_obs"], b["next_act"], heads).min(dim=0).values
-            y = b["ret"] + b["disc"] * q_next
-        q = self.critic(b["obs"], b["act"])
-        loss = F.mse_loss(q, y.expand_as(q), reduction="none").mean(dim=1).sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        polyak(self.critic, self.target)
-        return loss.detach()
+    def target_q(self, b, heads: torch.Tensor) -> torch.Tensor:
+        return subset_q(self.target, b["next_obs"], b["next_act"], heads)
 
 
 class Looped:
@@ -130,13 +127,7 @@ class Looped:
             xn = torch.cat([b["next_obs"], b["next_act"]], dim=-1)
             q_next = torch.stack([self.target[i](xn).squeeze(-1) for i in heads.tolist()]).min(dim=0).values
             y = b["ret"] + b["disc"] * q_next
-        q = self.q(b["obs"], b["act"])
-        loss = F.mse_loss(q, y.expand_as(q), reduction="none").mean(dim=1).sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        polyak(self.heads, self.target)
-        return loss.detach()
+        return td_step(self.opt, self.q(b["obs"], b["act"]), y, self.heads, self.target)
 
 
 def make_batches(n: int, batch: int, obs_dim: int, act_dim: int, device, seed: int = 0) -> list[dict]:

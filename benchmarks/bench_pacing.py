@@ -89,7 +89,7 @@ def main() -> None:
 
     print(f"loop pacing, fake work {WORK_S * 1e3:.1f} ms/tick, {total:.1f} s per method and rate in {segments} "
           f"interleaved segments of {seg_s:.2f} s; cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.2f}")
-    print(f"lateness vs the absolute grid t0 + k*period; drift = lateness of the last tick of a segment (mean)")
+    print("lateness vs the absolute grid t0 + k*period; drift = lateness of the last tick of a segment (mean)")
     print(f"target: PacedLoop p99 < {TARGET_P99_US:.0f} µs on an idle machine\n")
     hdr = f"{'rate':>6} {'method':<14} {'p50 µs':>9} {'p99 µs':>9} {'max µs':>9} {'drift ms':>9} {'overruns':>8}"
     print(hdr + f" {'p99 / PacedLoop':>17}")

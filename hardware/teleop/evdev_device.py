@@ -10,6 +10,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
+import numpy as np
+
+from robot_rl.interfaces import Observation
+
 from .base import DEVICE_ACTIONS, DeviceUnavailableError, _DeviceTeleop, _SelectReader
 from .controls import EpisodeControls
 
@@ -282,6 +286,24 @@ class _EvdevTeleop(_DeviceTeleop):
                 self._on_axis(ev.type, ev.code, ev.value)
 
     def _on_axis(self, etype: int, code: int, value: int) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- Teleop API
+    def get_action(self, observation: Observation | None = None) -> np.ndarray:
+        with self._lock:
+            return self._action_from_state(dict(self._axes), self._gripper)
+
+    @property
+    def intervening(self) -> bool:
+        with self._lock:
+            return self._intervening_from_state(self._axes, self._takeover_buttons_held(), self._takeover_latched)
+
+    def _action_from_state(self, axes: Mapping[int, float], gripper: float) -> np.ndarray:
+        """The action from a snapshot of the normalized axes and the gripper (subclasses)."""
+        raise NotImplementedError
+
+    def _intervening_from_state(self, axes: Mapping[int, float], buttons_held: set[int], latched: bool) -> bool:
+        """Whether the human acts, from the axes, the held takeover buttons and the latch (subclasses)."""
         raise NotImplementedError
 
     def _takeover_buttons_held(self) -> set[int]:

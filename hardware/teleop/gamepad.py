@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from robot_rl.interfaces import Observation
 
 from .base import DEVICE_ACTIONS, _deadzone
 from .controls import EpisodeControls
@@ -166,13 +165,3 @@ class GamepadTeleop(_EvdevTeleop):
             if code not in present:
                 log.info("gamepad: %s has no trigger axis %s (%s); use the shoulder buttons", dev.name,
                          ec.ABS.get(code, code), action)
-
-    # ----------------------------------------------------------------------------------------- Teleop API
-    def get_action(self, observation: Observation | None = None) -> np.ndarray:
-        with self._lock:
-            return self._action_from_state(dict(self._axes), self._gripper)
-
-    @property
-    def intervening(self) -> bool:
-        with self._lock:
-            return self._intervening_from_state(self._axes, self._takeover_buttons_held(), self._takeover_latched)

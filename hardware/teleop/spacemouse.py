@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from robot_rl.interfaces import Observation
 
 from .base import _deadzone
 from .controls import EpisodeControls
@@ -121,13 +120,3 @@ class SpaceMouseTeleop(_EvdevTeleop):
                 if 0 <= code < 6:
                     self._abs_ranges[code] = (float(info.min), float(info.max))
                     self._axes[code] = self._normalize(ec.EV_ABS, code, info.value)
-
-    # ----------------------------------------------------------------------------------------- Teleop API
-    def get_action(self, observation: Observation | None = None) -> np.ndarray:
-        with self._lock:
-            return self._action_from_state(dict(self._axes), self._gripper)
-
-    @property
-    def intervening(self) -> bool:
-        with self._lock:
-            return self._intervening_from_state(self._axes, self._takeover_buttons_held(), self._takeover_latched)

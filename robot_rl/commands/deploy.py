@@ -269,19 +269,14 @@ class Deployer:
 
     # ------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
+        from robot_rl.commands.record import connect_devices, disconnect_devices, hold_safe
+
         main_thread = threading.current_thread() is threading.main_thread()
         old_handlers = {}
         if main_thread:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, self.request_stop)
-        if self.teleop is not None:
-            self.teleop.connect()
-        try:
-            self.robot.connect()
-        except BaseException:
-            if self.teleop is not None:
-                self.teleop.disconnect()
-            raise
+        connect_devices(self.robot, self.teleop)
         writer = None
         t_start = time.time()
         try:
@@ -302,15 +297,13 @@ class Deployer:
                          ep["success"], ep["steps"], ep["starvations"], ep["safe_steps"], ep["teleop_steps"])
         finally:
             self._rollout_safety_counts = dict(self.safety.counts)  # before the final hold below
-            self._hold_safe()
+            hold_safe(self.robot, self.safety)
             self.runner.stop()
             if self.predictor is not None:
                 self.predictor.close()
             if self.store is not None:  # closes the writer (an unsaved episode is discarded)
                 self.store.close()
-            self.robot.disconnect()
-            if self.teleop is not None:
-                self.teleop.disconnect()
+            disconnect_devices(self.robot, self.teleop)
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             summary = self._summary(time.time() - t_start)
@@ -403,14 +396,6 @@ class Deployer:
             store = EpisodeStore.create(path, features, float(self.d.rate_hz), info=info)
         self.store = store
         return store
-
-    def _hold_safe(self) -> None:
-        try:
-            if self.robot.is_connected:
-                action, _ = self.safety(np.zeros(self.robot.action_feature.shape[0], np.float32), force_safe=True)
-                self.robot.send_action(action)
-        except Exception:  # noqa: BLE001 - shutting down: report and keep going
-            log.exception("could not send the final safe action")
 
     # --------------------------------------------------------------------------------------------- summary
     def _summary(self, wall_s: float) -> dict:

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from robot_rl.commands.evaluate import check_ints, config_section
 from robot_rl.config import ConfigError, git_hash, resolve_device, write_json
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.data.sequence import SequenceSampler
@@ -103,32 +104,16 @@ def ddim_chunk(policy: DiffusionPolicy, x: torch.Tensor, cond: torch.Tensor, ste
 # ------------------------------------------------------------------------------------------------- config
 
 
-def _pos_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
 def validate_distill(cfg: DictConfig) -> LoopConfig:
-    d = cfg.get("distill")
-    if d is None:
-        raise ConfigError("the config has no `distill:` section")
-    if not d.get("teacher"):
-        raise ConfigError("distill.teacher is empty: give the trained diffusion policy's run or checkpoint "
-                          "directory, e.g. distill.teacher=outputs/<date>/<time>_train")
+    d = config_section(cfg, "distill", "teacher", "the trained diffusion policy's run or checkpoint directory")
     loop_cfg = LoopConfig.from_section(d, "distill")
-    for key in ("teacher_steps", "probe_size"):
-        if not _pos_int(d.get(key)):
-            raise ConfigError(f"distill.{key} must be a positive integer, got {d.get(key)!r}")
-    for key in ("val_every", "eval_episodes", "video_episodes", "eval_seed"):
-        v = d.get(key)
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-            raise ConfigError(f"distill.{key} must be a non-negative integer, got {v!r}")
+    check_ints(d, "distill", positive=("teacher_steps", "probe_size"),
+               non_negative=("val_every", "eval_episodes", "video_episodes", "eval_seed"),
+               positive_or_null=("eval_max_steps",))
     if d.init not in ("teacher", "random"):
         raise ConfigError(f"distill.init must be teacher (warm start) or random, got {d.init!r}")
     if d.loss_rows not in ("chunk", "executed"):
         raise ConfigError(f"distill.loss_rows must be chunk or executed, got {d.loss_rows!r}")
-    ms = d.get("eval_max_steps")
-    if ms is not None and not _pos_int(ms):
-        raise ConfigError(f"distill.eval_max_steps must be a positive integer or null, got {ms!r}")
     return loop_cfg
 
 

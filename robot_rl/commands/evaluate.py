@@ -471,29 +471,38 @@ def robot_config_from_checkpoint(checkpoint: str | os.PathLike, version: int | N
     return dict(robot_cfg), "the training store"
 
 
+def config_section(cfg: DictConfig, name: str, path_key: str, what: str) -> DictConfig:
+    """`cfg.<name>`, which must name `path_key` (`what`: a run or checkpoint directory); ConfigError otherwise."""
+    section = cfg.get(name)
+    if section is None:
+        raise ConfigError(f"the config has no `{name}:` section")
+    if not section.get(path_key):
+        raise ConfigError(f"{name}.{path_key} is empty: give {what}, "
+                          f"e.g. {name}.{path_key}=outputs/<date>/<time>_train")
+    return section
+
+
+def check_ints(section: DictConfig, name: str, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+               positive_or_null: Sequence[str] = ()) -> None:
+    """ConfigError unless each of those keys of `section` (`name.key` in messages) holds an integer (not a bool)
+    of its kind."""
+    kinds = [(positive, 1, False, "a positive integer"), (non_negative, 0, False, "a non-negative integer"),
+             (positive_or_null, 1, True, "a positive integer or null")]
+    for keys, minimum, nullable, kind in kinds:
+        for key in keys:
+            v = section.get(key)
+            if v is None and nullable:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ConfigError(f"{name}.{key} must be {kind}, got {v!r}")
+
+
 def validate_eval(cfg: DictConfig) -> None:
-    e = cfg.get("eval")
-    if e is None:
-        raise ConfigError("the config has no `eval:` section")
-    if not e.get("checkpoint"):
-        raise ConfigError("eval.checkpoint is empty: give a training run directory or a checkpoint directory, "
-                          "e.g. eval.checkpoint=outputs/<date>/<time>_train")
-    for key in ("episodes", "video_size"):
-        v = e.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"eval.{key} must be a positive integer, got {v!r}")
-    for key in ("seed", "video_episodes"):
-        v = e.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"eval.{key} must be a non-negative integer, got {v!r}")
-    ms = e.get("max_steps")
-    if ms is not None and (not isinstance(ms, int) or isinstance(ms, bool) or ms <= 0):
-        raise ConfigError(f"eval.max_steps must be a positive integer or null (the robot's horizon), got {ms!r}")
+    e = config_section(cfg, "eval", "checkpoint", "a training run directory or a checkpoint directory")
+    check_ints(e, "eval", positive=("episodes", "video_size"), non_negative=("seed", "video_episodes"),
+               positive_or_null=("max_steps", "num_inference_steps"))
     if e.get("scheduler") not in (None, "ddim", "ddpm"):
         raise ConfigError(f"eval.scheduler must be ddim, ddpm or null (the checkpoint's), got {e.scheduler!r}")
-    n = e.get("num_inference_steps")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
-        raise ConfigError(f"eval.num_inference_steps must be a positive integer or null, got {n!r}")
     if e.get("weights", "model") not in ("model", "raw_model"):
         raise ConfigError(f"eval.weights must be model (EMA) or raw_model, got {e.weights!r}")
     cams = e.get("video_cameras")

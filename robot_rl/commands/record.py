@@ -110,6 +110,36 @@ class EpisodeRecording:
             self.sim_state = self.robot.get_sim_state()["states"]
 
 
+def connect_devices(robot, teleop) -> None:
+    """The teleop device first (one that cannot open fails before the robot is touched), then the robot; the
+    teleop is closed again when the robot fails to connect."""
+    if teleop is not None:
+        teleop.connect()
+    try:
+        robot.connect()
+    except BaseException:
+        if teleop is not None:
+            teleop.disconnect()
+        raise
+
+
+def hold_safe(robot, safety) -> None:
+    """Leave a connected robot holding the safety filter's safe action (shutting down: a failure is logged)."""
+    try:
+        if robot.is_connected:
+            action, _ = safety(np.zeros(robot.action_feature.shape[0], np.float32), force_safe=True)
+            robot.send_action(action)
+    except Exception:  # noqa: BLE001 - shutting down: report and keep going
+        log.exception("could not send the final safe action")
+
+
+def disconnect_devices(robot, teleop) -> None:
+    """The robot, then the teleop device (after the robot has been left holding a safe action)."""
+    robot.disconnect()
+    if teleop is not None:
+        teleop.disconnect()
+
+
 class Recorder:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.r = cfg, cfg.record
@@ -174,14 +204,7 @@ class Recorder:
     def run(self) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
-        if self.teleop is not None:
-            self.teleop.connect()  # a device that cannot open fails before the robot is touched
-        try:
-            self.robot.connect()
-        except BaseException:
-            if self.teleop is not None:
-                self.teleop.disconnect()
-            raise
+        connect_devices(self.robot, self.teleop)
         store = None
         t_start = time.time()
         try:
@@ -213,12 +236,10 @@ class Recorder:
             log.error("%s", e)
             raise SystemExit(f"robot-rl record: {e}") from None
         finally:
-            self._hold_safe()
+            hold_safe(self.robot, self.safety)
             if store is not None:
                 store.close()
-            self.robot.disconnect()
-            if self.teleop is not None:
-                self.teleop.disconnect()
+            disconnect_devices(self.robot, self.teleop)
             summary = self._summary(time.time() - t_start, store)
             write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -275,14 +296,6 @@ class Recorder:
         the MuJoCo robot renders every tick synchronously, so it has none)."""
         counter = getattr(self.robot, "dropped_frames", None)
         return int(counter() if callable(counter) else (counter or 0))
-
-    def _hold_safe(self) -> None:
-        try:
-            if self.robot.is_connected:
-                action, _ = self.safety(np.zeros(self.robot.action_feature.shape[0], np.float32), force_safe=True)
-                self.robot.send_action(action)
-        except Exception:  # noqa: BLE001 - shutting down: report and keep going
-            log.exception("could not send the final safe action")
 
     def _summary(self, wall_s: float, store: EpisodeStore | None) -> dict:
         return {"process": "record", "path": str(self.r.path), "saved": len(self.saved), "discarded": self.discarded,

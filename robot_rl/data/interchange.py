@@ -37,7 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -294,12 +294,9 @@ def main(argv: list[str]) -> int:
                                                             "of mp4 videos")
     p.add_argument("--episodes", help="episodes to export, e.g. 0-4,9 (default: all)")
     p.add_argument("--vcodec", default="libsvtav1", help="video codec lerobot encodes with (default libsvtav1; "
-                                                             "'auto': a hardware encoder when there is one)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # usage errors: argparse already printed the message
-        return int(e.code or 0)
-    try:
+                                                         "'auto': a hardware encoder when there is one)")
+
+    def export(args) -> str:
         episodes = None
         if args.episodes:
             from robot_rl.data.tool import parse_indices
@@ -309,10 +306,26 @@ def main(argv: list[str]) -> int:
             episodes = parse_indices(args.episodes, EpisodeStore.open(args.store, "r").num_episodes)
         out = export_lerobot(args.store, args.out_root, repo_id=args.repo_id, use_videos=not args.no_videos,
                              episodes=episodes, vcodec=args.vcodec)
+        return f"wrote {out}"
+
+    return run_cli(p, argv, export)
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str], work: Callable[[argparse.Namespace], str],
+            name: Callable[[argparse.Namespace], str] | None = None) -> int:
+    """The exit code of one export/import command line: a usage error's (argparse printed the message); 2 with
+    `<name>: <error>` on stderr (name: the parser's prog by default) for what cannot be done; else 0, having
+    printed what `work(args)` returns."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        done = work(args)
     except (StoreError, OSError, ValueError, KeyError, IndexError) as e:
-        print(f"robot-rl export: {e}", file=sys.stderr)
+        print(f"{name(args) if name else parser.prog}: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(done)
     return 0
 
 

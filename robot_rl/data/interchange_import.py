@@ -40,9 +40,9 @@ from typing import Iterable
 
 import numpy as np
 
-from robot_rl.data.episode_store import EpisodeStore, StoreError, feature_from_dict
+from robot_rl.data.episode_store import EpisodeStore, feature_from_dict
 from robot_rl.data.interchange import (EXPORT_FORMAT, LEROBOT_RESERVED, META_FILE, MODELS_DIR, InterchangeError,
-                                       staged_output)
+                                       run_cli, staged_output)
 from robot_rl.interfaces import OBS_PREFIX, Feature
 
 log = logging.getLogger(__name__)
@@ -505,21 +505,16 @@ def main(argv: list[str]) -> int:
                                                                "OpenGL convention)")
     rm.add_argument("--obs-keys", nargs="+", help="obs/<key> datasets to import (default: all)")
     rm.add_argument("--fps", type=float, default=20.0, help="the demos' control rate (default 20)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # usage errors (unknown format...): argparse already printed the message
-        return int(e.code or 0)
-    try:
+
+    def import_store(args) -> str:
         if args.format == "lerobot":
             store = import_lerobot(args.root, args.store, repo_id=args.repo_id, tolerance_s=args.tolerance_s)
         else:
             store = import_robomimic(args.file, args.store, obs_keys=args.obs_keys, fps=args.fps,
                                      filter_key=args.filter_key, flip_images=args.flip_images)
-    except (StoreError, OSError, ValueError, KeyError, IndexError) as e:
-        print(f"robot-rl import {args.format}: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {store.path}: {store.num_episodes} episodes, {store.num_steps} steps")
-    return 0
+        return f"wrote {store.path}: {store.num_episodes} episodes, {store.num_steps} steps"
+
+    return run_cli(p, argv, import_store, name=lambda args: f"{p.prog} {args.format}")
 
 
 if __name__ == "__main__":
