@@ -53,7 +53,8 @@ fi
 # Fast path: the installed set already satisfies pyproject.toml (same file hash as the last install) -> skip pip.
 stamp=.venv/.robot_rl_installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c 'import robot_rl, lerobot' 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+   && .venv/bin/python -c 'import importlib.metadata as m; m.version("robot_rl"); import lerobot' 2>/dev/null; then
   echo "robot_rl already installed in .venv (pyproject.toml unchanged)"
   exit 0
 fi
