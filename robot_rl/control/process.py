@@ -174,7 +174,8 @@ class ControlProcess:
         if self._stop:
             self._hold_reasons["stopping"] += 1
             return True
-        if source == "policy" and self.sender is not None and self.watchdog.expired():
+        # the watchdog is asked every tick (outages are counted whoever drives); it holds only the policy
+        if self.sender is not None and self.watchdog.expired() and source == "policy":
             self._hold_reasons["learner silent"] += 1
             return True
         return False
@@ -330,7 +331,7 @@ class ControlProcess:
         transitions and records its ticks. Evaluation episodes measure the policy alone (no teleop)."""
         residual_abs = []
         self._hold_reasons.clear()
-        teleop_drives = episode < self.s.expert_episodes and not evaluating
+        teleop_drives = episode < self.s.expert_episodes and not evaluating and self.teleop is not None
 
         def before_step(index: int, obs) -> None:
             self._check_health()
