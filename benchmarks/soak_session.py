@@ -54,6 +54,14 @@ def pids(pattern: str) -> list[int]:
     return [int(p) for p in out]
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the learner may run helper processes, e.g. its ingest)."""
+    out = [pid]
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        out += tree(int(child))
+    return out
+
+
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -156,10 +164,13 @@ class Run:
         if not found:
             self.notes.append(f"no {target} process to fault")
             return
-        if self.scenario == "sigstop":
-            os.kill(found[0], signal.SIGSTOP)
+        if self.scenario == "sigstop":  # the whole learner: its helper processes too
+            frozen = tree(found[0])
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
             time.sleep(3.0)
-            os.kill(found[0], signal.SIGCONT)
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
         else:
             os.kill(found[0], signal.SIGKILL)
         self.notes.append(f"fault after {delay:.1f} s of streaming")

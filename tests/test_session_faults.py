@@ -77,6 +77,14 @@ def pids(pattern):
     return [int(p) for p in out]
 
 
+def tree(pid):
+    """`pid` and its descendants (the learner may run helper processes, e.g. its ingest)."""
+    out = [pid]
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        out += tree(int(child))
+    return out
+
+
 def alive(pid):
     try:
         os.kill(pid, 0)
@@ -172,13 +180,16 @@ def test_a_drain_that_times_out_is_an_error(tmp_path, ports):
     proc = start_session(run, ports, "session.episodes=200", "session.drain_timeout_s=2", "session.watchdog_s=0.5")
     wait_for(policy_drives(run / "control"), "the policy driving with learner weights", proc=proc)
     [learner] = pids(f"robot_rl.learner .*{run}")
-    os.kill(learner, signal.SIGSTOP)
+    frozen = tree(learner)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
     try:
         time.sleep(0.5)  # a few transitions go unacknowledged
         os.kill(proc.pid, signal.SIGTERM)
         wait_for(lambda: (run / "control" / "summary.json").exists(), "the control process's summary", proc=proc)
     finally:
-        os.kill(learner, signal.SIGCONT)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
     out = finish(proc)
     assert proc.returncode == 1, out[-4000:]
     summary = json.loads((run / "summary.json").read_text())

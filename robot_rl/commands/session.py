@@ -123,25 +123,32 @@ def _spawn(module: str, config: Path, run_dir: Path, *extra: str) -> subprocess.
     return subprocess.Popen([sys.executable, "-m", module, str(config), str(run_dir), *extra], env=env)
 
 
+_SIGNALLED: set[int] = set()  # pids already told to stop (SIGTERM/SIGUSR1): not signalled again unless escalating
+
+
 def _signal(proc: subprocess.Popen | None, sig: int) -> None:
     if proc is not None and proc.poll() is None:
         try:
             proc.send_signal(sig)
+            _SIGNALLED.add(proc.pid)
         except ProcessLookupError:
             pass
 
 
 def _stop(proc: subprocess.Popen, name: str, wait_s: float) -> int:
-    """SIGTERM (a child caught it before: it is stopping), then SIGKILL: a child gets every chance to save its
-    work, and the session still ends in bounded time."""
-    for sig, timeout in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 10.0)):
+    """SIGTERM (unless it was told to stop already: it is stopping), wait, then SIGTERM again and SIGKILL: a
+    child gets every chance to save its work, and the session still ends in bounded time."""
+    stages = ((None, wait_s),) if proc.pid in _SIGNALLED else ((signal.SIGTERM, wait_s),)
+    for sig, timeout in (*stages, (signal.SIGKILL, 10.0)):
         if proc.poll() is not None:
             break
-        _signal(proc, sig)
+        if sig is not None:
+            _signal(proc, sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s after %s; escalating", name, timeout, signal.Signals(sig).name)
+            log.warning("%s did not stop within %.0f s%s; escalating", name, timeout,
+                        f" after {signal.Signals(sig).name}" if sig else " of being told to stop")
     return proc.wait()
 
 

@@ -106,6 +106,7 @@ class ControlProcess:
             self.subscriber = WeightSubscriber(self.s.endpoints.weights, curve=keys)
         self.first_seq = self.sender.next_seq if self.sender is not None else 0  # this process's first new seq
         self._stop = False
+        self._safe_since_stop = False  # a stop was requested and a tick has sent the safe action since
         self.stream_failed = False
         self.stop_reason: str | None = None
         self.learner_gone = False  # SIGUSR1: do not wait for acknowledgements
@@ -259,7 +260,11 @@ class ControlProcess:
                 self.teleop.disconnect()
             summary = self._summary(time.time() - t_start, drained)
             self._close_transport()
-            summary["transitions"]["unacked_at_exit"] = self.sender.unacked_count if self.sender else 0
+            left = self.sender.unacked_count if self.sender else 0
+            summary["transitions"]["unacked_at_exit"] = left
+            if not left and drained["result"] not in ("complete", "no learner"):  # the last acks came while closing
+                summary["drain"] = {**drained, "result": "complete", "unacknowledged": 0}
+                summary["transitions"]["all_acknowledged"] = True
             for problem in (write_json_safely(self.run_dir / "summary.json", summary),
                             save_npz_atomic(self.run_dir / "ticks.npz",
                                             {k: np.asarray(v) for k, v in self.ticks.items()})):
@@ -333,13 +338,17 @@ class ControlProcess:
         self._hold_reasons.clear()
         teleop_drives = episode < self.s.expert_episodes and not evaluating and self.teleop is not None
 
-        def before_step(index: int, obs) -> None:
+        def before_step(index: int, obs) -> str | None:
+            if self._safe_since_stop:  # stopping, and the robot already got its safe action: end the episode here
+                return "stop"
             self._check_health()
             if not evaluating:
                 self._take_new_weights(probe_obs)  # weights swap at a tick boundary
             self._feed_watchdog()
 
         def after_step(step: Step) -> None:
+            if self._stop and step.forced_safe:
+                self._safe_since_stop = True
             transition = self._transition(step, episode)
             if "residual" in transition and np.isfinite(transition["residual"]).all():
                 residual_abs.append(float(np.abs(transition["residual"]).mean()))
@@ -354,7 +363,7 @@ class ControlProcess:
 
         r = self.rollout.episode(obs, self.s.max_episode_steps, teleop_drives=teleop_drives,
                                  with_teleop=not evaluating, before_step=before_step, force_safe=self._must_hold,
-                                 stop=lambda: self._stop, hooks=[after_step],
+                                 hooks=[after_step],
                                  keep_pacing_stats=bool(self.ticks["t"]))  # stats cover the session
         duration = r["duration_s"]
         return {"episode": episode, "success": r["success"], "return": float(r["success"]), "steps": r["steps"],
