@@ -323,7 +323,8 @@ def run_once(variant: str, workload: str, args, demos: Path, port: int) -> dict:
         learner.start()
         if not ready.wait(300):
             raise RuntimeError("learner did not start")
-        sender = ctx.Process(target=sender_proc, args=(endpoint, workload == "cameras", args.batch, args.window,
+        sender = ctx.Process(target=sender_proc, args=(endpoint, workload == "cameras", args.batch,
+                                                       args.window_cameras if workload == "cameras" else args.window,
                                                        args.warmup_s, args.measure_s, results))
         sender.start()
         got = {}
@@ -345,6 +346,7 @@ def main() -> None:
     ap.add_argument("--measure-s", type=float, default=6.0)
     ap.add_argument("--batch", type=int, default=64, help="transitions per message (the sender's batch_size)")
     ap.add_argument("--window", type=int, default=2048, help="unacknowledged transitions the sender allows")
+    ap.add_argument("--window-cameras", type=int, default=256, help="... with cameras (~11 MB in flight)")
     ap.add_argument("--workloads", nargs="+", default=["state", "cameras"], choices=["state", "cameras"])
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--flush-s", type=float, default=1.0, help="new path: zarr write-behind interval")
@@ -354,7 +356,8 @@ def main() -> None:
 
     load0 = os.getloadavg()
     print(f"cpus {os.cpu_count()}; load average at the start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
-    print(f"sender: batches of {args.batch}, at most {args.window} unacknowledged; learner: SAC batch 256 "
+    print(f"sender: batches of {args.batch}, at most {args.window} unacknowledged ({args.window_cameras} with "
+          f"cameras); learner: SAC batch 256 "
           f"training flat out (1 torch thread); {args.warmup_s:.0f} s warm-up + {args.measure_s:.0f} s measured; "
           f"{args.repeats} interleaved repeats")
     with tempfile.TemporaryDirectory(prefix="bench_ingest_demos_") as tmp:

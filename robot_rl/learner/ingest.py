@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from robot_rl.learner.ingest_log import IngestLog, Record
-from robot_rl.learner.replay_buffer import Schema, schema_of, schema_problem
+from robot_rl.learner.schema import Schema, schema_of, schema_problem
 
 log = logging.getLogger("robot_rl.learner")
 

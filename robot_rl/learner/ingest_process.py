@@ -24,10 +24,13 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robot_rl.learner.ingest import Ingest, IngestConfig, percentiles
 from robot_rl.learner.ingest_log import IngestLog, LogTail
-from robot_rl.learner.replay_buffer import ReplayBuffer
+
+if TYPE_CHECKING:
+    from robot_rl.learner.replay_buffer import ReplayBuffer
 
 log = logging.getLogger("robot_rl.learner")
 
@@ -73,9 +76,9 @@ def _child(args: dict, conn, durable) -> None:
     _die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the learner process stops us, after its drain
-    from robot_rl.config import setup_logging
-
-    setup_logging()
+    # as robot_rl.config.setup_logging, which would import torch into this small process
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
     parent = os.getppid()
     try:
         receiver = _bind(args)

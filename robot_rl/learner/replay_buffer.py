@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 
 from robot_rl.algos.base import SENDER_KEY  # the column naming each row's control process (ReplayView's contract)
+from robot_rl.learner.schema import Schema, schema_of, schema_problem  # noqa: F401  (part of this module's API)
 
 COMMIT_FILE = "commit.json"
 SEQ_KEY = "_seq"
@@ -49,9 +50,6 @@ BIG_ROW_CHUNK = 64
 CHUNK_BYTES = 1 << 18     # ...or more rows, up to chunks of this size: zarr's cost is per chunk written (a 7-float
                           # column in 1024-row chunks made write-behind cost ~26 us per transition, half that now)
 
-Schema = dict[str, tuple[str, tuple[int, ...]]]  # key -> (numpy dtype str, row shape), as the receiver checks it
-
-
 def next_capacity(cap: int, need: int) -> int:
     """Smallest capacity >= need reached from `cap` by the growth rule: 2x up to 64k rows, then 1.25x."""
     cap = max(int(cap), 1)
@@ -61,23 +59,6 @@ def next_capacity(cap: int, need: int) -> int:
         else:
             cap += -(-cap // 4)  # ceil(cap * 1.25)
     return cap
-
-
-def schema_of(arrays: dict[str, np.ndarray]) -> Schema:
-    """The schema of one batch (leading axis = transitions)."""
-    return {k: (np.asarray(a).dtype.str, tuple(np.shape(a)[1:])) for k, a in arrays.items()}
-
-
-def schema_problem(expected: Schema, got: Schema) -> str | None:
-    """What differs between a replay's schema and a batch's, in words (None: they agree)."""
-    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-    if missing or extra:
-        return f"keys differ from the replay's (missing {missing}, unexpected {extra})"
-    for k, (dtype, shape) in expected.items():
-        if got[k] != (dtype, shape):
-            return (f"key {k!r} has dtype {np.dtype(got[k][0]).name} shape {got[k][1]} per transition, but the "
-                    f"replay holds dtype {np.dtype(dtype).name} shape {shape}")
-    return None
 
 
 def sync_filesystem(path: Path) -> None:
