@@ -113,7 +113,8 @@ class Ingest:
         self.schema_rejected: collections.Counter = collections.Counter()
         self.acked: dict = {}  # (sender, stream) -> highest acked seq
         self.acked_transitions = 0  # acknowledged this run (stored + quarantined)
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # storage errors
+        self.rejections: list[str] = []  # batches refused for their schema (not a storage problem)
         self._window: list[float] = []  # latencies since the last `window_latency()`
         self._window_lock = threading.Lock()
         self._quarantine_logged = 0
@@ -187,10 +188,10 @@ class Ingest:
             if problem:
                 self.schema_rejected[key] += len(batch.seqs)
                 msg = f"rejected a batch from {batch.sender_id!r}: its {problem}"
-                if msg not in self.errors:
+                if msg not in self.rejections:
                     log.error("%s (the replay's schema is fixed by its first batch; this sender's transitions "
                               "are not stored or acknowledged)", msg)
-                    self.errors.append(msg)
+                    self.rejections.append(msg)
                 return
         self._to_log.put(_Pending(batch, stream, t, sum(a.nbytes for a in batch.arrays.values())))
 
@@ -301,7 +302,7 @@ class Ingest:
         """Everything the learner process reports, as plain data (it crosses the process boundary)."""
         return {"received": dict(self.received), "stored": dict(self.stored), "quarantined": dict(self.quarantined),
                 "schema_rejected": dict(self.schema_rejected), "acked": dict(self.acked),
-                "errors": list(self.errors), "failure": self.failure, "durable_lsn": self.durable_lsn,
+                "errors": list(self.errors), "rejections": list(self.rejections), "failure": self.failure, "durable_lsn": self.durable_lsn,
                 "unacked": self.backlog()["unacked"], "latencies": self.window_latencies(),
                 "last_batch_age_s": time.monotonic() - self.last_batch,
                 "duplicates": self.receiver.duplicates, "rejected": self.receiver.rejected}

@@ -274,8 +274,8 @@ class IngestService:
         self._stop_threads.set()
         for t in self._threads:
             t.join()
+        self._feed_durable()  # reading needs no space: the replay (and the summary) hold every acked transition
         if self.failure is None or self.failure[0] != "disk_full":
-            self._feed_durable()
             self.flush(final=True)
         return result
 

@@ -337,6 +337,7 @@ class Learner:
             "duplicates_dropped": stats.get("duplicates", 0),
             "rejected_messages": stats.get("rejected", 0),
             "rejected_transitions_schema": sum(counts["schema_rejected"].values()),
+            "rejections": stats.get("rejections", []),
             "storage_errors": [*stats.get("errors", []), *(e for e in ing.errors if e not in stats.get("errors", []))],
             "backlog": ing.backlog(),
             "ack_latency_ms": ing.run_latency(),

@@ -141,11 +141,15 @@ class ReplayBuffer:
 
     def _commit(self, state: dict) -> None:
         tmp = self.path / (COMMIT_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / COMMIT_FILE)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / COMMIT_FILE)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk leaves the last commit, and no half-written file
+            raise
 
     def _write_column(self, key: str, buf: np.ndarray, start: int, end: int) -> None:
         """Rows [start, end) of one column to zarr (created on first use with the column's row shape)."""
