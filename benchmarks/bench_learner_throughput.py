@@ -242,8 +242,9 @@ def bench_full(base_run: str, demos: str, hidden: list[int], args, device: torch
                              "reward": arr["reward"][start:end], "success": arr["success"][start:end],
                              "intervention": np.zeros(n, bool), "episode": np.full(n, ep, np.int64),
                              "step": np.arange(n, dtype=np.int64)})
-                replay.append("robot0", np.arange(seq, seq + n), rows)
+                replay.extend("robot0", np.arange(seq, seq + n), rows)  # in memory; zarr once, below
                 seq, ep, start = seq + n, ep + 1, int(end)
+        replay.flush()
         rng = np.random.default_rng(0)
         for _ in range(3):
             algo.update(replay, rng)

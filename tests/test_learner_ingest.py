@@ -167,6 +167,16 @@ def test_restart_rebuilds_once_schema_persists_mismatch_rejected(tmp_path, ports
     assert replay.schema["obs.state"] == (np.dtype(np.float32).str, (10,))
     assert not list(IngestLog(run_dir / "ingest_log").records(replay.lsn)), "the log was trimmed"
 
+    # after a clean stop (log trimmed): a restart numbers its records after zarr's, a kill loses nothing
+    learner = start_learner(config, run_dir)
+    c = send(endpoint, "robot0", range(400, 450), start_seq=400)
+    wait_for(lambda: c.acked_upto == 449, "50 more acknowledged by the restarted learner")
+    learner.send_signal(signal.SIGKILL)
+    learner.wait()
+    c.close(linger_s=0)
+    replay = rebuilt(run_dir)
+    np.testing.assert_array_equal(np.sort(replay.seqs_by_sender()["robot0"]), np.arange(450))
+
 
 def test_nan_observations_are_quarantined_and_acknowledged(tmp_path, ports):
     config = learner_config(tmp_path, ports)
@@ -221,8 +231,6 @@ def test_nonfinite_weights_are_never_published_or_checkpointed(tmp_path, ports):
         learner._checkpoint()
         assert learner.nonfinite_weights == 2 and not (tmp_path / "learner" / "checkpoints" / "v2").exists()
     finally:
-        learner.ingest.log.close()
-        learner.receiver.close()
         learner.publisher.close()
 
 

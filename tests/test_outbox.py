@@ -84,6 +84,21 @@ def test_acked_segments_are_deleted(tmp_path):
     again.close()
 
 
+
+def test_reopen_with_a_fully_acknowledged_active_segment(tmp_path):
+    """The active segment is kept while small even once acked; reopening deletes it (a restart after a clean
+    session: nothing to resend, numbering continues)."""
+    ob = Outbox(tmp_path, "r", segment_bytes=1 << 20)
+    ob.append(0, _arrays(0, 10))
+    ob.set_acked(9, force=True)
+    assert len(_segments(tmp_path)) == 1  # small: kept for the next appends
+    ob.close()
+    again = Outbox(tmp_path, "r", segment_bytes=1 << 20)
+    assert again.records == [] and again.next_seq == 10 and _segments(tmp_path) == []
+    again.append(10, _arrays(10, 1))
+    again.close()
+
+
 # ------------------------------------------------------------------------------ a real kill and restart
 def _control(endpoint: str, outbox: str, first: int, n: int, ready_path: str) -> None:
     tx = TransitionSender(endpoint, "robot-0", batch_size=8, max_batch_delay_s=0.002, heartbeat_interval_s=0.02,

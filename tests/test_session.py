@@ -138,8 +138,9 @@ def test_learner_killed_and_restarted(tmp_path, ports):
     after = np.flatnonzero(ticks["t"] > kill_time)
     assert ticks["source"][after[0]] == 1, "the policy should be driving when the learner dies"
     safe_after = np.flatnonzero(ticks["forced_safe"][after])
-    assert safe_after[0] <= 1, f"first safe action came {safe_after[0] + 1} ticks after the kill"
-    dead = (ticks["t"] > kill_time + 0.1) & (ticks["t"] < restart_time)
+    # the watchdog (45 ms) expires within the next tick or two; a loaded machine may delay the tick that sees it
+    assert safe_after[0] <= 3, f"first safe action came {safe_after[0] + 1} ticks after the kill"
+    dead = (ticks["t"] > kill_time + 0.25) & (ticks["t"] < restart_time)
     assert ticks["forced_safe"][dead].all(), "while the learner is dead every tick must be safe"
     later = ticks["t"] > restart_time + 5.0
     assert later.any() and not ticks["forced_safe"][later].all(), "the policy should drive again after the restart"
@@ -147,12 +148,16 @@ def test_learner_killed_and_restarted(tmp_path, ports):
     control_summary = json.loads((tmp_path / "control" / "summary.json").read_text())
     learner_summary = json.loads((tmp_path / "learner" / "summary.json").read_text())
     sent = control_summary["transitions"]["submitted"]
-    assert sent == control_summary["steps"] and control_summary["transitions"]["resent"] > 0
+    # (whether anything was in flight at the kill, to be resent, depends on the moment: not asserted)
+    assert sent == control_summary["steps"] and control_summary["drain"]["result"] == "complete"
     assert control_summary["transitions"]["all_acknowledged"]
     assert learner_summary["restored_rows"] > 0
     got = learner_summary["senders"]["robot0"]
     assert got == {"transitions": sent, "unique": sent, "min_seq": 0, "max_seq": sent - 1}
     assert control_summary["watchdog_trips"] >= 1
+    outages = control_summary["watchdog_outages"]
+    assert outages["count"] == control_summary["watchdog_trips"] and not outages["ongoing"]
+    assert outages["longest_s"] >= restart_time - kill_time - 0.5, "the outage lasted while the learner was dead"
 
 
 def test_control_drives_a_lerobot_robot_without_learner(tmp_path):

@@ -43,6 +43,9 @@ LEARNER_DISK_FULL, LEARNER_STORAGE_ERROR = 28, 74  # robot_rl/learner/process.py
 CONTROL_UNACKED, CONTROL_STREAM_FAILED = 3, 4  # robot_rl/control/process.py's exit codes
 PARENT_PID_ENV = "ROBOT_RL_PARENT_PID"
 RESERVE_FILE = ".session_space_reserve"
+DISK_FULL_ADVICE = ("stopping the session early; the robots hold their safe action, everything acknowledged is "
+                    "stored and kept, the rest stays in the control outboxes. Free space, then resume with "
+                    "session.resume=true")
 
 
 def validate_session(cfg: DictConfig) -> None:
@@ -120,25 +123,32 @@ def _spawn(module: str, config: Path, run_dir: Path, *extra: str) -> subprocess.
     return subprocess.Popen([sys.executable, "-m", module, str(config), str(run_dir), *extra], env=env)
 
 
+_SIGNALLED: set[int] = set()  # pids already told to stop (SIGTERM/SIGUSR1): not signalled again unless escalating
+
+
 def _signal(proc: subprocess.Popen | None, sig: int) -> None:
     if proc is not None and proc.poll() is None:
         try:
             proc.send_signal(sig)
+            _SIGNALLED.add(proc.pid)
         except ProcessLookupError:
             pass
 
 
 def _stop(proc: subprocess.Popen, name: str, wait_s: float) -> int:
-    """SIGTERM (a child caught it before: it is stopping), then SIGKILL: a child gets every chance to save its
-    work, and the session still ends in bounded time."""
-    for sig, timeout in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 10.0)):
+    """SIGTERM (unless it was told to stop already: it is stopping), wait, then SIGTERM again and SIGKILL: a
+    child gets every chance to save its work, and the session still ends in bounded time."""
+    stages = ((None, wait_s),) if proc.pid in _SIGNALLED else ((signal.SIGTERM, wait_s),)
+    for sig, timeout in (*stages, (signal.SIGKILL, 10.0)):
         if proc.poll() is not None:
             break
-        _signal(proc, sig)
+        if sig is not None:
+            _signal(proc, sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s after %s; escalating", name, timeout, signal.Signals(sig).name)
+            log.warning("%s did not stop within %.0f s%s; escalating", name, timeout,
+                        f" after {signal.Signals(sig).name}" if sig else " of being told to stop")
     return proc.wait()
 
 
@@ -182,6 +192,7 @@ class Supervisor:
     def __init__(self, cfg: DictConfig, run_dir: Path, config_path: Path, reserve: SpaceReserve):
         self.cfg, self.s, self.run_dir, self.config_path, self.reserve = cfg, cfg.session, run_dir, config_path, reserve
         self.limit = int(self.s.get("restart_crashed", 0) or 0)
+        self.min_free = int(float(self.s.get("disk_full_below_mb", 0.25) or 0) * (1 << 20))
         self.names = [self.s.sender_id] if self.s.num_robots == 1 else [
             f"{self.s.sender_id}_{i}" for i in range(self.s.num_robots)]
         self.controls: dict[str, subprocess.Popen] = {}
@@ -223,6 +234,7 @@ class Supervisor:
         while len(self.codes) < len(self.controls):
             if self.stop_signal is not None:
                 break
+            self._check_disk()
             self._check_learner()
             for i, name in enumerate(self.names):
                 if name in self.codes or (code := self.controls[name].poll()) is None:
@@ -248,15 +260,29 @@ class Supervisor:
             return False
         return True
 
+    def _check_disk(self) -> None:
+        """The run dir's filesystem nearly full: stop before the processes trip over it one by one."""
+        if self.disk_full or self.min_free <= 0:
+            return
+        try:
+            st = os.statvfs(self.run_dir)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free:
+            self.disk_full = True
+            self._learner_gone(f"disk full: no space left on device under {self.run_dir} ({free // 1024} KB free, "
+                               "session.disk_full_below_mb): " + DISK_FULL_ADVICE)
+            _signal(self.learner, signal.SIGTERM)
+
     def _check_learner(self) -> None:
         if self.learner is None or self.learner_gone or (code := self.learner.poll()) is None:
             return
         self.learner_code = code
         if code == LEARNER_DISK_FULL:
             self.disk_full = True
-            self._learner_gone("the learner's disk is full (No space left on device, see learner/summary.json): "
-                               "stopping the session early; the robots hold their safe action, everything "
-                               "acknowledged is stored and kept. Free space, then resume with session.resume=true")
+            self._learner_gone("disk full: the learner exited with 'No space left on device' (see "
+                               "learner/summary.json): " + DISK_FULL_ADVICE)
         elif code == LEARNER_STORAGE_ERROR:
             self._learner_gone("the learner could not write its storage (I/O error, see learner/summary.json): "
                                "stopping the session early; the robots hold their safe action. Fix the storage, "
@@ -294,14 +320,16 @@ class Supervisor:
     def _finish_learner(self) -> None:
         if self.learner is None:
             return
-        if self.learner.poll() is None:
-            self.learner_code = _stop(self.learner, "learner", float(self.s.drain_timeout_s) + 60.0)
+        if self.learner.poll() is None:  # after a full disk it may be unable to finish: a shorter wait
+            wait_s = 20.0 if self.disk_full else float(self.s.drain_timeout_s) + 60.0
+            self.learner_code = _stop(self.learner, "learner", wait_s)
         else:
             self.learner_code = self.learner.returncode
         if self.learner_code == LEARNER_DISK_FULL and not self.disk_full:
             self.disk_full = True
-            self.stopped_early = self.stopped_early or "the learner's disk is full (No space left on device)"
-            log.error("the learner stopped for a full disk while finishing; see learner/summary.json")
+            self.stopped_early = self.stopped_early or "disk full: the learner exited with 'No space left on device'"
+            log.error("disk full: the learner exited with 'No space left on device' while finishing; see "
+                      "learner/summary.json")
         if self.disk_full:
             self.reserve.release()
 
@@ -334,7 +362,8 @@ def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], lear
     if sup.stopped_early:
         problems.append(sup.stopped_early)
     senders = (learner or {}).get("senders") or {}
-    sent = stored = unacked = duplicates = 0
+    streams = (learner or {}).get("streams") or {}
+    sent = stored = unacked = duplicates = lost = 0
     sent_known = True
     drains, outages = {}, {"count": 0, "total_s": 0.0, "longest_s": 0.0}
     for name, c in controls.items():
@@ -345,10 +374,16 @@ def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], lear
             continue
         t = c.get("transitions") or {}
         s_sent = int(t.get("stream_sent", t.get("submitted", 0)) or 0)
+        s_unacked = int(t.get("unacked_at_exit", t.get("unacked", 0)) or 0)
         got = senders.get(name) or {}
         s_stored = int(got.get("transitions", 0))
-        sent, stored, unacked = sent + s_sent, stored + s_stored, unacked + int(t.get("unacked_at_exit", t.get("unacked", 0)) or 0)
+        s_quarantined = sum(int(v.get("quarantined", 0) or 0) for k, v in streams.items()
+                            if str(k).split("/")[0] == name)
+        sent, stored, unacked = sent + s_sent, stored + s_stored, unacked + s_unacked
         duplicates += s_stored - int(got.get("unique", s_stored))
+        # acknowledged = stored or quarantined by the learner; what it holds beyond that was stored after the
+        # control's last ack arrived (still in the outbox too: a resend is deduplicated)
+        lost += max(0, (s_sent - s_unacked) - s_stored - s_quarantined)
         drain = c.get("drain") or {"result": "complete" if t.get("all_acknowledged") else "unknown"}
         drains[name] = drain.get("result")
         if drain.get("result") not in ("complete", "no learner"):
@@ -362,11 +397,11 @@ def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], lear
             problems.append(f"control process {name} exited with {code} ({c.get('stop_reason')})")
     quarantined = int((learner or {}).get("quarantined", 0) or 0)
     learner_on = sup.s.learner == "local"
-    lost = None
-    if learner_on and sent_known and learner is not None:
-        lost = sent - stored - quarantined - unacked
+    if not (learner_on and sent_known and learner is not None):
+        lost = None
+    else:
         if lost > 0:
-            problems.append(f"{lost} transitions sent but neither stored, quarantined nor kept unacknowledged")
+            problems.append(f"{lost} transitions acknowledged but not in the learner's replay")
         if duplicates:
             problems.append(f"{duplicates} transitions stored more than once")
     if unacked:
@@ -399,8 +434,8 @@ def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], lear
     weights_loaded = any(v >= 0 for v in versions)
     policy_steps = sum(int((c or {}).get("policy_steps", 0) or 0) for c in controls.values())
     if learner_on and not weights_loaded:
-        warnings = [*warnings, "the robot never loaded learner weights (weights v-1): the learner did not publish "
-                               "in time; the policy never drove with learned weights"]
+        warnings = [*warnings, "the robot never loaded learner weights (weights v-1): no weights were published in "
+                               "time; the policy never drove with learned weights"]
     status = "ok" if not problems else "error"
     code = EXIT_OK if not problems else (EXIT_DISK_FULL if sup.disk_full else EXIT_FAILED)
     return {

@@ -107,6 +107,7 @@ class ControlProcess:
             self.subscriber = WeightSubscriber(self.s.endpoints.weights, curve=keys)
         self.first_seq = self.sender.next_seq if self.sender is not None else 0  # this process's first new seq
         self._stop = False
+        self._safe_since_stop = False  # a stop was requested and a tick has sent the safe action since
         self.stream_failed = False
         self.stop_reason: str | None = None
         self.learner_gone = False  # SIGUSR1: do not wait for acknowledgements
@@ -176,7 +177,8 @@ class ControlProcess:
         if self._stop:
             self._hold_reasons["stopping"] += 1
             return True
-        if source == "policy" and self.sender is not None and self.watchdog.expired():
+        # the watchdog is asked every tick (outages are counted whoever drives); it holds only the policy
+        if self.sender is not None and self.watchdog.expired() and source == "policy":
             self._hold_reasons["learner silent"] += 1
             return True
         return False
@@ -260,7 +262,11 @@ class ControlProcess:
                 self.teleop.disconnect()
             summary = self._summary(time.time() - t_start, drained)
             self._close_transport()
-            summary["transitions"]["unacked_at_exit"] = self.sender.unacked_count if self.sender else 0
+            left = self.sender.unacked_count if self.sender else 0
+            summary["transitions"]["unacked_at_exit"] = left
+            if not left and drained["result"] not in ("complete", "no learner"):  # the last acks came while closing
+                summary["drain"] = {**drained, "result": "complete", "unacknowledged": 0}
+                summary["transitions"]["all_acknowledged"] = True
             if self.view is not None:
                 summary["viz"] = self.view.close()
             for problem in (write_json_safely(self.run_dir / "summary.json", summary),
@@ -334,9 +340,11 @@ class ControlProcess:
         transitions and records its ticks. Evaluation episodes measure the policy alone (no teleop)."""
         residual_abs = []
         self._hold_reasons.clear()
-        teleop_drives = episode < self.s.expert_episodes and not evaluating
+        teleop_drives = episode < self.s.expert_episodes and not evaluating and self.teleop is not None
 
-        def before_step(index: int, obs) -> None:
+        def before_step(index: int, obs) -> str | None:
+            if self._safe_since_stop:  # stopping, and the robot already got its safe action: end the episode here
+                return "stop"
             self._check_health()
             if not evaluating:
                 self._take_new_weights(probe_obs)  # weights swap at a tick boundary
@@ -345,6 +353,8 @@ class ControlProcess:
         def after_step(step: Step) -> None:
             if self.view is not None:
                 self.view.log_step(step, episode)
+            if self._stop and step.forced_safe:
+                self._safe_since_stop = True
             transition = self._transition(step, episode)
             if "residual" in transition and np.isfinite(transition["residual"]).all():
                 residual_abs.append(float(np.abs(transition["residual"]).mean()))
@@ -359,7 +369,7 @@ class ControlProcess:
 
         r = self.rollout.episode(obs, self.s.max_episode_steps, teleop_drives=teleop_drives,
                                  with_teleop=not evaluating, before_step=before_step, force_safe=self._must_hold,
-                                 stop=lambda: self._stop, hooks=[after_step],
+                                 hooks=[after_step],
                                  keep_pacing_stats=bool(self.ticks["t"]))  # stats cover the session
         duration = r["duration_s"]
         return {"episode": episode, "success": r["success"], "return": float(r["success"]), "steps": r["steps"],

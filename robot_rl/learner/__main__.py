@@ -48,4 +48,9 @@ if __name__ == "__main__":
     threading.Thread(target=_watch, args=(_parent(),), name="signal-watch", daemon=True).start()
     from robot_rl.learner.process import main
 
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    code = main(sys.argv[1], sys.argv[2])
+    # done: a late stop signal must not turn a clean exit into death by signal (interpreter shutdown puts the
+    # default action back for caught signals, not for ignored ones)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)

@@ -1,12 +1,12 @@
-"""Receive, make durable, acknowledge, and store behind: the learner's ingest path, never waiting on training.
+"""Receive, make durable, acknowledge: the learner's ingest path. It runs in its own process
+(robot_rl/learner/ingest_process.py), so neither training nor zarr ever delays an ack or a heartbeat.
 
-Three threads with one job each:
+Two threads with one job each:
 - receiver: owns the ROUTER socket (heartbeats keep flowing), checks each new batch against the replay's schema,
   hands it to the log thread, and sends the acks the log thread posts back;
-- log: takes every batch queued so far, holds back rows with non-finite observations/reward/action (quarantine),
-  appends the batches to the ingest log with ONE fsync, feeds them to the in-memory replay, then posts the acks;
-- zarr writer: every `flush_s`, writes the replay's new rows to zarr in one large append per column, commits,
-  and trims the log records zarr now holds.
+- log: takes what queued meanwhile (up to `group_mb`), holds back rows with non-finite observations/reward/action
+  (quarantine), appends the batches to the ingest log with ONE fsync, then posts the acks and advances
+  `durable_lsn` (the learner process reads the log up to there into its replay and writes zarr behind).
 An ack therefore costs one log append + fsync, shared by every batch that arrived meanwhile.
 
 A full disk (or any other error writing the log) stops acknowledging for good: the robots keep what was not
@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from robot_rl.learner.ingest_log import IngestLog, Record
-from robot_rl.learner.replay_buffer import ReplayBuffer, schema_of, schema_problem
+from robot_rl.learner.schema import Schema, schema_of, schema_problem
 
 log = logging.getLogger("robot_rl.learner")
 
-LATENCY_WINDOW = 100_000  # ack latencies kept for the run's percentiles (the newest ones)
 QUARANTINE_FILE = "quarantine.jsonl"
 
 
@@ -43,6 +42,11 @@ class IngestConfig:
     finite_keys: tuple = ("obs.", "reward", "action")  # must be finite ('x.' = every key starting with it)
     quarantine_log_max: int = 10  # quarantined batches described in the log (all are counted)
     segment_mb: float = 64.0   # ingest-log segment size: a closed segment is deleted once zarr holds it
+    group_mb: float = 8.0      # batches written per fsync at most (what queued meanwhile, up to this size)
+
+    @property
+    def group_bytes(self) -> int:
+        return int(self.group_mb * 2**20)
 
     @classmethod
     def from_session(cls, s) -> IngestConfig:
@@ -73,38 +77,44 @@ def finite_mask(arrays: dict[str, np.ndarray], finite_keys: tuple) -> tuple[np.n
 class _Pending:
     batch: object
     stream: object
-    t: float
+    t: float  # when the receiver delivered it (ack latency is measured from here)
+    nbytes: int
 
 
 class Ingest:
-    """Owns the receiver and the ingest log, feeds `replay`; `start()`, then `stop()` (drains and joins)."""
+    """Owns the receiver and the ingest log; `start()`, then `stop()` (joins). `schema` and `next_expected` are the
+    replay's (what it holds, so a restarted learner resumes each (sender, stream) exactly where it ends)."""
 
-    def __init__(self, receiver, replay: ReplayBuffer, ingest_log: IngestLog, run_dir: Path, cfg: IngestConfig):
-        self.receiver, self.replay, self.log, self.cfg = receiver, replay, ingest_log, cfg
+    def __init__(self, receiver, ingest_log: IngestLog, run_dir: Path, cfg: IngestConfig, schema: Schema | None,
+                 next_expected: dict, on_durable=None, log_failure: bool = True):
+        """`on_durable(lsn)`: called once records below `lsn` are fsynced; `log_failure`: log a storage failure
+        here (False: the caller reports `failure` itself, once)."""
+        self.receiver, self.log, self.cfg = receiver, ingest_log, cfg
         self.run_dir = Path(run_dir)
-        self.schema = replay.schema
+        self.schema = schema
         if self.schema is not None:  # a sender with other keys/dtypes/shapes is refused with a reply it shows
             receiver.expected_schema = dict(self.schema)
-        for (sender, stream), nxt in replay.next_expected.items():  # resume exactly where the stored data ends
+        for (sender, stream), nxt in next_expected.items():  # resume exactly where the stored data ends
             receiver.set_next_expected(sender, stream, nxt)  # stream None (rows from before streams): its first
+        self.durable_lsn = ingest_log.next_lsn  # every log record below this is fsynced
+        self._on_durable, self._log_failure = on_durable, log_failure
         self._to_log: queue.Queue[_Pending] = queue.Queue()
         self._acks: queue.Queue = queue.Queue()  # (sender, stream, upto, [receive times])
         self._stop_rx = threading.Event()
         self._rx_done = threading.Event()  # the receiver takes no more batches: the log thread may finish
-        self._stop_writer = threading.Event()
         self.failed = threading.Event()
         self.failure: tuple[str, str] | None = None  # (kind: "disk_full" | "storage", message)
         self._threads: list[threading.Thread] = []
         self.last_batch = time.monotonic()
         # counters (written by one thread each, read by anyone)
         self.received: collections.Counter = collections.Counter()  # (sender, stream) -> transitions delivered
-        self.stored: collections.Counter = collections.Counter()  # ... made durable and put in the replay
+        self.stored: collections.Counter = collections.Counter()  # ... made durable (for the replay)
         self.quarantined: collections.Counter = collections.Counter()
         self.schema_rejected: collections.Counter = collections.Counter()
         self.acked: dict = {}  # (sender, stream) -> highest acked seq
         self.acked_transitions = 0  # acknowledged this run (stored + quarantined)
-        self.errors: list[str] = []
-        self._latencies: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self.errors: list[str] = []  # storage errors
+        self.rejections: list[str] = []  # batches refused for their schema (not a storage problem)
         self._window: list[float] = []  # latencies since the last `window_latency()`
         self._window_lock = threading.Lock()
         self._quarantine_logged = 0
@@ -112,21 +122,31 @@ class Ingest:
     # ---------------------------------------------------------------------------------------------- control
     def start(self) -> Ingest:
         self._threads = [threading.Thread(target=self._receive_loop, name="ingest-receiver"),
-                         threading.Thread(target=self._log_loop, name="ingest-log"),
-                         threading.Thread(target=self._writer_loop, name="zarr-writer")]
+                         threading.Thread(target=self._log_loop, name="ingest-log")]
         for t in self._threads:
             t.start()
         return self
 
     def stop(self) -> None:
         """Clean shutdown, in dependency order: the receiver stops taking batches, the log thread makes the
-        queued ones durable (their acks go out before the receiver thread ends), then the writer flushes zarr."""
+        queued ones durable, and their acks go out before the receiver thread ends."""
         self._stop_rx.set()
-        for t in self._threads[:2]:
+        for t in self._threads:
             t.join()
-        self._stop_writer.set()
-        self._threads[2].join()
         self.log.close()
+
+    def drain(self, quiet_s: float, timeout_s: float) -> str:
+        """Keep acknowledging until the stream has been quiet for `quiet_s` and nothing is left unacknowledged
+        (bounded by `timeout_s`); returns what happened, for the summary."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.failed.is_set():
+            if time.monotonic() - self.last_batch > quiet_s and self.idle:
+                return "all acknowledged"
+            time.sleep(0.05)
+        if self.failed.is_set():
+            return f"stopped: {self.failure[1]}"
+        unacked = self.backlog()["unacked"]
+        return "all acknowledged" if unacked == 0 else f"timed out after {timeout_s} s with {unacked} unacknowledged"
 
     @property
     def idle(self) -> bool:
@@ -168,12 +188,12 @@ class Ingest:
             if problem:
                 self.schema_rejected[key] += len(batch.seqs)
                 msg = f"rejected a batch from {batch.sender_id!r}: its {problem}"
-                if msg not in self.errors:
+                if msg not in self.rejections:
                     log.error("%s (the replay's schema is fixed by its first batch; this sender's transitions "
                               "are not stored or acknowledged)", msg)
-                    self.errors.append(msg)
+                    self.rejections.append(msg)
                 return
-        self._to_log.put(_Pending(batch, stream, t))
+        self._to_log.put(_Pending(batch, stream, t, sum(a.nbytes for a in batch.arrays.values())))
 
     def _send_acks(self) -> None:
         now = time.monotonic()
@@ -186,7 +206,6 @@ class Ingest:
             self.acked[(sender, stream)] = upto
             self.acked_transitions += n
             lat = [now - t for t in times]
-            self._latencies.extend(lat)
             with self._window_lock:
                 self._window.extend(lat)
 
@@ -198,12 +217,14 @@ class Ingest:
                 if self._rx_done.is_set():
                     return
                 continue
-            pending = [first]
-            while True:
+            pending, nbytes = [first], first.nbytes
+            while nbytes < self.cfg.group_bytes:  # one fsync for what queued meanwhile, bounded: acks keep flowing
                 try:
-                    pending.append(self._to_log.get_nowait())
+                    p = self._to_log.get_nowait()
                 except queue.Empty:
                     break
+                pending.append(p)
+                nbytes += p.nbytes
             if self.failed.is_set():
                 continue  # drain without storing: nothing more is acknowledged
             self._store(pending)
@@ -224,15 +245,19 @@ class Ingest:
         except OSError as e:
             self.fail(e, "the ingest log")
             return
-        acks: dict = {}
-        for rec, lsn, p in zip(records, lsns, pending):
-            self.replay.extend(rec.sender, rec.seqs, rec.arrays, rec.stream, end=rec.end, lsn=lsn)
+        acks: dict = {}  # durable now: acknowledge
+        for rec, p in zip(records, pending):
             key = (rec.sender, rec.stream)
-            self.stored[key] += len(rec.seqs)
             upto, times, n = acks.get(key, (-1, [], 0))
             acks[key] = (max(upto, rec.end - 1), times + [p.t], n + len(p.batch.seqs))
         for (sender, stream), (upto, times, n) in acks.items():
             self._acks.put((sender, stream, upto, times, n))
+        for rec in records:
+            self.stored[(rec.sender, rec.stream)] += len(rec.seqs)
+        if lsns:
+            self.durable_lsn = lsns[-1] + 1
+            if self._on_durable is not None:
+                self._on_durable(self.durable_lsn)
 
     def _quarantine(self, batch, stream, rows: np.ndarray, bad: list[str]) -> None:
         """Rows with NaN/inf where the learner needs numbers: counted, described, never put in the replay."""
@@ -251,53 +276,41 @@ class Ingest:
                         "acknowledged but never trained on (%s)", len(seqs), batch.sender_id, int(seqs[0]),
                         int(seqs[-1]), ", ".join(bad), self.run_dir / QUARANTINE_FILE)
 
-    def _writer_loop(self) -> None:
-        while not self._stop_writer.wait(self.cfg.flush_s):
-            self.flush()
-        self.flush()
-
-    def flush(self) -> None:
-        """Write the replay's new rows to zarr and trim what the log no longer needs to hold."""
-        if self.failed.is_set() and self.failure and self.failure[0] == "disk_full":
-            return  # writing more would fail the same way; zarr's last commit + the log hold what was acked
-        try:
-            self.replay.flush()
-            self.log.trim(self.replay.disk_lsn)
-        except OSError as e:
-            self.fail(e, "the replay's zarr store")
-        except ValueError as e:  # a column on disk with another shape: a bug, say so once
-            if str(e) not in self.errors:
-                log.error("could not write the replay to zarr: %s", e)
-                self.errors.append(str(e))
-
     def fail(self, e: OSError, where: str) -> None:
         kind = "disk_full" if e.errno == errno.ENOSPC else "storage"
         msg = f"cannot write {where}: {e.strerror or e} ({getattr(e, 'filename', None) or self.run_dir})"
         if not self.failed.is_set():
             self.failure = (kind, msg)
-            log.error("%s; no longer acknowledging transitions (the robots keep them); stopping", msg)
+            if self._log_failure:
+                log.error("%s; no longer acknowledging transitions (the robots keep them); stopping", msg)
             self.errors.append(msg)
             self.failed.set()
 
     # ---------------------------------------------------------------------------------------------- figures
-    def window_latency(self) -> dict[str, float]:
-        """Ack latency p50/p99 (ms) since the previous call, for the metrics line."""
+    def window_latencies(self) -> list[float]:
+        """Ack latencies (s) since the previous call."""
         with self._window_lock:
             lat, self._window = self._window, []
-        return _percentiles(lat)
-
-    def run_latency(self) -> dict[str, float]:
-        return {**_percentiles(list(self._latencies)), "acked_batches": len(self._latencies)}
+        return lat
 
     def backlog(self) -> dict[str, int]:
-        """Transitions received but not yet in zarr, and delivered but not yet acknowledged."""
+        """Transitions delivered but not yet acknowledged."""
         delivered = sum(self.received.values()) - sum(self.schema_rejected.values())
-        unacked = max(0, delivered - self.acked_transitions)
-        return {"not_in_zarr": self.replay.size - self.replay.disk_rows + unacked, "unacked": unacked}
+        return {"unacked": max(0, delivered - self.acked_transitions)}
+
+    def stats(self) -> dict:
+        """Everything the learner process reports, as plain data (it crosses the process boundary)."""
+        return {"received": dict(self.received), "stored": dict(self.stored), "quarantined": dict(self.quarantined),
+                "schema_rejected": dict(self.schema_rejected), "acked": dict(self.acked),
+                "errors": list(self.errors), "rejections": list(self.rejections), "failure": self.failure, "durable_lsn": self.durable_lsn,
+                "unacked": self.backlog()["unacked"], "latencies": self.window_latencies(),
+                "last_batch_age_s": time.monotonic() - self.last_batch,
+                "duplicates": self.receiver.duplicates, "rejected": self.receiver.rejected}
 
 
-def _percentiles(lat: list[float]) -> dict[str, float]:
-    if not lat:
+def percentiles(lat) -> dict[str, float]:
+    """Ack latency p50/p99 in ms (NaN without samples)."""
+    if not len(lat):
         return {"ack_p50_ms": float("nan"), "ack_p99_ms": float("nan")}
     p50, p99 = np.percentile(np.asarray(lat) * 1000, [50, 99])
     return {"ack_p50_ms": float(p50), "ack_p99_ms": float(p99)}

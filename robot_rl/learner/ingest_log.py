@@ -112,12 +112,83 @@ def _scan(path: Path) -> Iterator[Record]:
         off += _PREFIX.size + length
 
 
+def _first_lsn(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+class LogTail:
+    """Reads the records another process appends, in lsn order, up to a bound the writer says is durable (a
+    record being written is never read half). Deletes the segments zarr has committed (never the newest: the
+    writer may still append to it)."""
+
+    def __init__(self, directory: str | os.PathLike, from_lsn: int = 0):
+        self.dir = Path(directory)
+        self.next_lsn = from_lsn  # the next record wanted
+        self._path: Path | None = None
+        self._offset = 0
+        self._last: dict[Path, int] = {}  # segment -> last lsn read from it
+
+    def read(self, upto_lsn: int | None = None) -> list[Record]:
+        """Every new record with lsn < upto_lsn (None: every whole record there is)."""
+        out: list[Record] = []
+        while upto_lsn is None or self.next_lsn < upto_lsn:
+            paths = sorted(self.dir.glob(SEGMENT_GLOB))
+            if not paths:
+                return out
+            if self._path is None or not self._path.exists():
+                holding = [p for p in paths if _first_lsn(p) <= self.next_lsn]
+                self._path, self._offset = (holding[-1] if holding else paths[0]), 0
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                data = memoryview(f.read())
+            off = 0
+            while off + _PREFIX.size <= len(data) and (upto_lsn is None or self.next_lsn < upto_lsn):
+                length, crc = _PREFIX.unpack_from(data, off)
+                payload = data[off + _PREFIX.size:off + _PREFIX.size + length]
+                if len(payload) < length or zlib.crc32(payload) != crc:
+                    break  # being written: read again later (in a closed segment: torn by a crash, skipped)
+                rec = _decode(payload)
+                off += _PREFIX.size + length
+                if rec.lsn >= self.next_lsn:
+                    out.append(rec)
+                    self.next_lsn = rec.lsn + 1
+            self._offset += off
+            newer = [p for p in paths if p > self._path]
+            if not newer or (upto_lsn is not None and self.next_lsn >= upto_lsn):
+                return out  # the newest segment: its writer may append more
+            self._path, self._offset = newer[0], 0
+        return out
+
+    def trim(self, below_lsn: int, newest_too: bool = False) -> int:
+        """Delete segments all of whose records have lsn < below_lsn (zarr committed them); the newest one only
+        with `newest_too` (its writer has stopped) and once read to its end. Returns files deleted."""
+        paths = sorted(self.dir.glob(SEGMENT_GLOB))
+        deleted = 0
+        for i, path in enumerate(paths):
+            if i < len(paths) - 1:
+                last = _first_lsn(paths[i + 1]) - 1
+            elif newest_too and path.stat().st_size == 0:
+                last = -1
+            elif newest_too and path == self._path and self._offset >= path.stat().st_size:
+                last = self.next_lsn - 1
+            else:
+                continue
+            if last < below_lsn:
+                path.unlink(missing_ok=True)
+                if path == self._path:
+                    self._path, self._offset = None, 0
+                deleted += 1
+        return deleted
+
+
 class IngestLog:
     """Append-only, fsynced batches. Thread-safe: one thread appends, another trims."""
 
-    def __init__(self, directory: str | os.PathLike, segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+    def __init__(self, directory: str | os.PathLike, segment_bytes: int = DEFAULT_SEGMENT_BYTES, start_lsn: int = 0):
         """`segment_bytes`: a segment this large is closed and the next append starts a new one (a closed segment
-        is deleted once zarr holds all its records; the active one is deleted when zarr has caught up)."""
+        is deleted once zarr holds all its records; the active one is deleted when zarr has caught up).
+        `start_lsn`: the lowest lsn a new record may get — the replay's committed lsn, since zarr may hold
+        records whose segments are gone: numbering must go on after them, never restart."""
         self.dir = Path(directory)
         self.segment_bytes = int(segment_bytes)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +202,7 @@ class IngestLog:
             first = int(path.stem.split("-")[1])
             self._segments[path] = last if last >= 0 else first - 1
             self.next_lsn = max(self.next_lsn, last + 1, first)
+        self.next_lsn = max(self.next_lsn, int(start_lsn))
         self._fd: int | None = None
         self._active: Path | None = None
         self._active_last = -1

@@ -1,9 +1,9 @@
 """The learner process: receive transitions from any number of control processes, train, publish weights.
 
-Ingest (robot_rl/learner/ingest.py, its own threads) acknowledges a batch once it is fsynced in the ingest log
-and feeds the in-memory replay; zarr is written behind. The main thread only trains: gradient updates at the
-configured update-to-data ratio (achieved UTD, backlog and ack latency are reported), publishes versioned weights
-and checkpoints them — never non-finite ones: a state dict with NaN/inf is not published or checkpointed, it is
+Ingest runs in a process of its own (robot_rl/learner/ingest_process.py, ingest.py): it acknowledges a batch once
+it is fsynced in the ingest log; this process reads the log into the in-memory replay and writes zarr behind.
+The main thread only trains: gradient updates at the configured update-to-data ratio (achieved UTD, backlog and
+ack latency are reported), publishes versioned weights and checkpoints them — never non-finite ones: a state dict with NaN/inf is not published or checkpointed, it is
 counted, and training stops with a clear error (the robots keep the last good weights, the newest checkpoint is
 the last good state; ingest goes on, so no transition is lost).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -30,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.algos import make_algorithm, with_defaults
 from robot_rl.config import git_hash, resolve_device, write_json
-from robot_rl.learner.ingest import Ingest, IngestConfig
-from robot_rl.learner.ingest_log import IngestLog
+from robot_rl.learner.ingest import IngestConfig
+from robot_rl.learner.ingest_process import IngestService
 from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.policies.checkpoint import latest_checkpoint, save_checkpoint, write_policy
-from robot_rl.transport import TransitionReceiver, WeightPublisher
+from robot_rl.transport import WeightPublisher
 from robot_rl.transport.security import load_server_keys
 
 log = logging.getLogger("robot_rl.learner")
@@ -42,7 +43,7 @@ log = logging.getLogger("robot_rl.learner")
 EXIT_OK = 0
 EXIT_DISK_FULL = 28  # = errno ENOSPC
 EXIT_STORAGE_ERROR = 74  # = sysexits EX_IOERR
-INGEST_LOG_DIR = "ingest_log"
+DRAIN_QUIET_S = 1.0  # at a stop, the stream must be quiet this long before the ingest process stops
 SPACE_RESERVE = ".space_reserve"  # held at start, deleted on a full disk: room for summary.json
 SPACE_RESERVE_BYTES = 1 << 18
 
@@ -79,21 +80,15 @@ class Learner:
 
         # the replay: zarr's committed rows, then the ingest log's records zarr does not hold yet (exactly once)
         self.replay = ReplayBuffer(self.run_dir / "replay.zarr", preallocate_rows=self.s.get("replay_capacity"))
-        ingest_cfg = IngestConfig.from_session(self.s)
-        ingest_log = IngestLog(self.run_dir / INGEST_LOG_DIR, segment_bytes=int(ingest_cfg.segment_mb * 2**20))
-        self.from_log = 0
-        for rec in ingest_log.records(from_lsn=self.replay.lsn):
-            self.replay.extend(rec.sender, rec.seqs, rec.arrays, rec.stream, end=rec.end, lsn=rec.lsn)
-            self.from_log += len(rec.seqs)
+        self.ingest = IngestService(self.replay, self.run_dir, self.s.endpoints.bind_transitions, self.s.heartbeat_s,
+                                    self.s.curve_keys_dir, IngestConfig.from_session(self.s))
+        self.from_log = self.ingest.from_log
         if self.from_log:
             log.info("replay rebuilt: %d rows from zarr + %d from the ingest log", self.replay.disk_rows,
                      self.from_log)
         self.algo = make_algorithm(algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device,
                                    self.run_dir)
         keys = load_server_keys(self.s.curve_keys_dir) if self.s.curve_keys_dir else None
-        self.receiver = TransitionReceiver(self.s.endpoints.bind_transitions, heartbeat_interval_s=self.s.heartbeat_s,
-                                           curve=keys)
-        self.ingest = Ingest(self.receiver, self.replay, ingest_log, self.run_dir, ingest_cfg)
         self.publisher = WeightPublisher(self.s.endpoints.bind_weights, curve=keys)
 
         self.updates = 0
@@ -208,7 +203,7 @@ class Learner:
         return {"learner/utd": float("nan") if utd is None else utd,
                 "learner/backlog_not_in_zarr": backlog["not_in_zarr"], "learner/unacked": backlog["unacked"],
                 **{f"learner/{k}": v for k, v in self.ingest.window_latency().items()},
-                "learner/quarantined": sum(self.ingest.quarantined.values())}
+                "learner/quarantined": sum(self.ingest.counters("quarantined").values())}
 
     def _log(self) -> None:
         """Telemetry: tensorboard scalars, one JSON line per interval (metrics.jsonl) and a status line."""
@@ -256,19 +251,21 @@ class Learner:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, request_stop)
-        self.ingest.start()
+        self.ingest.start()  # the ingest process binds the transitions socket
+        if self.s.get("learner_nice"):  # this (training) thread only: acks and the robot's loop come first
+            os.nice(int(self.s.learner_nice))
         t_start = time.time()
         last_republish = last_log = 0.0
         log.info("learner ready on %s (weights on %s), device %s", self.s.endpoints.bind_transitions,
                  self.s.endpoints.bind_weights, self.device)
-        while not self._stop_requested and not self.ingest.failed.is_set():
+        while not self._stop_requested and self.ingest.failure is None:
             try:
                 trained = self._train_step()
                 if self.metrics and time.monotonic() - last_log > self.metrics_every_s:
                     self._log()  # ingest figures between update logs
                     last_log = time.monotonic()
             except OSError as e:  # a checkpoint or a metrics line hit a full (or failing) disk
-                self.ingest.fail(e, "a checkpoint or the metrics")
+                self.ingest.report(e, "a checkpoint or the metrics")
                 break
             if not trained:
                 time.sleep(0.005)
@@ -276,14 +273,17 @@ class Learner:
             if self.version and now - last_republish > self.s.republish_s:
                 self.publisher.republish()  # late joiners and reconnecting subscribers miss earlier PUB messages
                 last_republish = now
-        if self.ingest.failed.is_set():
+        # On Ctrl-C the control processes get the same signal and flush their last transitions: the ingest process
+        # keeps acknowledging until the stream has been quiet a second (bounded by session.drain_timeout_s).
+        failed = self.ingest.failure is not None
+        self.drain_result = self.ingest.stop(drain=not failed, quiet_s=DRAIN_QUIET_S,
+                                             timeout_s=float(self.s.drain_timeout_s))
+        # the ingest process has stopped and the write-behind threads are joined: nothing touches zarr after this
+        if self.ingest.failure is not None:
             kind, msg = self.ingest.failure
             self.exit_code = EXIT_DISK_FULL if kind == "disk_full" else EXIT_STORAGE_ERROR
-            self.drain_result = f"skipped: {msg}"
+            self.drain_result = f"skipped: {msg}" if failed else self.drain_result
             (self.run_dir / SPACE_RESERVE).unlink(missing_ok=True)
-        else:
-            self._drain()
-        self.ingest.stop()  # joins ingest's threads after the last flush: nothing touches zarr after this
         if self.version and self.exit_code == EXIT_OK:
             self._checkpoint()
         (self.run_dir / SPACE_RESERVE).unlink(missing_ok=True)
@@ -292,7 +292,6 @@ class Learner:
             write_json(self.run_dir / "summary.json", summary)
         except OSError as e:
             log.error("could not write %s: %s", self.run_dir / "summary.json", e.strerror or e)
-        self.receiver.close()
         self.publisher.close()
         try:
             self._telemetry.close()
@@ -305,32 +304,22 @@ class Learner:
                       "was not acknowledged — free space and resume the session", self.run_dir, self.exit_code)
         return summary
 
-    def _drain(self, quiet_s: float = 1.0) -> None:
-        """On Ctrl-C the control processes get the same signal and flush their last transitions: keep storing
-        and acknowledging until the stream has been quiet for `quiet_s` (bounded by session.drain_timeout_s)."""
-        deadline = time.monotonic() + self.s.drain_timeout_s
-        while time.monotonic() < deadline and not self.ingest.failed.is_set():
-            quiet = time.monotonic() - self.ingest.last_batch > quiet_s
-            if quiet and self.ingest.idle:
-                self.drain_result = "all acknowledged"
-                return
-            time.sleep(0.05)
-        unacked = self.ingest.backlog()["unacked"]
-        self.drain_result = ("all acknowledged" if unacked == 0 else
-                             f"timed out after {self.s.drain_timeout_s} s with {unacked} unacknowledged")
-
     def summary(self, wall_s: float) -> dict:
         per_sender = {}
         for sender, seqs in self.replay.seqs_by_sender().items():
             per_sender[sender] = {"transitions": int(len(seqs)), "unique": int(len(np.unique(seqs))),
                                   "min_seq": int(seqs.min()), "max_seq": int(seqs.max())}
         ing = self.ingest
+        counts = {name: ing.counters(name) for name in ("received", "stored", "quarantined", "schema_rejected",
+                                                         "acked")}
         streams = {}
-        for key in sorted(set(ing.received) | set(self.replay.next_expected), key=str):
+        for key in sorted(set(counts["received"]) | set(self.replay.next_expected), key=str):
             streams[f"{key[0]}/{key[1]}"] = {
-                "received": ing.received[key], "stored": ing.stored[key], "quarantined": ing.quarantined[key],
-                "rejected_schema": ing.schema_rejected[key], "acked_upto": ing.acked.get(key),
+                "received": counts["received"].get(key, 0), "stored": counts["stored"].get(key, 0),
+                "quarantined": counts["quarantined"].get(key, 0),
+                "rejected_schema": counts["schema_rejected"].get(key, 0), "acked_upto": counts["acked"].get(key),
                 "next_expected": self.replay.next_expected.get(key)}
+        stats = ing.stats()
         utd = self.achieved_utd()
         return {
             "process": "learner",
@@ -340,15 +329,16 @@ class Learner:
             "replay_rows_in_zarr": self.replay.disk_rows,
             "restored_rows": self.restored_rows,
             "restored_from_log": self.from_log,
-            "received_this_run": sum(ing.received.values()),
-            "stored_this_run": sum(ing.stored.values()),
-            "quarantined": sum(ing.quarantined.values()),
+            "received_this_run": sum(counts["received"].values()),
+            "stored_this_run": sum(counts["stored"].values()),
+            "quarantined": sum(counts["quarantined"].values()),
             "senders": per_sender,
             "streams": streams,
-            "duplicates_dropped": self.receiver.duplicates,
-            "rejected_messages": self.receiver.rejected,
-            "rejected_transitions_schema": sum(ing.schema_rejected.values()),
-            "storage_errors": ing.errors,
+            "duplicates_dropped": stats.get("duplicates", 0),
+            "rejected_messages": stats.get("rejected", 0),
+            "rejected_transitions_schema": sum(counts["schema_rejected"].values()),
+            "rejections": stats.get("rejections", []),
+            "storage_errors": [*stats.get("errors", []), *(e for e in ing.errors if e not in stats.get("errors", []))],
             "backlog": ing.backlog(),
             "ack_latency_ms": ing.run_latency(),
             "drain": self.drain_result,

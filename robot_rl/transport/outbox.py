@@ -147,8 +147,8 @@ class Outbox:
         self._segments: list[_Segment] = []
         self.next_seq = max(start, self.acked + 1)
         self.dropped = 0  # transitions lost to torn/corrupt records or a gap
-        self._load()
         self._fd: int | None = None  # the active segment (the last one), opened on the first append
+        self._load()  # may already delete fully acknowledged segments (and so close the active one)
 
     # ------------------------------------------------------------------------------------------------ open
     def _retire_leftovers(self) -> None:
