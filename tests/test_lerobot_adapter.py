@@ -194,7 +194,7 @@ def test_depth_maps_stay_millimetres():
 
 
 def test_lerobot_06_registries(tmp_path):
-    """Devices registered in lerobot 0.6 (SO-100/101 share one config class there; reBot arms are new) resolve
+    """Devices registered in lerobot 0.6 (reBot arms are new in 0.6) resolve
     through our factory; a device whose SDK extra is missing says which extra to install."""
     from lerobot.robots import RobotConfig
     from lerobot.teleoperators import TeleoperatorConfig
