@@ -309,7 +309,10 @@ class Supervisor:
         wait_s = float(self.s.drain_timeout_s) + 30.0
         for name, proc in self.controls.items():
             if name not in self.codes:
+                t0 = time.monotonic()
                 self.codes[name] = _stop(proc, f"control process {name}", wait_s)
+                log.info("control process %s exited with %d after %.1f s", name, self.codes[name],
+                         time.monotonic() - t0)
         self._check_learner_exit_code()
 
     def _check_learner_exit_code(self) -> None:
@@ -322,7 +325,9 @@ class Supervisor:
             return
         if self.learner.poll() is None:  # after a full disk it may be unable to finish: a shorter wait
             wait_s = 20.0 if self.disk_full else float(self.s.drain_timeout_s) + 60.0
+            t0 = time.monotonic()
             self.learner_code = _stop(self.learner, "learner", wait_s)
+            log.info("learner exited with %d after %.1f s", self.learner_code, time.monotonic() - t0)
         else:
             self.learner_code = self.learner.returncode
         if self.learner_code == LEARNER_DISK_FULL and not self.disk_full:
