@@ -246,8 +246,15 @@ class Run:
         restarts = summary.get("restarts") or {}
         if self.scenario == "learner-kill" and self.fault_t and restarts.get("learner") != 1:
             problems.append(f"restarts {restarts}, expected the learner once")
-        if self.scenario == "control-kill" and self.fault_t and restarts.get("robot0") != 1:
-            problems.append(f"restarts {restarts}, expected the control process once")
+        if self.scenario == "control-kill" and self.fault_t:
+            if restarts.get("robot0") != 1:
+                problems.append(f"restarts {restarts}, expected the control process once")
+            e = summary.get("episodes_logged") or {}
+            self.notes.append(f"episodes: log {e.get('control_logs')} / replay {e.get('replay')} "
+                              f"({e.get('interrupted')} interrupted by the kill)")
+        if self.scenario == "disk-full":
+            self.notes.append(f"stopped early after {sent} transitions: {acked} acknowledged, "
+                              f"{top.get('stored')} stored, {top.get('unacknowledged')} kept in the outbox")
         if self.scenario == "sigstop" and self.fault_t:
             o = summary.get("watchdog_outages") or {}
             self.notes.append(f"outages {o.get('count')}, longest {o.get('longest_s')} s")

@@ -81,13 +81,14 @@ def _run_verb(verb: str, cfg) -> None:
     elif verb == "control":
         from robot_rl.control.process import ControlProcess
 
-        summary = ControlProcess(cfg, run_dir / "control").run()
-        code = 0 if summary["episodes"] else 1
+        control = ControlProcess(cfg, run_dir / "control")
+        code = control.exit_code(control.run())  # non-zero when transitions were left unacknowledged, ...
     else:
         from robot_rl.learner.process import Learner
 
-        Learner(cfg, run_dir / "learner").run()
-        code = 0
+        learner = Learner(cfg, run_dir / "learner")
+        learner.run()
+        code = learner.exit_code  # 28: disk full, 74: other storage errors (robot_rl/learner/process.py)
     sys.exit(code)
 
 

@@ -311,3 +311,19 @@ def test_learning_curve_is_never_a_zero_byte_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     path, why = learning_curve([tmp_path / "control"], out)
     assert path == out and why is None and out.stat().st_size > 0
+
+
+def test_a_new_session_sets_an_earlier_one_aside(tmp_path):
+    """Not resuming, in a run dir that holds an earlier session: its outputs move to previous/<time>/ (kept, never
+    mixed with the new session's replay and counts)."""
+    from robot_rl.commands.session import set_aside_previous
+
+    assert set_aside_previous(tmp_path) is None
+    for d in ("learner", "control"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "summary.json").write_text("{}")
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text("this run's")
+    dest = set_aside_previous(tmp_path)
+    assert sorted(p.name for p in dest.iterdir()) == ["control", "learner", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "previous"]

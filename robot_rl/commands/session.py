@@ -309,7 +309,10 @@ class Supervisor:
         wait_s = float(self.s.drain_timeout_s) + 30.0
         for name, proc in self.controls.items():
             if name not in self.codes:
+                t0 = time.monotonic()
                 self.codes[name] = _stop(proc, f"control process {name}", wait_s)
+                log.info("control process %s exited with %d after %.1f s", name, self.codes[name],
+                         time.monotonic() - t0)
         self._check_learner_exit_code()
 
     def _check_learner_exit_code(self) -> None:
@@ -322,7 +325,9 @@ class Supervisor:
             return
         if self.learner.poll() is None:  # after a full disk it may be unable to finish: a shorter wait
             wait_s = 20.0 if self.disk_full else float(self.s.drain_timeout_s) + 60.0
+            t0 = time.monotonic()
             self.learner_code = _stop(self.learner, "learner", wait_s)
+            log.info("learner exited with %d after %.1f s", self.learner_code, time.monotonic() - t0)
         else:
             self.learner_code = self.learner.returncode
         if self.learner_code == LEARNER_DISK_FULL and not self.disk_full:
@@ -491,9 +496,27 @@ def _final_line(summary: dict, top: dict) -> str:
     return line + f"\nsummary: {summary['run_dir']}/summary.json (exit code {top['exit_code']})"
 
 
+def set_aside_previous(run_dir: Path) -> Path | None:
+    """A new session (not session.resume) in a run dir that holds an earlier one: move the earlier one's outputs
+    to previous/<time>/ (never deleted), so that its replay, checkpoints and logs do not mix with this one's."""
+    old = [p for p in run_dir.iterdir() if p.name in ("learner", "control", "summary.json", "learning_curve.png")
+           or p.name.startswith("control_")]
+    if not old:
+        return None
+    dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in old:
+        os.replace(p, dest / p.name)
+    log.warning("run dir %s held an earlier session: moved it to %s (session.resume=true continues a session "
+                "instead)", run_dir, dest)
+    return dest
+
+
 def run_session(cfg: DictConfig, run_dir: Path) -> int:
     config_path = run_dir / "config.yaml"
     t0 = time.time()
+    if not cfg.session.get("resume", False):
+        set_aside_previous(run_dir)
     warnings = preflight_warnings(cfg)
     for w in warnings:
         log.warning("%s", w)

@@ -37,6 +37,9 @@ QUARANTINE_FILE = "quarantine.jsonl"
 
 @dataclass
 class IngestConfig:
+    """session.learner_ingest (configs/session/sim.yaml, where each is explained); these defaults match it, for
+    tests and benchmarks that build one directly."""
+
     poll_ms: int = 5           # receiver wait per poll: bounds how long a posted ack waits to be sent
     flush_s: float = 1.0       # zarr write-behind interval
     finite_keys: tuple = ("obs.", "reward", "action")  # must be finite ('x.' = every key starting with it)
