@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from robot_rl.control.telemetry import read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("learner-kill", "control-kill", "sigstop", "ctrl-c", "disk-full")
 BASE = ["session.episodes=8", "session.expert_episodes=1", "session.max_episode_steps=40", "session.rate_hz=20",
@@ -67,17 +69,6 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
 
 
 def can_mount(tmp: Path) -> list[str] | None:

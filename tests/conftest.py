@@ -45,3 +45,23 @@ def lift_base(one_thread, tmp_path_factory):
     from builders import base_from_demos
 
     return base_from_demos(tmp_path_factory.mktemp("lift_base"), "train.steps=20", "train.warmup_steps=2")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real small filesystem to fill (`tmpfs("600k")` -> its mount point), unmounted afterwards; skips the test
+    where mounting is not permitted (not root)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip("needs permission to mount a tmpfs (root) to fill a real disk")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

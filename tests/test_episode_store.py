@@ -181,14 +181,8 @@ def test_sigkill_mid_episode_keeps_completed_episodes_bit_exact(tmp_path):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip("needs permission to mount a tmpfs (root) to fill a real disk")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+def tiny_disk(tmpfs):
+    return tmpfs("600k")
 
 
 def test_full_disk_clear_error_and_earlier_episodes_intact(tiny_disk):

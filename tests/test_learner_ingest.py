@@ -235,14 +235,8 @@ def test_nonfinite_weights_are_never_published_or_checkpointed(tmp_path, ports):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip("needs permission to mount a tmpfs (root) to fill a real disk")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+def small_disk(tmpfs):
+    return tmpfs("3m")
 
 
 def test_full_disk_stops_acking_and_exits_with_its_code(tmp_path, small_disk, ports):
