@@ -12,16 +12,34 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"robot_rl": ROOT / "robot_rl", "robot_rl.hardware": ROOT / "hardware", "robot_rl.sim": ROOT / "sim",
-            "robot_rl.configs": ROOT / "configs"}
+PACKAGES = {
+    "robot_rl": ROOT / "robot_rl",
+    "robot_rl.hardware": ROOT / "hardware",
+    "robot_rl.sim": ROOT / "sim",
+    "robot_rl.configs": ROOT / "configs",
+}
 LAYERS = [  # (name, module prefixes)
     ("entry point", ["robot_rl.cli"]),
     ("commands", ["robot_rl.commands"]),
-    ("workflows", ["robot_rl.control", "robot_rl.learner", "robot_rl.training", "robot_rl.rollout",
-                   "robot_rl.factory"]),
+    (
+        "workflows",
+        ["robot_rl.control", "robot_rl.learner", "robot_rl.training", "robot_rl.rollout", "robot_rl.factory"],
+    ),
     ("algorithms", ["robot_rl.algos"]),
-    ("shared parts", ["robot_rl.policies", "robot_rl.data", "robot_rl.reward", "robot_rl.transport",
-                      "robot_rl.hardware", "robot_rl.sim", "robot_rl.nn", "robot_rl.video", "robot_rl.viz"]),
+    (
+        "shared parts",
+        [
+            "robot_rl.policies",
+            "robot_rl.data",
+            "robot_rl.reward",
+            "robot_rl.transport",
+            "robot_rl.hardware",
+            "robot_rl.sim",
+            "robot_rl.nn",
+            "robot_rl.video",
+            "robot_rl.viz",
+        ],
+    ),
     ("interfaces", ["robot_rl.interfaces", "robot_rl.config", "robot_rl.configs", "robot_rl"]),
 ]
 

@@ -30,8 +30,15 @@ from pathlib import Path
 import torch
 
 TASKS = {"lift": "lift", "pick_place_can": "pick_place_can"}
-TRAIN = ["policy.down_dims=[64,128,256]", "train.batch_size=64", "train.lr=3e-4", "train.warmup_steps=100",
-         "train.num_threads=1", "train.progress=false", "train.log_every=50"]
+TRAIN = [
+    "policy.down_dims=[64,128,256]",
+    "train.batch_size=64",
+    "train.lr=3e-4",
+    "train.warmup_steps=100",
+    "train.num_threads=1",
+    "train.progress=false",
+    "train.log_every=50",
+]
 
 
 def compose(name: str, overrides: list[str]):
@@ -55,8 +62,16 @@ def stage_record(work: Path, task: str, demos: int, reuse: bool) -> tuple[Path, 
     if reuse and (store / "meta.json").exists() and EpisodeStore.open(store).num_episodes >= demos:
         return store, 0.0
     shutil.rmtree(store, ignore_errors=True)
-    cfg = compose("record", [f"robot={task}", f"record.path={store}", f"record.episodes={demos}",
-                             "record.report_every_s=1000", "teleop.seed=0"])
+    cfg = compose(
+        "record",
+        [
+            f"robot={task}",
+            f"record.path={store}",
+            f"record.episodes={demos}",
+            "record.report_every_s=1000",
+            "teleop.seed=0",
+        ],
+    )
     t = time.monotonic()
     Recorder(cfg, work / "record_run").run()
     wall = time.monotonic() - t
@@ -71,8 +86,9 @@ def stage_train(work: Path, store: Path, steps: int, reuse: bool) -> tuple[Path,
     if reuse and finished(run, steps):
         return run, 0.0, None
     shutil.rmtree(run, ignore_errors=True)
-    cfg = compose("train", [f"train.data={store}", f"train.steps={steps}",
-                            f"train.checkpoint_every={max(steps // 2, 1)}", *TRAIN])
+    cfg = compose(
+        "train", [f"train.data={store}", f"train.steps={steps}", f"train.checkpoint_every={max(steps // 2, 1)}", *TRAIN]
+    )
     t = time.monotonic()
     summary = Trainer(cfg, run).run()
     wall = time.monotonic() - t
@@ -87,15 +103,25 @@ def stage_distill(work: Path, teacher: Path, steps: int, reuse: bool) -> tuple[P
     if reuse and finished(run, steps):
         return run, 0.0, None
     shutil.rmtree(run, ignore_errors=True)
-    cfg = compose("distill", [f"distill.teacher={teacher}", f"distill.steps={steps}", "distill.num_threads=1",
-                              "distill.progress=false", "distill.eval_episodes=0",
-                              f"distill.checkpoint_every={max(steps // 2, 1)}",
-                              f"distill.val_every={max(steps // 4, 1)}"])
+    cfg = compose(
+        "distill",
+        [
+            f"distill.teacher={teacher}",
+            f"distill.steps={steps}",
+            "distill.num_threads=1",
+            "distill.progress=false",
+            "distill.eval_episodes=0",
+            f"distill.checkpoint_every={max(steps // 2, 1)}",
+            f"distill.val_every={max(steps // 4, 1)}",
+        ],
+    )
     t = time.monotonic()
     summary = Distiller(cfg, run).run()
     wall = time.monotonic() - t
-    print(f"distilled {steps} steps in {wall:.0f} s, final loss {summary['final_loss']:.5f}, "
-          f"student-teacher chunk MSE {summary['probe']['mse']:.5f}")
+    print(
+        f"distilled {steps} steps in {wall:.0f} s, final loss {summary['final_loss']:.5f}, "
+        f"student-teacher chunk MSE {summary['probe']['mse']:.5f}"
+    )
     return run, wall, summary
 
 
@@ -115,8 +141,11 @@ def stage_eval(run: Path, robot_cfg: dict, episodes: int, seed: int, label: str)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny run: 5 demos, 200 train / 50 distill steps, "
-                                                         "5 eval episodes (a smoke test, not a result)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run: 5 demos, 200 train / 50 distill steps, 5 eval episodes (a smoke test, not a result)",
+    )
     ap.add_argument("--task", default="lift", choices=sorted(TASKS))
     ap.add_argument("--demos", type=int, default=None, help="expert demos to record (default 50)")
     ap.add_argument("--train-steps", type=int, default=None, help="BC steps (default 2500)")
@@ -135,8 +164,10 @@ def main() -> None:
     episodes = args.episodes or (5 if q else 50)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_bc_"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"task {args.task}: {demos} demos, {train_steps} train steps, {distill_steps} distill steps, "
-          f"{episodes} eval episodes from seed {args.seed}; work dir {work}")
+    print(
+        f"task {args.task}: {demos} demos, {train_steps} train steps, {distill_steps} distill steps, "
+        f"{episodes} eval episodes from seed {args.seed}; work dir {work}"
+    )
 
     from robot_rl.data.episode_store import EpisodeStore
 
@@ -157,9 +188,19 @@ def main() -> None:
     speed = t_res["latency"]["chunk"]["p50_ms"] / s_res["latency"]["chunk"]["p50_ms"]
     print(f"student - teacher: {diff:+.0f} points; student chunk {speed:.1f}x faster (p50)")
     print("wall clock: " + ", ".join(f"{k} {v:.0f} s" + (" (reused)" if v == 0 else "") for k, v in walls.items()))
-    out = {"task": args.task, "demos": demos, "train_steps": train_steps, "distill_steps": distill_steps,
-           "episodes": episodes, "seed": args.seed, "wall_s": walls, "teacher": t_res, "student": s_res,
-           "train_summary": train_summary, "distill_summary": distill_summary}
+    out = {
+        "task": args.task,
+        "demos": demos,
+        "train_steps": train_steps,
+        "distill_steps": distill_steps,
+        "episodes": episodes,
+        "seed": args.seed,
+        "wall_s": walls,
+        "teacher": t_res,
+        "student": s_res,
+        "train_summary": train_summary,
+        "distill_summary": distill_summary,
+    }
     (work / "results.json").write_text(json.dumps(out, indent=2, default=float))
     print(f"results: {work / 'results.json'}")
 

@@ -38,11 +38,32 @@ def ensure_checkpoint(path: str | None) -> str:
         return "/tmp/lc1"
     tmp = Path(tempfile.mkdtemp(prefix="bench_deploy_"))
     print(f"no checkpoint given: recording 20 Lift demos and training a small policy in {tmp} ...", flush=True)
-    subprocess.run([ROBOT_RL, "record", f"record.path={tmp / 'demos'}", "record.episodes=20",
-                    f"hydra.run.dir={tmp / 'demos_run'}"], check=True)
-    subprocess.run([ROBOT_RL, "train", f"train.data={tmp / 'demos'}", "train.steps=800", "train.batch_size=64",
-                    "train.lr=3e-4", "train.warmup_steps=100", "train.progress=false", "train.num_threads=1",
-                    "policy.down_dims=[32,64,128]", f"hydra.run.dir={tmp / 'train'}"], check=True)
+    subprocess.run(
+        [
+            ROBOT_RL,
+            "record",
+            f"record.path={tmp / 'demos'}",
+            "record.episodes=20",
+            f"hydra.run.dir={tmp / 'demos_run'}",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [
+            ROBOT_RL,
+            "train",
+            f"train.data={tmp / 'demos'}",
+            "train.steps=800",
+            "train.batch_size=64",
+            "train.lr=3e-4",
+            "train.warmup_steps=100",
+            "train.progress=false",
+            "train.num_threads=1",
+            "policy.down_dims=[32,64,128]",
+            f"hydra.run.dir={tmp / 'train'}",
+        ],
+        check=True,
+    )
     return str(tmp / "train")
 
 
@@ -52,9 +73,17 @@ def run_mode(checkpoint: str, episodes: int, steps: int, rate: float, overrides:
     from robot_rl.commands.deploy import Deployer
 
     with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("deploy", overrides=[f"deploy.checkpoint={checkpoint}", f"deploy.episodes={episodes}",
-                                           f"deploy.max_episode_steps={steps}", f"deploy.rate_hz={rate}",
-                                           "deploy.num_inference_steps=10", *overrides])
+        cfg = compose(
+            "deploy",
+            overrides=[
+                f"deploy.checkpoint={checkpoint}",
+                f"deploy.episodes={episodes}",
+                f"deploy.max_episode_steps={steps}",
+                f"deploy.rate_hz={rate}",
+                "deploy.num_inference_steps=10",
+                *overrides,
+            ],
+        )
     return Deployer(cfg, out, robot_given=False).run()
 
 
@@ -70,18 +99,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rate", type=float, default=20.0)
     ap.add_argument("--json", default=None, help="write the summaries here")
-    ap.add_argument("--stress", type=int, default=0,
-                    help="run N busy-looping processes beside the deployment (a CPU shared with other work)")
+    ap.add_argument(
+        "--stress",
+        type=int,
+        default=0,
+        help="run N busy-looping processes beside the deployment (a CPU shared with other work)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
     os.environ.setdefault("MUJOCO_GL", "egl")
     episodes = args.episodes or (5 if args.quick else 20)
     checkpoint = ensure_checkpoint(args.checkpoint)
-    modes = [("ensemble, thread", ["deploy.blend=ensemble", "deploy.executor=thread"]),
-             ("ensemble, process", ["deploy.blend=ensemble", "deploy.executor=process"])]
+    modes = [
+        ("ensemble, thread", ["deploy.blend=ensemble", "deploy.executor=thread"]),
+        ("ensemble, process", ["deploy.blend=ensemble", "deploy.executor=process"]),
+    ]
     if not args.quick:
-        modes += [("crossfade, process", ["deploy.blend=crossfade", "deploy.executor=process"]),
-                  ("switch, process", ["deploy.blend=switch", "deploy.executor=process"])]
+        modes += [
+            ("crossfade, process", ["deploy.blend=crossfade", "deploy.executor=process"]),
+            ("switch, process", ["deploy.blend=switch", "deploy.executor=process"]),
+        ]
     modes += [("sync select_action", ["deploy.inference=sync"])]
     tmp = Path(tempfile.mkdtemp(prefix="bench_deploy_runs_"))
     results = {}
@@ -99,8 +136,9 @@ def main() -> None:
 def run_one(name, ov, checkpoint, episodes, args, tmp, results) -> None:
     print(f"running {name}: {episodes} episodes ...", flush=True)
     load0 = os.getloadavg()[0]
-    results[name] = run_mode(checkpoint, episodes, args.steps, args.rate, ov,
-                             tmp / name.replace(" ", "_").replace(",", ""))
+    results[name] = run_mode(
+        checkpoint, episodes, args.steps, args.rate, ov, tmp / name.replace(" ", "_").replace(",", "")
+    )
     results[name]["host_load"] = (load0 + os.getloadavg()[0]) / 2  # 1-min load average, other jobs included
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))
@@ -111,24 +149,32 @@ def report(results: dict, episodes: int, args) -> None:
     import torch
 
     stress = f", {args.stress} busy processes beside it" if args.stress else ""
-    print(f"\nDeploy at {args.rate:g} Hz ({1e3 / args.rate:.0f} ms ticks), {s0['policy_type']} DDIM-10, "
-          f"{s0['robot']}, {episodes} episodes per mode, CPU ({os.cpu_count()} cores, torch threads "
-          f"{s0['runner']['torch_threads']}, torch {torch.__version__}{stress}); checkpoint {s0['checkpoint']}\n")
-    head = (f"{'mode':<20} {'success':>7} {'ticks':>6} {'overruns':>8} {'missed':>6} {'work p99':>9} "
-            f"{'late p99':>9} {'rate':>6} {'infer p50':>9} {'infer p99':>9} {'delay max':>9} {'starved':>7} "
-            f"{'load':>5}")
+    print(
+        f"\nDeploy at {args.rate:g} Hz ({1e3 / args.rate:.0f} ms ticks), {s0['policy_type']} DDIM-10, "
+        f"{s0['robot']}, {episodes} episodes per mode, CPU ({os.cpu_count()} cores, torch threads "
+        f"{s0['runner']['torch_threads']}, torch {torch.__version__}{stress}); checkpoint {s0['checkpoint']}\n"
+    )
+    head = (
+        f"{'mode':<20} {'success':>7} {'ticks':>6} {'overruns':>8} {'missed':>6} {'work p99':>9} "
+        f"{'late p99':>9} {'rate':>6} {'infer p50':>9} {'infer p99':>9} {'delay max':>9} {'starved':>7} "
+        f"{'load':>5}"
+    )
     print(head)
     print("-" * len(head))
     for name, s in results.items():
-        print(f"{name:<20} {s['success_rate']:>7.0%} {s['steps']:>6d} {s['overruns']:>8d} {s['missed_slots']:>6d} "
-              f"{fmt(s['work_p99_us'], '.1f', 1e-3):>7} ms {fmt(s['lateness_p99_us'], '.2f', 1e-3):>6} ms "
-              f"{s['achieved_rate_hz']:>6.1f} {fmt(s['inference_p50_ms']):>6} ms {fmt(s['inference_p99_ms']):>6} ms "
-              f"{'-' if s['delay_ticks_max'] is None else s['delay_ticks_max']:>9} "
-              f"{s['starvations']:>7d} {s['host_load']:>5.1f}")
-    print("\nwork = a tick's time from the end of one wait to the start of the next (observe, policy, teleop, "
-          "safety, sim step); missed = ticks skipped after an overrun; delay = ticks of a chunk already past when "
-          "it landed (skipped); starved = ticks with no valid action (safe action sent); load = the host's 1-min load "
-          "average during the mode (the CPU is shared with other jobs: compare rows, not machines).")
+        print(
+            f"{name:<20} {s['success_rate']:>7.0%} {s['steps']:>6d} {s['overruns']:>8d} {s['missed_slots']:>6d} "
+            f"{fmt(s['work_p99_us'], '.1f', 1e-3):>7} ms {fmt(s['lateness_p99_us'], '.2f', 1e-3):>6} ms "
+            f"{s['achieved_rate_hz']:>6.1f} {fmt(s['inference_p50_ms']):>6} ms {fmt(s['inference_p99_ms']):>6} ms "
+            f"{'-' if s['delay_ticks_max'] is None else s['delay_ticks_max']:>9} "
+            f"{s['starvations']:>7d} {s['host_load']:>5.1f}"
+        )
+    print(
+        "\nwork = a tick's time from the end of one wait to the start of the next (observe, policy, teleop, "
+        "safety, sim step); missed = ticks skipped after an overrun; delay = ticks of a chunk already past when "
+        "it landed (skipped); starved = ticks with no valid action (safe action sent); load = the host's 1-min load "
+        "average during the mode (the CPU is shared with other jobs: compare rows, not machines)."
+    )
     for name, s in results.items():
         for w in s["warnings"]:
             print(f"  [{name}] {w}")

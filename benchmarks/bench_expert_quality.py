@@ -58,8 +58,18 @@ def main() -> None:
         for q in PRESETS:
             t0 = time.perf_counter()
             succ, lens, closings = run(robot, make_expert(task, quality=q, seed=0), range(n), horizon)
-            rows.append((task, q, horizon, succ.mean(), lens.mean(), lens[succ].mean() if succ.any() else float("nan"),
-                         closings.mean(), time.perf_counter() - t0))
+            rows.append(
+                (
+                    task,
+                    q,
+                    horizon,
+                    succ.mean(),
+                    lens.mean(),
+                    lens[succ].mean() if succ.any() else float("nan"),
+                    closings.mean(),
+                    time.perf_counter() - t0,
+                )
+            )
             print(f"  {task:<13} {q:<9} done in {rows[-1][-1]:.1f}s", flush=True)
         robot.disconnect()
 

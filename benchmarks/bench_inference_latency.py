@@ -26,10 +26,22 @@ import numpy as np
 import torch
 
 # robosuite Lift (Panda, OSC pose) low-dim observations as recorded by robot-rl record
-LIFT_OBS = {"robot0_joint_pos": 7, "robot0_joint_pos_cos": 7, "robot0_joint_pos_sin": 7, "robot0_joint_vel": 7,
-            "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_eef_quat_site": 4, "robot0_gripper_qpos": 2,
-            "robot0_gripper_qvel": 2, "cube_pos": 3, "cube_quat": 4, "gripper_to_cube_pos": 3,
-            "robot0_proprio-state": 43, "object-state": 10}
+LIFT_OBS = {
+    "robot0_joint_pos": 7,
+    "robot0_joint_pos_cos": 7,
+    "robot0_joint_pos_sin": 7,
+    "robot0_joint_vel": 7,
+    "robot0_eef_pos": 3,
+    "robot0_eef_quat": 4,
+    "robot0_eef_quat_site": 4,
+    "robot0_gripper_qpos": 2,
+    "robot0_gripper_qvel": 2,
+    "cube_pos": 3,
+    "cube_quat": 4,
+    "gripper_to_cube_pos": 3,
+    "robot0_proprio-state": 43,
+    "object-state": 10,
+}
 
 
 def build(down_dims: list[int] | None, checkpoint: str | None, device: torch.device):
@@ -79,19 +91,27 @@ def bench(device: torch.device, down_dims, checkpoint, rounds: int) -> dict:
     times = {m: [] for m in methods}
     names = list(methods)
     for r in range(rounds):
-        order = names[r % 3:] + names[:r % 3]  # rotate who goes first
+        order = names[r % 3 :] + names[: r % 3]  # rotate who goes first
         for m in order:
             if m.startswith("DDPM") and r % ddpm_every:
                 continue
             for _ in range(per_round[m]):
                 times[m].append(timed(methods[m]))
-    out = {"device": str(device), "threads": torch.get_num_threads() if not cuda else None,
-           "params_M": sum(p.numel() for p in teacher.parameters()) / 1e6, "down_dims": list(teacher.cfg.down_dims),
-           "methods": {}}
+    out = {
+        "device": str(device),
+        "threads": torch.get_num_threads() if not cuda else None,
+        "params_M": sum(p.numel() for p in teacher.parameters()) / 1e6,
+        "down_dims": list(teacher.cfg.down_dims),
+        "methods": {},
+    }
     for m, ts in times.items():
         a = np.asarray(ts) * 1e3
-        out["methods"][m] = {"p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)),
-                             "mean_ms": float(a.mean()), "n": len(a)}
+        out["methods"][m] = {
+            "p50_ms": float(np.median(a)),
+            "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()),
+            "n": len(a),
+        }
     return out
 
 
@@ -105,11 +125,15 @@ def report(res: dict) -> None:
     print(f"\n== {head}: UNet down_dims {res['down_dims']}, {res['params_M']:.1f} M parameters, batch 1 ==")
     print(f"{'method':<22}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'calls':>7}{'p50 vs 1-step':>15}")
     for name, s in m.items():
-        print(f"{name:<22}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['mean_ms']:>10.2f}{s['n']:>7}"
-              f"{s['p50_ms'] / one:>14.1f}x")
-    print(f"ratios (p50): {ddpm_name} / DDIM-10 = {ddpm / ddim:.1f}x, DDIM-10 / one-step = {ddim / one:.2f}x "
-          f"(network evaluations: 100 : 10 : 1); target one-step >= 10x faster than DDIM-10: "
-          f"{'met' if ddim / one >= 10 else 'not met'}")
+        print(
+            f"{name:<22}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['mean_ms']:>10.2f}{s['n']:>7}"
+            f"{s['p50_ms'] / one:>14.1f}x"
+        )
+    print(
+        f"ratios (p50): {ddpm_name} / DDIM-10 = {ddpm / ddim:.1f}x, DDIM-10 / one-step = {ddim / one:.2f}x "
+        f"(network evaluations: 100 : 10 : 1); target one-step >= 10x faster than DDIM-10: "
+        f"{'met' if ddim / one >= 10 else 'not met'}"
+    )
 
 
 def main() -> None:

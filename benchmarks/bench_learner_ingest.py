@@ -42,10 +42,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 # Lift (robosuite, Panda) low-dim observation keys and shapes, as sim/robosuite_robot.py publishes them
-LIFT_LOWDIM = {"robot0_joint_pos": 7, "robot0_joint_pos_cos": 7, "robot0_joint_pos_sin": 7, "robot0_joint_vel": 7,
-               "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_eef_quat_site": 4, "robot0_gripper_qpos": 2,
-               "robot0_gripper_qvel": 2, "cube_pos": 3, "cube_quat": 4, "gripper_to_cube_pos": 3,
-               "robot0_proprio-state": 43, "object-state": 10}
+LIFT_LOWDIM = {
+    "robot0_joint_pos": 7,
+    "robot0_joint_pos_cos": 7,
+    "robot0_joint_pos_sin": 7,
+    "robot0_joint_vel": 7,
+    "robot0_eef_pos": 3,
+    "robot0_eef_quat": 4,
+    "robot0_eef_quat_site": 4,
+    "robot0_gripper_qpos": 2,
+    "robot0_gripper_qvel": 2,
+    "cube_pos": 3,
+    "cube_quat": 4,
+    "gripper_to_cube_pos": 3,
+    "robot0_proprio-state": 43,
+    "object-state": 10,
+}
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 IMAGE = 84
 ACTION_DIM = 7
@@ -66,10 +78,17 @@ def make_transition(rng: np.random.Generator, i: int, cameras: bool) -> dict[str
     for k in ("action", "policy_action", "base_action", "residual"):
         t[k] = rng.uniform(-1, 1, ACTION_DIM).astype(np.float32)
     t["expert_action"] = np.full(ACTION_DIM, np.nan, np.float32)  # nobody labelled it
-    t.update(intervention=np.bool_(False), forced_safe=np.bool_(False), episode=np.int64(i // EPISODE_STEPS),
-             step=np.int64(i % EPISODE_STEPS), policy_version=np.int64(3), t=np.float64(i * 0.05),
-             reward=np.float32(0), success=np.bool_(i % EPISODE_STEPS == EPISODE_STEPS - 1),
-             done=np.bool_(i % EPISODE_STEPS == EPISODE_STEPS - 1))
+    t.update(
+        intervention=np.bool_(False),
+        forced_safe=np.bool_(False),
+        episode=np.int64(i // EPISODE_STEPS),
+        step=np.int64(i % EPISODE_STEPS),
+        policy_version=np.int64(3),
+        t=np.float64(i * 0.05),
+        reward=np.float32(0),
+        success=np.bool_(i % EPISODE_STEPS == EPISODE_STEPS - 1),
+        done=np.bool_(i % EPISODE_STEPS == EPISODE_STEPS - 1),
+    )
     return t
 
 
@@ -112,8 +131,12 @@ class OldReplayBuffer:
         self._arrays: dict = {}
 
     def _commit(self) -> None:
-        commit = {"rows": self.size, "keys": sorted(self._mem), "senders": self._senders,
-                  "next_expected": self.next_expected}
+        commit = {
+            "rows": self.size,
+            "keys": sorted(self._mem),
+            "senders": self._senders,
+            "next_expected": self.next_expected,
+        }
         tmp = self.path / "commit.json.tmp"
         with open(tmp, "w") as f:
             json.dump(commit, f)
@@ -146,8 +169,9 @@ class OldReplayBuffer:
             value = np.ascontiguousarray(value)
             if key not in self._group:
                 chunk = self.chunk_rows if value[0].nbytes < 4096 else 64
-                self._group.create_array(key, shape=(0, *value.shape[1:]), dtype=value.dtype,
-                                         chunks=(chunk, *value.shape[1:]))
+                self._group.create_array(
+                    key, shape=(0, *value.shape[1:]), dtype=value.dtype, chunks=(chunk, *value.shape[1:])
+                )
             arr = self._arrays.get(key)
             if arr is None:
                 arr = self._arrays[key] = self._group[key]
@@ -228,8 +252,9 @@ class OldIngest:
 
 
 # ----------------------------------------------------------------------------------------------- processes
-def learner_proc(variant: str, endpoint: str, run_dir: str, demos: str, train: bool, flush_s: float, ready, stop,
-                 results) -> None:
+def learner_proc(
+    variant: str, endpoint: str, run_dir: str, demos: str, train: bool, flush_s: float, ready, stop, results
+) -> None:
     import torch
 
     from robot_rl.algos import algo_config
@@ -248,8 +273,15 @@ def learner_proc(variant: str, endpoint: str, run_dir: str, demos: str, train: b
         ingest = OldIngest(receiver, replay).start()
     else:  # what the learner runs (robot_rl/learner/process.py); new-threads: its ingest threads in this process
         replay = ReplayBuffer(run_dir / "replay.zarr")
-        ingest = IngestService(replay, run_dir, endpoint, HEARTBEAT_S, None, IngestConfig(flush_s=flush_s),
-                               in_process=variant == "new-threads").start()
+        ingest = IngestService(
+            replay,
+            run_dir,
+            endpoint,
+            HEARTBEAT_S,
+            None,
+            IngestConfig(flush_s=flush_s),
+            in_process=variant == "new-threads",
+        ).start()
     if train and variant != "old":  # as the learner does (session.learner_nice): its training thread yields
         os.nice(TRAIN_NICE)
     rng = np.random.default_rng(0)
@@ -274,19 +306,28 @@ def learner_proc(variant: str, endpoint: str, run_dir: str, demos: str, train: b
     else:
         ingest.stop(drain=True, quiet_s=0.5, timeout_s=60)
         lat = ingest.run_latency()
-    results.put({"role": "learner", "stored": int(replay.size), "updates": updates,
-                 "updates_per_s": updates / train_s if train_s else 0.0, "ack_p50_ms": lat["ack_p50_ms"],
-                 "ack_p99_ms": lat["ack_p99_ms"]})
+    results.put(
+        {
+            "role": "learner",
+            "stored": int(replay.size),
+            "updates": updates,
+            "updates_per_s": updates / train_s if train_s else 0.0,
+            "ack_p50_ms": lat["ack_p50_ms"],
+            "ack_p99_ms": lat["ack_p99_ms"],
+        }
+    )
 
 
-def sender_proc(endpoint: str, cameras: bool, batch: int, window: int, warmup_s: float, measure_s: float,
-                results) -> None:
+def sender_proc(
+    endpoint: str, cameras: bool, batch: int, window: int, warmup_s: float, measure_s: float, results
+) -> None:
     from robot_rl.transport import TransitionSender
 
     rng = np.random.default_rng(1)
     pool = [make_transition(rng, i, cameras) for i in range(POOL)]
-    sender = TransitionSender(endpoint, "robot0", batch_size=batch, max_batch_delay_s=0.0,
-                              heartbeat_interval_s=HEARTBEAT_S).start()
+    sender = TransitionSender(
+        endpoint, "robot0", batch_size=batch, max_batch_delay_s=0.0, heartbeat_interval_s=HEARTBEAT_S
+    ).start()
     while sender.last_contact is None:
         time.sleep(0.01)
     t0 = time.monotonic()
@@ -308,8 +349,9 @@ def sender_proc(endpoint: str, cameras: bool, batch: int, window: int, warmup_s:
         else:
             time.sleep(0.0005)
     left = sender.close(linger_s=60.0)
-    results.put({"role": "sender", "submitted": i, "acked_per_s": (a1[1] - a0[1]) / (a1[0] - a0[0]),
-                 "unacked_at_close": left})
+    results.put(
+        {"role": "sender", "submitted": i, "acked_per_s": (a1[1] - a0[1]) / (a1[0] - a0[0]), "unacked_at_close": left}
+    )
 
 
 def run_once(variant: str, workload: str, args, demos: Path, port: int) -> dict:
@@ -317,15 +359,35 @@ def run_once(variant: str, workload: str, args, demos: Path, port: int) -> dict:
     endpoint = f"tcp://127.0.0.1:{port}"
     results, ready, stop = ctx.Queue(), ctx.Event(), ctx.Event()
     with tempfile.TemporaryDirectory(prefix=f"bench_ingest_{variant}_", dir=args.tmp) as tmp:
-        learner = ctx.Process(target=learner_proc, args=(variant, endpoint, tmp, str(demos),
-                                                                not args.no_train and variant != "new-idle",
-                                                                args.flush_s, ready, stop, results))
+        learner = ctx.Process(
+            target=learner_proc,
+            args=(
+                variant,
+                endpoint,
+                tmp,
+                str(demos),
+                not args.no_train and variant != "new-idle",
+                args.flush_s,
+                ready,
+                stop,
+                results,
+            ),
+        )
         learner.start()
         if not ready.wait(300):
             raise RuntimeError("learner did not start")
-        sender = ctx.Process(target=sender_proc, args=(endpoint, workload == "cameras", args.batch,
-                                                       args.window_cameras if workload == "cameras" else args.window,
-                                                       args.warmup_s, args.measure_s, results))
+        sender = ctx.Process(
+            target=sender_proc,
+            args=(
+                endpoint,
+                workload == "cameras",
+                args.batch,
+                args.window_cameras if workload == "cameras" else args.window,
+                args.warmup_s,
+                args.measure_s,
+                results,
+            ),
+        )
         sender.start()
         got = {}
         got["sender"] = results.get(timeout=args.warmup_s + args.measure_s + 300)
@@ -334,9 +396,13 @@ def run_once(variant: str, workload: str, args, demos: Path, port: int) -> dict:
         got.update({r["role"]: r for r in [results.get(timeout=300)]})
         learner.join()
     s, lr = got["sender"], got["learner"]
-    return {"acked_per_s": s["acked_per_s"], "lost": s["submitted"] - lr["stored"],
-            "unacked_at_close": s["unacked_at_close"], "submitted": s["submitted"], **{
-                k: lr[k] for k in ("ack_p50_ms", "ack_p99_ms", "updates_per_s", "updates")}}
+    return {
+        "acked_per_s": s["acked_per_s"],
+        "lost": s["submitted"] - lr["stored"],
+        "unacked_at_close": s["unacked_at_close"],
+        "submitted": s["submitted"],
+        **{k: lr[k] for k in ("ack_p50_ms", "ack_p99_ms", "updates_per_s", "updates")},
+    }
 
 
 def main() -> None:
@@ -356,10 +422,12 @@ def main() -> None:
 
     load0 = os.getloadavg()
     print(f"cpus {os.cpu_count()}; load average at the start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
-    print(f"sender: batches of {args.batch}, at most {args.window} unacknowledged ({args.window_cameras} with "
-          f"cameras); learner: SAC batch 256 "
-          f"training flat out (1 torch thread); {args.warmup_s:.0f} s warm-up + {args.measure_s:.0f} s measured; "
-          f"{args.repeats} interleaved repeats")
+    print(
+        f"sender: batches of {args.batch}, at most {args.window} unacknowledged ({args.window_cameras} with "
+        f"cameras); learner: SAC batch 256 "
+        f"training flat out (1 torch thread); {args.warmup_s:.0f} s warm-up + {args.measure_s:.0f} s measured; "
+        f"{args.repeats} interleaved repeats"
+    )
     with tempfile.TemporaryDirectory(prefix="bench_ingest_demos_") as tmp:
         demos = Path(tmp) / "demos"
         make_demos(demos)
@@ -369,28 +437,38 @@ def main() -> None:
                 for variant in args.variants:
                     r = run_once(variant, workload, args, demos, free_port())
                     rows.setdefault((workload, variant), []).append(r)
-                    print(f"  repeat {rep + 1} {workload:<8} {variant:<11}: {r['acked_per_s']:9.0f} acked/s, ack p50 "
-                          f"{r['ack_p50_ms']:7.1f} ms p99 {r['ack_p99_ms']:7.1f} ms, {r['updates_per_s']:5.1f} "
-                          f"updates/s, lost {r['lost']}, unacked at close {r['unacked_at_close']}", flush=True)
+                    print(
+                        f"  repeat {rep + 1} {workload:<8} {variant:<11}: {r['acked_per_s']:9.0f} acked/s, ack p50 "
+                        f"{r['ack_p50_ms']:7.1f} ms p99 {r['ack_p99_ms']:7.1f} ms, {r['updates_per_s']:5.1f} "
+                        f"updates/s, lost {r['lost']}, unacked at close {r['unacked_at_close']}",
+                        flush=True,
+                    )
     load = os.getloadavg()
     print(f"\nSUMMARY (median of {args.repeats}; acked transitions/s while SAC trains; ack latency at the learner)")
-    print(f"  {'workload':<10}{'variant':<12}{'acked/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'updates/s':>11}{'lost':>7}"
-          f"{'target':>22}")
+    print(
+        f"  {'workload':<10}{'variant':<12}{'acked/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'updates/s':>11}{'lost':>7}"
+        f"{'target':>22}"
+    )
     for (workload, variant), rs in rows.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("acked_per_s", "ack_p50_ms", "ack_p99_ms",
-                                                                "updates_per_s")}
+        med = {
+            k: statistics.median(r[k] for r in rs) for k in ("acked_per_s", "ack_p50_ms", "ack_p99_ms", "updates_per_s")
+        }
         lost = max(r["lost"] for r in rs)
-        target = (f">= {TARGETS[workload]}/s, p99 <= {P99_TARGET_MS:.0f} ms" if variant == "new" else "")
+        target = f">= {TARGETS[workload]}/s, p99 <= {P99_TARGET_MS:.0f} ms" if variant == "new" else ""
         updates = f"{med['updates_per_s']:>11.1f}" if variant != "new-idle" else f"{'(none)':>11}"
-        print(f"  {workload:<10}{variant:<12}{med['acked_per_s']:>10.0f}{med['ack_p50_ms']:>9.1f}"
-              f"{med['ack_p99_ms']:>9.1f}{updates}{lost:>7}  {target}")
+        print(
+            f"  {workload:<10}{variant:<12}{med['acked_per_s']:>10.0f}{med['ack_p50_ms']:>9.1f}"
+            f"{med['ack_p99_ms']:>9.1f}{updates}{lost:>7}  {target}"
+        )
     for workload in args.workloads:
         if (workload, "old") in rows and (workload, "new") in rows:
             new = statistics.median(r["acked_per_s"] for r in rows[(workload, "new")])
             old = statistics.median(r["acked_per_s"] for r in rows[(workload, "old")])
             print(f"  {workload}: new / old acked transitions/s = {new / max(old, 1e-9):.1f}x")
-    print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (on {os.cpu_count()} cpus; "
-          "the machine is shared)")
+    print(
+        f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (on {os.cpu_count()} cpus; "
+        "the machine is shared)"
+    )
 
 
 def free_port() -> int:

@@ -103,6 +103,7 @@ def subset_q(ens: EnsembleQ, obs: torch.Tensor, act: torch.Tensor, heads: torch.
 class BatchedSubsetTarget(Batched):
     """(c) = (a), but the target forward runs only the 2 picked heads (weights indexed): not what ResidualTD3
     does today; shows what evaluating all 10 target heads costs."""
+
     name = "batched, 2-head target"
 
     def target_q(self, b, heads: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,8 @@ class Looped:
 
     def __init__(self, critic: EnsembleQ):
         self.heads = nn.ModuleList([critic.head(i) for i in range(critic.num_heads)]).to(
-            next(critic.parameters()).device)
+            next(critic.parameters()).device
+        )
         self.target = copy.deepcopy(self.heads).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.heads.parameters(), lr=LR, **ADAMW)
 
@@ -134,11 +136,14 @@ def make_batches(n: int, batch: int, obs_dim: int, act_dim: int, device, seed: i
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        b = {"obs": torch.randn(batch, obs_dim, generator=g), "act": torch.rand(batch, act_dim, generator=g) * 2 - 1,
-             "next_obs": torch.randn(batch, obs_dim, generator=g),
-             "next_act": torch.rand(batch, act_dim, generator=g) * 2 - 1,
-             "ret": (torch.rand(batch, generator=g) < 0.1).float(),
-             "disc": torch.full((batch,), GAMMA ** 3)}
+        b = {
+            "obs": torch.randn(batch, obs_dim, generator=g),
+            "act": torch.rand(batch, act_dim, generator=g) * 2 - 1,
+            "next_obs": torch.randn(batch, obs_dim, generator=g),
+            "next_act": torch.rand(batch, act_dim, generator=g) * 2 - 1,
+            "ret": (torch.rand(batch, generator=g) < 0.1).float(),
+            "disc": torch.full((batch,), GAMMA**3),
+        }
         out.append({k: v.to(device) for k, v in b.items()})
     return out
 
@@ -212,9 +217,14 @@ def bench_width(hidden: list[int], args, device: torch.device) -> dict:
             run(v, block)
             rates[v.name].append(block / (time.perf_counter() - t))
     med = {k: statistics.median(r) for k, r in rates.items()}
-    return {"hidden": hidden, "block": block, "rates": rates, "median": med,
-            "ratio": med[variants[0].name] / med[variants[1].name],
-            "ratio_c": med[variants[2].name] / med[variants[1].name]}
+    return {
+        "hidden": hidden,
+        "block": block,
+        "rates": rates,
+        "median": med,
+        "ratio": med[variants[0].name] / med[variants[1].name],
+        "ratio_c": med[variants[2].name] / med[variants[1].name],
+    }
 
 
 # ------------------------------------------------------------------------------------------------- full update
@@ -225,8 +235,15 @@ def bench_full(base_run: str, demos: str, hidden: list[int], args, device: torch
     from robot_rl.learner.replay_buffer import ReplayBuffer
 
     with tempfile.TemporaryDirectory(prefix="bench_learner_") as tmp:
-        cfg = algo_config("residual", base_checkpoint=base_run, demos=demos, actor_hidden=list(hidden),
-                          critic_hidden=list(hidden), learning_starts=0, critic_warmup=0)
+        cfg = algo_config(
+            "residual",
+            base_checkpoint=base_run,
+            demos=demos,
+            actor_hidden=list(hidden),
+            critic_hidden=list(hidden),
+            learning_starts=0,
+            critic_warmup=0,
+        )
         algo = ResidualTD3(cfg, {}, device, Path(tmp) / "learner")
         # online rows: the demo episodes replayed as if a robot had sent them (base actions attached), repeated
         arr = algo.demo_arrays
@@ -238,10 +255,17 @@ def bench_full(base_run: str, demos: str, hidden: list[int], args, device: torch
             for end in ends:
                 n = int(end - start)
                 rows = {OBS_PREFIX + k: arr[OBS_PREFIX + k][start:end] for k in algo.obs_keys}
-                rows.update({"action": arr["action"][start:end], "base_action": arr["base_action"][start:end],
-                             "reward": arr["reward"][start:end], "success": arr["success"][start:end],
-                             "intervention": np.zeros(n, bool), "episode": np.full(n, ep, np.int64),
-                             "step": np.arange(n, dtype=np.int64)})
+                rows.update(
+                    {
+                        "action": arr["action"][start:end],
+                        "base_action": arr["base_action"][start:end],
+                        "reward": arr["reward"][start:end],
+                        "success": arr["success"][start:end],
+                        "intervention": np.zeros(n, bool),
+                        "episode": np.full(n, ep, np.int64),
+                        "step": np.arange(n, dtype=np.int64),
+                    }
+                )
                 replay.extend("robot0", np.arange(seq, seq + n), rows)  # in memory; zarr once, below
                 seq, ep, start = seq + n, ep + 1, int(end)
         replay.flush()
@@ -260,9 +284,15 @@ def bench_full(base_run: str, demos: str, hidden: list[int], args, device: torch
                 algo.update(replay, rng)
             sync(device)
             rates.append(block / (time.perf_counter() - t))
-        return {"hidden": hidden, "rows": replay.size, "obs_keys": algo.obs_keys,
-                "feat_dim": algo.model.featurizer.out_dim, "block": block, "rates": rates,
-                "median": statistics.median(rates)}
+        return {
+            "hidden": hidden,
+            "rows": replay.size,
+            "obs_keys": algo.obs_keys,
+            "feat_dim": algo.model.featurizer.out_dim,
+            "block": block,
+            "rates": rates,
+            "median": statistics.median(rates),
+        }
 
 
 def main() -> None:
@@ -275,8 +305,11 @@ def main() -> None:
     ap.add_argument("--act-dim", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved (a, b) block pairs")
     ap.add_argument("--block-s", type=float, default=1.5, help="target seconds per block")
-    ap.add_argument("--fused-adamw", action="store_true",
-                    help="AdamW(fused=True) in the critic-only variants (not what ResidualTD3 uses)")
+    ap.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="AdamW(fused=True) in the critic-only variants (not what ResidualTD3 uses)",
+    )
     ap.add_argument("--full", nargs=2, metavar=("BASE_RUN", "DEMOS"), default=None)
     ap.add_argument("--full-rows", type=int, default=5000, help="online rows in the --full replay")
     args = ap.parse_args()
@@ -284,21 +317,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.fused_adamw:
         ADAMW["fused"] = True
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     load = os.getloadavg()
-    print(f"device {device} ({dev_name}); torch {torch.__version__}; torch threads {torch.get_num_threads()}; "
-          f"cpus {os.cpu_count()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"critic ensemble: {HEADS} heads, batch {args.batch}, obs dim {args.obs_dim}, action dim {args.act_dim}, "
-          f"target = min of {TARGET_HEADS} random heads, AdamW lr {LR} {ADAMW or '(torch default impl)'}, "
-          f"Polyak tau {TAU}")
+    print(
+        f"device {device} ({dev_name}); torch {torch.__version__}; torch threads {torch.get_num_threads()}; "
+        f"cpus {os.cpu_count()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        f"critic ensemble: {HEADS} heads, batch {args.batch}, obs dim {args.obs_dim}, action dim {args.act_dim}, "
+        f"target = min of {TARGET_HEADS} random heads, AdamW lr {LR} {ADAMW or '(torch default impl)'}, "
+        f"Polyak tau {TAU}"
+    )
 
     widths = [[int(x) for x in w.split(",")] for w in args.widths]
     for hidden in widths:
         d0, d1 = verify(args.obs_dim, args.act_dim, hidden, device)
-        print(f"check hidden {hidden}: batched == looped Q for copied weights (max |diff| {d0:.1e}); "
-              f"after one identical update still equal (max |diff| {d1:.1e})")
+        print(
+            f"check hidden {hidden}: batched == looped Q for copied weights (max |diff| {d0:.1e}); "
+            f"after one identical update still equal (max |diff| {d1:.1e})"
+        )
 
     results = []
     for hidden in widths:
@@ -306,27 +348,39 @@ def main() -> None:
         results.append(r)
         print(f"\nhidden {hidden}: {args.repeats} interleaved block pairs of {r['block']} updates")
         for name, rates in r["rates"].items():
-            print(f"  {name:<26} median {r['median'][name]:9.1f} updates/s   blocks: "
-                  + " ".join(f"{x:.1f}" for x in rates))
-        print(f"  ratio (a) batched / (b) looped: {r['ratio']:.2f}x;  (c) 2-head-target batched / looped: "
-              f"{r['ratio_c']:.2f}x")
+            print(
+                f"  {name:<26} median {r['median'][name]:9.1f} updates/s   blocks: "
+                + " ".join(f"{x:.1f}" for x in rates)
+            )
+        print(
+            f"  ratio (a) batched / (b) looped: {r['ratio']:.2f}x;  (c) 2-head-target batched / looped: "
+            f"{r['ratio_c']:.2f}x"
+        )
 
-    print(f"\nSUMMARY (critic TD updates/s, batch {args.batch}, {HEADS} heads, device {device}, "
-          f"torch threads {torch.get_num_threads()}{', fused AdamW' if ADAMW else ''})")
+    print(
+        f"\nSUMMARY (critic TD updates/s, batch {args.batch}, {HEADS} heads, device {device}, "
+        f"torch threads {torch.get_num_threads()}{', fused AdamW' if ADAMW else ''})"
+    )
     print(f"  {'hidden':<14}{'(a) batched':>12}{'(b) looped x10':>16}{'a/b':>8}{'(c) 2-head target':>19}{'c/b':>8}")
     for r in results:
         m = list(r["median"].values())
-        print(f"  {str(r['hidden']):<14}{m[0]:>12.1f}{m[1]:>16.1f}{r['ratio']:>7.2f}x{m[2]:>19.1f}"
-              f"{r['ratio_c']:>7.2f}x")
+        print(
+            f"  {str(r['hidden']):<14}{m[0]:>12.1f}{m[1]:>16.1f}{r['ratio']:>7.2f}x{m[2]:>19.1f}{r['ratio_c']:>7.2f}x"
+        )
 
     if args.full:
-        print(f"\nFULL ResidualTD3.update (base {args.full[0]}, demos {args.full[1]}; half demos / half online, "
-              f"n-step 3, critic every update + actor every 2nd; batch sampling included)")
+        print(
+            f"\nFULL ResidualTD3.update (base {args.full[0]}, demos {args.full[1]}; half demos / half online, "
+            f"n-step 3, critic every update + actor every 2nd; batch sampling included)"
+        )
         for hidden in widths:
             r = bench_full(args.full[0], args.full[1], hidden, args, device)
-            print(f"  actor+critic hidden {str(hidden):<12} {r['median']:8.1f} updates/s  (features {r['feat_dim']}, "
-                  f"obs keys {len(r['obs_keys'])}, {r['rows']} online rows; blocks of {r['block']}: "
-                  + " ".join(f"{x:.1f}" for x in r["rates"]) + ")")
+            print(
+                f"  actor+critic hidden {str(hidden):<12} {r['median']:8.1f} updates/s  (features {r['feat_dim']}, "
+                f"obs keys {len(r['obs_keys'])}, {r['rows']} online rows; blocks of {r['block']}: "
+                + " ".join(f"{x:.1f}" for x in r["rates"])
+                + ")"
+            )
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (on {os.cpu_count()} cpus)")
 

@@ -87,8 +87,10 @@ def main() -> None:
     segments = 3 if args.quick else 4
     seg_s = total / segments
 
-    print(f"loop pacing, fake work {WORK_S * 1e3:.1f} ms/tick, {total:.1f} s per method and rate in {segments} "
-          f"interleaved segments of {seg_s:.2f} s; cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.2f}")
+    print(
+        f"loop pacing, fake work {WORK_S * 1e3:.1f} ms/tick, {total:.1f} s per method and rate in {segments} "
+        f"interleaved segments of {seg_s:.2f} s; cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.2f}"
+    )
     print("lateness vs the absolute grid t0 + k*period; drift = lateness of the last tick of a segment (mean)")
     print(f"target: PacedLoop p99 < {TARGET_P99_US:.0f} µs on an idle machine\n")
     hdr = f"{'rate':>6} {'method':<14} {'p50 µs':>9} {'p99 µs':>9} {'max µs':>9} {'drift ms':>9} {'overruns':>8}"
@@ -100,7 +102,7 @@ def main() -> None:
         res = {m: ([], [], 0) for m in METHODS}
         names = list(METHODS)
         for s in range(segments):
-            for m in names[s % len(names):] + names[: s % len(names)]:  # rotate the order each segment
+            for m in names[s % len(names) :] + names[: s % len(names)]:  # rotate the order each segment
                 late, drift, over = METHODS[m](rate, seg_s)
                 lats, drifts, overs = res[m]
                 res[m] = (lats + [late], drifts + [drift], overs + over)
@@ -108,10 +110,14 @@ def main() -> None:
         for m in METHODS:
             lat = np.concatenate(res[m][0]) * 1e6
             ratio = max(p99[m], 1.0) / max(p99["PacedLoop"], 1.0)  # floor at 1 µs: below is clock noise
-            print(f"{rate:>4.0f}Hz {m:<14} {np.percentile(lat, 50):>9.1f} {p99[m]:>9.1f} {lat.max():>9.1f} "
-                  f"{np.mean(res[m][1]) * 1e3:>9.2f} {res[m][2]:>8d} {ratio:>16.0f}x")
-        verdicts.append(f"{rate:.0f} Hz: PacedLoop p99 {p99['PacedLoop']:.1f} µs "
-                        f"({'meets' if p99['PacedLoop'] < TARGET_P99_US else 'MISSES'} target)")
+            print(
+                f"{rate:>4.0f}Hz {m:<14} {np.percentile(lat, 50):>9.1f} {p99[m]:>9.1f} {lat.max():>9.1f} "
+                f"{np.mean(res[m][1]) * 1e3:>9.2f} {res[m][2]:>8d} {ratio:>16.0f}x"
+            )
+        verdicts.append(
+            f"{rate:.0f} Hz: PacedLoop p99 {p99['PacedLoop']:.1f} µs "
+            f"({'meets' if p99['PacedLoop'] < TARGET_P99_US else 'MISSES'} target)"
+        )
         print()
     print("\n".join(verdicts))
 

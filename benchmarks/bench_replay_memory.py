@@ -35,10 +35,22 @@ import numpy as np  # noqa: E402
 
 # Lift (robosuite, Panda) low-dim observation keys and shapes, as sim/robosuite_robot.py publishes them (this
 # includes robosuite's concatenated robot0_proprio-state / object-state, which repeat the other keys).
-LIFT_LOWDIM = {"robot0_joint_pos": 7, "robot0_joint_pos_cos": 7, "robot0_joint_pos_sin": 7, "robot0_joint_vel": 7,
-               "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_eef_quat_site": 4, "robot0_gripper_qpos": 2,
-               "robot0_gripper_qvel": 2, "cube_pos": 3, "cube_quat": 4, "gripper_to_cube_pos": 3,
-               "robot0_proprio-state": 43, "object-state": 10}
+LIFT_LOWDIM = {
+    "robot0_joint_pos": 7,
+    "robot0_joint_pos_cos": 7,
+    "robot0_joint_pos_sin": 7,
+    "robot0_joint_vel": 7,
+    "robot0_eef_pos": 3,
+    "robot0_eef_quat": 4,
+    "robot0_eef_quat_site": 4,
+    "robot0_gripper_qpos": 2,
+    "robot0_gripper_qvel": 2,
+    "cube_pos": 3,
+    "cube_quat": 4,
+    "gripper_to_cube_pos": 3,
+    "robot0_proprio-state": 43,
+    "object-state": 10,
+}
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 ACTION_DIM = 7
 GB = 1e9
@@ -62,10 +74,18 @@ def make_rows(rng: np.random.Generator, n: int, ep: int, step0: int, size: int) 
         rows[f"obs.{c}_image"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     for k in ("action", "policy_action", "expert_action", "base_action", "residual"):
         rows[k] = rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32)
-    rows.update({"intervention": rng.random(n) < 0.05, "forced_safe": np.zeros(n, bool),
-                 "episode": np.full(n, ep, np.int64), "step": np.arange(step0, step0 + n, dtype=np.int64),
-                 "policy_version": np.full(n, 3, np.int64), "t": time.time() + np.arange(n) * 0.05,
-                 "reward": np.zeros(n, np.float32), "success": np.zeros(n, bool)})
+    rows.update(
+        {
+            "intervention": rng.random(n) < 0.05,
+            "forced_safe": np.zeros(n, bool),
+            "episode": np.full(n, ep, np.int64),
+            "step": np.arange(step0, step0 + n, dtype=np.int64),
+            "policy_version": np.full(n, 3, np.int64),
+            "t": time.time() + np.arange(n) * 0.05,
+            "reward": np.zeros(n, np.float32),
+            "success": np.zeros(n, bool),
+        }
+    )
     return rows
 
 
@@ -101,46 +121,79 @@ def bench_ours(rows: int, target: int, size: int, tmp: Path) -> dict:
     assert h_used == used and h_alloc == used, (h_used, h_alloc, used)
     del hinted
 
-    return {"rows": store.size, "row_bytes": row_bytes, "used": used, "allocated": allocated,
-            "allocated_rows": allocated / row_bytes, "rss": rss, "disk": disk, "disk_row": disk / store.size,
-            "append_s": append_s, "per_key": per_key,
-            "target": {"old doubling": old_doubling_rows(target) * row_bytes,
-                       "new growth (no hint)": next_capacity(MIN_ROWS, target) * row_bytes,
-                       f"capacity={target}": target * row_bytes,
-                       "rows_old": old_doubling_rows(target), "rows_new": next_capacity(MIN_ROWS, target)}}
+    return {
+        "rows": store.size,
+        "row_bytes": row_bytes,
+        "used": used,
+        "allocated": allocated,
+        "allocated_rows": allocated / row_bytes,
+        "rss": rss,
+        "disk": disk,
+        "disk_row": disk / store.size,
+        "append_s": append_s,
+        "per_key": per_key,
+        "target": {
+            "old doubling": old_doubling_rows(target) * row_bytes,
+            "new growth (no hint)": next_capacity(MIN_ROWS, target) * row_bytes,
+            f"capacity={target}": target * row_bytes,
+            "rows_old": old_doubling_rows(target),
+            "rows_new": next_capacity(MIN_ROWS, target),
+        },
+    }
 
 
 def bench_lerobot(size: int, state_dim: int, optimize_memory: bool, capacity: int = 256) -> dict:
     import torch
     from lerobot.rl.buffer import ReplayBuffer
 
-    buf = ReplayBuffer(capacity=capacity, device="cpu", storage_device="cpu", optimize_memory=optimize_memory,
-                       state_keys=["observation.images.front", "observation.images.wrist", "observation.state"])
+    buf = ReplayBuffer(
+        capacity=capacity,
+        device="cpu",
+        storage_device="cpu",
+        optimize_memory=optimize_memory,
+        state_keys=["observation.images.front", "observation.images.wrist", "observation.state"],
+    )
     g = torch.Generator().manual_seed(0)
 
     def obs():
-        return {"observation.images.front": torch.rand(1, 3, size, size, generator=g),
-                "observation.images.wrist": torch.rand(1, 3, size, size, generator=g),
-                "observation.state": torch.randn(1, state_dim, generator=g)}
+        return {
+            "observation.images.front": torch.rand(1, 3, size, size, generator=g),
+            "observation.images.wrist": torch.rand(1, 3, size, size, generator=g),
+            "observation.state": torch.randn(1, state_dim, generator=g),
+        }
 
     state = obs()
     for i in range(capacity):
         nxt = obs()
-        buf.add(state=state, action=torch.rand(1, ACTION_DIM, generator=g) * 2 - 1, reward=0.0, next_state=nxt,
-                done=False, truncated=(i % 200 == 199),
-                complementary_info={"discrete_penalty": torch.tensor([0.0])})
+        buf.add(
+            state=state,
+            action=torch.rand(1, ACTION_DIM, generator=g) * 2 - 1,
+            reward=0.0,
+            next_state=nxt,
+            done=False,
+            truncated=(i % 200 == 199),
+            complementary_info={"discrete_penalty": torch.tensor([0.0])},
+        )
         state = nxt
-    tensors = {**{f"states.{k}": v for k, v in buf.states.items()}, "actions": buf.actions,
-               "rewards": buf.rewards, "dones": buf.dones, "truncateds": buf.truncateds,
-               "episode_ends": buf.episode_ends,
-               **{f"complementary_info.{k}": v for k, v in buf.complementary_info.items()}}
+    tensors = {
+        **{f"states.{k}": v for k, v in buf.states.items()},
+        "actions": buf.actions,
+        "rewards": buf.rewards,
+        "dones": buf.dones,
+        "truncateds": buf.truncateds,
+        "episode_ends": buf.episode_ends,
+        **{f"complementary_info.{k}": v for k, v in buf.complementary_info.items()},
+    }
     if buf.next_states is not buf.states:
         tensors.update({f"next_states.{k}": v for k, v in buf.next_states.items()})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     assert len(buf) == capacity
-    return {"row_bytes": total / capacity, "dtypes": sorted({str(t.dtype) for t in tensors.values()}),
-            "image_dtype": str(buf.states["observation.images.front"].dtype),
-            "next_states": buf.next_states is not buf.states}
+    return {
+        "row_bytes": total / capacity,
+        "dtypes": sorted({str(t.dtype) for t in tensors.values()}),
+        "image_dtype": str(buf.states["observation.images.front"].dtype),
+        "next_states": buf.next_states is not buf.states,
+    }
 
 
 def main() -> None:
@@ -169,17 +222,25 @@ def main() -> None:
     pk = ours["per_key"]
     img = sum(v for k, v in pk.items() if k.endswith("_image"))
     low = sum(v for k, v in pk.items() if k.startswith("obs.") and not k.endswith("_image"))
-    print(f"\nOURS: ReplayBuffer, {ours['rows']} transitions appended in batches of 16-64 "
-          f"({ours['append_s']:.1f} s, {ours['rows'] / ours['append_s']:.0f} rows/s incl. zarr + fsync'd commit)")
-    print(f"  per transition: {ours['row_bytes']:.0f} B in RAM = images {img} B "
-          f"(2 x {args.size}x{args.size}x3 uint8) + "
-          f"low-dim obs {low} B ({state_dim} float32) + the rest {ours['row_bytes'] - img - low:.0f} B "
-          f"({len(pk)} columns)")
-    print(f"  memory_bytes(): used {ours['used'] / 1e6:.1f} MB, allocated {ours['allocated'] / 1e6:.1f} MB "
-          f"({ours['allocated_rows']:.0f} rows of capacity); process RSS grew {ours['rss'] / 1e6:.1f} MB\n"
-          f"  (rows allocated but not yet written are np.empty pages: address space, not RSS, until filled)")
-    print(f"  on disk (zarr, random images = incompressible worst case): {ours['disk'] / 1e6:.1f} MB, "
-          f"{ours['disk_row']:.0f} B/transition")
+    print(
+        f"\nOURS: ReplayBuffer, {ours['rows']} transitions appended in batches of 16-64 "
+        f"({ours['append_s']:.1f} s, {ours['rows'] / ours['append_s']:.0f} rows/s incl. zarr + fsync'd commit)"
+    )
+    print(
+        f"  per transition: {ours['row_bytes']:.0f} B in RAM = images {img} B "
+        f"(2 x {args.size}x{args.size}x3 uint8) + "
+        f"low-dim obs {low} B ({state_dim} float32) + the rest {ours['row_bytes'] - img - low:.0f} B "
+        f"({len(pk)} columns)"
+    )
+    print(
+        f"  memory_bytes(): used {ours['used'] / 1e6:.1f} MB, allocated {ours['allocated'] / 1e6:.1f} MB "
+        f"({ours['allocated_rows']:.0f} rows of capacity); process RSS grew {ours['rss'] / 1e6:.1f} MB\n"
+        f"  (rows allocated but not yet written are np.empty pages: address space, not RSS, until filled)"
+    )
+    print(
+        f"  on disk (zarr, random images = incompressible worst case): {ours['disk'] / 1e6:.1f} MB, "
+        f"{ours['disk_row']:.0f} B/transition"
+    )
     print(f"  capacity hint check: ReplayBuffer(preallocate_rows={ours['rows']}) reopened -> allocated == used")
 
     rows = []
@@ -187,14 +248,14 @@ def main() -> None:
     rows.append((f"ours, {args.target} rows held (used)", ours["row_bytes"], args.target * ours["row_bytes"], ""))
     rows.append(("ours, allocated: old doubling", None, t["old doubling"], f"{t['rows_old']} rows"))
     rows.append(("ours, allocated: new growth", None, t["new growth (no hint)"], f"{t['rows_new']} rows"))
-    rows.append((f"ours, allocated: capacity={args.target}", None, t[f"capacity={args.target}"],
-                 f"{args.target} rows"))
+    rows.append((f"ours, allocated: capacity={args.target}", None, t[f"capacity={args.target}"], f"{args.target} rows"))
     rows.append(("ours, on disk (zarr)", ours["disk_row"], args.target * ours["disk_row"], "worst case"))
     for size in (args.size, 128):
         for opt in (False, True):
             le = bench_lerobot(size, state_dim, opt, args.lerobot_capacity)
-            label = (f"lerobot {size}x{size}, " + ("class default (next_state stored)" if not opt
-                                                  else "optimize_memory=True (its learner)"))
+            label = f"lerobot {size}x{size}, " + (
+                "class default (next_state stored)" if not opt else "optimize_memory=True (its learner)"
+            )
             rows.append((label, le["row_bytes"], args.target * le["row_bytes"], f"images {le['image_dtype']}"))
     print(f"\nTABLE: replay RAM, {args.target} transitions, 2 cameras + {state_dim}-float state, action {ACTION_DIM}")
     print(f"  {'buffer':<58}{'B/transition':>14}{'GB @ ' + str(args.target):>14}  note")
@@ -203,9 +264,11 @@ def main() -> None:
         print(f"  {label:<58}{per_s:>14}{total / GB:>14.2f}  {note}")
     ours_gb = t[f"capacity={args.target}"] / GB
     worst = t["new growth (no hint)"] / GB
-    print(f"\ntarget <= 5 GB for {args.target} transitions with two {args.size}x{args.size} cameras: "
-          f"{'MET' if max(ours_gb, worst) <= 5 else 'NOT MET'} (capacity hint {ours_gb:.2f} GB, "
-          f"no hint {worst:.2f} GB; old doubling would allocate {t['old doubling'] / GB:.2f} GB)")
+    print(
+        f"\ntarget <= 5 GB for {args.target} transitions with two {args.size}x{args.size} cameras: "
+        f"{'MET' if max(ours_gb, worst) <= 5 else 'NOT MET'} (capacity hint {ours_gb:.2f} GB, "
+        f"no hint {worst:.2f} GB; old doubling would allocate {t['old doubling'] / GB:.2f} GB)"
+    )
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

@@ -53,13 +53,25 @@ def robot_for(task: str):
 
 
 def algo_cfg(method: str, args, base: dict) -> dict:
-    common = {"demos": base["store"], "critic_hidden": args.critic_hidden, "actor_hidden": args.actor_hidden,
-              "batch_size": args.batch_size, "learning_starts": args.learning_starts, "n_step": args.n_step,
-              "gamma": args.gamma}
+    common = {
+        "demos": base["store"],
+        "critic_hidden": args.critic_hidden,
+        "actor_hidden": args.actor_hidden,
+        "batch_size": args.batch_size,
+        "learning_starts": args.learning_starts,
+        "n_step": args.n_step,
+        "gamma": args.gamma,
+    }
     if method == "residual":
-        return {**common, "base_checkpoint": base["checkpoint"], "critic_warmup": args.critic_warmup,
-                "scale": args.scale, "actor_lr": args.actor_lr, "explore_std": args.explore_std,
-                "actor_every": args.actor_every}
+        return {
+            **common,
+            "base_checkpoint": base["checkpoint"],
+            "critic_warmup": args.critic_warmup,
+            "scale": args.scale,
+            "actor_lr": args.actor_lr,
+            "explore_std": args.explore_std,
+            "actor_every": args.actor_every,
+        }
     return common
 
 
@@ -76,12 +88,17 @@ class Run:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if method == "residual":
             self.algo = ResidualTD3(algo_config("residual", **cfg), {}, device, out / "cache")
-            model = ResidualModel(self.robot.observation_features, self.algo.obs_keys, feat.shape[0], cfg | {
-                "scale": args.scale, "actor_hidden": args.actor_hidden})
+            model = ResidualModel(
+                self.robot.observation_features,
+                self.algo.obs_keys,
+                feat.shape[0],
+                cfg | {"scale": args.scale, "actor_hidden": args.actor_hidden},
+            )
             from robot_rl.algos.residual import load_base
 
-            self.policy = ResidualPolicy(load_base(base["checkpoint"]), model, seed=args.seed,
-                                         explore_std=args.explore_std)
+            self.policy = ResidualPolicy(
+                load_base(base["checkpoint"]), model, seed=args.seed, explore_std=args.explore_std
+            )
         else:
             self.algo = SAC(algo_config("sac", **cfg), {}, device, out / "cache")
             model = SACModel(self.robot.observation_features, self.algo.obs_keys, feat.shape[0], cfg)
@@ -113,9 +130,16 @@ class Run:
             obs = self.robot.get_observation()
             success = bool(self.robot.is_success())
             if not evaluating:
-                row.update({"action": sent.astype(np.float32), "reward": np.float32(success),
-                            "success": np.bool_(success), "intervention": np.bool_(False),
-                            "episode": np.int64(self.episode), "step": np.int64(step)})
+                row.update(
+                    {
+                        "action": sent.astype(np.float32),
+                        "reward": np.float32(success),
+                        "success": np.bool_(success),
+                        "intervention": np.bool_(False),
+                        "episode": np.int64(self.episode),
+                        "step": np.int64(step),
+                    }
+                )
                 row.update(self.policy.transition_extras(acted=True))  # residual: base_action for the critic
                 for k, v in row.items():
                     rows.setdefault(k, []).append(v)
@@ -150,10 +174,19 @@ class Run:
             results = [self.rollout(EVAL_SEED + j, evaluating=True) for j in range(self.args.eval_episodes)]
         self.wall["eval"] += time.perf_counter() - t0
         rate = float(np.mean([r[0] for r in results]))
-        row = {"mode": mode, "env_steps": self.env_steps, "updates": self.updates, "success": rate,
-               "mean_steps": float(np.mean([r[1] for r in results])), "wall_s": sum(self.wall.values())}
-        print(f"  [{self.method}] {mode:8s} eval after {self.env_steps:6d} env steps, {self.updates:6d} updates: "
-              f"success {rate:.2f} (mean length {row['mean_steps']:.0f}); wall {row['wall_s']:.0f} s", flush=True)
+        row = {
+            "mode": mode,
+            "env_steps": self.env_steps,
+            "updates": self.updates,
+            "success": rate,
+            "mean_steps": float(np.mean([r[1] for r in results])),
+            "wall_s": sum(self.wall.values()),
+        }
+        print(
+            f"  [{self.method}] {mode:8s} eval after {self.env_steps:6d} env steps, {self.updates:6d} updates: "
+            f"success {rate:.2f} (mean length {row['mean_steps']:.0f}); wall {row['wall_s']:.0f} s",
+            flush=True,
+        )
         return row
 
 
@@ -180,8 +213,12 @@ def main(argv=None) -> int:
     p.add_argument("--publish-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--eval-episodes", type=int, default=20)
-    p.add_argument("--stop-at", type=float, default=None,
-                   help="stop a method once two evaluations in a row reach this success rate")
+    p.add_argument(
+        "--stop-at",
+        type=float,
+        default=None,
+        help="stop a method once two evaluations in a row reach this success rate",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-dir", default=None, help="use this make_weak_base output dir as is (no re-make)")
     args = p.parse_args(argv)
@@ -194,12 +231,21 @@ def main(argv=None) -> int:
         base = json.loads((Path(args.base_dir) / "result.json").read_text())
     else:
         base = make_weak_base(args.task, Path(args.bases) / args.task)
-    print(f"weak base ({args.task}): success {base['success']:.2f} {base.get('ci')} on its own eval; "
-          f"demos {base['store']}", flush=True)
-    curves = {"task": args.task, "args": vars(args), "base": {k: base[k] for k in ("success", "ci", "checkpoint")},
-              "methods": {}}
+    print(
+        f"weak base ({args.task}): success {base['success']:.2f} {base.get('ci')} on its own eval; "
+        f"demos {base['store']}",
+        flush=True,
+    )
+    curves = {
+        "task": args.task,
+        "args": vars(args),
+        "base": {k: base[k] for k in ("success", "ci", "checkpoint")},
+        "methods": {},
+    }
     for method in args.methods.split(","):
-        print(f"== {method}: {args.steps} env steps, UTD {args.utd}, critic {args.critic_hidden} x 10 heads", flush=True)
+        print(
+            f"== {method}: {args.steps} env steps, UTD {args.utd}, critic {args.critic_hidden} x 10 heads", flush=True
+        )
         run = Run(method, args, base, out)
         if method == "residual":
             curves["base_eval"] = run.evaluate("base")
@@ -210,16 +256,25 @@ def main(argv=None) -> int:
             if run.env_steps >= next_eval or run.env_steps >= args.steps:
                 run.evals.append(run.evaluate(method))
                 next_eval += args.eval_every
-                curves["methods"][method] = {"evals": run.evals, "wall": run.wall, "updates": run.updates,
-                                             "partial": True}  # readable while the run goes on
+                curves["methods"][method] = {
+                    "evals": run.evals,
+                    "wall": run.wall,
+                    "updates": run.updates,
+                    "partial": True,
+                }  # readable while the run goes on
                 (out / "curves.json").write_text(json.dumps(curves, indent=1))
                 last = [e["success"] for e in run.evals[-2:]]
                 if args.stop_at is not None and len(last) == 2 and min(last) >= args.stop_at:
                     print(f"  [{method}] reached {args.stop_at:.2f} twice in a row: stopping", flush=True)
                     break
         hit = next((e["env_steps"] for e in run.evals if e["success"] >= 0.9), None)
-        curves["methods"][method] = {"evals": run.evals, "train_success": run.train_success, "wall": run.wall,
-                                     "env_steps_to_90": hit, "updates": run.updates}
+        curves["methods"][method] = {
+            "evals": run.evals,
+            "train_success": run.train_success,
+            "wall": run.wall,
+            "env_steps_to_90": hit,
+            "updates": run.updates,
+        }
         (out / "curves.json").write_text(json.dumps(curves, indent=1))
 
     print("\n== result (" + args.task + f", seeds {EVAL_SEED}..{EVAL_SEED + args.eval_episodes - 1})")
@@ -229,10 +284,12 @@ def main(argv=None) -> int:
         best = max(r["evals"], key=lambda e: e["success"])
         final = r["evals"][-1]
         w = r["wall"]
-        print(f"  {method:10s} final {final['success']:.2f} after {final['env_steps']} env steps "
-              f"(best {best['success']:.2f} at {best['env_steps']}); first >= 0.90 at "
-              f"{r['env_steps_to_90'] or 'never'} env steps; wall env {w['env']:.0f} s + updates {w['update']:.0f} s "
-              f"+ eval {w['eval']:.0f} s ({r['updates']} updates, {'cuda' if torch.cuda.is_available() else 'cpu'})")
+        print(
+            f"  {method:10s} final {final['success']:.2f} after {final['env_steps']} env steps "
+            f"(best {best['success']:.2f} at {best['env_steps']}); first >= 0.90 at "
+            f"{r['env_steps_to_90'] or 'never'} env steps; wall env {w['env']:.0f} s + updates {w['update']:.0f} s "
+            f"+ eval {w['eval']:.0f} s ({r['updates']} updates, {'cuda' if torch.cuda.is_available() else 'cpu'})"
+        )
     plot(curves, out / "learning_curves.png")
     print(f"curves: {out / 'curves.json'}, plot: {out / 'learning_curves.png'}")
     return 0
@@ -246,8 +303,12 @@ def plot(curves: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, r in curves["methods"].items():
-        ax.plot([e["env_steps"] for e in r["evals"]], [e["success"] for e in r["evals"]], "o-",
-                label="base + residual (ResFiT)" if method == "residual" else "SAC/RLPD, no base")
+        ax.plot(
+            [e["env_steps"] for e in r["evals"]],
+            [e["success"] for e in r["evals"]],
+            "o-",
+            label="base + residual (ResFiT)" if method == "residual" else "SAC/RLPD, no base",
+        )
     if "base_eval" in curves:
         ax.axhline(curves["base_eval"]["success"], ls="--", color="gray", label="base alone")
     ax.set_xlabel("environment steps")

@@ -31,9 +31,17 @@ def record(tmp: Path, episodes: int) -> Path:
     from robot_rl.commands.record import Recorder
 
     with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("record", overrides=[f"record.path={tmp / 'store'}", f"record.episodes={episodes}",
-                                           "robot.cameras=[agentview,robot0_eye_in_hand]", "robot.camera_height=96",
-                                           "robot.camera_width=96", "record.report_every_s=1000"])
+        cfg = compose(
+            "record",
+            overrides=[
+                f"record.path={tmp / 'store'}",
+                f"record.episodes={episodes}",
+                "robot.cameras=[agentview,robot0_eye_in_hand]",
+                "robot.camera_height=96",
+                "robot.camera_width=96",
+                "record.report_every_s=1000",
+            ],
+        )
     Recorder(cfg, tmp / "run").run()
     return tmp / "store"
 
@@ -48,8 +56,11 @@ def lerobot_layout(src: Path, dst: Path) -> Path:
     low = [k for k, f in store.features.items() if k.startswith("obs.") and not f.is_image]
     cams = [k for k, f in store.features.items() if f.is_image]
     dim = sum(int(np.prod(store.features[k].shape)) for k in low)
-    feats = {"obs.state": Feature((dim,)), **{k: store.features[k] for k in cams},
-             **{k: store.features[k] for k in ("action", "success", "timestamp")}}
+    feats = {
+        "obs.state": Feature((dim,)),
+        **{k: store.features[k] for k in cams},
+        **{k: store.features[k] for k in ("action", "success", "timestamp")},
+    }
     out = EpisodeStore.create(dst, feats, store.fps)
     w = out.writer()
     for i in range(store.num_episodes):
@@ -100,8 +111,9 @@ def lerobot(root: Path, images: bool, workers: int, batches: int, repeats: int) 
     ds = LeRobotDataset("bench/sampling", root=root, video_backend="pyav", delta_timestamps=delta)
     if not images:  # do not decode frames we do not use
         ds.meta.info["features"] = {k: v for k, v in ds.meta.features.items() if "images" not in k}
-    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
     it = iter(loader)
 
     def batch():
@@ -130,8 +142,10 @@ def main() -> None:
         from robot_rl.data.episode_store import EpisodeStore
 
         n = EpisodeStore.open(store).num_steps
-        print(f"{episodes} Lift demos, {n} steps, 2 cameras 96x96; batch {BATCH}, obs horizon {TO}, action "
-              f"horizon {HA}; batches/s (median of {repeats})")
+        print(
+            f"{episodes} Lift demos, {n} steps, 2 cameras 96x96; batch {BATCH}, obs horizon {TO}, action "
+            f"horizon {HA}; batches/s (median of {repeats})"
+        )
         for images in (False, True):
             label = "state + 2 cameras" if images else "state only"
             o = ours(store, images, batches * (20 if not images else 5), repeats)

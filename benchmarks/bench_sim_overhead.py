@@ -25,8 +25,17 @@ def main() -> None:
 
     robot = RobosuiteRobot(env_name=args.env)
     robot.connect()
-    raw = suite.make(args.env, robots="Panda", has_renderer=False, has_offscreen_renderer=False,
-                     use_camera_obs=False, ignore_done=True, control_freq=20, horizon=200, hard_reset=False)
+    raw = suite.make(
+        args.env,
+        robots="Panda",
+        has_renderer=False,
+        has_offscreen_renderer=False,
+        use_camera_obs=False,
+        ignore_done=True,
+        control_freq=20,
+        horizon=200,
+        hard_reset=False,
+    )
     dim = robot.action_feature.shape[0]
     actions = np.random.default_rng(0).uniform(-0.3, 0.3, (steps, dim)).astype(np.float32)
 

@@ -59,8 +59,9 @@ def record(path: Path, episodes: int, steps: int, size: int, seed: int) -> dict:
                 action = expert.get_action(obs)
                 success = bool(robot.is_success())  # the state this frame shows
                 n_success += success
-                writer.add({**{OBS_PREFIX + k: v for k, v in obs.items()}, "action": action,
-                            "success": np.bool_(success)})
+                writer.add(
+                    {**{OBS_PREFIX + k: v for k, v in obs.items()}, "action": action, "success": np.bool_(success)}
+                )
                 robot.send_action(action)
                 obs = robot.get_observation()
             writer.save({"success": n_success > 0})
@@ -112,25 +113,47 @@ def main() -> None:
         rec = record(out / "store", args.episodes, args.steps, args.size, args.seed)
         rec_s = time.perf_counter() - t0
         failed = sum(n == 0 for _, n in rec["episodes"])
-        print(f"recorded {args.episodes} Lift episodes x {args.steps} steps, agentview {args.size}x{args.size}, "
-              f"expert/mediocre/poor in turn, in {rec_s:.0f} s; {failed} episodes never lifted the cube")
+        print(
+            f"recorded {args.episodes} Lift episodes x {args.steps} steps, agentview {args.size}x{args.size}, "
+            f"expert/mediocre/poor in turn, in {rec_s:.0f} s; {failed} episodes never lifted the cube"
+        )
         result = train_classifier(
-            out / "store", out / "classifier", ["agentview_image"], steps=args.train_steps,
-            batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, seed=args.seed, device="cpu",
-            threshold=args.threshold, weight_decay=float(defaults.weight_decay),
-            encoder=OmegaConf.to_container(defaults.encoder), hidden=list(defaults.hidden),
-            dropout=float(defaults.dropout), log_every=max(1, args.train_steps // 5))
+            out / "store",
+            out / "classifier",
+            ["agentview_image"],
+            steps=args.train_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            device="cpu",
+            threshold=args.threshold,
+            weight_decay=float(defaults.weight_decay),
+            encoder=OmegaConf.to_container(defaults.encoder),
+            hidden=list(defaults.hidden),
+            dropout=float(defaults.dropout),
+            log_every=max(1, args.train_steps // 5),
+        )
         print(format_metrics(result))
         clf = load_classifier(out / "classifier")
         frames = EpisodeStore.open(out / "store").array("obs.agentview_image")[: args.inference_frames]
         ms = inference_ms(clf, frames, "agentview_image", args.inference_frames)
         params = sum(p.numel() for p in clf.parameters())
-        print(f"inference: {ms:.2f} ms per frame (median of {args.inference_frames}, 1 frame, {args.threads} CPU "
-              f"thread(s)); {params} parameters; training {result['train_s']:.0f} s for {args.train_steps} steps "
-              f"of {args.batch_size}")
-        print(json.dumps({"val_accuracy": (result["val"] or {}).get("accuracy"),
-                          "train_accuracy": result["train"]["accuracy"], "frames": result["frames"],
-                          "inference_ms": ms}))
+        print(
+            f"inference: {ms:.2f} ms per frame (median of {args.inference_frames}, 1 frame, {args.threads} CPU "
+            f"thread(s)); {params} parameters; training {result['train_s']:.0f} s for {args.train_steps} steps "
+            f"of {args.batch_size}"
+        )
+        print(
+            json.dumps(
+                {
+                    "val_accuracy": (result["val"] or {}).get("accuracy"),
+                    "train_accuracy": result["train"]["accuracy"],
+                    "frames": result["frames"],
+                    "inference_ms": ms,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -27,16 +27,32 @@ def ours(down_dims: list[int], batch: int):
 
     obs = {"robot_state": Feature((S,)), "object_state": Feature((E,))}
     act = Feature((A,), low=-np.ones(A, np.float32), high=np.ones(A, np.float32))
-    policy = DiffusionPolicy.from_features(obs, act, {"down_dims": down_dims, "kernel_size": 5, "n_groups": 8,
-                                                      "diffusion_step_embed_dim": 128, "obs_horizon": TO,
-                                                      "action_horizon": HA, "n_action_steps": 8})
+    policy = DiffusionPolicy.from_features(
+        obs,
+        act,
+        {
+            "down_dims": down_dims,
+            "kernel_size": 5,
+            "n_groups": 8,
+            "diffusion_step_embed_dim": 128,
+            "obs_horizon": TO,
+            "action_horizon": HA,
+            "n_action_steps": 8,
+        },
+    )
     rng = np.random.default_rng(0)
-    data = {"robot_state": rng.uniform(-1, 1, (1000, S)).astype(np.float32),
-            "object_state": rng.uniform(-1, 1, (1000, E)).astype(np.float32),
-            "action": rng.uniform(-1, 1, (1000, A)).astype(np.float32)}
+    data = {
+        "robot_state": rng.uniform(-1, 1, (1000, S)).astype(np.float32),
+        "object_state": rng.uniform(-1, 1, (1000, E)).astype(np.float32),
+        "action": rng.uniform(-1, 1, (1000, A)).astype(np.float32),
+    }
     policy.fit_normalizer(data)
-    b = {"obs.robot_state": torch.rand(batch, TO, S) * 2 - 1, "obs.object_state": torch.rand(batch, TO, E) * 2 - 1,
-         "action": torch.rand(batch, HA, A) * 2 - 1, "action_is_pad": torch.zeros(batch, HA, dtype=torch.bool)}
+    b = {
+        "obs.robot_state": torch.rand(batch, TO, S) * 2 - 1,
+        "obs.object_state": torch.rand(batch, TO, E) * 2 - 1,
+        "action": torch.rand(batch, HA, A) * 2 - 1,
+        "action_is_pad": torch.zeros(batch, HA, dtype=torch.bool),
+    }
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
 
     def step():
@@ -54,16 +70,30 @@ def lerobot(down_dims: list[int], batch: int):
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 
     cfg = DiffusionConfig(
-        n_obs_steps=TO, horizon=HA, n_action_steps=8, down_dims=tuple(down_dims), kernel_size=5, n_groups=8,
-        diffusion_step_embed_dim=128, num_train_timesteps=100, prediction_type="epsilon", device="cpu",
-        input_features={"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(S,)),
-                        "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(E,))},
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(A,))})
+        n_obs_steps=TO,
+        horizon=HA,
+        n_action_steps=8,
+        down_dims=tuple(down_dims),
+        kernel_size=5,
+        n_groups=8,
+        diffusion_step_embed_dim=128,
+        num_train_timesteps=100,
+        prediction_type="epsilon",
+        device="cpu",
+        input_features={
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(S,)),
+            "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(E,)),
+        },
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(A,))},
+    )
     policy = DiffusionPolicy(cfg)
     policy.train()
-    b = {"observation.state": torch.rand(batch, TO, S) * 2 - 1,
-         "observation.environment_state": torch.rand(batch, TO, E) * 2 - 1,
-         "action": torch.rand(batch, HA, A) * 2 - 1, "action_is_pad": torch.zeros(batch, HA, dtype=torch.bool)}
+    b = {
+        "observation.state": torch.rand(batch, TO, S) * 2 - 1,
+        "observation.environment_state": torch.rand(batch, TO, E) * 2 - 1,
+        "action": torch.rand(batch, HA, A) * 2 - 1,
+        "action_is_pad": torch.zeros(batch, HA, dtype=torch.bool),
+    }
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
 
     def step():
@@ -97,11 +127,12 @@ def main() -> None:
                 step()
             rates[name].append(steps * args.batch / (time.perf_counter() - t))
     o, lr = statistics.median(rates["ours"]), statistics.median(rates["lerobot"])
-    print(f"diffusion-policy training on CPU ({args.threads} torch threads), batch {args.batch}, down_dims "
-          f"{args.down_dims}, obs horizon {TO}, action horizon {HA}")
+    print(
+        f"diffusion-policy training on CPU ({args.threads} torch threads), batch {args.batch}, down_dims "
+        f"{args.down_dims}, obs horizon {TO}, action horizon {HA}"
+    )
     print(f"  trainable parameters: ours {params['ours'] / 1e6:.2f} M, lerobot {params['lerobot'] / 1e6:.2f} M")
-    print(f"  samples/s (median of {blocks} blocks of {steps} steps): ours {o:.0f} vs lerobot {lr:.0f} "
-          f"({o / lr:.2f}x)")
+    print(f"  samples/s (median of {blocks} blocks of {steps} steps): ours {o:.0f} vs lerobot {lr:.0f} ({o / lr:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -154,11 +154,15 @@ def main() -> None:
         return f"ipc://{tmp}/b{next(counter)}.ipc" if kind == "ipc" else _free_tcp()
 
     rows = []
-    print(f"state-only throughput: {n_tp} transitions, batch {BATCH}, median of {repeats}; "
-          f"image latency: 2x96x96x3 uint8 at 30 Hz for {lat_s:.0f} s\n", flush=True)
+    print(
+        f"state-only throughput: {n_tp} transitions, batch {BATCH}, median of {repeats}; "
+        f"image latency: 2x96x96x3 uint8 at 30 Hz for {lat_s:.0f} s\n",
+        flush=True,
+    )
     for kind in ("ipc", "tcp"):
-        ours = statistics.median(_run("ours", "throughput", endpoint(kind), n_tp, delay=0.005)["rate"]
-                                 for _ in range(repeats))
+        ours = statistics.median(
+            _run("ours", "throughput", endpoint(kind), n_tp, delay=0.005)["rate"] for _ in range(repeats)
+        )
         base = statistics.median(_run("pickle", "throughput", endpoint(kind), n_tp)["rate"] for _ in range(repeats))
         rows.append((f"throughput {kind} (transitions/s)", f"{ours:,.0f}", f"{base:,.0f}", f"{ours / base:.2f}"))
         print(*rows[-1], sep=" | ", flush=True)
@@ -169,12 +173,14 @@ def main() -> None:
         base = _run("pickle", "latency", endpoint(kind), n_img, hz=30.0)
         dflt = _run("ours", "latency", endpoint(kind), n_img, hz=30.0, delay=0.05)
         for key, label in (("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")):
-            rows.append((f"image 30 Hz {kind} {label}", f"{ours[key]:.2f}", f"{base[key]:.2f}",
-                         f"{ours[key] / base[key]:.2f}"))
+            rows.append(
+                (f"image 30 Hz {kind} {label}", f"{ours[key]:.2f}", f"{base[key]:.2f}", f"{ours[key] / base[key]:.2f}")
+            )
             print(*rows[-1], sep=" | ", flush=True)
         rows.append((f"image 30 Hz {kind} lost / {n_img}", str(ours["lost"]), str(base["lost"]), ""))
-        rows.append((f"  (ours, max_batch_delay_s=0.05) p50/p99 ms", f"{dflt['p50_ms']:.1f}/{dflt['p99_ms']:.1f}",
-                     "", ""))
+        rows.append(
+            ("  (ours, max_batch_delay_s=0.05) p50/p99 ms", f"{dflt['p50_ms']:.1f}/{dflt['p99_ms']:.1f}", "", "")
+        )
         print(*rows[-2], sep=" | ", flush=True)
 
     w = [max(len(r[i]) for r in rows + [("metric", "ours", "pickle", "ours/pickle")]) for i in range(4)]

@@ -104,8 +104,9 @@ def compose(name: str, overrides: list[str]):
 # ----------------------------------------------------------------------------------------------------- stages
 
 
-def record_demos(task: str, store: Path, episodes: int, quality: str | None, seed: int,
-                 expert_knobs: dict[str, float] | None = None) -> dict:
+def record_demos(
+    task: str, store: Path, episodes: int, quality: str | None, seed: int, expert_knobs: dict[str, float] | None = None
+) -> dict:
     """Scripted-expert demos into `store` (reused when it already holds `episodes` episodes). Returns a summary."""
     from robot_rl.control.pacing import PacedLoop
     from robot_rl.data.episode_store import EpisodeStore
@@ -121,9 +122,19 @@ def record_demos(task: str, store: Path, episodes: int, quality: str | None, see
     shutil.rmtree(store, ignore_errors=True)
     robot = compose("record", [f"robot={task}"]).robot
     teleop = {"quality": quality, "seed": seed, **(expert_knobs or {})}
-    cfg = compose("record", [f"robot={task}", f"seed={seed}", f"record.path={store}", f"record.episodes={episodes}",
-                             f"record.max_episode_steps={int(robot.horizon)}", "record.report_every_s=1e9",
-                             "record.operator=residual_base", *_ov("teleop", teleop)])
+    cfg = compose(
+        "record",
+        [
+            f"robot={task}",
+            f"seed={seed}",
+            f"record.path={store}",
+            f"record.episodes={episodes}",
+            f"record.max_episode_steps={int(robot.horizon)}",
+            "record.report_every_s=1e9",
+            "record.operator=residual_base",
+            *_ov("teleop", teleop),
+        ],
+    )
     run_dir = store.parent / "record_run"
     rec = Recorder(cfg, run_dir)
     rec.loop = PacedLoop(1e6)  # unpaced: sim time advances per step, the wall clock does not matter
@@ -141,8 +152,14 @@ def _finished(run: Path, steps: int) -> bool:
     return pointer.exists() and json.loads(pointer.read_text()).get("step") == steps
 
 
-def train_base(store: Path, run: Path, steps: int, seed: int, policy: dict[str, Any] | None = None,
-               train: dict[str, Any] | None = None) -> dict:
+def train_base(
+    store: Path,
+    run: Path,
+    steps: int,
+    seed: int,
+    policy: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+) -> dict:
     """The chunked diffusion base on `store` (1 CPU thread); reused when `run` already finished `steps`."""
     import torch
 
@@ -155,11 +172,23 @@ def train_base(store: Path, run: Path, steps: int, seed: int, policy: dict[str, 
         return {"reused": True, "wall_s": prev.get("wall_s"), "final_loss": prev.get("final_loss")}
     torch.set_num_threads(1)
     resume = (run / "checkpoints" / "latest").exists()
-    cfg = compose("train", [f"train.data={store}", f"train.steps={steps}", f"train.seed={seed}",
-                            f"train.checkpoint_every={max(steps // 2, 1)}", "train.num_threads=1",
-                            "train.device=cpu", "train.progress=false", "train.tensorboard=false",
-                            "train.log_every=50", f"train.resume={str(resume).lower()}",
-                            *_ov("train", {**TRAIN, **(train or {})}), *_ov("policy", {**POLICY, **(policy or {})})])
+    cfg = compose(
+        "train",
+        [
+            f"train.data={store}",
+            f"train.steps={steps}",
+            f"train.seed={seed}",
+            f"train.checkpoint_every={max(steps // 2, 1)}",
+            "train.num_threads=1",
+            "train.device=cpu",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.log_every=50",
+            f"train.resume={str(resume).lower()}",
+            *_ov("train", {**TRAIN, **(train or {})}),
+            *_ov("policy", {**POLICY, **(policy or {})}),
+        ],
+    )
     t0 = time.monotonic()
     summary = Trainer(cfg, run).run()
     wall = time.monotonic() - t0
@@ -202,25 +231,39 @@ def time_chunks(checkpoint: Path, store: Path, n: int = 50, warmup: int = 5) -> 
     s.close()
     wall, cpu = [], []
     for i in range(n + warmup):
-        obs = {k[len(OBS_PREFIX):]: frames[k][i % len(frames[k])] for k in keys}
+        obs = {k[len(OBS_PREFIX) :]: frames[k][i % len(frames[k])] for k in keys}
         policy.reset()
         t0, c0 = time.perf_counter(), time.thread_time()
         policy.select_action(obs)
         if i >= warmup:
             wall.append(time.perf_counter() - t0)
             cpu.append(time.thread_time() - c0)
-    return {"wall_p50_ms": float(np.median(wall) * 1e3), "wall_min_ms": float(np.min(wall) * 1e3),
-            "cpu_p50_ms": float(np.median(cpu) * 1e3), "n": n}
+    return {
+        "wall_p50_ms": float(np.median(wall) * 1e3),
+        "wall_min_ms": float(np.min(wall) * 1e3),
+        "cpu_p50_ms": float(np.median(cpu) * 1e3),
+        "n": n,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- API
 
 
-def make_weak_base(task: str, out_dir: str | os.PathLike, *, episodes: int | None = None,
-                   quality: str | None = "default", train_steps: int | None = None, seed: int = 0,
-                   eval_episodes: int = 50, eval_seed: int = 10_000, expert_knobs: dict[str, float] | None = None,
-                   policy: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> dict:
+def make_weak_base(
+    task: str,
+    out_dir: str | os.PathLike,
+    *,
+    episodes: int | None = None,
+    quality: str | None = "default",
+    train_steps: int | None = None,
+    seed: int = 0,
+    eval_episodes: int = 50,
+    eval_seed: int = 10_000,
+    expert_knobs: dict[str, float] | None = None,
+    policy: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Record demos, train a weak chunked diffusion BC base, evaluate it; cached in `out_dir` (see module doc).
 
     task: "lift" | "pick_place_can" (the robot config names). episodes / quality / train_steps: None or "default"
@@ -250,16 +293,20 @@ def make_weak_base(task: str, out_dir: str | os.PathLike, *, episodes: int | Non
         if cached.get("settings") == settings:
             cached["cached"] = True
             return cached
-        raise ValueError(f"{out} already holds a base made with other settings ({cached.get('settings')}); "
-                         f"pass overwrite=True (--overwrite) or choose another out_dir")
+        raise ValueError(
+            f"{out} already holds a base made with other settings ({cached.get('settings')}); "
+            f"pass overwrite=True (--overwrite) or choose another out_dir"
+        )
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     # stages of an earlier (interrupted or differently configured) run are reused only if their settings match
     record_key = {k: settings[k] for k in ("task", "episodes", "quality", "expert_knobs", "seed")}
     train_key = {**record_key, **{k: settings[k] for k in ("train_steps", "policy", "train")}}
-    for name, key, stale in (("record", record_key, ("demos", "record_run", "record_wall_s.json", "train")),
-                             ("train", train_key, ("train",))):
+    for name, key, stale in (
+        ("record", record_key, ("demos", "record_run", "record_wall_s.json", "train")),
+        ("train", train_key, ("train",)),
+    ):
         stamp = out / f"{name}_settings.json"
         if not stamp.exists() or json.loads(stamp.read_text()) != key:
             for sub in stale:
@@ -269,8 +316,9 @@ def make_weak_base(task: str, out_dir: str | os.PathLike, *, episodes: int | Non
 
     t_all = time.monotonic()
     store = out / "demos"
-    rec = record_demos(task, store, settings["episodes"], settings["quality"], settings["seed"],
-                       settings["expert_knobs"])
+    rec = record_demos(
+        task, store, settings["episodes"], settings["quality"], settings["seed"], settings["expert_knobs"]
+    )
     log.info("demos: %s", rec)
     from robot_rl.data.episode_store import EpisodeStore
 
@@ -335,33 +383,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failed-grasp", type=float, default=None, help="expert failed-grasp probability")
     ap.add_argument("--train-steps", type=int, default=None, help="BC steps (default: per task)")
     ap.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {TRAIN['lr']})")
-    ap.add_argument("--obs-keys", default=None, help="comma-separated policy observations; 'all' = every 1-D "
-                                                     "observation (default: the robomimic low-dim set)")
+    ap.add_argument(
+        "--obs-keys",
+        default=None,
+        help="comma-separated policy observations; 'all' = every 1-D observation (default: the robomimic low-dim set)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="demo env seeds seed.., expert noise, training")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--eval-seed", type=int, default=10_000)
     ap.add_argument("--overwrite", action="store_true", help="discard what --out holds and start over")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("robot_rl.commands.record", "robot_rl.commands.train", "robot_rl.commands.evaluate", "robosuite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    knobs = {k: v for k, v in (("noise_std", args.noise_std), ("hesitation", args.hesitation),
-                               ("failed_grasp", args.failed_grasp)) if v is not None}
+    knobs = {
+        k: v
+        for k, v in (
+            ("noise_std", args.noise_std),
+            ("hesitation", args.hesitation),
+            ("failed_grasp", args.failed_grasp),
+        )
+        if v is not None
+    }
     quality = None if args.quality.lower() in ("none", "null") else args.quality
     policy = {}
     if args.obs_keys:
         policy["obs_keys"] = None if args.obs_keys == "all" else args.obs_keys.split(",")
-    res = make_weak_base(args.task, args.out, episodes=args.episodes, quality=quality, train_steps=args.train_steps,
-                         seed=args.seed, eval_episodes=args.eval_episodes, eval_seed=args.eval_seed,
-                         expert_knobs=knobs, policy=policy or None,
-                         train={"lr": args.lr} if args.lr is not None else None, overwrite=args.overwrite)
+    res = make_weak_base(
+        args.task,
+        args.out,
+        episodes=args.episodes,
+        quality=quality,
+        train_steps=args.train_steps,
+        seed=args.seed,
+        eval_episodes=args.eval_episodes,
+        eval_seed=args.eval_seed,
+        expert_knobs=knobs,
+        policy=policy or None,
+        train={"lr": args.lr} if args.lr is not None else None,
+        overwrite=args.overwrite,
+    )
     lo, hi = res["ci"]
     print(json.dumps({k: v for k, v in res.items() if k != "settings"}, indent=1))
-    print(f"{res['task']}: success {res['success']:.2f} [{lo:.2f}, {hi:.2f}] over {res['settings']['eval_episodes']} "
-          f"episodes; {res['demos']} demos ({res['settings']['quality']}), {res['settings']['train_steps']} train "
-          f"steps; chunk p50 {res['chunk_ms']:.1f} ms; train {res['train_s'] or 0:.0f} s, total {res['total_s']:.0f} s"
-          f"{' (cached)' if res.get('cached') else ''}")
+    print(
+        f"{res['task']}: success {res['success']:.2f} [{lo:.2f}, {hi:.2f}] over {res['settings']['eval_episodes']} "
+        f"episodes; {res['demos']} demos ({res['settings']['quality']}), {res['settings']['train_steps']} train "
+        f"steps; chunk p50 {res['chunk_ms']:.1f} ms; train {res['train_s'] or 0:.0f} s, total {res['total_s']:.0f} s"
+        f"{' (cached)' if res.get('cached') else ''}"
+    )
     return 0
 
 

@@ -38,10 +38,22 @@ from robot_rl.control.telemetry import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("learner-kill", "control-kill", "sigstop", "ctrl-c", "disk-full")
-BASE = ["session.episodes=8", "session.expert_episodes=1", "session.max_episode_steps=40", "session.rate_hz=20",
-        "session.stop_on_success=false", "session.restart_crashed=2", "algo.min_transitions=40",
-        "algo.publish_every_updates=20", "algo.batch_size=64", "policy.hidden=[64,64]", "device=cpu",
-        "tensorboard=false", "session.watchdog_s=0.5", "session.heartbeat_s=0.02"]
+BASE = [
+    "session.episodes=8",
+    "session.expert_episodes=1",
+    "session.max_episode_steps=40",
+    "session.rate_hz=20",
+    "session.stop_on_success=false",
+    "session.restart_crashed=2",
+    "algo.min_transitions=40",
+    "algo.publish_every_updates=20",
+    "algo.batch_size=64",
+    "policy.hidden=[64,64]",
+    "device=cpu",
+    "tensorboard=false",
+    "session.watchdog_s=0.5",
+    "session.heartbeat_s=0.02",
+]
 BUSY = "import numpy as np\na = np.random.rand(300, 300)\nwhile True:\n    a = a @ a; a /= np.abs(a).max() + 1e-9\n"
 
 
@@ -104,8 +116,10 @@ class Run:
             return args
         size_kb = self.rng.randint(2500, 4500)  # the disk fills at a random moment
         args += ["session.episodes=400", "session.space_reserve_mb=1"]
-        script = (f"mount -t tmpfs -o size={size_kb}k none {self.run} && \"$@\"; code=$?; "
-                  f"cp -a {self.run}/. {self.kept}/; exit $code")
+        script = (
+            f'mount -t tmpfs -o size={size_kb}k none {self.run} && "$@"; code=$?; '
+            f"cp -a {self.run}/. {self.kept}/; exit $code"
+        )
         return [*self.unshare, "sh", "-c", script, "sh", *args]
 
     def execute(self) -> tuple[bool, list[str]]:
@@ -114,8 +128,9 @@ class Run:
         self.kept.mkdir()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         with self.log.open("w") as out:
-            proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+            )
             try:
                 self.inject(proc)
                 proc.wait(600)
@@ -176,15 +191,20 @@ class Run:
         expect_ok = self.scenario != "disk-full"
         # exit code and status agree, and are what the scenario should give
         if (summary.get("exit_code") != self.code) or ((self.code == 0) != (summary.get("status") == "ok")):
-            problems.append(f"exit code {self.code} vs summary exit_code {summary.get('exit_code')} / status "
-                            f"{summary.get('status')}")
+            problems.append(
+                f"exit code {self.code} vs summary exit_code {summary.get('exit_code')} / status "
+                f"{summary.get('status')}"
+            )
         if expect_ok and self.code != 0:
             problems.append(f"exit code {self.code}: {summary.get('problems')}")
         if not expect_ok:
             if self.code != 28 or not summary.get("disk_full"):
                 problems.append(f"disk-full: exit code {self.code}, disk_full {summary.get('disk_full')}")
-            leftovers = [str(p.relative_to(run)) for p in run.rglob("*")
-                         if p.name.endswith(".tmp") or (p.suffix == ".png" and p.stat().st_size == 0)]
+            leftovers = [
+                str(p.relative_to(run))
+                for p in run.rglob("*")
+                if p.name.endswith(".tmp") or (p.suffix == ".png" and p.stat().st_size == 0)
+            ]
             if leftovers:
                 problems.append(f"half-written files left: {leftovers}")
             if "Traceback" in self.log.read_text():
@@ -213,8 +233,10 @@ class Run:
             if expect_ok:
                 if stored != set(range(sent)):
                     missing = sorted(set(range(sent)) - stored)
-                    problems.append(f"replay holds {len(stored)} of {sent} seqs (missing {missing[:5]}..., extra "
-                                    f"{sorted(stored - set(range(sent)))[:5]})")
+                    problems.append(
+                        f"replay holds {len(stored)} of {sent} seqs (missing {missing[:5]}..., extra "
+                        f"{sorted(stored - set(range(sent)))[:5]})"
+                    )
             else:
                 on_disk_or_log = int(((learner.get("senders") or {}).get("robot0") or {}).get("transitions", 0))
                 if on_disk_or_log < (acked or 0):
@@ -227,8 +249,10 @@ class Run:
             log_eps = {int(e["episode"]) for e in read_jsonl(run / "control" / "episodes.jsonl")}
             replay_eps = replay_episode_set(run / "learner" / "replay.zarr")
             if expect_ok and log_eps != replay_eps:
-                problems.append(f"episodes differ: log only {sorted(log_eps - replay_eps)}, replay only "
-                                f"{sorted(replay_eps - log_eps)}")
+                problems.append(
+                    f"episodes differ: log only {sorted(log_eps - replay_eps)}, replay only "
+                    f"{sorted(replay_eps - log_eps)}"
+                )
             if expect_ok and not (summary.get("episodes_logged") or {}).get("agree"):
                 problems.append("summary says the episodes do not agree")
         if expect_ok and top.get("unacknowledged") != 0:
@@ -241,11 +265,15 @@ class Run:
             if restarts.get("robot0") != 1:
                 problems.append(f"restarts {restarts}, expected the control process once")
             e = summary.get("episodes_logged") or {}
-            self.notes.append(f"episodes: log {e.get('control_logs')} / replay {e.get('replay')} "
-                              f"({e.get('interrupted')} interrupted by the kill)")
+            self.notes.append(
+                f"episodes: log {e.get('control_logs')} / replay {e.get('replay')} "
+                f"({e.get('interrupted')} interrupted by the kill)"
+            )
         if self.scenario == "disk-full":
-            self.notes.append(f"stopped early after {sent} transitions: {acked} acknowledged, "
-                              f"{top.get('stored')} stored, {top.get('unacknowledged')} kept in the outbox")
+            self.notes.append(
+                f"stopped early after {sent} transitions: {acked} acknowledged, "
+                f"{top.get('stored')} stored, {top.get('unacknowledged')} kept in the outbox"
+            )
         if self.scenario == "sigstop" and self.fault_t:
             o = summary.get("watchdog_outages") or {}
             self.notes.append(f"outages {o.get('count')}, longest {o.get('longest_s')} s")
@@ -311,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="soak_session_"))
     unshare = can_mount(root)
-    load = [subprocess.Popen([sys.executable, "-c", BUSY], env=dict(os.environ, OMP_NUM_THREADS="1"))
-            for _ in range(args.load)]
+    load = [
+        subprocess.Popen([sys.executable, "-c", BUSY], env=dict(os.environ, OMP_NUM_THREADS="1"))
+        for _ in range(args.load)
+    ]
     results: dict[str, list[tuple[bool | None, list[str]]]] = {s: [] for s in scenarios}
     try:
         for i in range(args.n):
@@ -323,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 ok, notes = Run(scenario, i, root, random.Random(rng.random()), unshare).execute()
                 results[scenario].append((ok, notes))
-                print(f"[{scenario} #{i}] {'PASS' if ok else 'FAIL'} in {time.time() - t0:.0f} s: "
-                      f"{'; '.join(notes)}", flush=True)
+                print(
+                    f"[{scenario} #{i}] {'PASS' if ok else 'FAIL'} in {time.time() - t0:.0f} s: {'; '.join(notes)}",
+                    flush=True,
+                )
     finally:
         for p in load:
             p.kill()

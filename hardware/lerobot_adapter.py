@@ -98,8 +98,10 @@ def _build_config(base, kind: str, type: str, config_kwargs: dict):
         try:
             cls = base.get_choice_class(type)
         except KeyError:
-            raise ValueError(f"{kind}.type={type!r} is not a registered lerobot {kind}; choose one of: "
-                             f"{', '.join(sorted(base.get_known_choices()))}") from None
+            raise ValueError(
+                f"{kind}.type={type!r} is not a registered lerobot {kind}; choose one of: "
+                f"{', '.join(sorted(base.get_known_choices()))}"
+            ) from None
     import draccus
 
     try:  # draccus decodes nested dicts (cameras={"front": {"type": "opencv", ...}}) and str paths
@@ -128,9 +130,11 @@ def _instantiate(factory, cfg, type: str):
         return factory(cfg)
     except ImportError as e:  # lerobot's device SDKs are optional extras
         missing = getattr(e, "name", None) or str(e)
-        raise ImportError(f"lerobot device {type!r} needs the optional package {missing!r}: install lerobot's "
-                          f"extra for this hardware, e.g. `pip install 'lerobot[feetech]'` (SO-100/101), "
-                          f"'lerobot[dynamixel]' (Koch, OMX), 'lerobot[gamepad]' or 'lerobot[intelrealsense]'") from e
+        raise ImportError(
+            f"lerobot device {type!r} needs the optional package {missing!r}: install lerobot's "
+            f"extra for this hardware, e.g. `pip install 'lerobot[feetech]'` (SO-100/101), "
+            f"'lerobot[dynamixel]' (Koch, OMX), 'lerobot[gamepad]' or 'lerobot[intelrealsense]'"
+        ) from e
 
 
 def _open(device, what: str, calibrate: bool) -> None:
@@ -139,8 +143,9 @@ def _open(device, what: str, calibrate: bool) -> None:
     except Exception as e:
         if type(e).__name__ == "DeviceAlreadyConnectedError":
             return
-        raise ConnectionError(f"could not open lerobot {what} {device!s} ({type(device).__name__}): "
-                              f"{type(e).__name__}: {e}. {_OPEN_HELP}") from e
+        raise ConnectionError(
+            f"could not open lerobot {what} {device!s} ({type(device).__name__}): {type(e).__name__}: {e}. {_OPEN_HELP}"
+        ) from e
 
 
 # ------------------------------------------------------------------------------------------------------- robot
@@ -155,28 +160,46 @@ class LeRobotRobot(Robot):
         self._dropped = 0
         obs_feats = dict(robot.observation_features)
         self.state_names = [k for k, v in obs_feats.items() if _is_scalar(v)]
-        self.depth_keys = [k for k, v in obs_feats.items()
-                           if k.endswith("_depth") and isinstance(v, tuple) and len(v) == 3 and v[-1] == 1]
-        self.image_keys = [k for k, v in obs_feats.items() if k not in self.depth_keys
-                           and isinstance(v, tuple) and len(v) == 3 and v[-1] in (1, 3, 4)]
-        self.array_keys = {k: tuple(v) for k, v in obs_feats.items()
-                           if isinstance(v, tuple) and k not in self.image_keys and k not in self.depth_keys}
+        self.depth_keys = [
+            k
+            for k, v in obs_feats.items()
+            if k.endswith("_depth") and isinstance(v, tuple) and len(v) == 3 and v[-1] == 1
+        ]
+        self.image_keys = [
+            k
+            for k, v in obs_feats.items()
+            if k not in self.depth_keys and isinstance(v, tuple) and len(v) == 3 and v[-1] in (1, 3, 4)
+        ]
+        self.array_keys = {
+            k: tuple(v)
+            for k, v in obs_feats.items()
+            if isinstance(v, tuple) and k not in self.image_keys and k not in self.depth_keys
+        }
         self.action_names = _vector_names(robot.action_features)
         if not self.action_names:
             raise ValueError(f"{self.name}: no scalar action features in {robot.action_features!r}")
         if action_low is None or action_high is None:
-            log.warning("%s: no action bounds given (lerobot robots do not publish them): bounds are ±inf, so the "
-                        "safety filter can only catch NaNs. Pass action_low/action_high.", self.name)
+            log.warning(
+                "%s: no action bounds given (lerobot robots do not publish them): bounds are ±inf, so the "
+                "safety filter can only catch NaNs. Pass action_low/action_high.",
+                self.name,
+            )
         self._low = _bounds(action_low, self.action_names, -np.inf, "action_low")
         self._high = _bounds(action_high, self.action_names, np.inf, "action_high")
         if np.any(self._low > self._high):
-            raise ValueError(f"{self.name}: action_low > action_high for "
-                             f"{[n for n, lo, hi in zip(self.action_names, self._low, self._high) if lo > hi]}")
+            raise ValueError(
+                f"{self.name}: action_low > action_high for "
+                f"{[n for n, lo, hi in zip(self.action_names, self._low, self._high) if lo > hi]}"
+            )
 
     @classmethod
     def from_type(cls, type: str, action_low=None, action_high=None, calibrate: bool = True, **config_kwargs):
-        return cls(make_lerobot_robot(type, **config_kwargs), action_low=action_low, action_high=action_high,
-                   calibrate=calibrate)
+        return cls(
+            make_lerobot_robot(type, **config_kwargs),
+            action_low=action_low,
+            action_high=action_high,
+            calibrate=calibrate,
+        )
 
     @property
     def observation_features(self) -> dict[str, Feature]:
@@ -193,8 +216,13 @@ class LeRobotRobot(Robot):
 
     @property
     def action_feature(self) -> Feature:
-        return Feature(shape=(len(self.action_names),), dtype="float32", names=tuple(self.action_names),
-                       low=self._low.copy(), high=self._high.copy())
+        return Feature(
+            shape=(len(self.action_names),),
+            dtype="float32",
+            names=tuple(self.action_names),
+            low=self._low.copy(),
+            high=self._high.copy(),
+        )
 
     @property
     def is_connected(self) -> bool:
@@ -239,8 +267,10 @@ class LeRobotRobot(Robot):
     def send_action(self, action: np.ndarray) -> np.ndarray:
         a = np.asarray(action, dtype=np.float32).reshape(-1)
         if a.shape[0] != len(self.action_names):
-            raise ValueError(f"{self.name}: action has {a.shape[0]} entries, expected {len(self.action_names)} "
-                             f"({', '.join(self.action_names)})")
+            raise ValueError(
+                f"{self.name}: action has {a.shape[0]} entries, expected {len(self.action_names)} "
+                f"({', '.join(self.action_names)})"
+            )
         a = np.clip(a, self._low, self._high)
         sent = self.robot.send_action({n: float(x) for n, x in zip(self.action_names, a)})
         if sent is None:
@@ -264,8 +294,7 @@ class LeRobotTeleop(Teleop):
     reports events (gamepad, keyboard_ee); otherwise it is the constant given (True for a leader arm whose
     actions always drive the robot)."""
 
-    def __init__(self, teleop, intervening: bool = False, calibrate: bool = True, action_low=None,
-                 action_high=None):
+    def __init__(self, teleop, intervening: bool = False, calibrate: bool = True, action_low=None, action_high=None):
         self.teleop = teleop
         self.name = f"lerobot_{getattr(teleop, 'name', type(teleop).__name__)}"
         self.calibrate = calibrate
@@ -284,8 +313,13 @@ class LeRobotTeleop(Teleop):
 
     @property
     def action_feature(self) -> Feature:
-        return Feature(shape=(len(self.action_names),), dtype="float32", names=tuple(self.action_names),
-                       low=self._low.copy(), high=self._high.copy())
+        return Feature(
+            shape=(len(self.action_names),),
+            dtype="float32",
+            names=tuple(self.action_names),
+            low=self._low.copy(),
+            high=self._high.copy(),
+        )
 
     def connect(self) -> None:
         if not self.teleop.is_connected:
@@ -300,8 +334,7 @@ class LeRobotTeleop(Teleop):
         events_fn = getattr(self.teleop, "get_teleop_events", None)
         if callable(events_fn):
             self.last_events = dict(events_fn() or {})
-            flag = next((v for k, v in self.last_events.items() if getattr(k, "value", k) == "is_intervention"),
-                        None)
+            flag = next((v for k, v in self.last_events.items() if getattr(k, "value", k) == "is_intervention"), None)
             self._intervening = self._default_intervening if flag is None else bool(flag)
         # devices such as keyboards only report the keys in use: absent entries are 0
         return np.array([float(raw.get(n, 0.0)) for n in self.action_names], dtype=np.float32)

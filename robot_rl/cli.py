@@ -25,14 +25,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-VERBS = {"session": "session", "control": "session", "learner": "session", "record": "record",
-         "train": "train", "deploy": "deploy", "eval": "eval", "distill": "distill",
-         "train-classifier": "classifier"}  # verb -> config name
+VERBS = {
+    "session": "session",
+    "control": "session",
+    "learner": "session",
+    "record": "record",
+    "train": "train",
+    "deploy": "deploy",
+    "eval": "eval",
+    "distill": "distill",
+    "train-classifier": "classifier",
+}  # verb -> config name
 
 
-PLAIN_VERBS = {"dataset": "robot_rl.data.tool", "replay": "robot_rl.commands.replay", "export": "robot_rl.data.interchange",
-               "import": "robot_rl.data.interchange_import",
-               "export-policy": "robot_rl.policies.artifact"}  # verb -> module with main(argv) -> exit code
+PLAIN_VERBS = {
+    "dataset": "robot_rl.data.tool",
+    "replay": "robot_rl.commands.replay",
+    "export": "robot_rl.data.interchange",
+    "import": "robot_rl.data.interchange_import",
+    "export-policy": "robot_rl.policies.artifact",
+}  # verb -> module with main(argv) -> exit code
 
 
 def _run_verb(verb: str, cfg) -> None:
@@ -55,8 +67,12 @@ def _run_verb(verb: str, cfg) -> None:
         if verb in ("deploy", "eval", "distill", "train-classifier"):
             import importlib
 
-            module = {"deploy": "robot_rl.commands.deploy", "eval": "robot_rl.commands.evaluate", "distill": "robot_rl.commands.distill",
-                      "train-classifier": "robot_rl.reward.classifier"}[verb]
+            module = {
+                "deploy": "robot_rl.commands.deploy",
+                "eval": "robot_rl.commands.evaluate",
+                "distill": "robot_rl.commands.distill",
+                "train-classifier": "robot_rl.reward.classifier",
+            }[verb]
             write_run_info(run_dir, cfg, verb)
             sys.exit(importlib.import_module(module).main(cfg, run_dir))
         if verb == "train":
@@ -106,8 +122,10 @@ def _keys(argv: list[str]) -> int:
     client_public, client_secret = generate_keys(str(directory), "client")
     (directory / "authorized_clients").mkdir(exist_ok=True)
     shutil.copy(client_public, directory / "authorized_clients" / "client.key")
-    print(f"learner machine needs: {server_secret}, {directory / 'authorized_clients'}/\n"
-          f"robot machine needs:   {client_secret}, {server_public}  (same directory layout)")
+    print(
+        f"learner machine needs: {server_secret}, {directory / 'authorized_clients'}/\n"
+        f"robot machine needs:   {client_secret}, {server_public}  (same directory layout)"
+    )
     return 0
 
 
@@ -128,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(PLAIN_VERBS[verb])
         return module.main(rest)
     if verb not in VERBS:
-        print(f"robot-rl: unknown verb {verb!r}; choose one of: {', '.join([*VERBS, *PLAIN_VERBS, 'keys'])}",
-              file=sys.stderr)
+        print(
+            f"robot-rl: unknown verb {verb!r}; choose one of: {', '.join([*VERBS, *PLAIN_VERBS, 'keys'])}",
+            file=sys.stderr,
+        )
         return 2
     import hydra
 
     sys.argv = [f"robot-rl {verb}", *rest]  # hydra reads its overrides from sys.argv
     hydra.main(config_path="pkg://robot_rl.configs", config_name=VERBS[verb], version_base=None)(
-        lambda cfg: _run_verb(verb, cfg))()
+        lambda cfg: _run_verb(verb, cfg)
+    )()
     return 0
 
 

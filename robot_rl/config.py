@@ -53,8 +53,14 @@ def write_run_info(run_dir: Path, cfg: DictConfig, verb: str) -> None:
     """The resolved config and git hash next to the run's outputs, so any run can be reproduced."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    info = {"verb": verb, "argv": sys.argv, "git": git_hash(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "host": os.uname().nodename, "pid": os.getpid()}
+    info = {
+        "verb": verb,
+        "argv": sys.argv,
+        "git": git_hash(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+    }
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
@@ -71,5 +77,6 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
-                        force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S", force=True
+    )

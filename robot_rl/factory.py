@@ -70,8 +70,9 @@ def make_teleop(cfg, robot: Robot) -> Teleop | None:
             return LeRobotTeleop(make_lerobot_teleop(cfg.pop("lerobot_type"), **cfg), **ours)
     except (ValueError, TypeError, KeyError, ImportError) as e:
         raise ConfigError(f"teleop: {e}") from None
-    raise ConfigError(f"teleop.type={kind!r} is not a known teleop type; choose one of: none, scripted, device, "
-                      f"lerobot")
+    raise ConfigError(
+        f"teleop.type={kind!r} is not a known teleop type; choose one of: none, scripted, device, lerobot"
+    )
 
 
 def make_policy(cfg, robot: Robot):
@@ -84,8 +85,9 @@ def make_policy(cfg, robot: Robot):
     if kind == "none":
         return None
     if kind not in POLICY_TYPES:
-        raise ConfigError(f"policy.type={kind!r} is not a known policy type; choose one of: none, "
-                          f"{', '.join(POLICY_TYPES)}")
+        raise ConfigError(
+            f"policy.type={kind!r} is not a known policy type; choose one of: none, {', '.join(POLICY_TYPES)}"
+        )
     try:
         return build_policy(cfg, robot.observation_features, robot.action_feature)
     except ValueError as e:

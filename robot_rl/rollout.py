@@ -36,18 +36,18 @@ class Step:
     """One finished tick, as the hooks see it."""
 
     index: int
-    obs: Observation                # the observation the action was chosen from
-    policy_action: Action           # None: the policy was not asked, or had nothing (a starved chunk runner)
-    teleop_action: Action           # the teleop/expert's action: the label, also when the policy acted
-    source: str                     # who acted: "policy", "teleop" or "none" (control.takeover.SOURCES)
-    action: np.ndarray              # what the robot executed (send_action's return)
-    forced_safe: bool               # the safety filter sent its safe action instead of the proposal
+    obs: Observation  # the observation the action was chosen from
+    policy_action: Action  # None: the policy was not asked, or had nothing (a starved chunk runner)
+    teleop_action: Action  # the teleop/expert's action: the label, also when the policy acted
+    source: str  # who acted: "policy", "teleop" or "none" (control.takeover.SOURCES)
+    action: np.ndarray  # what the robot executed (send_action's return)
+    forced_safe: bool  # the safety filter sent its safe action instead of the proposal
     next_obs: Observation
     success: bool
-    done: bool                      # the episode ends with this step
-    t: float                        # wall clock (time.time()) when the tick began
-    policy_s: float                 # seconds in the policy call (latency statistics)
-    lateness: float | None = None   # how late the pacer woke for the next tick (None: not paced)
+    done: bool  # the episode ends with this step
+    t: float  # wall clock (time.time()) when the tick began
+    policy_s: float  # seconds in the policy call (latency statistics)
+    lateness: float | None = None  # how late the pacer woke for the next tick (None: not paced)
 
 
 def seed_policy_noise(policy, seed: int) -> None:
@@ -64,15 +64,15 @@ class Rollout:
     """What stays fixed from episode to episode: the robot, who may act, the filter, the pace, when to stop."""
 
     robot: Robot
-    policy: Any = None                       # reset/seeded per episode; acts through `act` or select_action
+    policy: Any = None  # reset/seeded per episode; acts through `act` or select_action
     act: Callable[[Observation], Action] | None = None  # replaces policy.select_action (deploy's chunk runner)
     teleop: Teleop | None = None
-    safety: SafetyFilter | None = None       # None: the proposal is sent as is (sim evaluation)
+    safety: SafetyFilter | None = None  # None: the proposal is sent as is (sim evaluation)
     success: Callable[[Observation, Robot], bool] | None = None  # a SuccessDetector; None: robot.is_success()
-    pacer: PacedLoop | None = None           # None: as fast as the robot steps (evaluation in sim)
+    pacer: PacedLoop | None = None  # None: as fast as the robot steps (evaluation in sim)
     stop_on_success: bool = True
-    success_extra_steps: int = 0             # keep going this many successful steps before stopping (recording)
-    teleop_fills_gaps: bool = True           # no policy action: the teleop acts (False: the safe action; deploy)
+    success_extra_steps: int = 0  # keep going this many successful steps before stopping (recording)
+    teleop_fills_gaps: bool = True  # no policy action: the teleop acts (False: the safe action; deploy)
 
     def __post_init__(self):
         if self.success is None:
@@ -93,10 +93,19 @@ class Rollout:
             self.teleop.reset()
         return obs
 
-    def episode(self, obs: Observation, max_steps: int, *, teleop_drives: bool = False, with_teleop: bool = True,
-                before_step: Callable[[int, Observation], str | None] | None = None,
-                force_safe: Callable[[str], bool] | None = None, stop: Callable[[], bool] | None = None,
-                hooks: Iterable[Callable[[Step], Any]] = (), keep_pacing_stats: bool = False) -> dict:
+    def episode(
+        self,
+        obs: Observation,
+        max_steps: int,
+        *,
+        teleop_drives: bool = False,
+        with_teleop: bool = True,
+        before_step: Callable[[int, Observation], str | None] | None = None,
+        force_safe: Callable[[str], bool] | None = None,
+        stop: Callable[[], bool] | None = None,
+        hooks: Iterable[Callable[[Step], Any]] = (),
+        keep_pacing_stats: bool = False,
+    ) -> dict:
         """Run one episode from `obs` (what `reset` returned) for at most `max_steps` steps.
 
         `teleop_drives`: the teleop acts every step (demonstrations, expert episodes); `with_teleop=False`: the
@@ -134,8 +143,11 @@ class Rollout:
                 next_obs = self.robot.get_observation()
             success = bool(self.success(next_obs, self.robot))
             successes_in_a_row = successes_in_a_row + 1 if success else 0
-            done = ((self.stop_on_success and successes_in_a_row > self.success_extra_steps)
-                    or index == max_steps - 1 or bool(stop is not None and stop()))
+            done = (
+                (self.stop_on_success and successes_in_a_row > self.success_extra_steps)
+                or index == max_steps - 1
+                or bool(stop is not None and stop())
+            )
             step = Step(index, obs, policy_action, label, source, sent, forced, next_obs, success, done, t, policy_s)
             counts["steps"] += 1
             counts["policy_steps"] += source == "policy"
@@ -150,9 +162,17 @@ class Rollout:
                 break
         return {"success": success, **counts, "ended_by": ended_by, "duration_s": time.perf_counter() - t0}
 
-    def run_episodes(self, episodes: int, seed: int, max_steps: int, *,
-                     on_start: Callable[[int, int], Any] | None = None, on_end: Callable[[dict], Any] | None = None,
-                     stop: Callable[[], bool] | None = None, **episode_kwargs) -> list[dict]:
+    def run_episodes(
+        self,
+        episodes: int,
+        seed: int,
+        max_steps: int,
+        *,
+        on_start: Callable[[int, int], Any] | None = None,
+        on_end: Callable[[dict], Any] | None = None,
+        stop: Callable[[], bool] | None = None,
+        **episode_kwargs,
+    ) -> list[dict]:
         """A seeded block: episode i starts from `reset(seed + i)`, so equal seeds give equal initial states and
         equal policy noise. `on_start(i, seed)` runs after the reset (a video's first frame), `on_end(result)`
         after the episode; `stop()` is asked before each episode. Other arguments go to `episode`."""
@@ -174,8 +194,11 @@ class Rollout:
     def _who_acts(self, teleop, label: Action, policy_action: Action, teleop_drives: bool) -> tuple[str, Action]:
         """`pick_source`; without `teleop_fills_gaps` a starved policy holds unless the teleop takes over."""
         source, proposal = pick_source(teleop, label, policy_action, teleop_drives)
-        if source == "teleop" and policy_action is None and not (
-                self.teleop_fills_gaps or teleop_drives or teleop.intervening):
+        if (
+            source == "teleop"
+            and policy_action is None
+            and not (self.teleop_fills_gaps or teleop_drives or teleop.intervening)
+        ):
             return "none", None
         return source, proposal
 

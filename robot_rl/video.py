@@ -70,12 +70,13 @@ def tile(images: Sequence[np.ndarray], columns: int | None = None, gap: int = 0)
     if not imgs:
         raise ValueError("tile needs at least one image")
     h = imgs[0].shape[0]
-    imgs = [im if im.shape[0] == h else resize_nearest(im, h, max(1, round(im.shape[1] * h / im.shape[0])))
-            for im in imgs]
+    imgs = [
+        im if im.shape[0] == h else resize_nearest(im, h, max(1, round(im.shape[1] * h / im.shape[0]))) for im in imgs
+    ]
     columns = len(imgs) if columns is None else max(1, int(columns))
     rows = []
     for r in range(0, len(imgs), columns):
-        cells = imgs[r:r + columns]
+        cells = imgs[r : r + columns]
         parts = []
         for i, im in enumerate(cells):
             if i and gap:
@@ -156,8 +157,10 @@ class Mp4Writer:
             padded = pad_even(rgb)
             self._open(padded.shape[0], padded.shape[1])
         elif rgb.shape[:2] != self.size:
-            raise ValueError(f"frame {self.frames} of {self.path} is {rgb.shape[1]}x{rgb.shape[0]}, the first was "
-                             f"{self.size[1]}x{self.size[0]}: all frames of a video must have one size")
+            raise ValueError(
+                f"frame {self.frames} of {self.path} is {rgb.shape[1]}x{rgb.shape[0]}, the first was "
+                f"{self.size[1]}x{self.size[0]}: all frames of a video must have one size"
+            )
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(pad_even(rgb)), format="rgb24")
         vf.pts = self.frames
         vf.time_base = Fraction(1) / self._stream.codec_context.framerate
@@ -182,8 +185,9 @@ class Mp4Writer:
         self.close()
 
 
-def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: float, codec: str | None = None,
-              crf: int = 20) -> int:
+def write_mp4(
+    path: str | Path, frames: Iterable[np.ndarray], fps: float, codec: str | None = None, crf: int = 20
+) -> int:
     """Encode `frames` (HxWx3 uint8 RGB, one size) to `path` at `fps`; returns the number of frames written.
     Frames are consumed one at a time (a generator never has to be held in memory). No frames: no file."""
     with Mp4Writer(path, fps, codec=codec, crf=crf) as w:

@@ -72,11 +72,13 @@ _DOWN = np.diag([1.0, -1.0, -1.0])
 
 def _quat_xyzw_to_mat(q: np.ndarray) -> np.ndarray:
     x, y, z, w = np.asarray(q, dtype=np.float64) / max(float(np.linalg.norm(q)), 1e-12)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def _rotation_error(quat_xyzw: np.ndarray, target: np.ndarray = _DOWN) -> np.ndarray:
@@ -106,9 +108,16 @@ class _WaypointExpert(Teleop):
     drop_steps = 10  # steps the gripper is opened (arm still) when a grasp fails
     object_key = "cube_pos"
 
-    def __init__(self, noise_std: float | None = None, seed: int | None = None, eef_key: str = "robot0_eef_pos",
-                 *, hesitation: float | None = None, failed_grasp: float | None = None,
-                 quality: str | None = None):
+    def __init__(
+        self,
+        noise_std: float | None = None,
+        seed: int | None = None,
+        eef_key: str = "robot0_eef_pos",
+        *,
+        hesitation: float | None = None,
+        failed_grasp: float | None = None,
+        quality: str | None = None,
+    ):
         knobs = _resolve_quality(quality, noise_std=noise_std, hesitation=hesitation, failed_grasp=failed_grasp)
         self.noise_std = knobs["noise_std"]
         self.hesitation = knobs["hesitation"]
@@ -121,8 +130,13 @@ class _WaypointExpert(Teleop):
 
     @property
     def action_feature(self) -> Feature:
-        return Feature(shape=(7,), dtype="float32", names=_PANDA_OSC_NAMES, low=-np.ones(7, np.float32),
-                       high=np.ones(7, np.float32))
+        return Feature(
+            shape=(7,),
+            dtype="float32",
+            names=_PANDA_OSC_NAMES,
+            low=-np.ones(7, np.float32),
+            high=np.ones(7, np.float32),
+        )
 
     def reset(self) -> None:
         """New episode: clear the per-episode state (pause, doomed grasp). The rng stream is kept on purpose, so
@@ -206,8 +220,7 @@ class _MarkovPickExpert(_WaypointExpert):
     funnel = 0.25  # x-y tolerance added per metre of height above the grasp/release point: a descent, once
     # started, is not aborted by a small x-y error high up (the descent target corrects it), only near the bottom
 
-    def __init__(self, noise_std: float | None = None, seed: int | None = None, object_key: str | None = None,
-                 **kw):
+    def __init__(self, noise_std: float | None = None, seed: int | None = None, object_key: str | None = None, **kw):
         if object_key is not None:
             self.object_key = object_key
         super().__init__(noise_std=noise_std, seed=seed, **kw)
@@ -238,8 +251,11 @@ class _MarkovPickExpert(_WaypointExpert):
         if holding:
             self.phase = 3
             return self._holding(obs, eef, obj)
-        if self.held_gap[0] < gap < self.held_gap[1] and np.linalg.norm(eef - obj) < self.hold_tol \
-                and float(obs["robot0_gripper_qvel"][0] - obs["robot0_gripper_qvel"][1]) < 0.0:
+        if (
+            self.held_gap[0] < gap < self.held_gap[1]
+            and np.linalg.norm(eef - obj) < self.hold_tol
+            and float(obs["robot0_gripper_qvel"][0] - obs["robot0_gripper_qvel"][1]) < 0.0
+        ):
             # fingers still closing on the object (or shaken while holding it): keep closing, do not let go
             self.phase, self.mode = 2, "close"
             return grasp, CLOSE
@@ -334,8 +350,13 @@ class PickPlaceCanExpert(_MarkovPlaceExpert):
     lower_tol = 0.025
     release_tol = 0.035  # a can standing on the floor off the aim point is let go (x-y is not corrected there)
 
-    def __init__(self, noise_std: float | None = None, seed: int | None = None,
-                 target: tuple[float, float, float] | np.ndarray | None = None, **kw):
+    def __init__(
+        self,
+        noise_std: float | None = None,
+        seed: int | None = None,
+        target: tuple[float, float, float] | np.ndarray | None = None,
+        **kw,
+    ):
         self.target = np.asarray(PICK_PLACE_CAN_TARGET if target is None else target, dtype=np.float64)
         self.aim = self.target[:2] + np.asarray(self.aim_offset)
         super().__init__(noise_std=noise_std, seed=seed, **kw)
@@ -391,6 +412,7 @@ def make_expert(env_name: str, **kw) -> Teleop:
     try:
         cls = _EXPERTS[env_name]
     except KeyError:
-        raise ValueError(f"no scripted expert for env_name={env_name!r}; experts exist for: "
-                         f"{', '.join(sorted(_EXPERTS))}") from None
+        raise ValueError(
+            f"no scripted expert for env_name={env_name!r}; experts exist for: {', '.join(sorted(_EXPERTS))}"
+        ) from None
     return cls(**kw)

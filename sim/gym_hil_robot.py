@@ -31,14 +31,25 @@ class GymHilRobot(Robot):
 
     name = "gym_hil"
 
-    def __init__(self, env_name: str = "PandaPickCubeBase-v0", image_obs: bool = False, image_size: int = 128,
-                 control_dt: float = 0.1, reward_type: str = "sparse", random_block_position: bool = False,
-                 seed: int = 0):
+    def __init__(
+        self,
+        env_name: str = "PandaPickCubeBase-v0",
+        image_obs: bool = False,
+        image_size: int = 128,
+        control_dt: float = 0.1,
+        reward_type: str = "sparse",
+        random_block_position: bool = False,
+        seed: int = 0,
+    ):
         self.env_name = env_name
         self.env_id = env_name if "/" in env_name else f"gym_hil/{env_name}"
         self.image_obs, self.image_size = bool(image_obs), int(image_size)
-        self.kwargs: dict[str, Any] = {"control_dt": control_dt, "reward_type": reward_type,
-                                       "random_block_position": random_block_position, "seed": seed}
+        self.kwargs: dict[str, Any] = {
+            "control_dt": control_dt,
+            "reward_type": reward_type,
+            "random_block_position": random_block_position,
+            "seed": seed,
+        }
         self._check_env_name()  # a bad name fails at construction (a config error), not mid-session
         self.env = None
         self._obs: dict | None = None
@@ -55,8 +66,10 @@ class GymHilRobot(Robot):
             raise ImportError("robot=gym_hil needs gym-hil: pip install 'robot_rl[gym-hil]' (gym-hil 0.1.14)") from e
         if self.env_id not in gym.registry:
             ids = sorted(k for k in gym.registry if k.startswith("gym_hil/") and k.endswith("Base-v0"))
-            raise ValueError(f"robot.env_name={self.env_name!r} is not a gym-hil environment; choose one of: "
-                             f"{', '.join(i.split('/', 1)[1] for i in ids)}")
+            raise ValueError(
+                f"robot.env_name={self.env_name!r} is not a gym-hil environment; choose one of: "
+                f"{', '.join(i.split('/', 1)[1] for i in ids)}"
+            )
 
     def _make_env(self):
         import gymnasium as gym

@@ -39,14 +39,23 @@ from robot_rl.interfaces import Feature, Observation, Teleop
 class SimulatedIntervener(Teleop):
     name = "simulated_intervener"
 
-    def __init__(self, expert: Teleop, threshold: float = 0.5, patience: int = 3, min_steps: int = 10,
-                 release_patience: int = 3, probability: float = 1.0, seed: int | None = None,
-                 dims: list[int] | tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        expert: Teleop,
+        threshold: float = 0.5,
+        patience: int = 3,
+        min_steps: int = 10,
+        release_patience: int = 3,
+        probability: float = 1.0,
+        seed: int | None = None,
+        dims: list[int] | tuple[int, ...] | None = None,
+    ):
         if threshold < 0:
             raise ValueError(f"threshold={threshold} must be >= 0")
         if patience < 1 or release_patience < 1 or min_steps < 0:
-            raise ValueError(f"patience={patience} and release_patience={release_patience} must be >= 1, "
-                             f"min_steps={min_steps} >= 0")
+            raise ValueError(
+                f"patience={patience} and release_patience={release_patience} must be >= 1, min_steps={min_steps} >= 0"
+            )
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability={probability} must be in [0, 1]")
         self.expert = expert
@@ -140,6 +149,8 @@ class SimulatedIntervener(Teleop):
                 self.intervention_steps += 1
 
     def __repr__(self) -> str:
-        return (f"SimulatedIntervener({self.expert.name}, threshold={self.threshold}, patience={self.patience}, "
-                f"min_steps={self.min_steps}, release_patience={self.release_patience}, "
-                f"probability={self.probability})")
+        return (
+            f"SimulatedIntervener({self.expert.name}, threshold={self.threshold}, patience={self.patience}, "
+            f"min_steps={self.min_steps}, release_patience={self.release_patience}, "
+            f"probability={self.probability})"
+        )

@@ -8,7 +8,6 @@ lerobot conventions: flat dicts, one `"<name>": float` per action entry and per 
 (vector observations become `"<key>.<i>"`, or `"<key>"` when scalar), images as `"<camera>": (H, W, 3)` uint8.
 """
 
-
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -62,9 +61,15 @@ class LeRobotSimRobot(LeRobotBase):
         super().__init__(config)
         self.config = config
         self.sim = RobosuiteRobot(
-            env_name=config.env_name, robots=list(config.robots), control_freq=config.control_freq,
-            horizon=config.horizon, cameras=list(config.camera_names), camera_height=config.camera_height,
-            camera_width=config.camera_width, controller=config.controller, reward_shaping=config.reward_shaping,
+            env_name=config.env_name,
+            robots=list(config.robots),
+            control_freq=config.control_freq,
+            horizon=config.horizon,
+            cameras=list(config.camera_names),
+            camera_height=config.camera_height,
+            camera_width=config.camera_width,
+            controller=config.controller,
+            reward_shaping=config.reward_shaping,
         )
 
     # ------------------------------------------------------------------------------------------ features
@@ -78,8 +83,10 @@ class LeRobotSimRobot(LeRobotBase):
         else:
             unknown = [k for k in keys if k not in feats]
             if unknown:
-                raise ValueError(f"observation_keys {unknown} not in {self.config.env_name}'s observations: "
-                                 f"{', '.join(k for k, f in feats.items() if not f.is_image)}")
+                raise ValueError(
+                    f"observation_keys {unknown} not in {self.config.env_name}'s observations: "
+                    f"{', '.join(k for k, f in feats.items() if not f.is_image)}"
+                )
         layout = []
         for k in keys:
             n = int(np.prod(feats[k].shape))

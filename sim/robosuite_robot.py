@@ -47,8 +47,10 @@ def select_gl_backend() -> str | None:
         os.environ["MUJOCO_GL"] = "osmesa"
         os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
     else:
-        log.warning("No EGL or OSMesa library found: camera observations will fail. Install libegl1 (GPU or "
-                    "Mesa) or libosmesa6, or set MUJOCO_GL yourself.")
+        log.warning(
+            "No EGL or OSMesa library found: camera observations will fail. Install libegl1 (GPU or "
+            "Mesa) or libosmesa6, or set MUJOCO_GL yourself."
+        )
         return None
     log.info("MUJOCO_GL unset; using %s for offscreen rendering", os.environ["MUJOCO_GL"])
     return os.environ["MUJOCO_GL"]
@@ -81,8 +83,9 @@ def robosuite_choices() -> dict[str, list[str]]:
 def _validate(env_name: str, robots: list[str], controller: str | None) -> None:
     ch = robosuite_choices()
     if env_name not in ch["env_name"]:
-        raise ValueError(f"robot.env_name={env_name!r} is not a robosuite environment; choose one of: "
-                         f"{', '.join(ch['env_name'])}")
+        raise ValueError(
+            f"robot.env_name={env_name!r} is not a robosuite environment; choose one of: {', '.join(ch['env_name'])}"
+        )
     for r in robots:
         if r not in ch["robots"]:
             raise ValueError(f"robot.robots={r!r} is not a robosuite robot; choose one of: {', '.join(ch['robots'])}")
@@ -91,9 +94,11 @@ def _validate(env_name: str, robots: list[str], controller: str | None) -> None:
             if not os.path.isfile(controller):
                 raise ValueError(f"robot.controller={controller!r}: no such controller config file")
         elif controller not in ch["controller"]:
-            raise ValueError(f"robot.controller={controller!r} is not a robosuite composite controller; choose one "
-                             f"of: {', '.join(ch['controller'])}, a path to a .json config, or None for the "
-                             f"robot's default")
+            raise ValueError(
+                f"robot.controller={controller!r} is not a robosuite composite controller; choose one "
+                f"of: {', '.join(ch['controller'])}, a path to a .json config, or None for the "
+                f"robot's default"
+            )
 
 
 def _part_names(part_name: str, ctrl: Any, dim: int, is_gripper: bool) -> list[str]:
@@ -188,8 +193,9 @@ class RobosuiteRobot(Robot):
 
         controller_configs = None
         if self.controller is not None or len(self.robots) > 0:
-            controller_configs = [load_composite_controller_config(controller=self.controller, robot=r)
-                                  for r in self.robots]
+            controller_configs = [
+                load_composite_controller_config(controller=self.controller, robot=r) for r in self.robots
+            ]
             if len(controller_configs) == 1:
                 controller_configs = controller_configs[0]
         kw = dict(
@@ -213,8 +219,10 @@ class RobosuiteRobot(Robot):
             np.random.seed(0)
             return suite.make(**kw)
         except Exception as e:  # robosuite errors for bad combos (e.g. TwoArm env with one arm) are obscure
-            raise ValueError(f"robosuite could not build env_name={self.env_name!r} robots={self.robots!r} "
-                             f"controller={self.controller!r}: {e}") from e
+            raise ValueError(
+                f"robosuite could not build env_name={self.env_name!r} robots={self.robots!r} "
+                f"controller={self.controller!r}: {e}"
+            ) from e
         finally:
             np.random.set_state(saved)
 
@@ -229,8 +237,11 @@ class RobosuiteRobot(Robot):
         obs = env._get_observations(force_update=True) if self._env is not None else env.reset()
         low, high = env.action_spec
         spec = {
-            "lowdim": {k: tuple(np.shape(v)) for k, v in obs.items() if not k.endswith(_IMAGE_SUFFIX)
-                       and not k.endswith("_depth") and not k.endswith("_segmentation")},
+            "lowdim": {
+                k: tuple(np.shape(v))
+                for k, v in obs.items()
+                if not k.endswith(_IMAGE_SUFFIX) and not k.endswith("_depth") and not k.endswith("_segmentation")
+            },
             "low": np.asarray(low, np.float32),
             "high": np.asarray(high, np.float32),
             "names": _action_names(env),
@@ -242,8 +253,9 @@ class RobosuiteRobot(Robot):
     def _check_cameras(self, available: list[str]) -> None:
         for c in self.cameras:
             if c not in available:
-                raise ValueError(f"robot.cameras: {c!r} is not a camera of {self.env_name}; choose from: "
-                                 f"{', '.join(available)}")
+                raise ValueError(
+                    f"robot.cameras: {c!r} is not a camera of {self.env_name}; choose from: {', '.join(available)}"
+                )
 
     # ---------------------------------------------------------------------------------------------- features
     @property
@@ -257,8 +269,13 @@ class RobosuiteRobot(Robot):
     @property
     def action_feature(self) -> Feature:
         spec = self._spec()
-        return Feature(shape=(len(spec["low"]),), dtype="float32", names=spec["names"], low=spec["low"].copy(),
-                       high=spec["high"].copy())
+        return Feature(
+            shape=(len(spec["low"]),),
+            dtype="float32",
+            names=spec["names"],
+            low=spec["low"].copy(),
+            high=spec["high"].copy(),
+        )
 
     # -------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -338,7 +355,8 @@ class RobosuiteRobot(Robot):
                     f"cannot render cameras {self.cameras}: {e}. mujoco chose its GL backend "
                     f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}) when it was first imported; set MUJOCO_GL=egl "
                     f"(GPU or Mesa: apt-get install libegl1) or osmesa (libosmesa6) before starting, or import "
-                    f"robot_rl.sim.robosuite_robot before mujoco") from e
+                    f"robot_rl.sim.robosuite_robot before mujoco"
+                ) from e
             self._render_model = model
         out: Observation = {}
         for c in self.cameras:
@@ -358,8 +376,10 @@ class RobosuiteRobot(Robot):
         env = self._require()
         a = np.asarray(action, dtype=np.float32).reshape(-1)
         if a.shape != self._low.shape:
-            raise ValueError(f"{self.name}: action has shape {a.shape}, expected {self._low.shape} "
-                             f"({', '.join(self._spec()['names'])})")
+            raise ValueError(
+                f"{self.name}: action has shape {a.shape}, expected {self._low.shape} "
+                f"({', '.join(self._spec()['names'])})"
+            )
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{self.name}: non-finite action {a}")
         a = np.clip(a, self._low, self._high)
@@ -436,5 +456,7 @@ class RobosuiteRobot(Robot):
         return dict(self._obs)
 
     def __repr__(self) -> str:
-        return (f"RobosuiteRobot(env_name={self.env_name!r}, robots={self.robots!r}, cameras={self.cameras!r}, "
-                f"connected={self._connected})")
+        return (
+            f"RobosuiteRobot(env_name={self.env_name!r}, robots={self.robots!r}, cameras={self.cameras!r}, "
+            f"connected={self._connected})"
+        )

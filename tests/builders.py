@@ -15,8 +15,15 @@ from robot_rl.interfaces import OBS_PREFIX, Feature
 
 # ------------------------------------------------------------------------------------------- tiny policies
 
-TINY_DIFFUSION = {"down_dims": [16, 32], "diffusion_step_embed_dim": 16, "kernel_size": 3, "n_groups": 4,
-                  "action_horizon": 8, "n_action_steps": 4, "num_inference_steps": 3}
+TINY_DIFFUSION = {
+    "down_dims": [16, 32],
+    "diffusion_step_embed_dim": 16,
+    "kernel_size": 3,
+    "n_groups": 4,
+    "action_horizon": 8,
+    "n_action_steps": 4,
+    "num_inference_steps": 3,
+}
 TINY_IMAGE = {"channels": [8, 8], "strides": [2, 1], "feature_dim": 8, "num_keypoints": 4, "n_groups": 4}
 
 
@@ -41,8 +48,16 @@ def tiny_diffusion(**over) -> list[str]:
 def train_config(data, *overrides):
     """The `train` config on `data`: quiet, no tensorboard, no periodic checkpoint (`overrides` win)."""
     with initialize_config_module("robot_rl.configs", version_base=None):
-        return compose("train", overrides=[f"train.data={data}", "train.progress=false", "train.tensorboard=false",
-                                           "train.checkpoint_every=1000", *overrides])
+        return compose(
+            "train",
+            overrides=[
+                f"train.data={data}",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "train.checkpoint_every=1000",
+                *overrides,
+            ],
+        )
 
 
 def train_policy(data, run_dir: Path, *overrides) -> Path:
@@ -58,14 +73,21 @@ def train_policy(data, run_dir: Path, *overrides) -> Path:
 TOY_GAIN = np.array([[0.5, -0.3, 0.2, 0.1], [-0.2, 0.4, 0.1, -0.5]], np.float32)
 
 
-def toy_store(path, episodes: int = 6, steps: int = 20, *, success_at: int | None = -1, success_column: bool = True,
-              image: bool = False, info: dict | None = None) -> Path:
+def toy_store(
+    path,
+    episodes: int = 6,
+    steps: int = 20,
+    *,
+    success_at: int | None = -1,
+    success_column: bool = True,
+    image: bool = False,
+    info: dict | None = None,
+) -> Path:
     """Toy task at 10 fps: the action is tanh(TOY_GAIN @ state), the 4-d state drifts with the action; episode e
     starts from a seeded draw. `success` (a column unless `success_column` is false) turns on at step `success_at`
     (negative: counted from the end; None: never); an episode is a success unless `success_at` is None. `image`
     adds a 16x16 camera with a dot where the state points."""
-    feats = {"obs.state": Feature((4,)), "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2),
-                                                           high=np.ones(2))}
+    feats = {"obs.state": Feature((4,)), "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2), high=np.ones(2))}
     if success_column:
         feats["success"] = Feature((), "bool")
     if image:
@@ -97,8 +119,16 @@ def normal_draw(rng: np.random.Generator, shape) -> np.ndarray:
     return rng.normal(size=shape).astype(np.float32)
 
 
-def random_store(path, feats: dict[str, Feature], *, episodes: int, steps: int, fps: float, info: dict | None = None,
-                 draw: Callable[[np.random.Generator, tuple], np.ndarray] = normal_draw) -> Path:
+def random_store(
+    path,
+    feats: dict[str, Feature],
+    *,
+    episodes: int,
+    steps: int,
+    fps: float,
+    info: dict | None = None,
+    draw: Callable[[np.random.Generator, tuple], np.ndarray] = normal_draw,
+) -> Path:
     """Episodes of random frames (`draw(rng, shape)` per key and step, from seed 0): the right shapes, no task."""
     store = EpisodeStore.create(path, feats, fps=fps, info=info)
     w = store.writer()
@@ -112,8 +142,9 @@ def random_store(path, feats: dict[str, Feature], *, episodes: int, steps: int, 
     return Path(path)
 
 
-def robot_store(path, robot_cfg: dict, *, task: str | None = None, draw=normal_draw, episodes: int = 2,
-                steps: int = 12) -> Path:
+def robot_store(
+    path, robot_cfg: dict, *, task: str | None = None, draw=normal_draw, episodes: int = 2, steps: int = 12
+) -> Path:
     """A random store at 20 fps shaped like the robot `robot_cfg` builds (its observations and action), whose info
     names that robot, its config and `task` as a recording's would."""
     from robot_rl.factory import make_robot
@@ -126,6 +157,7 @@ def robot_store(path, robot_cfg: dict, *, task: str | None = None, draw=normal_d
 
 
 # ------------------------------------------------------------------------------------------------ recording
+
 
 def record_config(path, *overrides):
     """The `record` config writing to `path`, reporting rarely (`overrides` win)."""
@@ -170,14 +202,34 @@ TINY_BASE = tiny_diffusion(down_dims=[32, 64])
 def session_args(base: Path, run_dir: Path, ports, *extra) -> list[str]:
     """`robot-rl session algo=residual` on Lift with a tiny residual and critic, on the base at `base/base` and the
     demos at `base/demos` (as the lift_base fixture lays them out)."""
-    return ["session", "algo=residual", f"algo.base_checkpoint={base / 'base'}", f"algo.demos={base / 'demos'}",
-            "algo.actor_hidden=[32]", "algo.critic_hidden=[32,32]", "algo.num_critics=4", "algo.batch_size=32",
-            "algo.learning_starts=40", "algo.critic_warmup=20", "algo.publish_every_updates=10",
-            "algo.log_every_updates=10", "algo.updates_per_transition=1", "session.max_episode_steps=30",
-            "session.rate_hz=60", "session.stop_on_success=true", "session.eval_every_episodes=2",
-            "session.eval_episodes=1", "session.watchdog_s=1.0", "session.heartbeat_s=0.02", "device=cpu",
-            "tensorboard=false", f"session.transitions_port={ports[0]}", f"session.weights_port={ports[1]}",
-            f"hydra.run.dir={run_dir}", *extra]
+    return [
+        "session",
+        "algo=residual",
+        f"algo.base_checkpoint={base / 'base'}",
+        f"algo.demos={base / 'demos'}",
+        "algo.actor_hidden=[32]",
+        "algo.critic_hidden=[32,32]",
+        "algo.num_critics=4",
+        "algo.batch_size=32",
+        "algo.learning_starts=40",
+        "algo.critic_warmup=20",
+        "algo.publish_every_updates=10",
+        "algo.log_every_updates=10",
+        "algo.updates_per_transition=1",
+        "session.max_episode_steps=30",
+        "session.rate_hz=60",
+        "session.stop_on_success=true",
+        "session.eval_every_episodes=2",
+        "session.eval_episodes=1",
+        "session.watchdog_s=1.0",
+        "session.heartbeat_s=0.02",
+        "device=cpu",
+        "tensorboard=false",
+        f"session.transitions_port={ports[0]}",
+        f"session.weights_port={ports[1]}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def run_cli(args, timeout: float = 240):
@@ -189,9 +241,17 @@ def run_cli(args, timeout: float = 240):
 
 def base_from_demos(tmp: Path, *train_overrides, demos: int = 3, record_overrides=()) -> Path:
     """`tmp/demos`: scripted Lift demos (unpaced); `tmp/base`: a tiny diffusion base trained on them."""
-    summary = record_demos(tmp / "demos", tmp / "record_run", "robot=lift", f"record.episodes={demos}",
-                           "record.report_every_s=1e9", "teleop.quality=expert", "teleop.seed=0", *record_overrides,
-                           paced=False)
+    summary = record_demos(
+        tmp / "demos",
+        tmp / "record_run",
+        "robot=lift",
+        f"record.episodes={demos}",
+        "record.report_every_s=1e9",
+        "teleop.quality=expert",
+        "teleop.seed=0",
+        *record_overrides,
+        paced=False,
+    )
     assert summary["saved"] == demos
     train_policy(tmp / "demos", tmp / "base", "train.batch_size=16", *TINY_BASE, *train_overrides)
     return tmp

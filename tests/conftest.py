@@ -24,8 +24,14 @@ def ports():
 def robot_rl_cli(*args: str, timeout: float = 300, threads: int | None = None) -> subprocess.CompletedProcess:
     """Run the installed CLI exactly as a user would (a separate process); `threads` sets its OMP_NUM_THREADS."""
     env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
-    return subprocess.run([sys.executable, "-m", "robot_rl.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "robot_rl.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from robot_rl.interfaces import Feature
-from robot_rl.policies.artifact import (FORMAT_VERSION, ArtifactError, export_artifact, load_artifact, main_export,
-                                        read_manifest)
+from robot_rl.policies.artifact import (
+    FORMAT_VERSION,
+    ArtifactError,
+    export_artifact,
+    load_artifact,
+    main_export,
+    read_manifest,
+)
 from robot_rl.policies.checkpoint import load_policy
 
 from builders import random_store, tiny_diffusion, train_policy
@@ -22,10 +28,14 @@ ROBOT_CFG = {"type": "robosuite", "env_name": "Lift", "safety": {"safe_action": 
 
 
 def make_store(path):
-    feats = {"obs.state": Feature((4,)), "obs.vel": Feature((3,)),
-             "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2), high=np.ones(2))}
-    random_store(path, feats, episodes=3, steps=12, fps=15,
-                 info={"robot": "toy", "robot_config": ROBOT_CFG, "task": "t"})
+    feats = {
+        "obs.state": Feature((4,)),
+        "obs.vel": Feature((3,)),
+        "action": Feature((2,), names=("a0", "a1"), low=-np.ones(2), high=np.ones(2)),
+    }
+    random_store(
+        path, feats, episodes=3, steps=12, fps=15, info={"robot": "toy", "robot_config": ROBOT_CFG, "task": "t"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +45,9 @@ def runs(tmp_path_factory):
     out = {}
     policies = {"diffusion": tiny_diffusion(num_inference_steps=4), "mlp": ["policy=mlp", "policy.hidden=[16]"]}
     for kind, extra in policies.items():
-        out[kind] = train_policy(tmp / "store", tmp / kind, "train.steps=3", "train.batch_size=8",
-                                 "train.warmup_steps=1", *extra)
+        out[kind] = train_policy(
+            tmp / "store", tmp / kind, "train.steps=3", "train.batch_size=8", "train.warmup_steps=1", *extra
+        )
     return tmp, out
 
 

@@ -277,6 +277,7 @@ def test_synchronous_fallback_for_single_action_policies():
 
 # ---------------------------------------------------------------------------------------- deploy on sim Lift
 
+
 @pytest.fixture(scope="module")
 def lift_run(tmp_path_factory):
     """A tiny diffusion policy trained a few steps on random Lift-shaped data (through the real trainer, so
@@ -286,18 +287,32 @@ def lift_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     with initialize_config_module("robot_rl.configs", version_base=None):
         robot_cfg = OmegaConf.to_container(compose("deploy").robot, resolve=True)
-    robot_store(tmp / "store", robot_cfg, task="lift the cube",
-                draw=lambda rng, shape: rng.uniform(-0.5, 0.5, shape).astype(np.float32))
-    train_policy(tmp / "store", tmp / "run", "train.steps=3", "train.batch_size=4", "train.warmup_steps=1",
-                 *tiny_diffusion())
+    robot_store(
+        tmp / "store",
+        robot_cfg,
+        task="lift the cube",
+        draw=lambda rng, shape: rng.uniform(-0.5, 0.5, shape).astype(np.float32),
+    )
+    train_policy(
+        tmp / "store", tmp / "run", "train.steps=3", "train.batch_size=4", "train.warmup_steps=1", *tiny_diffusion()
+    )
     return tmp
 
 
 def deploy_cfg(checkpoint, *overrides):
     with initialize_config_module("robot_rl.configs", version_base=None):
-        return compose("deploy", overrides=[f"deploy.checkpoint={checkpoint}", "deploy.episodes=1",
-                                            "deploy.max_episode_steps=10", "deploy.stop_on_success=false",
-                                            "deploy.torch_threads=1", "deploy.executor=thread", *overrides])
+        return compose(
+            "deploy",
+            overrides=[
+                f"deploy.checkpoint={checkpoint}",
+                "deploy.episodes=1",
+                "deploy.max_episode_steps=10",
+                "deploy.stop_on_success=false",
+                "deploy.torch_threads=1",
+                "deploy.executor=thread",
+                *overrides,
+            ],
+        )
 
 
 def test_deploy_sim_episode_summary_and_recording(lift_run):
@@ -305,14 +320,26 @@ def test_deploy_sim_episode_summary_and_recording(lift_run):
     from robot_rl.commands.deploy import Deployer
 
     run = lift_run / "dep1"
-    d = Deployer(deploy_cfg(lift_run / "run", f"deploy.record_path={lift_run / 'rollouts'}"), run,
-                 robot_given=False)
+    d = Deployer(deploy_cfg(lift_run / "run", f"deploy.record_path={lift_run / 'rollouts'}"), run, robot_given=False)
     assert d.robot_from == "checkpoint" and d.task == "lift the cube"
     s = d.run()
     assert json.loads((run / "summary.json").read_text())["episodes"] == 1
-    for key in ("achieved_rate_hz", "overruns", "missed_slots", "lateness_p99_us", "work_p99_us", "inference_p50_ms",
-                "inference_p99_ms", "chunk_budget_ms", "delay_ticks_max", "starvations", "safety_events",
-                "success_rate", "episodes_detail", "warnings"):
+    for key in (
+        "achieved_rate_hz",
+        "overruns",
+        "missed_slots",
+        "lateness_p99_us",
+        "work_p99_us",
+        "inference_p50_ms",
+        "inference_p99_ms",
+        "chunk_budget_ms",
+        "delay_ticks_max",
+        "starvations",
+        "safety_events",
+        "success_rate",
+        "episodes_detail",
+        "warnings",
+    ):
         assert key in s, key
     assert s["steps"] == 10 and s["error"] is None and s["inference"] == "async" and s["blend"] == "ensemble"
     assert s["chunk_budget_ms"] == pytest.approx(4 * 50.0)  # n_action_steps ticks at 20 Hz
@@ -339,8 +366,16 @@ def test_deploy_starved_ticks_send_the_safe_action(lift_run):
     from robot_rl.data.episode_store import EpisodeStore
     from robot_rl.commands.deploy import Deployer
 
-    d = Deployer(deploy_cfg(lift_run / "run", "deploy.max_action_age=3", "deploy.replan_every=2",
-                            f"deploy.record_path={lift_run / 'starved'}"), lift_run / "dep_slow", robot_given=False)
+    d = Deployer(
+        deploy_cfg(
+            lift_run / "run",
+            "deploy.max_action_age=3",
+            "deploy.replan_every=2",
+            f"deploy.record_path={lift_run / 'starved'}",
+        ),
+        lift_run / "dep_slow",
+        robot_given=False,
+    )
     real = d.policy.predict_chunk
     calls = []
 
@@ -366,8 +401,11 @@ def test_deploy_starved_ticks_send_the_safe_action(lift_run):
 def test_deploy_sync_mode_and_slow_warning(lift_run):
     from robot_rl.commands.deploy import Deployer
 
-    s = Deployer(deploy_cfg(lift_run / "run", "deploy.inference=sync", "deploy.max_episode_steps=5",
-                            "deploy.rate_hz=1000"), lift_run / "dep_sync", robot_given=False).run()
+    s = Deployer(
+        deploy_cfg(lift_run / "run", "deploy.inference=sync", "deploy.max_episode_steps=5", "deploy.rate_hz=1000"),
+        lift_run / "dep_sync",
+        robot_given=False,
+    ).run()
     assert s["inference"] == "sync" and s["blend"] is None and s["runner"]["chunks"] >= 2
     assert s["chunk_budget_ms"] == pytest.approx(1.0)
     assert any("chunk inference p50" in w and "num_inference_steps" in w for w in s["warnings"])
@@ -393,8 +431,16 @@ def test_deploy_from_an_exported_artifact(lift_run):
     from robot_rl.policies.artifact import export_artifact
 
     export_artifact(lift_run / "run", lift_run / "artifact")
-    d = Deployer(deploy_cfg(lift_run / "artifact", "deploy.max_episode_steps=4", "deploy.num_inference_steps=2",
-                            "deploy.max_delta=0.001"), lift_run / "dep_art", robot_given=False)
+    d = Deployer(
+        deploy_cfg(
+            lift_run / "artifact",
+            "deploy.max_episode_steps=4",
+            "deploy.num_inference_steps=2",
+            "deploy.max_delta=0.001",
+        ),
+        lift_run / "dep_art",
+        robot_given=False,
+    )
     assert d.robot_from == "checkpoint" and d.robot.name == "robosuite_Lift_Panda"
     s = d.run()
     assert s["policy_source"] == "artifact" and len(s["policy_sha256"]) == 64 and s["steps"] == 4
@@ -406,8 +452,13 @@ def test_deploy_teleop_takeover(lift_run):
     from robot_rl.commands.deploy import Deployer
 
     # a simulated human who takes over as soon as the policy deviates from the expert at all (3 ticks' patience)
-    s = Deployer(deploy_cfg(lift_run / "run", "teleop=sim_intervener", "teleop.intervener.threshold=0.0",
-                            "deploy.max_episode_steps=12"), lift_run / "dep_takeover", robot_given=False).run()
+    s = Deployer(
+        deploy_cfg(
+            lift_run / "run", "teleop=sim_intervener", "teleop.intervener.threshold=0.0", "deploy.max_episode_steps=12"
+        ),
+        lift_run / "dep_takeover",
+        robot_given=False,
+    ).run()
     ep = s["episodes_detail"][0]
     assert ep["policy_steps"] in (2, 3) and ep["teleop_steps"] == 12 - ep["policy_steps"] and ep["safe_steps"] == 0
 
@@ -417,15 +468,23 @@ def test_process_executor_matches_the_thread_and_reports_load_errors(lift_run):
     from robot_rl.commands.deploy import Deployer
     from robot_rl.policies.chunking import ProcessPredictor, decode_message, encode_message
 
-    h, arrays = decode_message(encode_message({"op": "x"}, {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
-                                                             "b": np.zeros((0,), np.int64)}))
+    h, arrays = decode_message(
+        encode_message({"op": "x"}, {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros((0,), np.int64)})
+    )
     assert h == {"op": "x"} and arrays["a"].tolist() == [[0, 1, 2], [3, 4, 5]] and arrays["b"].shape == (0,)
 
     first = {}
     for executor in ("thread", "process"):
-        d = Deployer(deploy_cfg(lift_run / "run", "deploy.max_episode_steps=3", f"deploy.executor={executor}",
-                                f"deploy.record_path={lift_run / ('rec_' + executor)}"), lift_run / f"dep_{executor}",
-                     robot_given=False)
+        d = Deployer(
+            deploy_cfg(
+                lift_run / "run",
+                "deploy.max_episode_steps=3",
+                f"deploy.executor={executor}",
+                f"deploy.record_path={lift_run / ('rec_' + executor)}",
+            ),
+            lift_run / f"dep_{executor}",
+            robot_given=False,
+        )
         s = d.run()
         assert s["executor"] == executor and s["error"] is None and s["steps"] == 3
         first[executor] = EpisodeStore.open(lift_run / f"rec_{executor}").episode(0)["policy_action"][0]
@@ -433,7 +492,9 @@ def test_process_executor_matches_the_thread_and_reports_load_errors(lift_run):
     np.testing.assert_array_equal(first["thread"], first["process"])
 
     with pytest.raises(RuntimeError, match="could not load the policy(.|\n)*is not a policy checkpoint"):
-        ProcessPredictor("robot_rl.commands.deploy:worker_policy", {"checkpoint": str(lift_run / "nope"), "device": "cpu"})
+        ProcessPredictor(
+            "robot_rl.commands.deploy:worker_policy", {"checkpoint": str(lift_run / "nope"), "device": "cpu"}
+        )
 
 
 def test_prime_failure_is_reported_not_raised():
@@ -451,9 +512,19 @@ def test_prime_failure_is_reported_not_raised():
 def test_deploy_single_action_mlp_runs_synchronously(lift_run):
     from robot_rl.commands.deploy import Deployer
 
-    train_policy(lift_run / "store", lift_run / "mlp", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
-                 "policy=mlp", "policy.hidden=[16]")
-    s = Deployer(deploy_cfg(lift_run / "mlp", "deploy.max_episode_steps=4", "deploy.executor=process"),
-                 lift_run / "dep_mlp", robot_given=False).run()
+    train_policy(
+        lift_run / "store",
+        lift_run / "mlp",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.warmup_steps=1",
+        "policy=mlp",
+        "policy.hidden=[16]",
+    )
+    s = Deployer(
+        deploy_cfg(lift_run / "mlp", "deploy.max_episode_steps=4", "deploy.executor=process"),
+        lift_run / "dep_mlp",
+        robot_given=False,
+    ).run()
     assert s["policy_type"] == "MLPPolicy" and s["inference"] == "sync" and s["executor"] is None
     assert s["runner"]["mode"] == "sync" and s["runner"]["chunks"] == 4 and s["steps"] == 4 and s["error"] is None

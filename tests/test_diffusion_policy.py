@@ -18,8 +18,11 @@ TINY = {**TINY_DIFFUSION, "obs_horizon": 2, "num_inference_steps": 5, "image": {
 
 
 def features(image: bool) -> dict[str, Feature]:
-    f = {"obs.state": Feature((4,)), "obs.vel": Feature((3,)), "action": Feature((2,), low=-np.ones(2),
-                                                                                 high=np.ones(2))}
+    f = {
+        "obs.state": Feature((4,)),
+        "obs.vel": Feature((3,)),
+        "action": Feature((2,), low=-np.ones(2), high=np.ones(2)),
+    }
     if image:
         f["obs.cam_image"] = Feature((16, 16, 3), "uint8")
     return f
@@ -29,17 +32,24 @@ def make_policy(image: bool = False, **over) -> DiffusionPolicy:
     torch.manual_seed(0)
     p = DiffusionPolicy.from_store_features(features(image), {**TINY, **over})
     rng = np.random.default_rng(0)
-    p.fit_normalizer({"state": rng.normal(size=(100, 4)), "vel": rng.normal(size=(100, 3)),
-                      "action": rng.uniform(-0.5, 2.0, size=(100, 2))})
+    p.fit_normalizer(
+        {
+            "state": rng.normal(size=(100, 4)),
+            "vel": rng.normal(size=(100, 3)),
+            "action": rng.uniform(-0.5, 2.0, size=(100, 2)),
+        }
+    )
     return p
 
 
 def batch(b: int, image: bool, rng=None) -> dict[str, np.ndarray]:
     rng = rng or np.random.default_rng(1)
-    out = {"obs.state": rng.normal(size=(b, 2, 4)).astype(np.float32),
-           "obs.vel": rng.normal(size=(b, 2, 3)).astype(np.float32),
-           "action": rng.uniform(-0.5, 2.0, size=(b, 8, 2)).astype(np.float32),
-           "action_is_pad": np.zeros((b, 8), bool)}
+    out = {
+        "obs.state": rng.normal(size=(b, 2, 4)).astype(np.float32),
+        "obs.vel": rng.normal(size=(b, 2, 3)).astype(np.float32),
+        "action": rng.uniform(-0.5, 2.0, size=(b, 8, 2)).astype(np.float32),
+        "action_is_pad": np.zeros((b, 8), bool),
+    }
     if image:
         out["obs.cam_image"] = rng.integers(0, 256, size=(b, 2, 16, 16, 3), dtype=np.uint8)
     return out
@@ -91,8 +101,10 @@ def test_shapes_loss_and_chunk(image):
     # plain robot keys work as well as store keys
     plain = {k[4:]: torch.as_tensor(v) for k, v in b.items() if k.startswith("obs.")}
     noise = torch.randn(3, 8, 2)
-    assert torch.allclose(p.predict_chunk(plain, init_noise=noise),
-                          p.predict_chunk({k: v for k, v in b.items() if k.startswith("obs.")}, init_noise=noise))
+    assert torch.allclose(
+        p.predict_chunk(plain, init_noise=noise),
+        p.predict_chunk({k: v for k, v in b.items() if k.startswith("obs.")}, init_noise=noise),
+    )
 
 
 def test_padded_actions_do_not_count():
@@ -136,8 +148,9 @@ def test_ddim_and_ddpm():
 def test_select_action_queue_and_reset():
     p = make_policy().eval()
     rng = np.random.default_rng(2)
-    obs_seq = [{"state": rng.normal(size=4).astype(np.float32), "vel": rng.normal(size=3).astype(np.float32)}
-               for _ in range(9)]
+    obs_seq = [
+        {"state": rng.normal(size=4).astype(np.float32), "vel": rng.normal(size=3).astype(np.float32)} for _ in range(9)
+    ]
     p.generator = torch.Generator().manual_seed(11)
     acts = [p.select_action(o) for o in obs_seq]
     assert all(a.shape == (2,) and a.dtype == np.float32 for a in acts)
@@ -179,8 +192,11 @@ def test_random_shift_only_in_training():
     # every output is an exact integer-offset crop of the replicate-padded input
     padded = torch.nn.functional.pad(x, (3, 3, 3, 3), mode="replicate")
     for i in range(6):
-        assert any(torch.allclose(y[i], padded[i, :, dy:dy + 16, dx:dx + 16], atol=1e-5)
-                   for dy in range(7) for dx in range(7))
+        assert any(
+            torch.allclose(y[i], padded[i, :, dy : dy + 16, dx : dx + 16], atol=1e-5)
+            for dy in range(7)
+            for dx in range(7)
+        )
     # in the policy: the training loss sees shifted images, predictions (eval) do not
     p = make_policy(image=True)
     b = batch(2, True)

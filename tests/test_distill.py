@@ -29,17 +29,35 @@ def teacher_run(tmp_path_factory):
     """A tiny diffusion policy trained briefly on the toy store (the teacher)."""
     tmp = tmp_path_factory.mktemp("teacher")
     toy_store(tmp / "store", success_column=False, info=ROBOT_INFO)
-    return train_policy(tmp / "store", tmp / "run", "train.steps=100", "train.batch_size=32", "train.lr=3e-3",
-                        "train.warmup_steps=5", *tiny_diffusion(down_dims=[32, 64], num_inference_steps=5))
+    return train_policy(
+        tmp / "store",
+        tmp / "run",
+        "train.steps=100",
+        "train.batch_size=32",
+        "train.lr=3e-3",
+        "train.warmup_steps=5",
+        *tiny_diffusion(down_dims=[32, 64], num_inference_steps=5),
+    )
 
 
 def distill_cfg(teacher, *overrides):
     with initialize_config_module("robot_rl.configs", version_base=None):
-        return compose("distill", overrides=[f"distill.teacher={teacher}", "distill.progress=false",
-                                             "distill.batch_size=32", "distill.lr=3e-3", "distill.warmup_steps=5",
-                                             "distill.teacher_steps=5", "distill.probe_size=64",
-                                             "distill.eval_episodes=0", "distill.log_every=5",
-                                             "distill.ema_decay=0.9", *overrides])
+        return compose(
+            "distill",
+            overrides=[
+                f"distill.teacher={teacher}",
+                "distill.progress=false",
+                "distill.batch_size=32",
+                "distill.lr=3e-3",
+                "distill.warmup_steps=5",
+                "distill.teacher_steps=5",
+                "distill.probe_size=64",
+                "distill.eval_episodes=0",
+                "distill.log_every=5",
+                "distill.ema_decay=0.9",
+                *overrides,
+            ],
+        )
 
 
 def _window(store_path, n=16):
@@ -72,8 +90,14 @@ def test_distillation_learns_the_teacher_chunk(teacher_run, tmp_path):
 
     # the checkpoint: train's layout (one policy format), and it says what it is and which robot it drives
     ckpt = tmp_path / "run" / "checkpoints" / "step_80"
-    for name in ("manifest.json", "policy.safetensors", "raw_policy.safetensors", "optimizer.pt",
-                 "trainer_state.json", "config.yaml"):
+    for name in (
+        "manifest.json",
+        "policy.safetensors",
+        "raw_policy.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+        "config.yaml",
+    ):
         assert (ckpt / name).exists(), name
     assert (tmp_path / "run" / "checkpoints" / "step_40" / "policy.safetensors").exists()
     manifest = json.loads((ckpt / "manifest.json").read_text())
@@ -91,8 +115,10 @@ def test_distillation_learns_the_teacher_chunk(teacher_run, tmp_path):
 
 
 def test_student_loads_and_acts_like_a_diffusion_policy(teacher_run, tmp_path):
-    dist = Distiller(distill_cfg(teacher_run, "distill.steps=3", "distill.val_every=0",
-                                 "distill.tensorboard=false"), tmp_path / "run")
+    dist = Distiller(
+        distill_cfg(teacher_run, "distill.steps=3", "distill.val_every=0", "distill.tensorboard=false"),
+        tmp_path / "run",
+    )
     dist.run()
     student = load_policy(tmp_path / "run")
     assert isinstance(student, DiffusionPolicy) and is_one_step(student) and not student.training
@@ -105,7 +131,8 @@ def test_student_loads_and_acts_like_a_diffusion_policy(teacher_run, tmp_path):
     t = one_step_timestep(student)
     with torch.no_grad():
         direct = student.normalizer.unnormalize(
-            "action", student.unet(x, t.expand(4), student.encode_obs(window)).clamp(-1, 1))
+            "action", student.unet(x, t.expand(4), student.encode_obs(window)).clamp(-1, 1)
+        )
     assert torch.allclose(student.predict_chunk(window, init_noise=x), direct, atol=1e-6)
     # select_action: chunking and the action queue as for any diffusion policy
     student.reset()
@@ -125,8 +152,9 @@ def test_warm_start_copies_the_teacher_and_ddim_chunk_matches_predict_chunk(teac
     window = _window(teacher_run.parent / "store", 4)
     x = torch.randn(4, 8, 2)
     ours = teacher.normalizer.unnormalize("action", ddim_chunk(teacher, x, teacher.encode_obs(window), 5))
-    assert torch.allclose(ours, teacher.predict_chunk(window, init_noise=x, num_inference_steps=5,
-                                                      scheduler="ddim"), atol=1e-6)
+    assert torch.allclose(
+        ours, teacher.predict_chunk(window, init_noise=x, num_inference_steps=5, scheduler="ddim"), atol=1e-6
+    )
 
 
 def test_resume_repeats_the_uninterrupted_run(teacher_run, tmp_path):
@@ -171,7 +199,9 @@ def test_config_errors(teacher_run, tmp_path):
     with pytest.raises(ConfigError, match="lacks what the teacher observes"):
         Distiller(distill_cfg(teacher_run, f"distill.data={other}"), tmp_path / "r")
     # a distilled student cannot be a teacher
-    main(distill_cfg(teacher_run, "distill.steps=1", "distill.val_every=0", "distill.tensorboard=false"),
-         tmp_path / "student")
+    main(
+        distill_cfg(teacher_run, "distill.steps=1", "distill.val_every=0", "distill.tensorboard=false"),
+        tmp_path / "student",
+    )
     with pytest.raises(ConfigError, match="already a one-step"):
         Distiller(distill_cfg(tmp_path / "student"), tmp_path / "r2")

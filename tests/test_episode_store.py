@@ -31,11 +31,16 @@ FEATS = {
 def frames_for(episode: int, length: int) -> list[dict]:
     """Deterministic frames of one episode, so a crashed store can be checked against a regenerated copy."""
     rng = np.random.default_rng(1000 + episode)
-    return [{"obs.img": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
-             "obs.x": rng.normal(size=5).astype(np.float32),
-             "action": rng.normal(size=3).astype(np.float32),
-             "success": np.bool_(t == length - 1),
-             "timestamp": np.float64(t * 0.05 + rng.random() * 1e-3)} for t in range(length)]
+    return [
+        {
+            "obs.img": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+            "obs.x": rng.normal(size=5).astype(np.float32),
+            "action": rng.normal(size=3).astype(np.float32),
+            "success": np.bool_(t == length - 1),
+            "timestamp": np.float64(t * 0.05 + rng.random() * 1e-3),
+        }
+        for t in range(length)
+    ]
 
 
 def length_of(episode: int) -> int:
@@ -121,7 +126,7 @@ def test_stats_and_sampler_windows(tmp_path):
     # first step of episode 1: the missing past observation repeats the first one
     np.testing.assert_array_equal(b["obs.x"][0], x[[start1, start1]])
     np.testing.assert_array_equal(b["obs.x"][1], x[[start1 + 1, start1 + 2]])
-    np.testing.assert_array_equal(b["action"][1], a[start1 + 1:start1 + 5])
+    np.testing.assert_array_equal(b["action"][1], a[start1 + 1 : start1 + 5])
     # last step of episode 0: actions past the end repeat the last one and are marked as padding
     np.testing.assert_array_equal(b["action"][2], a[[start1 - 2, start1 - 1, start1 - 1, start1 - 1]])
     assert b["action_is_pad"][2].tolist() == [False, False, True, True]
@@ -159,8 +164,7 @@ def test_sigkill_mid_episode_keeps_completed_episodes_bit_exact(tmp_path):
     rng = np.random.default_rng(0)
     for attempt in range(3):  # kill, resume, kill again: every kill lands at a different point
         first = 0 if attempt == 0 else 1
-        proc = subprocess.Popen([sys.executable, str(script), str(path), str(first)], stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen([sys.executable, str(script), str(path), str(first)], stdout=subprocess.PIPE, text=True)
         for _ in range(2 + attempt):
             assert proc.stdout.readline(), "writer died"
         time.sleep(float(rng.uniform(0.0, 0.05)))
@@ -194,8 +198,9 @@ def test_full_disk_clear_error_and_earlier_episodes_intact(tiny_disk):
     with pytest.raises(StoreError, match="episode in progress was discarded"):
         for e in range(100):
             w.begin({"seed": e})
-            frames = [{**f, "obs.img": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)}
-                      for f in frames_for(e, 20)]  # incompressible: the disk fills within a few episodes
+            frames = [
+                {**f, "obs.img": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)} for f in frames_for(e, 20)
+            ]  # incompressible: the disk fills within a few episodes
             for f in frames:
                 w.add(f)
             w.save()

@@ -11,14 +11,29 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from robot_rl.config import ConfigError
-from robot_rl.commands.evaluate import (evaluate, main, plot_training_curves, robot_config_from_checkpoint, set_sampler,
-                               summary_line, wilson_interval)
+from robot_rl.commands.evaluate import (
+    evaluate,
+    main,
+    plot_training_curves,
+    robot_config_from_checkpoint,
+    set_sampler,
+    summary_line,
+    wilson_interval,
+)
 
 from builders import robot_store, tiny_diffusion, train_policy
 
-LIFT = {"type": "robosuite", "env_name": "Lift", "robots": "Panda", "control_freq": 20, "horizon": 200,
-        "cameras": [], "camera_height": 84, "camera_width": 84,
-        "safety": {"max_delta": None, "safe_action": [0, 0, 0, 0, 0, 0, float("nan")]}}
+LIFT = {
+    "type": "robosuite",
+    "env_name": "Lift",
+    "robots": "Panda",
+    "control_freq": 20,
+    "horizon": 200,
+    "cameras": [],
+    "camera_height": 84,
+    "camera_width": 84,
+    "safety": {"max_delta": None, "safe_action": [0, 0, 0, 0, 0, 0, float("nan")]},
+}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,16 +41,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ------------------------------------------------------------------------------------------------- Wilson
 
 
-@pytest.mark.parametrize("k, n, lo, hi", [
-    (0, 10, 0.0, 0.2775),      # textbook values (e.g. Brown, Cai & DasGupta 2001; Newcombe 1998)
-    (1, 10, 0.0179, 0.4042),
-    (5, 10, 0.2366, 0.7634),
-    (10, 10, 0.7225, 1.0),
-    (81, 263, 0.2553, 0.3662),  # Newcombe (1998) examples 81/263 and 15/148
-    (15, 148, 0.0624, 0.1605),
-    (48, 50, 0.8654, 0.9890),
-    (50, 50, 0.9287, 1.0),
-])
+@pytest.mark.parametrize(
+    "k, n, lo, hi",
+    [
+        (0, 10, 0.0, 0.2775),  # textbook values (e.g. Brown, Cai & DasGupta 2001; Newcombe 1998)
+        (1, 10, 0.0179, 0.4042),
+        (5, 10, 0.2366, 0.7634),
+        (10, 10, 0.7225, 1.0),
+        (81, 263, 0.2553, 0.3662),  # Newcombe (1998) examples 81/263 and 15/148
+        (15, 148, 0.0624, 0.1605),
+        (48, 50, 0.8654, 0.9890),
+        (50, 50, 0.9287, 1.0),
+    ],
+)
 def test_wilson_interval_known_values(k, n, lo, hi):
     got = wilson_interval(k, n)
     assert got == pytest.approx((lo, hi), abs=1e-4)
@@ -51,8 +69,13 @@ def test_wilson_interval_properties():
             assert math.isclose(lo, 1 - hi2, abs_tol=1e-12) and math.isclose(hi, 1 - lo2, abs_tol=1e-12)
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
-    res = {"success_rate": 0.96, "success_ci95": list(wilson_interval(48, 50)), "episodes": 50, "mean_length": 41.0,
-           "latency": {"chunk": {"p50_ms": 4.0, "p99_ms": 6.0}}}
+    res = {
+        "success_rate": 0.96,
+        "success_ci95": list(wilson_interval(48, 50)),
+        "episodes": 50,
+        "mean_length": 41.0,
+        "latency": {"chunk": {"p50_ms": 4.0, "p99_ms": 6.0}},
+    }
     assert summary_line(res).startswith("success 0.96 [0.87, 0.99] over 50 episodes")
 
 
@@ -64,8 +87,17 @@ def lift_run(tmp_path_factory):
     """A tiny diffusion policy 'trained' (a few steps on random data) on a store that says it came from Lift."""
     tmp = tmp_path_factory.mktemp("lift")
     robot_store(tmp / "store", LIFT, draw=lambda rng, shape: rng.normal(size=shape).astype(np.float32) * 0.1)
-    return train_policy(tmp / "store", tmp / "run", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
-                        "train.log_every=1", "train.checkpoint_every=2", "train.tensorboard=true", *tiny_diffusion())
+    return train_policy(
+        tmp / "store",
+        tmp / "run",
+        "train.steps=4",
+        "train.batch_size=8",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "train.tensorboard=true",
+        *tiny_diffusion(),
+    )
 
 
 def eval_cfg(*overrides):
@@ -76,8 +108,15 @@ def eval_cfg(*overrides):
 def test_eval_main_writes_results_video_and_curves(lift_run, tmp_path, capsys):
     from robot_rl.video import read_mp4
 
-    cfg = eval_cfg(f"eval.checkpoint={lift_run}", "eval.episodes=2", "eval.max_steps=6", "eval.video_episodes=1",
-                   "eval.video_size=64", "eval.seed=5", "device=cpu")
+    cfg = eval_cfg(
+        f"eval.checkpoint={lift_run}",
+        "eval.episodes=2",
+        "eval.max_steps=6",
+        "eval.video_episodes=1",
+        "eval.video_size=64",
+        "eval.seed=5",
+        "device=cpu",
+    )
     assert main(cfg, tmp_path / "out") == 0
     res = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert res["checkpoint"].endswith("step_4") and res["sampler"] == "ddim-3"
@@ -130,8 +169,10 @@ def test_config_errors(lift_run, tmp_path):
     with pytest.raises(ConfigError, match="eval.scheduler"):
         main(eval_cfg(f"eval.checkpoint={lift_run}", "eval.scheduler=euler"), tmp_path)
     with pytest.raises(ConfigError, match="num_inference_steps"):
-        main(eval_cfg(f"eval.checkpoint={lift_run}", "eval.scheduler=ddpm", "eval.num_inference_steps=5",
-                      "device=cpu"), tmp_path)
+        main(
+            eval_cfg(f"eval.checkpoint={lift_run}", "eval.scheduler=ddpm", "eval.num_inference_steps=5", "device=cpu"),
+            tmp_path,
+        )
     with pytest.raises(ConfigError, match="robot.env_name"):
         main(eval_cfg(f"eval.checkpoint={lift_run}", "robot=lift", "robot.env_name=NoSuchEnv"), tmp_path)
     # a checkpoint whose manifest names no robot (written before it carried one) and whose training store is gone:
@@ -163,11 +204,17 @@ def test_set_sampler(lift_run):
         set_sampler(pol, "ddim", 1000)
 
 
-@pytest.mark.skipif("eval" not in __import__("robot_rl.cli", fromlist=["VERBS"]).VERBS,
-                    reason="robot-rl eval is not wired into robot_rl/cli.py yet")
+@pytest.mark.skipif(
+    "eval" not in __import__("robot_rl.cli", fromlist=["VERBS"]).VERBS,
+    reason="robot-rl eval is not wired into robot_rl/cli.py yet",
+)
 def test_cli_config_error_exit_code(tmp_path):
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", "robot_rl.cli", "eval", f"hydra.run.dir={tmp_path}"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "robot_rl.cli", "eval", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "eval.checkpoint is empty" in out.stderr

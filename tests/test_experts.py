@@ -87,8 +87,12 @@ def test_lift_expert_success_rate(lift):
 
 
 def test_expert_noise_is_seeded():
-    obs = {"robot0_eef_pos": np.zeros(3), "cube_pos": np.array([0.1, 0, 0]),
-           "robot0_gripper_qpos": np.array([0.04, -0.04]), "robot0_gripper_qvel": np.zeros(2)}
+    obs = {
+        "robot0_eef_pos": np.zeros(3),
+        "cube_pos": np.array([0.1, 0, 0]),
+        "robot0_gripper_qpos": np.array([0.04, -0.04]),
+        "robot0_gripper_qvel": np.zeros(2),
+    }
     a = LiftExpert(noise_std=0.1, seed=3).get_action(obs)
     b = LiftExpert(noise_std=0.1, seed=3).get_action(obs)
     c = LiftExpert(noise_std=0.1, seed=4).get_action(obs)
@@ -99,10 +103,18 @@ def test_expert_noise_is_seeded():
 
 def test_lift_expert_is_markov():
     """Same observation, same action, whatever came before: what a cloned policy (and DAgger labels) need."""
-    open_far = {"robot0_eef_pos": np.array([0.0, 0.0, 1.0]), "cube_pos": np.array([0.1, 0, 0.82]),
-                "robot0_gripper_qpos": np.array([0.04, -0.04]), "robot0_gripper_qvel": np.zeros(2)}
-    holding = {"robot0_eef_pos": np.array([0.1, 0.0, 0.83]), "cube_pos": np.array([0.1, 0, 0.83]),
-               "robot0_gripper_qpos": np.array([0.024, -0.024]), "robot0_gripper_qvel": np.zeros(2)}
+    open_far = {
+        "robot0_eef_pos": np.array([0.0, 0.0, 1.0]),
+        "cube_pos": np.array([0.1, 0, 0.82]),
+        "robot0_gripper_qpos": np.array([0.04, -0.04]),
+        "robot0_gripper_qvel": np.zeros(2),
+    }
+    holding = {
+        "robot0_eef_pos": np.array([0.1, 0.0, 0.83]),
+        "cube_pos": np.array([0.1, 0, 0.83]),
+        "robot0_gripper_qpos": np.array([0.024, -0.024]),
+        "robot0_gripper_qvel": np.zeros(2),
+    }
     fresh, used = LiftExpert(), LiftExpert()
     for _ in range(30):
         used.get_action(holding)
@@ -125,8 +137,11 @@ def test_make_expert_registry():
         make_expert("Door")
     assert make_expert("Lift").action_feature.names == RobosuiteRobot("Lift").action_feature.names
     e = make_expert("PickPlaceCan", quality="poor", seed=5, hesitation=0.0)  # knobs pass through; explicit wins
-    assert (e.noise_std, e.hesitation, e.failed_grasp) == (QUALITY_PRESETS["poor"]["noise_std"], 0.0,
-                                                          QUALITY_PRESETS["poor"]["failed_grasp"])
+    assert (e.noise_std, e.hesitation, e.failed_grasp) == (
+        QUALITY_PRESETS["poor"]["noise_std"],
+        0.0,
+        QUALITY_PRESETS["poor"]["failed_grasp"],
+    )
 
 
 # --------------------------------------------------------------------------------------- PickPlaceCan
@@ -141,8 +156,9 @@ def test_pick_place_can_target_matches_env(can):
 
 def test_pick_place_can_expert_succeeds_and_is_markov(can):
     record = []
-    results = [_rollout(can, PickPlaceCanExpert(), seed, steps=400, record=record if seed == 0 else None)
-               for seed in SEEDS]
+    results = [
+        _rollout(can, PickPlaceCanExpert(), seed, steps=400, record=record if seed == 0 else None) for seed in SEEDS
+    ]
     assert all(ok for ok, _ in results), results
     expert = PickPlaceCanExpert()  # after success (seed 2) it stays away: the can stays placed
     for _ in range(30):
@@ -154,8 +170,9 @@ def test_pick_place_can_expert_succeeds_and_is_markov(can):
 # ----------------------------------------------------------------------------------------------- Stack
 def test_stack_expert_succeeds_and_is_markov(stack):
     record = []
-    results = [_rollout(stack, make_expert("Stack"), seed, steps=300, record=record if seed == 0 else None)
-               for seed in SEEDS]
+    results = [
+        _rollout(stack, make_expert("Stack"), seed, steps=300, record=record if seed == 0 else None) for seed in SEEDS
+    ]
     assert all(ok for ok, _ in results), results
     _assert_markov(StackExpert, record)
 
@@ -175,8 +192,12 @@ def test_quality_presets_and_validation():
 
 
 def test_hesitation_holds_still():
-    obs = {"robot0_eef_pos": np.zeros(3), "cube_pos": np.array([0.1, 0, 0]),
-           "robot0_gripper_qpos": np.array([0.04, -0.04]), "robot0_gripper_qvel": np.zeros(2)}
+    obs = {
+        "robot0_eef_pos": np.zeros(3),
+        "cube_pos": np.array([0.1, 0, 0]),
+        "robot0_gripper_qpos": np.array([0.04, -0.04]),
+        "robot0_gripper_qvel": np.zeros(2),
+    }
     e = LiftExpert(hesitation=1.0, seed=0)
     for _ in range(5):
         a = e.get_action(obs)
@@ -232,8 +253,12 @@ def test_presets_are_deterministic_and_reset_keeps_the_stream(lift):
 
 
 # ---------------------------------------------------------------------------------------- intervener
-_OBS = {"robot0_eef_pos": np.array([0.0, 0.0, 1.0]), "cube_pos": np.array([0.1, 0, 0.82]),
-        "robot0_gripper_qpos": np.array([0.04, -0.04]), "robot0_gripper_qvel": np.zeros(2)}
+_OBS = {
+    "robot0_eef_pos": np.array([0.0, 0.0, 1.0]),
+    "cube_pos": np.array([0.1, 0, 0.82]),
+    "robot0_gripper_qpos": np.array([0.04, -0.04]),
+    "robot0_gripper_qvel": np.zeros(2),
+}
 
 
 def _tick(iv, policy):

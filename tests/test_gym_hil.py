@@ -48,11 +48,23 @@ def test_gym_hil_images():
 def test_session_on_gym_hil(tmp_path, ports):
     """`robot-rl session robot=gym_hil`: control process and learner over ZMQ; every transition reaches the
     learner's replay with gym-hil's observations (no one acts: the robot holds on the safe action)."""
-    out = robot_rl_cli("session", "robot=gym_hil", "robot.env_name=PandaPickCubeBase-v0", "teleop=none",
-                       "session.episodes=2", "session.max_episode_steps=8", "session.rate_hz=10",
-                       "session.expert_episodes=0", "device=cpu", "tensorboard=false",
-                       f"session.transitions_port={ports[0]}", f"session.weights_port={ports[1]}",
-                       f"hydra.run.dir={tmp_path}", timeout=240, threads=1)
+    out = robot_rl_cli(
+        "session",
+        "robot=gym_hil",
+        "robot.env_name=PandaPickCubeBase-v0",
+        "teleop=none",
+        "session.episodes=2",
+        "session.max_episode_steps=8",
+        "session.rate_hz=10",
+        "session.expert_episodes=0",
+        "device=cpu",
+        "tensorboard=false",
+        f"session.transitions_port={ports[0]}",
+        f"session.weights_port={ports[1]}",
+        f"hydra.run.dir={tmp_path}",
+        timeout=240,
+        threads=1,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["robot"]["type"] == "gym_hil"

@@ -44,16 +44,32 @@ def make_store(path: Path, lengths=(7, 5), seed=0) -> EpisodeStore:
     model = store.put_model_xml("<mujoco model='toy'/>")
     w = store.writer()
     for e, n in enumerate(lengths):
-        w.begin({"task": f"task {e}", "operator": "ann", "seed": 10 + e, "robot": "toy_arm", "model_id": model,
-                 "initial_sim_state": rng.standard_normal(5).tolist()})
+        w.begin(
+            {
+                "task": f"task {e}",
+                "operator": "ann",
+                "seed": 10 + e,
+                "robot": "toy_arm",
+                "model_id": model,
+                "initial_sim_state": rng.standard_normal(5).tolist(),
+            }
+        )
         for t in range(n):
             pa = np.full(2, np.nan, np.float32) if t % 3 == 0 else rng.standard_normal(2).astype(np.float32)
-            w.add({"obs.joint_pos": rng.standard_normal(3).astype(np.float32),
-                   "obs.gripper": np.float32(rng.random()), "obs.contact": np.bool_(t % 2),
-                   "obs.cam_image": rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
-                   "action": rng.uniform(-1, 1, 2).astype(np.float32), "policy_action": pa,
-                   "intervention": np.bool_(t % 3 == 1), "success": np.bool_(t == n - 1),
-                   "timestamp": np.float64(t * 0.05 + rng.random() * 1e-3), "sim_state": rng.standard_normal(5)})
+            w.add(
+                {
+                    "obs.joint_pos": rng.standard_normal(3).astype(np.float32),
+                    "obs.gripper": np.float32(rng.random()),
+                    "obs.contact": np.bool_(t % 2),
+                    "obs.cam_image": rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
+                    "action": rng.uniform(-1, 1, 2).astype(np.float32),
+                    "policy_action": pa,
+                    "intervention": np.bool_(t % 3 == 1),
+                    "success": np.bool_(t == n - 1),
+                    "timestamp": np.float64(t * 0.05 + rng.random() * 1e-3),
+                    "sim_state": rng.standard_normal(5),
+                }
+            )
         w.save({"success": True, "missed_ticks": e, "dropped_frames": 0})
     store.close()
     return EpisodeStore.open(path, "r")
@@ -87,13 +103,23 @@ def no_leftovers(parent: Path) -> bool:
 def test_plan_export_key_mapping():
     plan = plan_export(synthetic_features(), use_videos=True)
     assert plan.key_map == {
-        "obs.cam_image": "observation.images.cam", "obs.joint_pos": "observation.joint_pos",
-        "obs.gripper": "observation.gripper", "obs.contact": "observation.contact", "action": "action",
-        "policy_action": "policy_action", "intervention": "intervention", "success": "next.success",
-        "timestamp": "real_timestamp", "sim_state": "sim_state"}
+        "obs.cam_image": "observation.images.cam",
+        "obs.joint_pos": "observation.joint_pos",
+        "obs.gripper": "observation.gripper",
+        "obs.contact": "observation.contact",
+        "action": "action",
+        "policy_action": "policy_action",
+        "intervention": "intervention",
+        "success": "next.success",
+        "timestamp": "real_timestamp",
+        "sim_state": "sim_state",
+    }
     f = plan.features
-    assert f["observation.images.cam"] == {"dtype": "video", "shape": (H, W, 3),
-                                           "names": ["height", "width", "channels"]}
+    assert f["observation.images.cam"] == {
+        "dtype": "video",
+        "shape": (H, W, 3),
+        "names": ["height", "width", "channels"],
+    }
     # float low-dim obs, sorted by key: obs.gripper, obs.joint_pos (obs.contact is bool: not in the state)
     assert f["observation.state"]["names"] == ["gripper_0", "joint_pos_0", "joint_pos_1", "joint_pos_2"]
     assert f["action"]["names"] == ["x", "grip"] and f["next.success"]["shape"] == (1,)
@@ -107,10 +133,18 @@ def test_plan_export_key_mapping():
     assert plan.key_map["obs.state"] == "robot_rl.obs.state" and plan.key_map["index"] == "robot_rl.index"
     assert plan.features["observation.state"]["shape"] == (5,)
     # depth maps and 1-channel images: plain numeric features, outside observation.state
-    plan = plan_export({"obs.depth": Feature((8, 8, 1), "float32"), "obs.mask_image": Feature((8, 8, 1), "uint8"),
-                        "obs.q": Feature((2,))})
-    assert plan.key_map == {"obs.depth": "observation.depth", "obs.mask_image": "observation.mask_image",
-                            "obs.q": "observation.q"} and not plan.image_keys
+    plan = plan_export(
+        {
+            "obs.depth": Feature((8, 8, 1), "float32"),
+            "obs.mask_image": Feature((8, 8, 1), "uint8"),
+            "obs.q": Feature((2,)),
+        }
+    )
+    assert (
+        plan.key_map
+        == {"obs.depth": "observation.depth", "obs.mask_image": "observation.mask_image", "obs.q": "observation.q"}
+        and not plan.image_keys
+    )
     assert plan.features["observation.state"]["names"] == ["q_0", "q_1"]
 
 
@@ -131,8 +165,10 @@ def test_roundtrip_png_images_bit_exact(tmp_path):
     assert item["task"] == "task 1" and int(item["frame_index"]) == 1
     assert np.array_equal(item["action"].numpy(), ep1["action"][1])
     assert np.array_equal(item["observation.state"].numpy(), np.r_[ep1["obs.gripper"][1], ep1["obs.joint_pos"][1]])
-    assert np.array_equal((item["observation.images.cam"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
-                          ep1["obs.cam_image"][1])
+    assert np.array_equal(
+        (item["observation.images.cam"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+        ep1["obs.cam_image"][1],
+    )
 
     back = import_lerobot(out, tmp_path / "back")
     assert_same_store(src, back, images_exact=True)
@@ -184,11 +220,13 @@ def test_import_dataset_made_by_lerobot(tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     rng = np.random.default_rng(1)
-    feats = {"observation.state": {"dtype": "float32", "shape": (4,), "names": {"motors": ["a", "b", "c", "d"]}},
-             "observation.images.top": {"dtype": "video", "shape": (3, H, W), "names": ["channels", "height", "width"]},
-             "action": {"dtype": "float32", "shape": (2,), "names": ["v", "w"]},
-             "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
-             "next.done": {"dtype": "bool", "shape": (1,), "names": None}}
+    feats = {
+        "observation.state": {"dtype": "float32", "shape": (4,), "names": {"motors": ["a", "b", "c", "d"]}},
+        "observation.images.top": {"dtype": "video", "shape": (3, H, W), "names": ["channels", "height", "width"]},
+        "action": {"dtype": "float32", "shape": (2,), "names": ["v", "w"]},
+        "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
+        "next.done": {"dtype": "bool", "shape": (1,), "names": None},
+    }
     ds = LeRobotDataset.create("someone/else", 10, root=tmp_path / "ds", features=feats, use_videos=True)
     states, actions, images = [], [], []
     try:
@@ -197,9 +235,16 @@ def test_import_dataset_made_by_lerobot(tmp_path):
                 s, act = rng.standard_normal(4).astype(np.float32), rng.standard_normal(2).astype(np.float32)
                 img = np.zeros((H, W, 3), np.uint8)
                 img[:, :, e] = 40 * t  # a flat colour per frame: nearly lossless through the codec
-                ds.add_frame({"observation.state": s, "observation.images.top": img.transpose(2, 0, 1).copy(),
-                              "action": act, "next.reward": np.array([float(e == 0 and t == n - 1)], np.float32),
-                              "next.done": np.array([t == n - 1]), "task": task})
+                ds.add_frame(
+                    {
+                        "observation.state": s,
+                        "observation.images.top": img.transpose(2, 0, 1).copy(),
+                        "action": act,
+                        "next.reward": np.array([float(e == 0 and t == n - 1)], np.float32),
+                        "next.done": np.array([t == n - 1]),
+                        "task": task,
+                    }
+                )
                 states.append(s), actions.append(act), images.append(img)
             ds.save_episode()
     finally:
@@ -267,8 +312,9 @@ def test_import_robomimic(recording, tmp_path):
         assert m["model_id"] == mo["model_id"] and store.model_xml(m["model_id"]) == src.model_xml(mo["model_id"])
         assert m["task"] == "Lift" and m["length"] == len(b["action"])
 
-    train = import_robomimic(tmp_path / "demo.hdf5", tmp_path / "train", obs_keys=["cube_pos", "robot0_eef_pos"],
-                             filter_key="train")
+    train = import_robomimic(
+        tmp_path / "demo.hdf5", tmp_path / "train", obs_keys=["cube_pos", "robot0_eef_pos"], filter_key="train"
+    )
     assert train.num_episodes == 1 and train.episodes[0]["source"]["demo"] == "demo_2"
     assert {k for k in train.features if k.startswith("obs.")} == {"obs.cube_pos", "obs.robot0_eef_pos"}
 
@@ -286,8 +332,12 @@ def test_import_robomimic(recording, tmp_path):
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_export_import_subset(tmp_path, capsys):
     src = make_store(tmp_path / "store", lengths=(3, 4, 2))
-    assert cli_main(["export", str(src.path), str(tmp_path / "ds"), "--no-videos", "--episodes", "1-2",
-                     "--repo-id", "me/toy"]) == 0
+    assert (
+        cli_main(
+            ["export", str(src.path), str(tmp_path / "ds"), "--no-videos", "--episodes", "1-2", "--repo-id", "me/toy"]
+        )
+        == 0
+    )
     assert cli_main(["import", "lerobot", str(tmp_path / "ds"), str(tmp_path / "back")]) == 0
     back = EpisodeStore.open(tmp_path / "back")
     assert back.episode_ends.tolist() == [4, 6] and back.episodes == src.episodes[1:]

@@ -25,9 +25,14 @@ DEADLINE_S = 120  # generous: the machine may be busy; every wait is for an even
 
 
 def transition(i: int, obs_dim: int = 10, image: int = 0) -> dict:
-    t = {"obs.state": np.full(obs_dim, i, np.float32), "action": np.full(7, 0.1, np.float32),
-         "expert_action": np.full(7, np.nan, np.float32),  # NaN = "nobody labelled it": legitimate
-         "reward": np.float32(0), "episode": np.int64(i // 50), "step": np.int64(i % 50)}
+    t = {
+        "obs.state": np.full(obs_dim, i, np.float32),
+        "action": np.full(7, 0.1, np.float32),
+        "expert_action": np.full(7, np.nan, np.float32),  # NaN = "nobody labelled it": legitimate
+        "reward": np.float32(0),
+        "episode": np.int64(i // 50),
+        "step": np.int64(i % 50),
+    }
     if image:
         t["obs.cam_image"] = np.random.default_rng(i).integers(0, 256, (image, image, 3), dtype=np.uint8)
     return t
@@ -46,10 +51,20 @@ def learner_config(tmp_path: Path, ports, *overrides: str) -> Path:
     from hydra import compose, initialize_config_module
 
     with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("session", overrides=[
-            "algo.min_transitions=1000000000", "device=cpu", "tensorboard=false", "session.heartbeat_s=0.02",
-            "session.learner_ingest.flush_s=0.2", "session.drain_timeout_s=5",
-            f"session.transitions_port={ports[0]}", f"session.weights_port={ports[1]}", *overrides])
+        cfg = compose(
+            "session",
+            overrides=[
+                "algo.min_transitions=1000000000",
+                "device=cpu",
+                "tensorboard=false",
+                "session.heartbeat_s=0.02",
+                "session.learner_ingest.flush_s=0.2",
+                "session.drain_timeout_s=5",
+                f"session.transitions_port={ports[0]}",
+                f"session.weights_port={ports[1]}",
+                *overrides,
+            ],
+        )
     path = tmp_path / "config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
@@ -57,8 +72,13 @@ def learner_config(tmp_path: Path, ports, *overrides: str) -> Path:
 
 def start_learner(config: Path, run_dir: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "robot_rl.learner", str(config), str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "robot_rl.learner", str(config), str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def stop_learner(proc: subprocess.Popen) -> str:
@@ -69,8 +89,9 @@ def stop_learner(proc: subprocess.Popen) -> str:
 
 
 def send(endpoint: str, sender_id: str, seqs, start_seq: int = 0, **kw) -> TransitionSender:
-    sender = TransitionSender(endpoint, sender_id, batch_size=8, max_batch_delay_s=0.0, heartbeat_interval_s=0.02,
-                              start_seq=start_seq).start()
+    sender = TransitionSender(
+        endpoint, sender_id, batch_size=8, max_batch_delay_s=0.0, heartbeat_interval_s=0.02, start_seq=start_seq
+    ).start()
     for i in seqs:
         sender.submit(transition(i, **kw))
     return sender
@@ -119,8 +140,10 @@ def test_log_tail_and_zarr_rebuild_exactly_once(tmp_path):
 
 def test_log_segments_rotate_and_only_committed_ones_are_deleted(tmp_path):
     ilog = IngestLog(tmp_path / "log", segment_bytes=1000)
-    recs = [Record("robot0", "s", np.arange(i * 10, i * 10 + 10), {"obs.x": np.zeros((10, 8), np.float32)},
-                   i * 10 + 10) for i in range(6)]
+    recs = [
+        Record("robot0", "s", np.arange(i * 10, i * 10 + 10), {"obs.x": np.zeros((10, 8), np.float32)}, i * 10 + 10)
+        for i in range(6)
+    ]
     for rec in recs:
         ilog.append([rec])  # each record ~400 bytes: a new segment every 3
     assert len(list((tmp_path / "log").glob("seg-*.log"))) == 2

@@ -58,8 +58,11 @@ def test_adapter_drives_lerobot_robot(tmp_path, caplog):
 
 
 def test_adapter_bounds_and_factory(tmp_path):
-    robot = LeRobotRobot(make_lerobot_robot("robot_rl_sim", env_name="Lift", calibration_dir=str(tmp_path)),
-                         action_low={"dx": -0.2}, action_high=0.3)
+    robot = LeRobotRobot(
+        make_lerobot_robot("robot_rl_sim", env_name="Lift", calibration_dir=str(tmp_path)),
+        action_low={"dx": -0.2},
+        action_high=0.3,
+    )
     assert robot.action_feature.low[0] == pytest.approx(-0.2) and np.isinf(robot.action_feature.low[1])
     robot.connect()
     np.testing.assert_allclose(robot.send_action(np.full(7, -1.0)), [-0.2, -1, -1, -1, -1, -1, -1])
@@ -71,8 +74,9 @@ def test_adapter_bounds_and_factory(tmp_path):
 
 
 def test_adapter_with_camera(tmp_path):
-    cfg = LeRobotSimRobotConfig(env_name="Lift", camera_names=["agentview"], camera_height=16, camera_width=16,
-                                calibration_dir=tmp_path)
+    cfg = LeRobotSimRobotConfig(
+        env_name="Lift", camera_names=["agentview"], camera_height=16, camera_width=16, calibration_dir=tmp_path
+    )
     robot = LeRobotRobot(make_robot_from_config(cfg), action_low=-1, action_high=1)
     assert robot.observation_features["agentview"].shape == (16, 16, 3)
     with robot:
@@ -182,8 +186,11 @@ def test_depth_maps_stay_millimetres():
         action_features = {"x.pos": float}
 
         def get_observation(self):
-            return {"x.pos": 1.0, "front": np.full((4, 4, 3), 7, np.uint8),
-                    "front_depth": np.full((4, 4, 1), 1234, np.uint16)}
+            return {
+                "x.pos": 1.0,
+                "front": np.full((4, 4, 3), 7, np.uint8),
+                "front_depth": np.full((4, 4, 1), 1234, np.uint16),
+            }
 
     robot = LeRobotRobot(FakeDepthRobot(), action_low=-1, action_high=1)
     feats = robot.observation_features

@@ -47,17 +47,46 @@ def test_lerobot_trains_its_diffusion_policy_on_our_export(tmp_path):
     src = make_store(tmp_path / "store", lengths=(12, 10))
     export_lerobot(src.path, tmp_path / "ds", repo_id="local/ours")
     out = tmp_path / "train"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = ["--dataset.repo_id=local/ours", f"--dataset.root={tmp_path / 'ds'}", "--dataset.video_backend=pyav",
-            "--policy.type=diffusion", "--policy.pretrained_backbone_weights=null", "--policy.device=cpu",
-            "--policy.push_to_hub=false", "--policy.horizon=8", "--policy.n_action_steps=4",
-            "--policy.drop_n_last_frames=1", "--policy.down_dims=[16,32]", "--policy.diffusion_step_embed_dim=16",
-            "--policy.spatial_softmax_num_keypoints=4", "--policy.use_group_norm=true",
-            "--steps=3", "--batch_size=2", "--num_workers=0",
-            "--save_checkpoint=false", "--wandb.enable=false", "--log_freq=1", f"--output_dir={out}"]
-    r = subprocess.run([sys.executable, "-m", "lerobot.scripts.lerobot_train", *args], capture_output=True,
-                       text=True, timeout=280, env=env, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    args = [
+        "--dataset.repo_id=local/ours",
+        f"--dataset.root={tmp_path / 'ds'}",
+        "--dataset.video_backend=pyav",
+        "--policy.type=diffusion",
+        "--policy.pretrained_backbone_weights=null",
+        "--policy.device=cpu",
+        "--policy.push_to_hub=false",
+        "--policy.horizon=8",
+        "--policy.n_action_steps=4",
+        "--policy.drop_n_last_frames=1",
+        "--policy.down_dims=[16,32]",
+        "--policy.diffusion_step_embed_dim=16",
+        "--policy.spatial_softmax_num_keypoints=4",
+        "--policy.use_group_norm=true",
+        "--steps=3",
+        "--batch_size=2",
+        "--num_workers=0",
+        "--save_checkpoint=false",
+        "--wandb.enable=false",
+        "--log_freq=1",
+        f"--output_dir={out}",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "lerobot.scripts.lerobot_train", *args],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+        cwd=tmp_path,
+    )
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     assert "End of training" in log, log[-4000:]

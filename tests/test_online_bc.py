@@ -18,8 +18,9 @@ def fill(store, n=2000, seed=0):
     w = np.array([[0.1, -0.1, 0.05, 0.0], [0.0, 0.1, 0.1, -0.05]], np.float32)
     label = np.tanh((obs - 10) @ w.T).astype(np.float32)
     label[::10] = np.nan  # steps without an expert label
-    store.append("robot0", np.arange(n), {"obs.state": obs, "obs.img": np.zeros((n, 4, 4, 3), np.uint8),
-                                          "expert_action": label})
+    store.append(
+        "robot0", np.arange(n), {"obs.state": obs, "obs.img": np.zeros((n, 4, 4, 3), np.uint8), "expert_action": label}
+    )
     return obs, label
 
 
@@ -27,8 +28,9 @@ def test_online_bc_fits_labels_and_weights_travel(tmp_path):
     torch.manual_seed(0)
     store = ReplayBuffer(tmp_path / "r.zarr")
     obs, label = fill(store)
-    algo = make_algorithm({"name": "online_bc", "lr": 3e-3, "batch_size": 128, "min_transitions": 100},
-                          POLICY_CFG, torch.device("cpu"))
+    algo = make_algorithm(
+        {"name": "online_bc", "lr": 3e-3, "batch_size": 128, "min_transitions": 100}, POLICY_CFG, torch.device("cpu")
+    )
     assert algo.ready(store)
     rng = np.random.default_rng(0)
     first = algo.update(store, rng)["bc/loss"]
@@ -40,8 +42,9 @@ def test_online_bc_fits_labels_and_weights_travel(tmp_path):
     # the robot side builds its policy from the robot's features and loads what came over the wire
     algo.on_publish(store)
     update = decode_weights(encode_weights(3, algo.policy_state()))
-    robot_policy = MLPPolicy.from_features({"state": Feature((4,)), "img": Feature((4, 4, 3), "uint8")},
-                                           Feature((2,)), POLICY_CFG["hidden"])
+    robot_policy = MLPPolicy.from_features(
+        {"state": Feature((4,)), "img": Feature((4, 4, 3), "uint8")}, Feature((2,)), POLICY_CFG["hidden"]
+    )
     robot_policy.load_state_dict(update.tensors)
     i = 5
     act = robot_policy.select_action({"state": obs[i], "img": np.zeros((4, 4, 3), np.uint8)})
@@ -132,10 +135,14 @@ def test_a_registered_algorithm_plugs_into_both_processes_without_touching_them(
 
         robot = SimpleNamespace(observation_features={"state": Feature((4,))}, action_feature=Feature((2,)))
         update = SimpleNamespace(version=1, tensors={"bias": torch.ones(2)}, meta={"explore": "more"})
-        host = SimpleNamespace(cfg=OmegaConf.create({"algo": {"name": "test_constant", "offset": 0.5},
-                                                     "policy": {"type": "none"}}),
-                               robot=robot, seed=0, policy_version=-1, weight_updates=[],
-                               subscriber=SimpleNamespace(latest=lambda: update))
+        host = SimpleNamespace(
+            cfg=OmegaConf.create({"algo": {"name": "test_constant", "offset": 0.5}, "policy": {"type": "none"}}),
+            robot=robot,
+            seed=0,
+            policy_version=-1,
+            weight_updates=[],
+            subscriber=SimpleNamespace(latest=lambda: update),
+        )
         host.policy = ControlProcess._make_policy(host)
         assert isinstance(host.policy, ConstantPolicy) and host.policy.acts_without_weights
         obs = {"state": np.zeros(4, np.float32)}

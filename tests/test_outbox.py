@@ -84,7 +84,6 @@ def test_acked_segments_are_deleted(tmp_path):
     again.close()
 
 
-
 def test_reopen_with_a_fully_acknowledged_active_segment(tmp_path):
     """The active segment is kept while small even once acked; reopening deletes it (a restart after a clean
     session: nothing to resend, numbering continues)."""
@@ -101,8 +100,15 @@ def test_reopen_with_a_fully_acknowledged_active_segment(tmp_path):
 
 # ------------------------------------------------------------------------------ a real kill and restart
 def _control(endpoint: str, outbox: str, first: int, n: int, ready_path: str) -> None:
-    tx = TransitionSender(endpoint, "robot-0", batch_size=8, max_batch_delay_s=0.002, heartbeat_interval_s=0.02,
-                          outbox_dir=outbox, outbox_segment_bytes=16384).start()
+    tx = TransitionSender(
+        endpoint,
+        "robot-0",
+        batch_size=8,
+        max_batch_delay_s=0.002,
+        heartbeat_interval_s=0.02,
+        outbox_dir=outbox,
+        outbox_segment_bytes=16384,
+    ).start()
     assert tx.next_seq == first, (tx.next_seq, first)
     for i in range(first, first + n):
         assert tx.submit({"obs": np.full(3, i, np.float32), "step": np.int64(i)}) == i
@@ -155,7 +161,6 @@ def test_sigkilled_control_resends_unacked_under_its_stream_exactly_once(tmp_pat
     assert rx.all_acked and rx.duplicates > 0  # the resent unacked ones the learner had were dropped, not stored
     assert sum(os.path.getsize(os.path.join(outbox, p)) for p in _segments(outbox)) < 16384
     rx.close()
-
 
 
 def test_abandoned_stream_is_not_resumed(tmp_path):

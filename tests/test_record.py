@@ -32,8 +32,9 @@ def test_record_writes_episodes_with_metadata(recorded):
     assert summary["saved"] == 2 and summary["success_rate"] == 1.0
     store = EpisodeStore.open(tmp / "store")
     assert store.num_episodes == 2
-    assert {"obs.cube_pos", "obs.robot0_eef_pos", "action", "intervention", "success", "timestamp",
-            "sim_state"} <= set(store.features)
+    assert {"obs.cube_pos", "obs.robot0_eef_pos", "action", "intervention", "success", "timestamp", "sim_state"} <= set(
+        store.features
+    )
     for i in range(2):
         ep, meta = store.episode(i), store.episodes[i]
         assert meta["task"] == "lift it" and meta["seed"] == i and meta["success"] is True
@@ -63,14 +64,17 @@ def test_unwritable_path_and_no_space_fail_before_recording(tmp_path):
     with pytest.raises(ConfigError, match="not writable"):
         Recorder(record_config(tmp_path / "file" / "store"), tmp_path / "run").run()
     with pytest.raises(ConfigError, match="GiB free"):
-        Recorder(record_config(tmp_path / "store", "record.min_free_gb=1000000", "record.episodes=1000000000"),
-                 tmp_path / "run").run()
+        Recorder(
+            record_config(tmp_path / "store", "record.min_free_gb=1000000", "record.episodes=1000000000"),
+            tmp_path / "run",
+        ).run()
     assert not (tmp_path / "store" / "meta.json").exists()
 
 
 def test_rerecord_save_and_stop_keys(tmp_path):
-    rec = Recorder(record_config(tmp_path / "store", "record.episodes=5", "record.stop_on_success=false"),
-                   tmp_path / "run")
+    rec = Recorder(
+        record_config(tmp_path / "store", "record.episodes=5", "record.stop_on_success=false"), tmp_path / "run"
+    )
     # tick 6: rerecord (discard, same seed); tick 16: save the re-recorded one early; tick 30: stop (saves it)
     rec.controls = ScriptedControls({6: "rerecord", 16: "save", 30: "stop"})
     summary = rec.run()
@@ -82,9 +86,18 @@ def test_rerecord_save_and_stop_keys(tmp_path):
 
 def test_sigkill_recorder_then_resume(tmp_path):
     store_path = tmp_path / "store"
-    proc = subprocess.Popen([ROBOT_RL, "record", f"record.path={store_path}", "record.episodes=50",
-                             "record.chunk_steps=8", f"hydra.run.dir={tmp_path / 'run'}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            ROBOT_RL,
+            "record",
+            f"record.path={store_path}",
+            "record.episodes=50",
+            "record.chunk_steps=8",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once two episodes are saved and the third is partly on disk
         try:
@@ -100,8 +113,10 @@ def test_sigkill_recorder_then_resume(tmp_path):
     n = crashed.num_episodes
     assert n >= 2 and crashed.pending is not None
     before = [crashed.episode(i) for i in range(n)]
-    Recorder(record_config(store_path, "record.episodes=1", "record.resume=true", "record.partial=recover"),
-             tmp_path / "run2").run()
+    Recorder(
+        record_config(store_path, "record.episodes=1", "record.resume=true", "record.partial=recover"),
+        tmp_path / "run2",
+    ).run()
     store = EpisodeStore.open(store_path)
     assert store.num_episodes == n + 2  # the recovered partial episode, then one new one
     assert store.episodes[n]["partial"] is True and store.episodes[n + 1]["seed"] == n + 1
@@ -116,9 +131,15 @@ def test_policy_rollout_with_simulated_intervener_records_who_acted(tmp_path):
 
     from robot_rl.factory import make_policy, make_robot
 
-    cfg = record_config(tmp_path / "store", "record.episodes=1", "policy=mlp", "teleop=sim_intervener",
-                     f"record.policy_weights={tmp_path / 'policy.safetensors'}", "record.max_episode_steps=60",
-                     "teleop.intervener.min_steps=5")
+    cfg = record_config(
+        tmp_path / "store",
+        "record.episodes=1",
+        "policy=mlp",
+        "teleop=sim_intervener",
+        f"record.policy_weights={tmp_path / 'policy.safetensors'}",
+        "record.max_episode_steps=60",
+        "teleop.intervener.min_steps=5",
+    )
     policy = make_policy(cfg.policy, make_robot(cfg.robot))
     save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, tmp_path / "policy.safetensors")
     summary = Recorder(cfg, tmp_path / "run").run()
@@ -129,7 +150,6 @@ def test_policy_rollout_with_simulated_intervener_records_who_acted(tmp_path):
     assert not took_over[0] and took_over.any()  # the policy started; the intervener stepped in
     # where the policy acted, what it proposed is what was sent (within the safety clip)
     policy_steps = ~took_over
-    np.testing.assert_allclose(ep["action"][policy_steps], np.clip(ep["policy_action"][policy_steps], -1, 1),
-                               atol=1e-6)
+    np.testing.assert_allclose(ep["action"][policy_steps], np.clip(ep["policy_action"][policy_steps], -1, 1), atol=1e-6)
     assert summary["episodes"][0]["interventions"] == int(took_over.sum())
     assert store.episodes[0]["task"] == "lift the cube"

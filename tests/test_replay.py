@@ -114,8 +114,24 @@ def test_cli_video_recorded_beside_replayed(recorded, tmp_path, capsys):
 
 def test_cli_all_episodes_two_cameras(recorded, tmp_path, capsys):
     out = tmp_path / "v.mp4"
-    assert main([str(recorded), "--all", "--mode", "open_loop", "--video", str(out), "--size", "32x48",
-                 "--cameras", "frontview", "robot0_eye_in_hand"]) == 0
+    assert (
+        main(
+            [
+                str(recorded),
+                "--all",
+                "--mode",
+                "open_loop",
+                "--video",
+                str(out),
+                "--size",
+                "32x48",
+                "--cameras",
+                "frontview",
+                "robot0_eye_in_hand",
+            ]
+        )
+        == 0
+    )
     assert "success reproduced in 2/2" in capsys.readouterr().out  # (the start may be > 1 mm off: see above)
     for i in range(2):
         n, size, _ = _decode(tmp_path / f"v_ep{i:03d}.mp4")
@@ -124,8 +140,9 @@ def test_cli_all_episodes_two_cameras(recorded, tmp_path, capsys):
 
 
 def test_cli_errors_exit_2_with_a_message(recorded, capsys):
-    p = subprocess.run([ROBOT_RL, "replay", str(recorded), "--episode", "7"], capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [ROBOT_RL, "replay", str(recorded), "--episode", "7"], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 2 and "episode 7 out of range" in p.stderr and "2 episodes" in p.stderr
     assert main([str(recorded), "--video", "x.mp4", "--cameras", "nope"]) == 2
     assert "unknown camera 'nope'" in capsys.readouterr().err
@@ -142,24 +159,38 @@ def _lerobot_style_store(recorded: Path, path: Path) -> EpisodeStore:
     robot_config (a real Panda driven in end-effector deltas)."""
     src = EpisodeStore.open(recorded)
     ep = src.episode(0)
-    keys = [k[len(OBS_PREFIX):] for k, f in src.features.items()
-            if k.startswith(OBS_PREFIX) and not f.is_image and not k.endswith("-state")]
+    keys = [
+        k[len(OBS_PREFIX) :]
+        for k, f in src.features.items()
+        if k.startswith(OBS_PREFIX) and not f.is_image and not k.endswith("-state")
+    ]
     names, cols = [], []
     for k in keys:
         x = ep[OBS_PREFIX + k].reshape(len(ep["action"]), -1)
         names += [f"{k}.{i}" for i in range(x.shape[1])]
         cols.append(x)
     state = np.concatenate(cols, axis=1).astype(np.float32)
-    feats = {"obs.state": Feature((len(names),), "float32", tuple(names)), "action": src.features["action"],
-             "success": Feature((), "bool"), "timestamp": Feature((), "float64"),
-             "intervention": Feature((), "bool")}
+    feats = {
+        "obs.state": Feature((len(names),), "float32", tuple(names)),
+        "action": src.features["action"],
+        "success": Feature((), "bool"),
+        "timestamp": Feature((), "float64"),
+        "intervention": Feature((), "bool"),
+    }
     info = {"robot": "lerobot_my_panda", "robot_config": {"type": "lerobot", "lerobot_type": "my_panda"}}
     store = EpisodeStore.create(path, feats, src.fps, info=info)
     w = store.writer()
     w.begin({"seed": 0, "operator": "test"})
     for t in range(len(state)):
-        w.add({"obs.state": state[t], "action": ep["action"][t], "success": ep["success"][t],
-               "timestamp": ep["timestamp"][t], "intervention": np.bool_(True)})
+        w.add(
+            {
+                "obs.state": state[t],
+                "action": ep["action"][t],
+                "success": ep["success"][t],
+                "timestamp": ep["timestamp"][t],
+                "intervention": np.bool_(True),
+            }
+        )
     w.save({"success": bool(ep["success"][-1])}).result()
     store.close()
     return EpisodeStore.open(path)
@@ -185,8 +216,17 @@ def test_real_robot_episode_open_loop_in_sim(recorded, tmp_path, capsys):
 def test_replay_robot_config_of_our_sim_behind_lerobot():
     class _Store:
         path = Path("s")
-        meta = {"info": {"robot_config": {"type": "lerobot", "lerobot_type": "robot_rl_sim", "env_name": "Stack",
-                                          "camera_names": ["agentview"], "safety": {"max_delta": None}}}}
+        meta = {
+            "info": {
+                "robot_config": {
+                    "type": "lerobot",
+                    "lerobot_type": "robot_rl_sim",
+                    "env_name": "Stack",
+                    "camera_names": ["agentview"],
+                    "safety": {"max_delta": None},
+                }
+            }
+        }
 
     assert replay_robot_config(_Store()) == {"type": "robosuite", "env_name": "Stack", "cameras": []}
     cfg = replay_robot_config(_Store(), "pick_place_can")

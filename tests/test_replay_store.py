@@ -10,9 +10,11 @@ from robot_rl.learner.replay_buffer import ReplayBuffer
 
 def batch(start, n, obs_dim=5):
     seqs = np.arange(start, start + n, dtype=np.int64)
-    return seqs, {"obs.x": np.tile(seqs[:, None], (1, obs_dim)).astype(np.float32),
-                  "obs.img": np.full((n, 8, 8, 3), start % 255, np.uint8),
-                  "expert_action": np.ones((n, 7), np.float32)}
+    return seqs, {
+        "obs.x": np.tile(seqs[:, None], (1, obs_dim)).astype(np.float32),
+        "obs.img": np.full((n, 8, 8, 3), start % 255, np.uint8),
+        "expert_action": np.ones((n, 7), np.float32),
+    }
 
 
 def test_append_reopen_bit_exact(tmp_path):
@@ -71,8 +73,7 @@ def test_streams_schema_and_write_behind(tmp_path):
         again.append("robot1", *batch(0, 3, obs_dim=6))
     assert again.size == 15 and ReplayBuffer(tmp_path / "r.zarr").schema == again.schema
     # held-back rows still advance the stream: `end` says where it resumes
-    again.extend("robot0", np.array([10, 12]), {k: v[[0, 2]] for k, v in batch(10, 3)[1].items()}, stream="a",
-                 end=13)
+    again.extend("robot0", np.array([10, 12]), {k: v[[0, 2]] for k, v in batch(10, 3)[1].items()}, stream="a", end=13)
     again.flush()
     assert ReplayBuffer(tmp_path / "r.zarr").next_expected[("robot0", "a")] == 13
 

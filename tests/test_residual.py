@@ -28,8 +28,15 @@ def base_run(tmp_path_factory):
     """A tiny chunked diffusion base trained briefly on the toy store (`success` from step 15 of 20)."""
     tmp = tmp_path_factory.mktemp("base")
     toy_store(tmp / "store", success_at=15)
-    train_policy(tmp / "store", tmp / "run", "train.steps=40", "train.batch_size=32", "train.lr=3e-3",
-                 "train.warmup_steps=5", *TINY_BASE)
+    train_policy(
+        tmp / "store",
+        tmp / "run",
+        "train.steps=40",
+        "train.batch_size=32",
+        "train.lr=3e-3",
+        "train.warmup_steps=5",
+        *TINY_BASE,
+    )
     return tmp
 
 
@@ -48,8 +55,11 @@ def test_batched_ensemble_equals_each_head_run_alone():
 
 # ------------------------------------------------------------------------------------------------- n-step
 def _toy_pool(rewards, success, ends):
-    arrays = {"reward": np.asarray(rewards, np.float32), "success": np.asarray(success, bool),
-              "x": np.arange(len(rewards))}
+    arrays = {
+        "reward": np.asarray(rewards, np.float32),
+        "success": np.asarray(success, bool),
+        "x": np.arange(len(rewards)),
+    }
     return Pool.from_arrays(arrays, np.asarray(ends))
 
 
@@ -59,15 +69,15 @@ def test_nstep_return_bootstrap_and_terminal():
     g = 0.9
     out = pool.nstep(np.array([0, 1, 3, 5, 6, 7]), n=3, gamma=g)
     # row 0: rewards of rows 0,1,2 (all 0), bootstrap from row 3 with g^3
-    assert out["boot"][0] == 3 and out["discount"][0] == pytest.approx(g ** 3) and out["return"][0] == 0
+    assert out["boot"][0] == 3 and out["discount"][0] == pytest.approx(g**3) and out["return"][0] == 0
     # row 1: rows 1,2,3 -> the success at row 3 pays g^2 and ends the return (discount 0)
-    assert out["return"][1] == pytest.approx(g ** 2) and out["discount"][1] == 0
+    assert out["return"][1] == pytest.approx(g**2) and out["discount"][1] == 0
     # row 3 is terminal itself
     assert out["return"][2] == 1 and out["discount"][2] == 0
     # episode B was cut by the time limit: its last row (8) cannot start a transition but is a bootstrap state
     assert 8 not in pool.starts and 7 in pool.starts
-    assert out["boot"][3] == 8 and out["discount"][3] == pytest.approx(g ** 3)
-    assert out["boot"][4] == 8 and out["discount"][4] == pytest.approx(g ** 2)
+    assert out["boot"][3] == 8 and out["discount"][3] == pytest.approx(g**3)
+    assert out["boot"][4] == 8 and out["discount"][4] == pytest.approx(g**2)
     assert out["boot"][5] == 8 and out["discount"][5] == pytest.approx(g)
 
 
@@ -183,20 +193,35 @@ def _online_replay(path, store_path, base, episodes=4):
         base.reset()
         n = b - a
         states = store.array("obs.state")[a:b]
-        arrays = {"obs.state": states, "action": store.array("action")[a:b],
-                  "base_action": np.stack([base.select_action({"state": s}) for s in states]),
-                  "reward": store.array("success")[a:b].astype(np.float32),
-                  "success": store.array("success")[a:b], "intervention": np.zeros(n, bool),
-                  "episode": np.full(n, e, np.int64), "step": np.arange(n, dtype=np.int64)}
+        arrays = {
+            "obs.state": states,
+            "action": store.array("action")[a:b],
+            "base_action": np.stack([base.select_action({"state": s}) for s in states]),
+            "reward": store.array("success")[a:b].astype(np.float32),
+            "success": store.array("success")[a:b],
+            "intervention": np.zeros(n, bool),
+            "episode": np.full(n, e, np.int64),
+            "step": np.arange(n, dtype=np.int64),
+        }
         replay.append("robot0", np.arange(seq, seq + n), arrays)
         seq += n
     return replay
 
 
 def test_update_learns_and_resumes_exactly(base_run, tmp_path):
-    cfg = algo_config("residual", base_checkpoint=str(base_run / "run"), demos=str(base_run / "store"), batch_size=32,
-                         actor_hidden=[32], critic_hidden=[32, 32], num_critics=4, learning_starts=40,
-                         critic_warmup=60, actor_every=1, actor_lr=1e-3)
+    cfg = algo_config(
+        "residual",
+        base_checkpoint=str(base_run / "run"),
+        demos=str(base_run / "store"),
+        batch_size=32,
+        actor_hidden=[32],
+        critic_hidden=[32, 32],
+        num_critics=4,
+        learning_starts=40,
+        critic_warmup=60,
+        actor_every=1,
+        actor_lr=1e-3,
+    )
     algo = ResidualTD3(cfg, {}, torch.device("cpu"), tmp_path / "learner")
     assert list((tmp_path / "learner").glob("demo_base_actions_*.npy")), "relabelled demos are cached"
     replay = _online_replay(tmp_path / "replay", base_run / "store", load_policy(base_run / "run", "cpu"), 2)
@@ -245,17 +270,30 @@ def test_check_config_errors(base_run, tmp_path):
 def test_takeover_steps_join_the_demo_half_of_each_batch(tmp_path):
     from robot_rl.algos.nstep import RLPDSampler
 
-    demo = {"obs.x": np.zeros((10, 1), np.float32), "action": np.zeros((10, 1), np.float32),
-            "reward": np.zeros(10, np.float32), "success": np.zeros(10, bool)}
+    demo = {
+        "obs.x": np.zeros((10, 1), np.float32),
+        "action": np.zeros((10, 1), np.float32),
+        "reward": np.zeros(10, np.float32),
+        "success": np.zeros(10, bool),
+    }
     demo["success"][9] = demo["reward"][9] = 1
     replay = ReplayBuffer(tmp_path / "r")
     n = 40
     took_over = np.zeros(n, bool)
     took_over[20:30] = True
-    replay.append("robot0", np.arange(n), {"obs.x": np.ones((n, 1), np.float32), "action": np.ones((n, 1), np.float32),
-                                          "reward": np.zeros(n, np.float32), "success": np.zeros(n, bool),
-                                          "intervention": took_over, "episode": np.zeros(n, np.int64),
-                                          "step": np.arange(n, dtype=np.int64)})
+    replay.append(
+        "robot0",
+        np.arange(n),
+        {
+            "obs.x": np.ones((n, 1), np.float32),
+            "action": np.ones((n, 1), np.float32),
+            "reward": np.zeros(n, np.float32),
+            "success": np.zeros(n, bool),
+            "intervention": took_over,
+            "episode": np.zeros(n, np.int64),
+            "step": np.arange(n, dtype=np.int64),
+        },
+    )
     rng = np.random.default_rng(0)
     for flag, expect_online_in_demo_half in ((True, True), (False, False)):
         sampler = RLPDSampler(Pool.from_arrays(demo, np.array([10])), ["x"], ["action"], 3, 0.99, 200, 0.5, flag)
@@ -269,8 +307,15 @@ def test_sac_baseline_phases_update_and_policy(base_run, tmp_path):
     from robot_rl.algos.sac import SAC
     from robot_rl.policies.sac import SACPolicy
 
-    cfg = algo_config("sac", demos=str(base_run / "store"), batch_size=32, actor_hidden=[32], critic_hidden=[32, 32],
-                    num_critics=4, learning_starts=60)
+    cfg = algo_config(
+        "sac",
+        demos=str(base_run / "store"),
+        batch_size=32,
+        actor_hidden=[32],
+        critic_hidden=[32, 32],
+        num_critics=4,
+        learning_starts=60,
+    )
     algo = SAC(cfg, {}, torch.device("cpu"))
     replay = _online_replay(tmp_path / "replay", base_run / "store", load_policy(base_run / "run", "cpu"), 2)
     assert not algo.ready(replay) and algo.publish_meta(replay) == {"exploration": "warmup"}
@@ -283,8 +328,7 @@ def test_sac_baseline_phases_update_and_policy(base_run, tmp_path):
     assert all(np.isfinite(m["critic/loss"]) and m["alpha"] > 0 for m in metrics)
     assert any(not torch.equal(before[k], v) for k, v in algo.policy_state().items())
     # the robot side: actions inside the demonstrated range, deterministic when evaluating
-    policy = SACPolicy(algo.model.__class__(
-        {"state": Feature((4,))}, ["state"], 2, {"actor_hidden": [32]}), seed=0)
+    policy = SACPolicy(algo.model.__class__({"state": Feature((4,))}, ["state"], 2, {"actor_hidden": [32]}), seed=0)
     policy.load_state_dict(algo.policy_state())
     policy.exploration = "none"
     obs = {"state": np.ones(4, np.float32)}

@@ -65,9 +65,19 @@ def test_residual_session_trains_evaluates_and_resumes(lift_base, tmp_path, port
 def test_crashed_learner_is_restarted_and_resumes(lift_base, tmp_path, ports):
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli",
-                             *session_args(lift_base, run, ports, "session.episodes=8", "session.restart_crashed=1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "robot_rl.cli",
+            *session_args(lift_base, run, ports, "session.episodes=8", "session.restart_crashed=1"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
     deadline = time.time() + 180
     while not (learner_checkpoint(run / "learner")[0] or {"updates": 0})["updates"] > 0 and time.time() < deadline:
         time.sleep(0.2)
@@ -88,13 +98,27 @@ def test_residual_session_with_a_camera(tmp_path, ports):
     """The image path: the residual and critic see an 48x48 camera (conv encoder trained by the critic, DrQ
     shift), the base stays low-dim; images travel as uint8 and are stored once in the learner's replay."""
     lowdim = "[robot0_eef_pos,cube_pos,robot0_gripper_qpos]"
-    base_from_demos(tmp_path, "train.steps=5", "train.warmup_steps=1", f"policy.obs_keys={lowdim}", demos=2,
-                    record_overrides=camera(48))
+    base_from_demos(
+        tmp_path,
+        "train.steps=5",
+        "train.warmup_steps=1",
+        f"policy.obs_keys={lowdim}",
+        demos=2,
+        record_overrides=camera(48),
+    )
     run = tmp_path / "run"
-    out = run_cli(session_args(tmp_path, run, ports, "session.episodes=3", *camera(48),
-                               "algo.obs_keys=[agentview_image,robot0_eef_pos,cube_pos,robot0_gripper_qpos]",
-                               "++algo.image_encoder={feature_dim:16,channels:[8,16],strides:[2,2],num_keypoints:8}",
-                               "session.eval_every_episodes=0"))
+    out = run_cli(
+        session_args(
+            tmp_path,
+            run,
+            ports,
+            "session.episodes=3",
+            *camera(48),
+            "algo.obs_keys=[agentview_image,robot0_eef_pos,cube_pos,robot0_gripper_qpos]",
+            "++algo.image_encoder={feature_dim:16,channels:[8,16],strides:[2,2],num_keypoints:8}",
+            "session.eval_every_episodes=0",
+        )
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     replay = ReplayBuffer(run / "learner" / "replay.zarr")
     images = replay.column("obs.agentview_image")

@@ -15,10 +15,14 @@ from robot_rl.config import ConfigError
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.hardware.teleop import EPISODE_EVENTS, EpisodeControls, KeyboardTeleop
 from robot_rl.interfaces import OBS_PREFIX, Feature, Robot
-from robot_rl.reward import (ClassifierSuccess, OperatorSuccess, SimSuccess, SuccessDetector,
-                             make_success_detector)
-from robot_rl.reward.classifier import (ClassifierDataError, SuccessClassifier, load_classifier, save_classifier,
-                                        train_classifier)
+from robot_rl.reward import ClassifierSuccess, OperatorSuccess, SimSuccess, SuccessDetector, make_success_detector
+from robot_rl.reward.classifier import (
+    ClassifierDataError,
+    SuccessClassifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
 
 from builders import ScriptedControls, record_config
 from conftest import REPO, robot_rl_cli
@@ -52,8 +56,13 @@ def build_lift_store(path, episodes: int = EPISODES, steps: int = STEPS, size: i
             writer.begin({"seed": seed + ep})
             for _ in range(steps):
                 action = expert.get_action(obs)
-                writer.add({**{OBS_PREFIX + k: v for k, v in obs.items()}, "action": action,
-                            "success": np.bool_(robot.is_success())})
+                writer.add(
+                    {
+                        **{OBS_PREFIX + k: v for k, v in obs.items()},
+                        "action": action,
+                        "success": np.bool_(robot.is_success()),
+                    }
+                )
                 robot.send_action(action)
                 obs = robot.get_observation()
             writer.save()
@@ -71,9 +80,20 @@ def lift_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(lift_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf")
-    result = train_classifier(lift_store, out, ["agentview_image"], steps=300, batch_size=32, lr=1e-3,
-                              val_fraction=0.34, seed=0, device="cpu", encoder=TINY_ENCODER, hidden=[64],
-                              log_every=100)
+    result = train_classifier(
+        lift_store,
+        out,
+        ["agentview_image"],
+        steps=300,
+        batch_size=32,
+        lr=1e-3,
+        val_fraction=0.34,
+        seed=0,
+        device="cpu",
+        encoder=TINY_ENCODER,
+        hidden=[64],
+        log_every=100,
+    )
     return out, result
 
 
@@ -112,8 +132,14 @@ class StubRobot(Robot):
 
 
 def cam_robot(size: int = CAM, **kw) -> StubRobot:
-    return StubRobot({"agentview_image": Feature((size, size, 3), "uint8"), "robot0_eef_pos": Feature((3,)),
-                      "gripper": Feature((2,))}, **kw)
+    return StubRobot(
+        {
+            "agentview_image": Feature((size, size, 3), "uint8"),
+            "robot0_eef_pos": Feature((3,)),
+            "gripper": Feature((2,)),
+        },
+        **kw,
+    )
 
 
 class StubClassifier:
@@ -204,10 +230,17 @@ def test_training_data_errors_name_the_problem(lift_store, tmp_path):
 
 
 def test_train_classifier_cli_writes_run_info(lift_store, tmp_path):
-    proc = robot_rl_cli("train-classifier", f"classifier.data={lift_store}", "classifier.steps=5",
-                        "classifier.batch_size=8", "classifier.device=cpu", "classifier.num_threads=1",
-                        "classifier.encoder.channels=[8,8]", "classifier.encoder.strides=[2,2]",
-                        f"hydra.run.dir={tmp_path / 'run'}")
+    proc = robot_rl_cli(
+        "train-classifier",
+        f"classifier.data={lift_store}",
+        "classifier.steps=5",
+        "classifier.batch_size=8",
+        "classifier.device=cpu",
+        "classifier.num_threads=1",
+        "classifier.encoder.channels=[8,8]",
+        "classifier.encoder.strides=[2,2]",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = tmp_path / "run"
     assert (run / "classifier.safetensors").is_file() and (run / "classifier.json").is_file()
@@ -225,11 +258,13 @@ def test_train_classifier_config_errors(tmp_path):
         with initialize_config_module("robot_rl.configs", version_base=None):
             return compose("classifier", overrides=list(overrides))
 
-    for overrides, msg in [((), "classifier.data is empty"),
-                           ((f"classifier.data={tmp_path / 'nope'}",), "classifier.data: .* not an episode store"),
-                           (("classifier.data=x", "classifier.image_keys=[]"), "image_keys is empty"),
-                           (("classifier.data=x", "classifier.steps=0"), "steps must be a positive integer"),
-                           (("classifier.data=x", "classifier.threshold=1.5"), r"threshold must be in \(0, 1\)")]:
+    for overrides, msg in [
+        ((), "classifier.data is empty"),
+        ((f"classifier.data={tmp_path / 'nope'}",), "classifier.data: .* not an episode store"),
+        (("classifier.data=x", "classifier.image_keys=[]"), "image_keys is empty"),
+        (("classifier.data=x", "classifier.steps=0"), "steps must be a positive integer"),
+        (("classifier.data=x", "classifier.threshold=1.5"), r"threshold must be in \(0, 1\)"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             main(cfg(*overrides), tmp_path / "run")
 
@@ -238,8 +273,12 @@ def test_train_classifier_config_errors(tmp_path):
 def test_classifier_success_threshold_consecutive_and_gate():
     high = {"robot0_eef_pos": np.array([0.0, 0.0, 0.90])}
     low = {"robot0_eef_pos": np.array([0.0, 0.0, 0.80])}
-    d = ClassifierSuccess(StubClassifier([0.9, 0.95, 0.5, 0.9, 0.9, 0.99, 0.99]), threshold=0.85, consecutive=2,
-                          gate={"key": "robot0_eef_pos", "index": 2, "min": 0.84, "max": None})
+    d = ClassifierSuccess(
+        StubClassifier([0.9, 0.95, 0.5, 0.9, 0.9, 0.99, 0.99]),
+        threshold=0.85,
+        consecutive=2,
+        gate={"key": "robot0_eef_pos", "index": 2, "min": 0.84, "max": None},
+    )
     assert isinstance(d, SuccessDetector)
     assert [d(high), d(high)] == [False, True]  # two ticks in a row above threshold
     assert d(high) is False and d.last_probability == 0.5 and d.streak == 0  # a dip resets the count
@@ -253,8 +292,12 @@ def test_classifier_success_threshold_consecutive_and_gate():
     assert one({}) is True and one({}) is False  # >= threshold, no gate, consecutive 1
     with pytest.raises(KeyError, match="robot0_eef_pos"):
         ClassifierSuccess(StubClassifier([0.9]), gate={"key": "robot0_eef_pos", "index": 2, "min": 0.8})({})
-    for bad, msg in [({"key": "x"}, "min.*max"), ({"min": 1.0}, "needs `key`"), ({"key": "x", "min": 2, "max": 1},
-                     "above"), ({"key": "x", "min": 1, "idx": 2}, "unknown")]:
+    for bad, msg in [
+        ({"key": "x"}, "min.*max"),
+        ({"min": 1.0}, "needs `key`"),
+        ({"key": "x", "min": 2, "max": 1}, "above"),
+        ({"key": "x", "min": 1, "idx": 2}, "unknown"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             ClassifierSuccess(StubClassifier([]), gate=bad)
     with pytest.raises(ValueError, match="consecutive"):
@@ -329,11 +372,16 @@ def test_make_success_detector_sources_and_errors(tmp_path, caplog):
         make_success_detector({"source": "classifier", "classifier": str(tmp_path / "x")}, robot, None)
 
     torch.manual_seed(0)
-    save_classifier(SuccessClassifier({"agentview_image": (CAM, CAM, 3)}, encoder=TINY_ENCODER, hidden=[8],
-                                      threshold=0.7), tmp_path / "classifier.safetensors")
+    save_classifier(
+        SuccessClassifier({"agentview_image": (CAM, CAM, 3)}, encoder=TINY_ENCODER, hidden=[8], threshold=0.7),
+        tmp_path / "classifier.safetensors",
+    )
     gate = {"key": "robot0_eef_pos", "index": 2, "min": 0.84, "max": None}
-    d = make_success_detector({"source": "classifier", "classifier": str(tmp_path), "threshold": None,
-                               "consecutive": 3, "gate": gate}, robot, None)
+    d = make_success_detector(
+        {"source": "classifier", "classifier": str(tmp_path), "threshold": None, "consecutive": 3, "gate": gate},
+        robot,
+        None,
+    )
     assert isinstance(d, ClassifierSuccess) and d.threshold == 0.7 and d.consecutive == 3 and d.gate == gate
     obs = {"agentview_image": np.zeros((CAM, CAM, 3), np.uint8), "robot0_eef_pos": np.array([0, 0, 1.0])}
     d.reset()
@@ -354,9 +402,17 @@ def test_make_success_detector_sources_and_errors(tmp_path, caplog):
 def test_recorder_success_key_labels_this_and_later_steps(tmp_path):
     from robot_rl.commands.record import Recorder
 
-    rec = Recorder(record_config(tmp_path / "store", "record.episodes=2", "record.max_episode_steps=15",
-                                 "record.fps=1000", "record.stop_on_success=false", "record.min_free_gb=0"),
-                   tmp_path / "run")
+    rec = Recorder(
+        record_config(
+            tmp_path / "store",
+            "record.episodes=2",
+            "record.max_episode_steps=15",
+            "record.fps=1000",
+            "record.stop_on_success=false",
+            "record.min_free_gb=0",
+        ),
+        tmp_path / "run",
+    )
     # the key is pressed at step 7 of episode 0; the cube is not lifted by step 15
     rec.controls = ScriptedControls({8: "success"})
     summary = rec.run()

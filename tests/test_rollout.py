@@ -132,18 +132,19 @@ def test_nan_proposal_gets_the_safe_action_and_is_counted():
     np.testing.assert_array_equal(robot.sent[2], [0.0])
     assert r["safe_steps"] == 0  # invalid proposals are the filter's events; forced_safe is asked for
     held = Rollout(robot, NoisyPolicy(), safety=safety(), stop_on_success=False).episode(
-        robot.get_observation(), max_steps=4, force_safe=lambda source: True)
+        robot.get_observation(), max_steps=4, force_safe=lambda source: True
+    )
     assert held["safe_steps"] == 4 and all(a[0] == 0.0 for a in robot.sent[-4:])
 
 
 def test_hooks_see_every_step_with_who_acted_and_the_pacer_waits():
     robot, policy = LineRobot(), NoisyPolicy(drift=0.0)
     pacer = PacedLoop(1000.0)
-    rollout = Rollout(robot, policy, teleop=Expert(intervene_from=3), safety=safety(), pacer=pacer,
-                      stop_on_success=False)
+    rollout = Rollout(
+        robot, policy, teleop=Expert(intervene_from=3), safety=safety(), pacer=pacer, stop_on_success=False
+    )
     seen, before = [], []
-    r = rollout.episode(rollout.reset(2), max_steps=6, hooks=[seen.append],
-                        before_step=lambda i, obs: before.append(i))
+    r = rollout.episode(rollout.reset(2), max_steps=6, hooks=[seen.append], before_step=lambda i, obs: before.append(i))
     assert [s.index for s in seen] == before == list(range(6)) and seen[-1].done and not seen[0].done
     assert [s.source for s in seen] == ["policy"] * 2 + ["teleop"] * 4
     assert r["policy_steps"] == 2 and r["teleop_steps"] == 4 and policy.calls == 6  # the policy still proposes
@@ -159,9 +160,11 @@ def test_hooks_see_every_step_with_who_acted_and_the_pacer_waits():
 def test_teleop_drives_and_starved_policy_without_teleop_fill():
     robot = LineRobot()
     r = Rollout(robot, NoisyPolicy(), teleop=Expert(), stop_on_success=False).episode(
-        robot.reset(0), max_steps=3, teleop_drives=True)
+        robot.reset(0), max_steps=3, teleop_drives=True
+    )
     assert r["teleop_steps"] == 3
-    starved = Rollout(robot, act=lambda obs: None, teleop=Expert(), safety=safety(), stop_on_success=False,
-                      teleop_fills_gaps=False)  # deploy: a starved policy holds, the teleop acts only on takeover
+    starved = Rollout(
+        robot, act=lambda obs: None, teleop=Expert(), safety=safety(), stop_on_success=False, teleop_fills_gaps=False
+    )  # deploy: a starved policy holds, the teleop acts only on takeover
     r = starved.episode(robot.reset(0), max_steps=3)
     assert r["safe_steps"] == 3 and r["teleop_steps"] == 0 and r["policy_steps"] == 0

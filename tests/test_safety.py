@@ -185,14 +185,15 @@ def test_one_outage_is_one_trip_however_often_the_stale_contact_is_fed(caplog):
             now = 10.05 + tick * 0.05
             w.feed(now=10.0)
             w.expired(now=now)
-        assert w.trips == 1 and w.outages(now=13.0) == {"count": 1, "total_s": 3.0, "longest_s": 3.0,
-                                                         "ongoing": True}
+        assert w.trips == 1 and w.outages(now=13.0) == {"count": 1, "total_s": 3.0, "longest_s": 3.0, "ongoing": True}
         w.feed(now=13.1)  # contact again
         assert not w.expired(now=13.12)
         w.feed(now=13.1)  # fed again with the same contact: nothing logged
     msgs = [r.getMessage() for r in caplog.records]
-    assert msgs == ["learner silent for 0.10 s (> 0.10 s): sending safe actions",
-                    "learner back after 3.10 s of silence: resuming"]
+    assert msgs == [
+        "learner silent for 0.10 s (> 0.10 s): sending safe actions",
+        "learner back after 3.10 s of silence: resuming",
+    ]
     assert w.outages() == {"count": 1, "total_s": 3.1, "longest_s": 3.1, "ongoing": False}
 
 

@@ -13,9 +13,17 @@ from omegaconf import OmegaConf
 from conftest import robot_rl_cli
 
 FAST = [
-    "session.episodes=4", "session.expert_episodes=1", "session.max_episode_steps=60", "session.rate_hz=40",
-    "robot.control_freq=40", "algo.min_transitions=40", "algo.publish_every_updates=20", "algo.batch_size=64",
-    "policy.hidden=[64,64]", "device=cpu", "tensorboard=false",
+    "session.episodes=4",
+    "session.expert_episodes=1",
+    "session.max_episode_steps=60",
+    "session.rate_hz=40",
+    "robot.control_freq=40",
+    "algo.min_transitions=40",
+    "algo.publish_every_updates=20",
+    "algo.batch_size=64",
+    "policy.hidden=[64,64]",
+    "device=cpu",
+    "tensorboard=false",
 ]
 
 
@@ -39,8 +47,11 @@ def endpoints(ports):
 
 
 def test_bad_config_values_fail_before_anything_starts(tmp_path):
-    for override, field in (("session.rate_hz=-5", "session.rate_hz"), ("robot.env_name=Lfit", "env_name"),
-                            ("algo.name=ppo", "algo.name")):
+    for override, field in (
+        ("session.rate_hz=-5", "session.rate_hz"),
+        ("robot.env_name=Lfit", "env_name"),
+        ("algo.name=ppo", "algo.name"),
+    ):
         run_dir = tmp_path / field
         out = robot_rl_cli("session", override, f"hydra.run.dir={run_dir}", timeout=120)
         assert out.returncode == 2, out.stderr
@@ -51,8 +62,12 @@ def test_bad_config_values_fail_before_anything_starts(tmp_path):
 
 def test_session_closes_the_loop(tmp_path, ports):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "session", *FAST, *endpoints(ports),
-                             f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robot_rl.cli", "session", *FAST, *endpoints(ports), f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     # while it runs, a stranger sends garbage and a wrong-version message to the learner: both are rejected
     ctx = zmq.Context.instance()
     rogue = ctx.socket(zmq.DEALER)
@@ -75,7 +90,10 @@ def test_session_closes_the_loop(tmp_path, ports):
     # weights advanced on the robot side, and the policy's actions changed with them
     versions = [u["version"] for u in control["weight_updates"]]
     assert len(versions) >= 2 and versions == sorted(versions)
-    first, last = np.array(control["weight_updates"][0]["probe_action"]), np.array(control["weight_updates"][-1]["probe_action"])
+    first, last = (
+        np.array(control["weight_updates"][0]["probe_action"]),
+        np.array(control["weight_updates"][-1]["probe_action"]),
+    )
     assert np.abs(first - last).max() > 1e-4
     assert sum(e["policy_steps"] for e in control["episodes_detail"]) > 0
     # every transition arrived exactly once
@@ -91,8 +109,12 @@ def test_session_closes_the_loop(tmp_path, ports):
 
 
 def _start(module, config, run_dir):
-    return subprocess.Popen([sys.executable, "-m", module, str(config), str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, str(config), str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(predicate, timeout_s, what):
@@ -110,17 +132,30 @@ def test_learner_killed_and_restarted(tmp_path, ports):
     from hydra import compose, initialize_config_module
 
     with initialize_config_module("robot_rl.configs", version_base=None):
-        cfg = compose("session", overrides=[
-            "session.episodes=8", "session.expert_episodes=1", "session.max_episode_steps=60", "session.rate_hz=20",
-            "session.watchdog_s=0.045", "session.heartbeat_s=0.01", "session.stop_on_success=false",
-            "algo.min_transitions=40", "algo.publish_every_updates=20", "algo.batch_size=64",
-            "policy.hidden=[64,64]", "device=cpu", "tensorboard=false", *endpoints(ports)])
+        cfg = compose(
+            "session",
+            overrides=[
+                "session.episodes=8",
+                "session.expert_episodes=1",
+                "session.max_episode_steps=60",
+                "session.rate_hz=20",
+                "session.watchdog_s=0.045",
+                "session.heartbeat_s=0.01",
+                "session.stop_on_success=false",
+                "algo.min_transitions=40",
+                "algo.publish_every_updates=20",
+                "algo.batch_size=64",
+                "policy.hidden=[64,64]",
+                "device=cpu",
+                "tensorboard=false",
+                *endpoints(ports),
+            ],
+        )
     config = tmp_path / "config.yaml"
     config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     learner = _start("robot_rl.learner", config, tmp_path / "learner")
     control = _start("robot_rl.control", config, tmp_path / "control")
-    _wait_for(lambda: (learner_checkpoint(tmp_path / "learner")[0] or {"version": 0})["version"] >= 2, 90,
-              "weights v2")
+    _wait_for(lambda: (learner_checkpoint(tmp_path / "learner")[0] or {"version": 0})["version"] >= 2, 90, "weights v2")
     time.sleep(4.0)  # past the expert episode: the policy drives now
     kill_time = time.time()
     learner.send_signal(signal.SIGKILL)
@@ -163,9 +198,17 @@ def test_learner_killed_and_restarted(tmp_path, ports):
 def test_control_drives_a_lerobot_robot_without_learner(tmp_path):
     """The hardware path: our sim offered to lerobot as a lerobot Robot, driven back through the adapter by the
     control process; with no policy weights and no teleop every tick is the safe action."""
-    out = robot_rl_cli("control", "robot=lerobot_sim", "teleop=none", "session.learner=none", "session.episodes=1",
-                       "session.max_episode_steps=10", "session.rate_hz=50", f"hydra.run.dir={tmp_path}",
-                       timeout=180)
+    out = robot_rl_cli(
+        "control",
+        "robot=lerobot_sim",
+        "teleop=none",
+        "session.learner=none",
+        "session.episodes=1",
+        "session.max_episode_steps=10",
+        "session.rate_hz=50",
+        f"hydra.run.dir={tmp_path}",
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads((tmp_path / "control" / "summary.json").read_text())
     # 10 ticks, plus the safe action the process always leaves the robot on when it stops
@@ -179,9 +222,22 @@ def test_ctrl_c_stops_both_processes_cleanly(tmp_path, ports):
     import os
 
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "session", *FAST, "session.episodes=50",
-                             *endpoints(ports), f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "robot_rl.cli",
+            "session",
+            *FAST,
+            "session.episodes=50",
+            *endpoints(ports),
+            f"hydra.run.dir={run_dir}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for(lambda: learner_checkpoint(run_dir / "learner")[0] is not None, 90, "a first checkpoint")
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=60)

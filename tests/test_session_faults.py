@@ -30,16 +30,23 @@ from robot_rl.control.telemetry import learning_curve, read_jsonl
 def start_session(run_dir, ports, *extra, ignore_sigint=False):
     """The session as a script's background job would start it: its own process group (a signal reaches only
     the process it is sent to), optionally with SIGINT ignored (what a shell does for `cmd &`)."""
+
     def preexec():
         if ignore_sigint:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log_path = Path(str(run_dir) + ".log")  # a file, not a pipe: nobody has to keep reading it
-    proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "session", *FAST, *endpoints(ports),
-                             f"hydra.run.dir={run_dir}", *extra], stdout=log_path.open("w"),
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=preexec,
-                            cwd=REPO, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robot_rl.cli", "session", *FAST, *endpoints(ports), f"hydra.run.dir={run_dir}", *extra],
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=preexec,
+        cwd=REPO,
+        env=env,
+    )
     proc.log_path = log_path
     return proc
 
@@ -68,8 +75,9 @@ def wait_for(predicate, what, timeout_s=180.0, proc=None):
 
 def policy_drives(control_dir):
     """An episode driven by the policy with learner weights is logged."""
-    return lambda: any(str(e.get("driven_by", "")).startswith("policy (weights v")
-                       for e in read_jsonl(control_dir / "episodes.jsonl"))
+    return lambda: any(
+        str(e.get("driven_by", "")).startswith("policy (weights v") for e in read_jsonl(control_dir / "episodes.jsonl")
+    )
 
 
 def pids(pattern):
@@ -151,11 +159,14 @@ def test_control_process_killed_resumes_exactly_once(tmp_path, ports):
     outbox resends what was not acknowledged under the same stream and seqs, the cut episode is logged as
     interrupted, and the learner ends with every transition once and the same episodes as the control log."""
     run = tmp_path / "run"
-    proc = start_session(run, ports, "session.episodes=6", "session.restart_crashed=1",
-                         "session.stop_on_success=false")
+    proc = start_session(run, ports, "session.episodes=6", "session.restart_crashed=1", "session.stop_on_success=false")
     wait_for(lambda: len(read_jsonl(run / "control" / "episodes.jsonl")) >= 2, "two episodes", proc=proc)
-    wait_for(lambda: (run / "control" / "episode_started.json").exists() and json.loads(
-        (run / "control" / "episode_started.json").read_text())["episode"] >= 2, "episode 2 to start", proc=proc)
+    wait_for(
+        lambda: (run / "control" / "episode_started.json").exists()
+        and json.loads((run / "control" / "episode_started.json").read_text())["episode"] >= 2,
+        "episode 2 to start",
+        proc=proc,
+    )
     time.sleep(1.0)  # somewhere inside the episode (any moment will do)
     [control] = pids(f"robot_rl.control .*{run}")
     os.kill(control, signal.SIGKILL)
@@ -207,8 +218,7 @@ def _can_mount_tmpfs(tmp_path) -> bool:
         return False
     probe = tmp_path / "probe"
     probe.mkdir()
-    r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m none {probe}"],
-                       capture_output=True)
+    r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m none {probe}"], capture_output=True)
     if r.returncode == 0:
         return True
     r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m none {probe}"], capture_output=True)
@@ -226,13 +236,29 @@ def test_disk_full_stops_early_with_one_message_and_a_true_summary(tmp_path, por
     run.mkdir()
     keep = tmp_path / "kept"
     unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
-    args = [sys.executable, "-m", "robot_rl.cli", "session", *FAST, *endpoints(ports), f"hydra.run.dir={run}",
-            "session.episodes=400", "session.restart_crashed=2", "session.space_reserve_mb=1",
-            "session.stop_on_success=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "robot_rl.cli",
+        "session",
+        *FAST,
+        *endpoints(ports),
+        f"hydra.run.dir={run}",
+        "session.episodes=400",
+        "session.restart_crashed=2",
+        "session.space_reserve_mb=1",
+        "session.stop_on_success=false",
+    ]
     # after the session, copy the run dir out of the tmpfs (the namespace and its mount end with the shell)
-    script = (f"mount -t tmpfs -o size=3m none {run} && \"$@\"; code=$?; cp -a {run} {keep}; exit $code")
-    proc = subprocess.run([*unshare, "sh", "-c", script, "sh", *args], capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    script = f'mount -t tmpfs -o size=3m none {run} && "$@"; code=$?; cp -a {run} {keep}; exit $code'
+    proc = subprocess.run(
+        [*unshare, "sh", "-c", script, "sh", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 28, out[-5000:]
     assert out.count("robot_rl.commands.session ERROR: disk full:") == 1, out[-5000:]  # one clear message
@@ -253,8 +279,9 @@ def test_disk_full_stops_early_with_one_message_and_a_true_summary(tmp_path, por
     assert stored["transitions"] == stored["unique"] >= acked > 0
     t = summary["transitions"]
     assert t["lost"] == 0 and t["sent"] == t["stored"] + t["unacknowledged"]
-    leftovers = [p for p in keep.rglob("*") if p.name.endswith(".tmp") or (p.suffix == ".png" and
-                                                                          p.stat().st_size == 0)]
+    leftovers = [
+        p for p in keep.rglob("*") if p.name.endswith(".tmp") or (p.suffix == ".png" and p.stat().st_size == 0)
+    ]
     assert not leftovers, leftovers
 
 

@@ -23,8 +23,18 @@ def test_residual_session_evaluates_deploys_and_exports_from_its_run_dir(lift_ba
     assert manifest["robot"]["config"]["env_name"] == "Lift" and (newest / "algo_state.pt").is_file()
 
     # eval: the robot comes from the manifest, the newest version from the run dir
-    out = run_cli(["eval", f"eval.checkpoint={run}", "eval.episodes=2", "eval.video_episodes=0", "eval.plot=false",
-                   "eval.max_steps=20", "device=cpu", f"hydra.run.dir={tmp_path / 'eval'}"])
+    out = run_cli(
+        [
+            "eval",
+            f"eval.checkpoint={run}",
+            "eval.episodes=2",
+            "eval.video_episodes=0",
+            "eval.plot=false",
+            "eval.max_steps=20",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ]
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["checkpoint"] == str(newest) and result["episodes"] == 2
@@ -45,14 +55,26 @@ def test_residual_session_evaluates_deploys_and_exports_from_its_run_dir(lift_ba
 
     # deploy the run dir and the artefact: same loop, same safety filter (a chunked base inside the residual)
     for i, source in enumerate((run, art)):
-        out = run_cli(["deploy", f"deploy.checkpoint={source}", "deploy.episodes=1", "deploy.max_episode_steps=8",
-                       "deploy.rate_hz=60", "deploy.executor=thread", "deploy.device=cpu", "deploy.stop_on_success=false",
-                       f"hydra.run.dir={tmp_path / f'deploy{i}'}"])
+        out = run_cli(
+            [
+                "deploy",
+                f"deploy.checkpoint={source}",
+                "deploy.episodes=1",
+                "deploy.max_episode_steps=8",
+                "deploy.rate_hz=60",
+                "deploy.executor=thread",
+                "deploy.device=cpu",
+                "deploy.stop_on_success=false",
+                f"hydra.run.dir={tmp_path / f'deploy{i}'}",
+            ]
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         summary = json.loads((tmp_path / f"deploy{i}" / "summary.json").read_text())
         assert summary["episodes"] == 1 and summary["steps"] == 8
 
     # an older version by number, and a clear message for one that does not exist
-    assert load_policy(run, device="cpu", version=pointer["version"]).manifest["training"]["version"] == pointer["version"]
+    assert (
+        load_policy(run, device="cpu", version=pointer["version"]).manifest["training"]["version"] == pointer["version"]
+    )
     out = run_cli(["export-policy", str(run), str(tmp_path / "nope"), "--version", "99999"])
     assert out.returncode == 2 and "no checkpoint for version 99999" in out.stderr

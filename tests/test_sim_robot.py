@@ -28,8 +28,10 @@ def test_features_before_connect():
     robot.disconnect()
 
 
-@pytest.mark.parametrize("kw, field", [({"env_name": "Lfit"}, "env_name"), ({"robots": "Pnda"}, "robots"),
-                                       ({"controller": "NOPE"}, "controller")])
+@pytest.mark.parametrize(
+    "kw, field",
+    [({"env_name": "Lfit"}, "env_name"), ({"robots": "Pnda"}, "robots"), ({"controller": "NOPE"}, "controller")],
+)
 def test_bad_names_raise_value_error(kw, field):
     with pytest.raises(ValueError, match=f"robot.{field}=.*choose one of"):
         RobosuiteRobot(**kw)

@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from robot_rl.hardware.teleop import (
-    DeviceUnavailableError, EpisodeControls, GamepadTeleop, KeyboardTeleop, SpaceMouseTeleop, base, evdev_device,
-    keyboard, make_device_teleop,
+    DeviceUnavailableError,
+    EpisodeControls,
+    GamepadTeleop,
+    KeyboardTeleop,
+    SpaceMouseTeleop,
+    base,
+    evdev_device,
+    keyboard,
+    make_device_teleop,
 )
 
 evdev = pytest.importorskip("evdev")
@@ -363,8 +370,9 @@ def test_evdev_permission_denied_on_devices_lists_found(monkeypatch, no_input_di
 
 def test_evdev_no_matching_device_lists_found(monkeypatch, no_input_dir):
     kbd = FakeDevice("/dev/input/event0", "AT keyboard", caps={ec.EV_KEY: [ec.KEY_A]})
-    pad_touch = FakeDevice("/dev/input/event3", "Touchpad", caps={ec.EV_ABS: [ec.ABS_X, ec.ABS_Y],
-                                                                  ec.EV_KEY: [ec.BTN_TOUCH, 0x130]})
+    pad_touch = FakeDevice(
+        "/dev/input/event3", "Touchpad", caps={ec.EV_ABS: [ec.ABS_X, ec.ABS_Y], ec.EV_KEY: [ec.BTN_TOUCH, 0x130]}
+    )
     _fake_evdev(monkeypatch, {"/dev/input/event0": kbd, "/dev/input/event3": pad_touch})
     for cls in (GamepadTeleop, SpaceMouseTeleop):
         with pytest.raises(DeviceUnavailableError) as e:
@@ -385,14 +393,25 @@ def test_evdev_device_path_permission(monkeypatch, no_input_dir):
 
 def test_device_search_picks_matching_devices(monkeypatch, no_input_dir):
     AbsInfo = evdev.AbsInfo
-    pad = FakeDevice("/dev/input/event4", "Xbox Wireless Controller",
-                     caps={ec.EV_ABS: [ec.ABS_X, ec.ABS_Y, ec.ABS_RY, ec.ABS_Z, ec.ABS_RZ],
-                           ec.EV_KEY: [ec.BTN_SOUTH, ec.BTN_EAST]},
-                     absinfo={ec.ABS_X: AbsInfo(0, -100, 100, 0, 0, 0), ec.ABS_Y: AbsInfo(0, -100, 100, 0, 0, 0),
-                              ec.ABS_RY: AbsInfo(0, -100, 100, 0, 0, 0), ec.ABS_Z: AbsInfo(0, 0, 1023, 0, 0, 0),
-                              ec.ABS_RZ: AbsInfo(0, 0, 1023, 0, 0, 0)})
-    sm = FakeDevice("/dev/input/event12", "3Dconnexion SpaceMouse Compact", vendor=0x256F, product=0xC635,
-                    caps={ec.EV_REL: list(range(6)), ec.EV_KEY: [ec.BTN_0, ec.BTN_1]})
+    pad = FakeDevice(
+        "/dev/input/event4",
+        "Xbox Wireless Controller",
+        caps={ec.EV_ABS: [ec.ABS_X, ec.ABS_Y, ec.ABS_RY, ec.ABS_Z, ec.ABS_RZ], ec.EV_KEY: [ec.BTN_SOUTH, ec.BTN_EAST]},
+        absinfo={
+            ec.ABS_X: AbsInfo(0, -100, 100, 0, 0, 0),
+            ec.ABS_Y: AbsInfo(0, -100, 100, 0, 0, 0),
+            ec.ABS_RY: AbsInfo(0, -100, 100, 0, 0, 0),
+            ec.ABS_Z: AbsInfo(0, 0, 1023, 0, 0, 0),
+            ec.ABS_RZ: AbsInfo(0, 0, 1023, 0, 0, 0),
+        },
+    )
+    sm = FakeDevice(
+        "/dev/input/event12",
+        "3Dconnexion SpaceMouse Compact",
+        vendor=0x256F,
+        product=0xC635,
+        caps={ec.EV_REL: list(range(6)), ec.EV_KEY: [ec.BTN_0, ec.BTN_1]},
+    )
     kbd = FakeDevice("/dev/input/event0", "AT keyboard", caps={ec.EV_KEY: [ec.KEY_A]})
     _fake_evdev(monkeypatch, {"/dev/input/event0": kbd, "/dev/input/event4": pad, "/dev/input/event12": sm})
     g = GamepadTeleop()
@@ -431,8 +450,14 @@ def test_gamepad_mapping_deadzone_scaling_clipping():
 
 
 def test_gamepad_normalization_and_overrides():
-    g = GamepadTeleop(axis_ranges={"ABS_X": [0, 255]}, axes={"z": "ABS_RZ"}, triggers={"ABS_RZ": None},
-                      buttons={"BTN_NORTH": "gripper_toggle", "BTN_SELECT": None}, action_dim=5, gripper_index=0)
+    g = GamepadTeleop(
+        axis_ranges={"ABS_X": [0, 255]},
+        axes={"z": "ABS_RZ"},
+        triggers={"ABS_RZ": None},
+        buttons={"BTN_NORTH": "gripper_toggle", "BTN_SELECT": None},
+        action_dim=5,
+        gripper_index=0,
+    )
     assert g._normalize(ec.ABS_X, 0) == -1.0 and g._normalize(ec.ABS_X, 255) == 1.0
     assert g._normalize(ec.ABS_Y, 32767) == pytest.approx(1.0)
     assert g._normalize(ec.ABS_Z, 255) == 1.0 and g._normalize(ec.ABS_Z, 0) == 0.0  # trigger: [0, 1]
@@ -530,7 +555,8 @@ def test_spacemouse_mapping():
     assert sm._intervening_from_state({2: 0.5}, set(), False)
     assert not sm._intervening_from_state({2: 0.05}, set(), False)
     a = SpaceMouseTeleop(action_dim=6, gripper_index=None, axes={"z": "Z", "rz": None})._action_from_state(
-        {2: 1.0, 5: 1.0}, gripper=1.0)
+        {2: 1.0, 5: 1.0}, gripper=1.0
+    )
     np.testing.assert_allclose(a, [0, 0, 1, 0, 0, 0])
     with pytest.raises(ValueError, match="RX"):
         SpaceMouseTeleop(axes={"x": "W"})

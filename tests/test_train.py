@@ -23,22 +23,43 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_cfg(data, *overrides):
-    return train_config(data, "train.batch_size=16", "train.warmup_steps=5", "train.lr=1e-3", "train.log_every=5",
-                        *tiny_diffusion(num_inference_steps=5, image=TINY_IMAGE), *overrides)
+    return train_config(
+        data,
+        "train.batch_size=16",
+        "train.warmup_steps=5",
+        "train.lr=1e-3",
+        "train.log_every=5",
+        *tiny_diffusion(num_inference_steps=5, image=TINY_IMAGE),
+        *overrides,
+    )
 
 
 def test_loss_decreases_checkpoint_and_load_policy(tmp_path):
     toy_store(tmp_path / "store")
-    cfg = train_cfg(tmp_path / "store", "train.steps=60", "train.val_ratio=0.34", "train.val_every=30",
-                    "train.lr=3e-3", "train.batch_size=64", "policy.down_dims=[32,64]", "train.tensorboard=true")
+    cfg = train_cfg(
+        tmp_path / "store",
+        "train.steps=60",
+        "train.val_ratio=0.34",
+        "train.val_every=30",
+        "train.lr=3e-3",
+        "train.batch_size=64",
+        "policy.down_dims=[32,64]",
+        "train.tensorboard=true",
+    )
     tr = Trainer(cfg, tmp_path / "run")
     assert len(tr.val_episodes) == 2 and len(tr.train_episodes) == 4
     s = tr.run()
     assert s["step"] == 60 and s["finished"] and s["val"]["loss"] is not None
     assert np.mean(tr.losses[-10:]) < 0.6 * np.mean(tr.losses[:10]), tr.losses
     ckpt = tmp_path / "run" / "checkpoints" / "step_60"
-    for name in ("manifest.json", "policy.safetensors", "raw_policy.safetensors", "optimizer.pt",
-                 "trainer_state.json", "config.yaml"):
+    for name in (
+        "manifest.json",
+        "policy.safetensors",
+        "raw_policy.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+        "config.yaml",
+    ):
         assert (ckpt / name).exists(), name
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest").read_text()) == {"step": 60, "path": "step_60"}
     manifest = json.loads((ckpt / "manifest.json").read_text())
@@ -111,8 +132,16 @@ def test_resume_without_checkpoint_and_bad_config(tmp_path):
 
 def test_mlp_policy_trains_through_the_same_trainer(tmp_path):
     toy_store(tmp_path / "store")
-    cfg = train_config(tmp_path / "store", "policy=mlp", "policy.hidden=[32]", "train.steps=80", "train.lr=3e-3",
-                       "train.batch_size=32", "train.warmup_steps=0", "train.ema=false")
+    cfg = train_config(
+        tmp_path / "store",
+        "policy=mlp",
+        "policy.hidden=[32]",
+        "train.steps=80",
+        "train.lr=3e-3",
+        "train.batch_size=32",
+        "train.warmup_steps=0",
+        "train.ema=false",
+    )
     assert main(cfg, tmp_path / "run") == 0
     pol = load_policy(tmp_path / "run")
     assert isinstance(pol, MLPPolicy) and pol.obs_keys == ["state"]

@@ -24,9 +24,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**over) -> LoopConfig:
-    base = dict(steps=40, batch_size=32, lr=3e-2, betas=(0.9, 0.999), weight_decay=1e-4, lr_schedule="cosine",
-                warmup_steps=5, max_grad_norm=1.0, ema=True, ema_power=0.75, ema_max_decay=0.999, ema_decay=None,
-                log_every=5, checkpoint_every=20, keep_last=None, seed=0, progress=False, tensorboard=False)
+    base = dict(
+        steps=40,
+        batch_size=32,
+        lr=3e-2,
+        betas=(0.9, 0.999),
+        weight_decay=1e-4,
+        lr_schedule="cosine",
+        warmup_steps=5,
+        max_grad_norm=1.0,
+        ema=True,
+        ema_power=0.75,
+        ema_max_decay=0.999,
+        ema_decay=None,
+        log_every=5,
+        checkpoint_every=20,
+        keep_last=None,
+        seed=0,
+        progress=False,
+        tensorboard=False,
+    )
     return LoopConfig(**{**base, **over})
 
 
@@ -48,7 +65,7 @@ def regression_loop(run_dir, cfg: LoopConfig) -> TrainingLoop:
 
     def step_fn(batch):
         err = net(batch["x"]) - batch["y"]
-        return (err ** 2).mean(), {"abs_err": float(err.detach().abs().mean())}
+        return (err**2).mean(), {"abs_err": float(err.detach().abs().mean())}
 
     def val():
         deployed = loop.deployable["net"].eval()
@@ -56,9 +73,20 @@ def regression_loop(run_dir, cfg: LoopConfig) -> TrainingLoop:
             mse = float(((deployed(torch.as_tensor(X)) - torch.as_tensor(Y)) ** 2).mean())
         return {"mse": mse, "noise": float(torch.randn(()))}  # draws from torch's RNG: must not disturb training
 
-    loop = TrainingLoop(run_dir, model, step_fn, batches, cfg, name="fit", hooks=[Hook("val", 10, val, at_start=True)],
-                        weights_file="model.safetensors", config_yaml="fit: {}\n", after_step=polyak,
-                        state=lambda: {"dataset": "toy"}, summary=lambda: {"kind": "regression"})
+    loop = TrainingLoop(
+        run_dir,
+        model,
+        step_fn,
+        batches,
+        cfg,
+        name="fit",
+        hooks=[Hook("val", 10, val, at_start=True)],
+        weights_file="model.safetensors",
+        config_yaml="fit: {}\n",
+        after_step=polyak,
+        state=lambda: {"dataset": "toy"},
+        summary=lambda: {"kind": "regression"},
+    )
     return loop
 
 
@@ -113,8 +141,9 @@ def test_without_ema_keep_last_and_stop_request(tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "step_40" / "raw_model.safetensors").exists()
     again = regression_loop(tmp_path / "run", config(ema=False))
     again.resume()
-    assert again.step == 40 and all(torch.equal(a, b) for a, b in zip(again.model.parameters(),
-                                                                       loop.model.parameters()))
+    assert again.step == 40 and all(
+        torch.equal(a, b) for a, b in zip(again.model.parameters(), loop.model.parameters())
+    )
 
 
 def test_config_errors_name_the_section(tmp_path):

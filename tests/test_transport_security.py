@@ -24,18 +24,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("ep, ok", [
-    ("ipc:///tmp/x.ipc", True), ("inproc://a", True), ("tcp://127.0.0.1:5555", True), ("tcp://127.3.2.1:1", True),
-    ("tcp://localhost:5555", True), ("tcp://[::1]:5555", True), ("tcp://0.0.0.0:5555", False),
-    ("tcp://*:5555", False), ("tcp://192.168.1.10:5555", False), ("tcp://eth0:5555", False),
-    ("tcp://[::]:5555", False), ("pgm://eth0;239.192.1.1:5555", False),
-])
+@pytest.mark.parametrize(
+    "ep, ok",
+    [
+        ("ipc:///tmp/x.ipc", True),
+        ("inproc://a", True),
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.3.2.1:1", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://192.168.1.10:5555", False),
+        ("tcp://eth0:5555", False),
+        ("tcp://[::]:5555", False),
+        ("pgm://eth0;239.192.1.1:5555", False),
+    ],
+)
 def test_is_loopback(ep, ok):
     assert is_loopback(ep) is ok
 
 
 def test_refuses_network_bind_without_curve():
-    with pytest.raises(ValueError, match=r"refusing to bind tcp://0.0.0.0:5555 without CURVE.*robot-rl keys.*127.0.0.1"):
+    with pytest.raises(
+        ValueError, match=r"refusing to bind tcp://0.0.0.0:5555 without CURVE.*robot-rl keys.*127.0.0.1"
+    ):
         check_bind("tcp://0.0.0.0:5555", None)
     port = free_port()
     with pytest.raises(ValueError, match="refusing to bind"):
@@ -54,8 +67,11 @@ def keys(tmp_path):
     (server_dir / "authorized_clients").mkdir()
     shutil.copy(client_pub, server_dir / "authorized_clients" / "robot.key")
     assert (robot_dir / "client.key_secret").stat().st_mode & 0o077 == 0
-    return (load_server_keys(str(server_dir)), load_client_keys(str(robot_dir), server_pub),
-            load_client_keys(str(intruder_dir), server_pub))
+    return (
+        load_server_keys(str(server_dir)),
+        load_client_keys(str(robot_dir), server_pub),
+        load_client_keys(str(intruder_dir), server_pub),
+    )
 
 
 def test_curve_weights_and_transitions_authorized_only(keys):
@@ -98,8 +114,9 @@ def test_curve_weights_and_transitions_authorized_only(keys):
     assert tx_bad.last_contact is None and tx_bad.acked_upto == -1
     # the failed handshakes are counted and explained on both sides (socket monitors)
     deadline = time.monotonic() + 10
-    while (rx.stats()["handshake_failures"] == 0 or tx_bad.stats()["handshake_failures"] == 0) \
-            and time.monotonic() < deadline:
+    while (
+        rx.stats()["handshake_failures"] == 0 or tx_bad.stats()["handshake_failures"] == 0
+    ) and time.monotonic() < deadline:
         rx.poll(50)
     assert rx.stats()["handshake_failures"] >= 1 and tx_bad.stats()["handshake_failures"] >= 1
     assert "authentication refused" in tx_bad.rejected_reason
@@ -123,8 +140,9 @@ def test_failed_handshakes_logged_once_per_peer_and_reason_and_counted(keys, cap
     stranger = TransitionSender(t_ep, "stranger", curve=intruder).start()  # key not authorized
     with caplog.at_level(logging.WARNING, logger="robot_rl.transport.transitions"):
         deadline = time.monotonic() + 20
-        while (rx.stats()["handshake_failures"] < 7 or stranger.stats()["handshake_failures"] < 1) \
-                and time.monotonic() < deadline:
+        while (
+            rx.stats()["handshake_failures"] < 7 or stranger.stats()["handshake_failures"] < 1
+        ) and time.monotonic() < deadline:
             rx.poll(50)  # the senders reconnect (and fail) again and again
         for tx in (plain, wrong, stranger):
             tx.close(linger_s=0)

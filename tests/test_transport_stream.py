@@ -102,8 +102,9 @@ def test_receiver_sigkill_and_restart_loses_nothing(tmp_path):
     ctx = mp.get_context("spawn")
     rx_proc = ctx.Process(target=_receiver_proc, args=(ep, path))
     rx_proc.start()
-    tx = TransitionSender(ep, "robot-0", batch_size=16, max_batch_delay_s=0.002, resend_after_s=0.5,
-                          heartbeat_interval_s=0.05).start()
+    tx = TransitionSender(
+        ep, "robot-0", batch_size=16, max_batch_delay_s=0.002, resend_after_s=0.5, heartbeat_interval_s=0.05
+    ).start()
     killed = restarted = False
     deadline = time.monotonic() + 60
     i = 0
@@ -172,8 +173,9 @@ def test_bad_messages_are_rejected_counted_and_answered(tmp_path, caplog):
     raw.send_multipart([b"this is not msgpack \xc1"])
     raw.send_multipart([bad_v])
     # arrays that disagree on length
-    _send(raw, "transitions", seq=0, n=2, base=0, arrays={"a": np.zeros((2, 3), np.float32),
-                                                          "b": np.zeros(3, np.float32)})
+    _send(
+        raw, "transitions", seq=0, n=2, base=0, arrays={"a": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    )
     # a good batch fixes the schema (first sender), then one with a different per-key shape
     _send(raw, "transitions", seq=0, n=1, base=0, arrays={"a": np.zeros((1, 3), np.float32)})
     _send(raw, "transitions", seq=1, n=1, base=0, arrays={"a": np.zeros((1, 4), np.float32)})
@@ -217,8 +219,15 @@ def test_duplicates_and_gaps_are_never_delivered(tmp_path, caplog):
     raw = _raw_dealer(ep)
 
     def batch(seq0, n):
-        _send(raw, "transitions", sender="r", seq=seq0, n=n, base=0,
-              arrays={"x": np.arange(seq0, seq0 + n, dtype=np.int64)})
+        _send(
+            raw,
+            "transitions",
+            sender="r",
+            seq=seq0,
+            n=n,
+            base=0,
+            arrays={"x": np.arange(seq0, seq0 + n, dtype=np.int64)},
+        )
 
     batch(0, 4)
     batch(2, 4)  # 2,3 duplicate; 4,5 new
@@ -301,8 +310,16 @@ def test_other_protocol_version_gets_an_error_the_sender_exposes(tmp_path):
     tx = TransitionSender(ep, "robot-0", heartbeat_interval_s=0.02).start()
     assert router.poll(10000)
     rid = router.recv_multipart()[0]
-    err = msgpack.packb({"v": 7, "type": "error", "arrays": [], "code": "version", "expected_version": 7,
-                         "message": f"your message is protocol v{PROTOCOL_VERSION} but this learner speaks v7"})
+    err = msgpack.packb(
+        {
+            "v": 7,
+            "type": "error",
+            "arrays": [],
+            "code": "version",
+            "expected_version": 7,
+            "message": f"your message is protocol v{PROTOCOL_VERSION} but this learner speaks v7",
+        }
+    )
     router.send_multipart([rid, err])
     deadline = time.monotonic() + 10
     while tx.rejected_reason is None and time.monotonic() < deadline:
@@ -457,8 +474,9 @@ def test_slow_acks_cause_no_resends(tmp_path):
     a backlog gets no duplicate resends (only its explicit resend_from would cause one)."""
     ep = _ipc(tmp_path)
     rx = TransitionReceiver(ep, heartbeat_interval_s=0.02)
-    tx = TransitionSender(ep, "robot-0", batch_size=10, max_batch_delay_s=0, resend_after_s=1.0,
-                          heartbeat_interval_s=0.02).start()
+    tx = TransitionSender(
+        ep, "robot-0", batch_size=10, max_batch_delay_s=0, resend_after_s=1.0, heartbeat_interval_s=0.02
+    ).start()
     for i in range(100):
         tx.submit(_transition(i))
     got = _drain_acking(rx, 100, ack=False)
@@ -476,8 +494,12 @@ def test_slow_acks_cause_no_resends(tmp_path):
 def test_expected_schema_is_announced_and_enforced(tmp_path):
     ep = _ipc(tmp_path)
     rx = TransitionReceiver(ep, heartbeat_interval_s=0.02)
-    rx.expected_schema = {"obs": (np.float32, (5,)), "action": ("float32", [2]), "reward": ("float32", ()),
-                          "done": (np.bool_, ())}
+    rx.expected_schema = {
+        "obs": (np.float32, (5,)),
+        "action": ("float32", [2]),
+        "reward": ("float32", ()),
+        "done": (np.bool_, ()),
+    }
     good = TransitionSender(ep, "good", max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
     bad = TransitionSender(ep, "bad", max_batch_delay_s=0, heartbeat_interval_s=0.02).start()
     good.submit(_transition(0))
@@ -489,8 +511,12 @@ def test_expected_schema_is_announced_and_enforced(tmp_path):
     reason = bad.rejected_reason
     assert "missing key 'reward'" in reason and "missing key 'done'" in reason and "unexpected key 'extra'" in reason
     assert "key 'obs' is float64 shape (5,) per transition, expected float32 shape (5,)" in reason
-    assert good.expected_schema == {"obs": ("float32", (5,)), "action": ("float32", (2,)),
-                                    "reward": ("float32", ()), "done": ("bool", ())}
+    assert good.expected_schema == {
+        "obs": ("float32", (5,)),
+        "action": ("float32", (2,)),
+        "reward": ("float32", ()),
+        "done": ("bool", ()),
+    }
     assert good.rejected_reason is None
     rx.poll(300)
     assert rx.stats()["senders"].get("bad", {}).get("received", 0) == 0 and rx.next_expected("bad") in (None, 0)

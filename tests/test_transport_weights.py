@@ -85,8 +85,13 @@ def test_corrupted_weights_rejected(tmp_path):
 def test_torch_and_numpy_state_dicts_round_trip_exactly():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
-    sd = {**net.state_dict(), "half": torch.randn(4, 4).half(), "count": torch.tensor(5, dtype=torch.int64),
-          "mask": torch.tensor([True, False]), "img": torch.randint(0, 255, (2, 3), dtype=torch.uint8)}
+    sd = {
+        **net.state_dict(),
+        "half": torch.randn(4, 4).half(),
+        "count": torch.tensor(5, dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+        "img": torch.randint(0, 255, (2, 3), dtype=torch.uint8),
+    }
     upd = decode_weights(encode_weights(7, sd, {"arch": "mlp"}))
     assert upd.version == 7 and set(upd.tensors) == set(sd)
     for k, t in sd.items():
@@ -97,8 +102,12 @@ def test_torch_and_numpy_state_dicts_round_trip_exactly():
     x = torch.randn(2, 7)
     assert torch.equal(net(x), net2(x))
 
-    nsd = {"a": np.arange(12, dtype=np.float64).reshape(3, 4), "b": np.array([1, 2], np.int32),
-           "s": np.float32(1.5), "e": np.zeros((0, 2), np.float16)}
+    nsd = {
+        "a": np.arange(12, dtype=np.float64).reshape(3, 4),
+        "b": np.array([1, 2], np.int32),
+        "s": np.float32(1.5),
+        "e": np.zeros((0, 2), np.float16),
+    }
     upd = decode_weights(encode_weights(8, nsd))
     for k, a in nsd.items():
         assert upd.tensors[k].dtype == np.asarray(a).dtype and upd.tensors[k].shape == np.shape(a)

@@ -30,9 +30,21 @@ def read_rrd(path) -> dict[str, list[dict]]:
 
 def make_step(i: int) -> Step:
     obs = {"state": np.array([i, 2 * i], np.float32), "front_image": np.full((8, 8, 3), i, np.uint8)}
-    return Step(index=i, obs=obs, policy_action=None, teleop_action=np.array([0.5, -0.5]), source="teleop",
-                action=np.array([0.5, -0.5], np.float32), forced_safe=False, next_obs=obs, success=False,
-                done=False, t=1.7e9 + 0.05 * i, policy_s=0.0, lateness=1e-4)
+    return Step(
+        index=i,
+        obs=obs,
+        policy_action=None,
+        teleop_action=np.array([0.5, -0.5]),
+        source="teleop",
+        action=np.array([0.5, -0.5], np.float32),
+        forced_safe=False,
+        next_obs=obs,
+        success=False,
+        done=False,
+        t=1.7e9 + 0.05 * i,
+        policy_s=0.0,
+        lateness=1e-4,
+    )
 
 
 def test_view_writes_rrd_and_drops_for_a_slow_viewer(tmp_path):
@@ -63,9 +75,18 @@ def test_view_writes_rrd_and_drops_for_a_slow_viewer(tmp_path):
 
 
 def test_control_process_with_rerun_view(tmp_path):
-    out = robot_rl_cli("control", "robot=lerobot_sim", "teleop=none", "session.learner=none", "session.episodes=1",
-                       "session.max_episode_steps=6", "session.rate_hz=50", "session.viz=rerun",
-                       f"hydra.run.dir={tmp_path}", timeout=180)
+    out = robot_rl_cli(
+        "control",
+        "robot=lerobot_sim",
+        "teleop=none",
+        "session.learner=none",
+        "session.episodes=1",
+        "session.max_episode_steps=6",
+        "session.rate_hz=50",
+        "session.viz=rerun",
+        f"hydra.run.dir={tmp_path}",
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "control" / "summary.json").read_text())
     viz = summary["viz"]

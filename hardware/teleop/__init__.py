@@ -17,12 +17,20 @@ from .keyboard import KeyboardTeleop
 from .spacemouse import SpaceMouseTeleop
 
 __all__ = [
-    "DeviceUnavailableError", "EpisodeControls", "EPISODE_EVENTS", "KeyboardTeleop", "GamepadTeleop",
-    "SpaceMouseTeleop", "make_device_teleop", "DEVICE_KINDS",
+    "DeviceUnavailableError",
+    "EpisodeControls",
+    "EPISODE_EVENTS",
+    "KeyboardTeleop",
+    "GamepadTeleop",
+    "SpaceMouseTeleop",
+    "make_device_teleop",
+    "DEVICE_KINDS",
 ]
 
 DEVICE_KINDS: dict[str, type[_DeviceTeleop]] = {
-    "keyboard": KeyboardTeleop, "gamepad": GamepadTeleop, "spacemouse": SpaceMouseTeleop,
+    "keyboard": KeyboardTeleop,
+    "gamepad": GamepadTeleop,
+    "spacemouse": SpaceMouseTeleop,
 }
 
 

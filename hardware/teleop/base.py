@@ -31,15 +31,19 @@ class DeviceUnavailableError(RuntimeError):
     """A teleop device cannot be opened; the message says why and what to do."""
 
 
-
 class _DeviceTeleop(Teleop):
     """Shared action layout, gripper / takeover state and key-or-button actions of the human devices."""
 
     name = "device"
     n_mapped = 3  # leading non-gripper action entries this device drives
 
-    def __init__(self, action_dim: int = 7, gripper_index: int | None = -1, controls: EpisodeControls | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        action_dim: int = 7,
+        gripper_index: int | None = -1,
+        controls: EpisodeControls | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         action_dim = int(action_dim)
         if action_dim < 1:
             raise ValueError(f"action_dim must be >= 1, got {action_dim}")
@@ -71,8 +75,13 @@ class _DeviceTeleop(Teleop):
             if self.gripper_index is not None:
                 n[self.gripper_index] = "gripper"
             names = tuple(n)
-        return Feature(shape=(self.action_dim,), dtype="float32", names=names,
-                       low=np.full(self.action_dim, -1.0, np.float32), high=np.full(self.action_dim, 1.0, np.float32))
+        return Feature(
+            shape=(self.action_dim,),
+            dtype="float32",
+            names=names,
+            low=np.full(self.action_dim, -1.0, np.float32),
+            high=np.full(self.action_dim, 1.0, np.float32),
+        )
 
     @property
     def is_connected(self) -> bool:
@@ -145,8 +154,9 @@ def _deadzone(v: float, dz: float) -> float:
 class _SelectReader:
     """Background thread: select() on `fd`, call `on_readable()` when it has data, stop promptly on `stop()`."""
 
-    def __init__(self, fd: int, on_readable: Callable[[], bool], name: str,
-                 on_error: Callable[[str], None] | None = None):
+    def __init__(
+        self, fd: int, on_readable: Callable[[], bool], name: str, on_error: Callable[[str], None] | None = None
+    ):
         self.fd, self.on_readable, self.on_error = fd, on_readable, on_error
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()

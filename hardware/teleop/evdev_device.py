@@ -26,13 +26,16 @@ def _import_evdev():
     if not sys.platform.startswith("linux"):
         raise DeviceUnavailableError(
             f"evdev (Linux input devices) is not available on {sys.platform}: gamepad/spacemouse teleop here is "
-            f"Linux-only. Use the keyboard teleop (teleop=keyboard, backend=pynput), or a lerobot gamepad teleop.")
+            f"Linux-only. Use the keyboard teleop (teleop=keyboard, backend=pynput), or a lerobot gamepad teleop."
+        )
     try:
         import evdev
         from evdev import ecodes  # noqa: F401
     except ImportError as e:
-        raise DeviceUnavailableError(f"cannot import evdev ({e}): install it with `pip install evdev` (needs the "
-                                     f"Linux kernel headers and a C compiler to build)") from None
+        raise DeviceUnavailableError(
+            f"cannot import evdev ({e}): install it with `pip install evdev` (needs the "
+            f"Linux kernel headers and a C compiler to build)"
+        ) from None
     return evdev
 
 
@@ -51,12 +54,14 @@ def _event_index(path: str) -> int:
 
 def _permission_help(paths: list[str], udev_rule: str) -> str:
     shown = ", ".join(paths[:6]) + (f" (+{len(paths) - 6} more)" if len(paths) > 6 else "")
-    return (f"permission denied on {shown}. Reading input devices needs read access to /dev/input/event*: add your "
-            f"user to the `input` group (`sudo usermod -aG input $USER`, then log out and back in), or add a udev "
-            f"rule, e.g. in /etc/udev/rules.d/99-robot-rl-teleop.rules:\n    {udev_rule}\nthen `sudo udevadm control "
-            f"--reload-rules && sudo udevadm trigger` and re-plug the device. In a container also pass the device "
-            f"through (docker run --device /dev/input/eventN, or -v /dev/input:/dev/input "
-            f"--device-cgroup-rule='c 13:* rmw').")
+    return (
+        f"permission denied on {shown}. Reading input devices needs read access to /dev/input/event*: add your "
+        f"user to the `input` group (`sudo usermod -aG input $USER`, then log out and back in), or add a udev "
+        f"rule, e.g. in /etc/udev/rules.d/99-robot-rl-teleop.rules:\n    {udev_rule}\nthen `sudo udevadm control "
+        f"--reload-rules && sudo udevadm trigger` and re-plug the device. In a container also pass the device "
+        f"through (docker run --device /dev/input/eventN, or -v /dev/input:/dev/input "
+        f"--device-cgroup-rule='c 13:* rmw')."
+    )
 
 
 class _EvdevTeleop(_DeviceTeleop):
@@ -66,10 +71,17 @@ class _EvdevTeleop(_DeviceTeleop):
     udev_rule = 'KERNEL=="event*", SUBSYSTEM=="input", MODE="0660", GROUP="input", TAG+="uaccess"'
     default_buttons: dict[str, str] = {}
 
-    def __init__(self, device_path: str | None = None, device_name: str | None = None,
-                 buttons: Mapping[str, str | None] | None = None, deadzone: float = 0.1, action_dim: int = 7,
-                 gripper_index: int | None = -1, controls: EpisodeControls | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        device_path: str | None = None,
+        device_name: str | None = None,
+        buttons: Mapping[str, str | None] | None = None,
+        deadzone: float = 0.1,
+        action_dim: int = 7,
+        gripper_index: int | None = -1,
+        controls: EpisodeControls | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         super().__init__(action_dim=action_dim, gripper_index=gripper_index, controls=controls, clock=clock)
         if not 0.0 <= float(deadzone) < 1.0:
             raise ValueError(f"deadzone must be in [0, 1), got {deadzone}")
@@ -77,8 +89,9 @@ class _EvdevTeleop(_DeviceTeleop):
         self.buttons = {k: v for k, v in {**self.default_buttons, **dict(buttons or {})}.items() if v}
         for k, v in self.buttons.items():
             if v not in DEVICE_ACTIONS:
-                raise ValueError(f"{self.name}: button {k} -> {v!r}: unknown action; choose one of: "
-                                 f"{', '.join(DEVICE_ACTIONS)}")
+                raise ValueError(
+                    f"{self.name}: button {k} -> {v!r}: unknown action; choose one of: {', '.join(DEVICE_ACTIONS)}"
+                )
         self._button_actions: dict[int, str] = {self._code(k, "BTN_", "KEY_"): v for k, v in self.buttons.items()}
         self._axes: dict[int, float] = {}  # normalized axis values by event code
         self._buttons_held: set[int] = set()
@@ -96,9 +109,11 @@ class _EvdevTeleop(_DeviceTeleop):
             return -1 - (hash(str(name)) & 0xFFFF)
         code = ec.ecodes.get(str(name).upper())
         if code is None or (prefixes and not str(name).upper().startswith(prefixes)):
-            raise ValueError(f"{self.name}: unknown event code name {name!r} (expected one of the evdev names "
-                             f"starting with {'/'.join(prefixes)}; list a device's codes with "
-                             f"`python -m evdev.evtest`)")
+            raise ValueError(
+                f"{self.name}: unknown event code name {name!r} (expected one of the evdev names "
+                f"starting with {'/'.join(prefixes)}; list a device's codes with "
+                f"`python -m evdev.evtest`)"
+            )
         return int(code)
 
     # ----------------------------------------------------------------------------------------- device search
@@ -113,48 +128,63 @@ class _EvdevTeleop(_DeviceTeleop):
             try:
                 dev = evdev.InputDevice(self.device_path)
             except PermissionError:
-                raise DeviceUnavailableError(f"{self.name}: {_permission_help([self.device_path], self.udev_rule)}") \
-                    from None
+                raise DeviceUnavailableError(
+                    f"{self.name}: {_permission_help([self.device_path], self.udev_rule)}"
+                ) from None
             except FileNotFoundError:
                 raise DeviceUnavailableError(
                     f"{self.name}: device_path={self.device_path!r} does not exist (unplugged? event numbers change "
-                    f"across reboots: prefer a stable /dev/input/by-id/... path). {self._inventory(evdev)}") from None
+                    f"across reboots: prefer a stable /dev/input/by-id/... path). {self._inventory(evdev)}"
+                ) from None
             except OSError as e:
-                raise DeviceUnavailableError(f"{self.name}: cannot open device_path={self.device_path!r}: {e}") \
-                    from None
+                raise DeviceUnavailableError(
+                    f"{self.name}: cannot open device_path={self.device_path!r}: {e}"
+                ) from None
             caps = dev.capabilities(absinfo=False)
             if not self._matches(dev, caps):
-                log.warning("%s: %s does not look like a %s; using it because device_path names it",
-                            self.name, self._describe(dev), self.kind)
+                log.warning(
+                    "%s: %s does not look like a %s; using it because device_path names it",
+                    self.name,
+                    self._describe(dev),
+                    self.kind,
+                )
             return dev
         found, denied, failed, candidates = self._scan(evdev)
         if candidates:
             dev = candidates[0]
             log.info("%s: using %s", self.name, self._describe(dev))
             for other in candidates[1:]:
-                log.info("%s: also found %s (not used; select it with device_path=%s)", self.name,
-                         self._describe(other), other.path)
+                log.info(
+                    "%s: also found %s (not used; select it with device_path=%s)",
+                    self.name,
+                    self._describe(other),
+                    other.path,
+                )
                 other.close()
             return dev
         what = f"no {self.kind}" + (f" with a name containing {self.device_name!r}" if self.device_name else "")
         if denied:
             raise DeviceUnavailableError(
                 f"{self.name}: {what} could be opened: {_permission_help(denied, self.udev_rule)}"
-                + (f" Readable devices: {'; '.join(found)}." if found else ""))
+                + (f" Readable devices: {'; '.join(found)}." if found else "")
+            )
         if not found and not failed:
             if not os.path.isdir(INPUT_DIR):
                 raise DeviceUnavailableError(
                     f"{self.name}: {what} found: there is no {INPUT_DIR} on this machine (a container or VM without "
                     f"input devices?). Plug the {self.kind} into this machine, or pass /dev/input into the container "
-                    f"(docker run -v /dev/input:/dev/input --device-cgroup-rule='c 13:* rmw').")
+                    f"(docker run -v /dev/input:/dev/input --device-cgroup-rule='c 13:* rmw')."
+                )
             raise DeviceUnavailableError(
                 f"{self.name}: {what} found: no input devices at all under {INPUT_DIR}/event*. Plug the {self.kind} "
-                f"in (check `dmesg | tail` and `ls -l /dev/input/by-id/`), or set device_path=/dev/input/eventN.")
+                f"in (check `dmesg | tail` and `ls -l /dev/input/by-id/`), or set device_path=/dev/input/eventN."
+            )
         listing = "; ".join(found + [f"{p} ({r})" for p, r in failed])
         raise DeviceUnavailableError(
             f"{self.name}: {what} among the input devices found: {listing}. Plug the {self.kind} in (check "
             f"`dmesg | tail`), or select it with device_path=/dev/input/eventN or device_name=<part of its name> "
-            f"(`python -m evdev.evtest` lists devices and their axes).")
+            f"(`python -m evdev.evtest` lists devices and their axes)."
+        )
 
     def _list_paths(self, evdev) -> tuple[list[str], list[str]]:
         """(readable event device paths, existing but unreadable ones)."""
@@ -249,8 +279,10 @@ class _EvdevTeleop(_DeviceTeleop):
         except BlockingIOError:
             return True
         except OSError as e:  # ENODEV: unplugged
-            self._fail(f"reading {self._dev.path} failed ({e}; unplugged?): the {self.kind} is dead, motion "
-                       f"stopped. Re-plug it and restart.")
+            self._fail(
+                f"reading {self._dev.path} failed ({e}; unplugged?): the {self.kind} is dead, motion "
+                f"stopped. Re-plug it and restart."
+            )
             return False
         return True
 
@@ -326,6 +358,6 @@ class _EvdevTeleop(_DeviceTeleop):
 
 
 def _parse_axis_spec(spec: str) -> tuple[str, float]:
-    """"-ABS_Y" -> ("ABS_Y", -1.0): a leading "-" flips the axis."""
+    """ "-ABS_Y" -> ("ABS_Y", -1.0): a leading "-" flips the axis."""
     s = str(spec).strip()
     return (s[1:], -1.0) if s.startswith("-") else (s.lstrip("+"), 1.0)

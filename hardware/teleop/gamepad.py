@@ -45,25 +45,50 @@ class GamepadTeleop(_EvdevTeleop):
 
     name = "gamepad"
     kind = "gamepad"
-    udev_rule = ('KERNEL=="event*", SUBSYSTEM=="input", ENV{ID_INPUT_JOYSTICK}=="1", MODE="0660", GROUP="input", '
-                 'TAG+="uaccess"')
+    udev_rule = (
+        'KERNEL=="event*", SUBSYSTEM=="input", ENV{ID_INPUT_JOYSTICK}=="1", MODE="0660", GROUP="input", TAG+="uaccess"'
+    )
     default_axes = {"x": "-ABS_Y", "y": "-ABS_X", "z": "-ABS_RY"}
     default_triggers = {"ABS_RZ": "gripper_close", "ABS_Z": "gripper_open"}
-    default_buttons = {"BTN_TR": "gripper_close", "BTN_TL": "gripper_open", "BTN_SOUTH": "save",
-                       "BTN_EAST": "rerecord", "BTN_SELECT": "stop", "BTN_START": "takeover",
-                       "BTN_NORTH": "success"}
+    default_buttons = {
+        "BTN_TR": "gripper_close",
+        "BTN_TL": "gripper_open",
+        "BTN_SOUTH": "save",
+        "BTN_EAST": "rerecord",
+        "BTN_SELECT": "stop",
+        "BTN_START": "takeover",
+        "BTN_NORTH": "success",
+    }
     STICK_AXES = ("ABS_X", "ABS_Y", "ABS_RX", "ABS_RY")
     DEFAULT_STICK_RANGE = (-32768, 32767)
     DEFAULT_TRIGGER_RANGE = (0, 255)
 
-    def __init__(self, device_path: str | None = None, device_name: str | None = None, speed: float = 0.5,
-                 deadzone: float = 0.15, axes: Mapping[str, str | None] | None = None,
-                 triggers: Mapping[str, str | None] | None = None, buttons: Mapping[str, str | None] | None = None,
-                 trigger_threshold: float = 0.5, axis_ranges: Mapping[str, Any] | None = None, action_dim: int = 7,
-                 gripper_index: int | None = -1, controls: EpisodeControls | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        super().__init__(device_path=device_path, device_name=device_name, buttons=buttons, deadzone=deadzone,
-                         action_dim=action_dim, gripper_index=gripper_index, controls=controls, clock=clock)
+    def __init__(
+        self,
+        device_path: str | None = None,
+        device_name: str | None = None,
+        speed: float = 0.5,
+        deadzone: float = 0.15,
+        axes: Mapping[str, str | None] | None = None,
+        triggers: Mapping[str, str | None] | None = None,
+        buttons: Mapping[str, str | None] | None = None,
+        trigger_threshold: float = 0.5,
+        axis_ranges: Mapping[str, Any] | None = None,
+        action_dim: int = 7,
+        gripper_index: int | None = -1,
+        controls: EpisodeControls | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__(
+            device_path=device_path,
+            device_name=device_name,
+            buttons=buttons,
+            deadzone=deadzone,
+            action_dim=action_dim,
+            gripper_index=gripper_index,
+            controls=controls,
+            clock=clock,
+        )
         self.speed, self.trigger_threshold = float(speed), float(trigger_threshold)
         self.axes = {k: v for k, v in {**self.default_axes, **dict(axes or {})}.items() if v}
         unknown = set(self.axes) - {"x", "y", "z"}
@@ -79,8 +104,9 @@ class GamepadTeleop(_EvdevTeleop):
         self.triggers = {k: v for k, v in {**self.default_triggers, **dict(triggers or {})}.items() if v}
         for k, v in self.triggers.items():
             if v not in DEVICE_ACTIONS:
-                raise ValueError(f"gamepad trigger {k} -> {v!r}: unknown action; choose one of: "
-                                 f"{', '.join(DEVICE_ACTIONS)}")
+                raise ValueError(
+                    f"gamepad trigger {k} -> {v!r}: unknown action; choose one of: {', '.join(DEVICE_ACTIONS)}"
+                )
         self._trigger_actions = {self._code(k, "ABS_"): v for k, v in self.triggers.items()}
         self._stick_codes = {self._code(n, "ABS_") for n in self.STICK_AXES} | {c[0] for c in self._axis_codes if c}
         self._stick_codes -= set(self._trigger_actions)
@@ -159,9 +185,18 @@ class GamepadTeleop(_EvdevTeleop):
                 self._axes[code] = self._normalize(code, info.value)
         for k, c in zip(("x", "y", "z"), self._axis_codes):
             if c is not None and c[0] not in present:
-                log.warning("gamepad: %s has no axis %s, so %s stays 0 (override `axes`; `python -m evdev.evtest` "
-                            "lists its axes)", dev.name, self.axes[k], k)
+                log.warning(
+                    "gamepad: %s has no axis %s, so %s stays 0 (override `axes`; `python -m evdev.evtest` "
+                    "lists its axes)",
+                    dev.name,
+                    self.axes[k],
+                    k,
+                )
         for code, action in self._trigger_actions.items():
             if code not in present:
-                log.info("gamepad: %s has no trigger axis %s (%s); use the shoulder buttons", dev.name,
-                         ec.ABS.get(code, code), action)
+                log.info(
+                    "gamepad: %s has no trigger axis %s (%s); use the shoulder buttons",
+                    dev.name,
+                    ec.ABS.get(code, code),
+                    action,
+                )

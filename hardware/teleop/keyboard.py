@@ -20,8 +20,17 @@ from .controls import EpisodeControls
 log = logging.getLogger(__name__)
 
 _KEY_MOTION = {"w": (0, +1.0), "s": (0, -1.0), "a": (1, +1.0), "d": (1, -1.0), "r": (2, +1.0), "f": (2, -1.0)}
-_KEY_ACTIONS = {"space": "gripper_toggle", "i": "takeover", "enter": "save", "n": "save", "backspace": "rerecord",
-                "x": "rerecord", "esc": "stop", "q": "stop", "y": "success"}
+_KEY_ACTIONS = {
+    "space": "gripper_toggle",
+    "i": "takeover",
+    "enter": "save",
+    "n": "save",
+    "backspace": "rerecord",
+    "x": "rerecord",
+    "esc": "stop",
+    "q": "stop",
+    "y": "success",
+}
 _KEY_INTERVENE = set(_KEY_MOTION) | {"space"}
 
 
@@ -85,19 +94,24 @@ def _x_session_problem(env: Mapping[str, str]) -> str | None:
     wayland = bool(env.get("WAYLAND_DISPLAY")) or env.get("XDG_SESSION_TYPE", "").lower() == "wayland"
     if not env.get("DISPLAY"):
         if wayland:
-            return ("this is a Wayland session (WAYLAND_DISPLAY is set) and there is no X display: pynput cannot read "
-                    "global keys under Wayland. Use backend=terminal (keys from this terminal, works over ssh), log in "
-                    "to an X11 (Xorg) session instead, or set PYNPUT_BACKEND_KEYBOARD=uinput (reads /dev/input "
-                    "directly; needs the `input` group, see docs/teleop.md)")
-        return ("there is no X display (DISPLAY is not set; headless machine or ssh without -X): pynput needs one. "
-                "Set DISPLAY (e.g. DISPLAY=:0 with access to that X server), run under X11 (ssh -X / a desktop "
-                "session), or use backend=terminal")
+            return (
+                "this is a Wayland session (WAYLAND_DISPLAY is set) and there is no X display: pynput cannot read "
+                "global keys under Wayland. Use backend=terminal (keys from this terminal, works over ssh), log in "
+                "to an X11 (Xorg) session instead, or set PYNPUT_BACKEND_KEYBOARD=uinput (reads /dev/input "
+                "directly; needs the `input` group, see docs/teleop.md)"
+            )
+        return (
+            "there is no X display (DISPLAY is not set; headless machine or ssh without -X): pynput needs one. "
+            "Set DISPLAY (e.g. DISPLAY=:0 with access to that X server), run under X11 (ssh -X / a desktop "
+            "session), or use backend=terminal"
+        )
     return None
 
 
 def _wayland_with_xwayland(env: Mapping[str, str]) -> bool:
-    return bool(env.get("DISPLAY")) and (bool(env.get("WAYLAND_DISPLAY"))
-                                         or env.get("XDG_SESSION_TYPE", "").lower() == "wayland")
+    return bool(env.get("DISPLAY")) and (
+        bool(env.get("WAYLAND_DISPLAY")) or env.get("XDG_SESSION_TYPE", "").lower() == "wayland"
+    )
 
 
 class KeyboardTeleop(_DeviceTeleop):
@@ -131,9 +145,18 @@ class KeyboardTeleop(_DeviceTeleop):
     name = "keyboard"
     BACKENDS = ("auto", "pynput", "terminal")
 
-    def __init__(self, backend: str = "auto", speed: float = 0.5, hold_s: float = 0.15, debounce_s: float = 0.6,
-                 tty: str | int | None = None, action_dim: int = 7, gripper_index: int | None = -1,
-                 controls: EpisodeControls | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        backend: str = "auto",
+        speed: float = 0.5,
+        hold_s: float = 0.15,
+        debounce_s: float = 0.6,
+        tty: str | int | None = None,
+        action_dim: int = 7,
+        gripper_index: int | None = -1,
+        controls: EpisodeControls | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         super().__init__(action_dim=action_dim, gripper_index=gripper_index, controls=controls, clock=clock)
         if backend not in self.BACKENDS:
             raise ValueError(f"keyboard backend={backend!r}; choose one of: {', '.join(self.BACKENDS)}")
@@ -225,8 +248,11 @@ class KeyboardTeleop(_DeviceTeleop):
             self._connect_terminal()
         self.backend = backend
         self._connected = True
-        log.info("keyboard teleop (%s): w/s a/d r/f = x/y/z, space = gripper, i = takeover latch, Enter/n = save, "
-                 "Backspace/x = re-record, Esc/q = stop, y = success", backend)
+        log.info(
+            "keyboard teleop (%s): w/s a/d r/f = x/y/z, space = gripper, i = takeover latch, Enter/n = save, "
+            "Backspace/x = re-record, Esc/q = stop, y = success",
+            backend,
+        )
 
     def disconnect(self) -> None:
         if self._reader is not None:
@@ -262,7 +288,7 @@ class KeyboardTeleop(_DeviceTeleop):
         tty_ok = self.tty is not None or self._stdin_is_tty()
         problem = _x_session_problem(env) if x11_platform else None
         if problem is None and x11_platform and _wayland_with_xwayland(env) and not _pynput_backend_chosen(env):
-            problem = ("Wayland session: pynput would only see keys typed into X11 (XWayland) windows")
+            problem = "Wayland session: pynput would only see keys typed into X11 (XWayland) windows"
             if not tty_ok:
                 log.warning("keyboard backend=auto: %s, and stdin is not a terminal; using pynput anyway", problem)
                 return "pynput"
@@ -278,7 +304,8 @@ class KeyboardTeleop(_DeviceTeleop):
         raise DeviceUnavailableError(
             f"keyboard backend=auto found no usable keyboard: {problem}; and stdin is not a terminal (input is piped "
             f"or the process runs without a TTY), so the terminal backend cannot read keys either. Run in an "
-            f"interactive terminal (ssh -t host ...), pass tty=/dev/pts/N, or use a gamepad/spacemouse teleop.")
+            f"interactive terminal (ssh -t host ...), pass tty=/dev/pts/N, or use a gamepad/spacemouse teleop."
+        )
 
     @staticmethod
     def _pynput_import_error() -> str | None:
@@ -294,13 +321,16 @@ class KeyboardTeleop(_DeviceTeleop):
             if problem:
                 raise DeviceUnavailableError(f"keyboard backend=pynput: {problem}")
             if _wayland_with_xwayland(os.environ) and not _pynput_backend_chosen(os.environ):
-                log.warning("keyboard backend=pynput in a Wayland session: only keys typed into X11 (XWayland) "
-                            "windows are seen; use backend=terminal or an X11 session if keys do not register")
+                log.warning(
+                    "keyboard backend=pynput in a Wayland session: only keys typed into X11 (XWayland) "
+                    "windows are seen; use backend=terminal or an X11 session if keys do not register"
+                )
         err = self._pynput_import_error()
         if err is not None:
             raise DeviceUnavailableError(
                 f"keyboard backend=pynput: cannot start pynput: {err}. Check DISPLAY={os.environ.get('DISPLAY')!r} "
-                f"and that you may use that X server (xhost / XAUTHORITY), or use backend=terminal.")
+                f"and that you may use that X server (xhost / XAUTHORITY), or use backend=terminal."
+            )
         from pynput import keyboard
 
         def name_of(key) -> str | None:
@@ -325,8 +355,9 @@ class KeyboardTeleop(_DeviceTeleop):
             listener.start()
             listener.wait()
         except Exception as e:
-            raise DeviceUnavailableError(f"keyboard backend=pynput: the key listener failed to start: {e}. "
-                                         f"Use backend=terminal.") from e
+            raise DeviceUnavailableError(
+                f"keyboard backend=pynput: the key listener failed to start: {e}. Use backend=terminal."
+            ) from e
         self._listener = listener
 
     def _connect_terminal(self) -> None:
@@ -334,26 +365,33 @@ class KeyboardTeleop(_DeviceTeleop):
             import termios
             import tty as ttymod
         except ImportError:
-            raise DeviceUnavailableError("keyboard backend=terminal needs termios, which this platform (Windows?) "
-                                         "lacks; use backend=pynput") from None
+            raise DeviceUnavailableError(
+                "keyboard backend=terminal needs termios, which this platform (Windows?) lacks; use backend=pynput"
+            ) from None
         if self.tty is None:
             if sys.stdin is None:
-                raise DeviceUnavailableError("keyboard backend=terminal: there is no stdin; run in an interactive "
-                                             "terminal or pass tty=/dev/pts/N")
+                raise DeviceUnavailableError(
+                    "keyboard backend=terminal: there is no stdin; run in an interactive "
+                    "terminal or pass tty=/dev/pts/N"
+                )
             try:
                 fd, own, what = sys.stdin.fileno(), False, "stdin"
             except (OSError, ValueError, AttributeError) as e:
-                raise DeviceUnavailableError(f"keyboard backend=terminal: stdin has no file descriptor ({e}); run in "
-                                             f"an interactive terminal or pass tty=/dev/pts/N") from None
+                raise DeviceUnavailableError(
+                    f"keyboard backend=terminal: stdin has no file descriptor ({e}); run in "
+                    f"an interactive terminal or pass tty=/dev/pts/N"
+                ) from None
         elif isinstance(self.tty, int):
             fd, own, what = self.tty, False, f"fd {self.tty}"
         else:
             try:
                 fd = os.open(str(self.tty), os.O_RDONLY | os.O_NOCTTY)
             except OSError as e:
-                raise DeviceUnavailableError(f"keyboard backend=terminal: cannot open tty={self.tty!r}: {e}. Give "
-                                             f"the terminal's device (run `tty` in it) or leave tty empty for "
-                                             f"stdin") from None
+                raise DeviceUnavailableError(
+                    f"keyboard backend=terminal: cannot open tty={self.tty!r}: {e}. Give "
+                    f"the terminal's device (run `tty` in it) or leave tty empty for "
+                    f"stdin"
+                ) from None
             own, what = True, str(self.tty)
         if not os.isatty(fd):
             if own:
@@ -362,7 +400,8 @@ class KeyboardTeleop(_DeviceTeleop):
                 f"keyboard backend=terminal: {what} is not a terminal (TTY) - input is piped or redirected, or the "
                 f"process runs under nohup/systemd/an IDE console - so keys cannot be read from it. Run in an "
                 f"interactive terminal (over ssh use `ssh -t`), pass tty=/dev/pts/N of a terminal you type in, or "
-                f"use backend=pynput (X display) or a gamepad/spacemouse teleop.")
+                f"use backend=pynput (X display) or a gamepad/spacemouse teleop."
+            )
         try:
             self._saved_attrs = termios.tcgetattr(fd)
             ttymod.setcbreak(fd, termios.TCSANOW)  # no line buffering, no echo; Ctrl-C still signals
@@ -370,8 +409,9 @@ class KeyboardTeleop(_DeviceTeleop):
             if own:
                 os.close(fd)
             self._saved_attrs = None
-            raise DeviceUnavailableError(f"keyboard backend=terminal: cannot switch {what} to cbreak mode: {e}") \
-                from None
+            raise DeviceUnavailableError(
+                f"keyboard backend=terminal: cannot switch {what} to cbreak mode: {e}"
+            ) from None
         self._fd, self._own_fd, self._tail = fd, own, b""
         atexit.register(self._restore_tty)
         self._reader = _SelectReader(fd, self._read_tty, name="keyboard-tty", on_error=self._fail)

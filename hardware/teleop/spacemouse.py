@@ -43,18 +43,37 @@ class SpaceMouseTeleop(_EvdevTeleop):
     n_mapped = 6
     VENDORS = (0x256F, 0x046D)
     NAME_HINTS = ("3dconnexion", "spacemouse", "spacenavigator", "space navigator", "spacepilot", "spaceexplorer")
-    udev_rule = 'KERNEL=="event*", SUBSYSTEM=="input", ATTRS{idVendor}=="256f", MODE="0660", GROUP="input", ' \
-                'TAG+="uaccess"'
+    udev_rule = (
+        'KERNEL=="event*", SUBSYSTEM=="input", ATTRS{idVendor}=="256f", MODE="0660", GROUP="input", TAG+="uaccess"'
+    )
     default_axes = {"x": "-Y", "y": "-X", "z": "-Z", "rx": "-RY", "ry": "-RX", "rz": "-RZ"}
     default_buttons = {"BTN_0": "gripper_toggle", "BTN_1": "save"}
 
-    def __init__(self, device_path: str | None = None, device_name: str | None = None, pos_scale: float = 1.0,
-                 rot_scale: float = 1.0, deadzone: float = 0.05, max_value: float = 350.0,
-                 axes: Mapping[str, str | None] | None = None, buttons: Mapping[str, str | None] | None = None,
-                 action_dim: int = 7, gripper_index: int | None = -1, controls: EpisodeControls | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        super().__init__(device_path=device_path, device_name=device_name, buttons=buttons, deadzone=deadzone,
-                         action_dim=action_dim, gripper_index=gripper_index, controls=controls, clock=clock)
+    def __init__(
+        self,
+        device_path: str | None = None,
+        device_name: str | None = None,
+        pos_scale: float = 1.0,
+        rot_scale: float = 1.0,
+        deadzone: float = 0.05,
+        max_value: float = 350.0,
+        axes: Mapping[str, str | None] | None = None,
+        buttons: Mapping[str, str | None] | None = None,
+        action_dim: int = 7,
+        gripper_index: int | None = -1,
+        controls: EpisodeControls | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__(
+            device_path=device_path,
+            device_name=device_name,
+            buttons=buttons,
+            deadzone=deadzone,
+            action_dim=action_dim,
+            gripper_index=gripper_index,
+            controls=controls,
+            clock=clock,
+        )
         if float(max_value) <= 0:
             raise ValueError(f"max_value must be > 0, got {max_value}")
         self.pos_scale, self.rot_scale, self.max_value = float(pos_scale), float(rot_scale), float(max_value)
@@ -70,8 +89,10 @@ class SpaceMouseTeleop(_EvdevTeleop):
             nm, sign = _parse_axis_spec(self.axes[k])
             nm = nm.upper().removeprefix("REL_").removeprefix("ABS_")
             if nm not in _SM_AXES:
-                raise ValueError(f"spacemouse axes[{k!r}] = {self.axes[k]!r}: choose one of {', '.join(_SM_AXES)} "
-                                 f"(optionally with a leading '-')")
+                raise ValueError(
+                    f"spacemouse axes[{k!r}] = {self.axes[k]!r}: choose one of {', '.join(_SM_AXES)} "
+                    f"(optionally with a leading '-')"
+                )
             self._axis_codes.append((_SM_AXES.index(nm), sign))
         self._abs_ranges: dict[int, tuple[float, float]] = {}
 

@@ -71,11 +71,15 @@ def _config(algo_cfg: dict):
     fields = {f.name for f in dataclasses.fields(entry.config)}
     unknown = set(algo_cfg) - fields - LEARNER_KEYS
     if unknown:
-        raise ValueError(f"algo.{sorted(unknown)[0]} is not a setting of algo {name}; known: {sorted(fields | LEARNER_KEYS)}")
+        raise ValueError(
+            f"algo.{sorted(unknown)[0]} is not a setting of algo {name}; known: {sorted(fields | LEARNER_KEYS)}"
+        )
     missing = fields - set(merged)
     if missing:
-        raise ValueError(f"algo.{sorted(missing)[0]} has no value: algo {name} takes its defaults from "
-                         f"{entry.defaults or 'nowhere (it has no defaults file)'}")
+        raise ValueError(
+            f"algo.{sorted(missing)[0]} has no value: algo {name} takes its defaults from "
+            f"{entry.defaults or 'nowhere (it has no defaults file)'}"
+        )
     return entry.algorithm, entry.config(**{k: merged[k] for k in fields})
 
 

@@ -28,15 +28,18 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_demos(store_path: str | Path, obs_keys: list[str], max_episodes: int | None = None,
-               successful_only: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def load_demos(
+    store_path: str | Path, obs_keys: list[str], max_episodes: int | None = None, successful_only: bool = True
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Episodes of a store as back-to-back rows: `obs.<k>`, `action`, `reward`, `success`; returns the arrays
     and the episode end offsets. Each episode is cut right after its first success (the task ends there)."""
     store = EpisodeStore.open(store_path, "r")
     missing = [k for k in obs_keys if OBS_PREFIX + k not in store.features]
     if missing or "action" not in store.features:
-        raise ValueError(f"demonstrations {store_path} lack {[OBS_PREFIX + k for k in missing] or ['action']}; "
-                         f"they hold {sorted(store.features)} (record them with the robot the base was trained on)")
+        raise ValueError(
+            f"demonstrations {store_path} lack {[OBS_PREFIX + k for k in missing] or ['action']}; "
+            f"they hold {sorted(store.features)} (record them with the robot the base was trained on)"
+        )
     cols = {OBS_PREFIX + k: store.array(OBS_PREFIX + k) for k in obs_keys}
     cols["action"] = store.array("action")
     success = store.array("success") if "success" in store.features else np.zeros(len(cols["action"]), bool)
@@ -62,8 +65,9 @@ def load_demos(store_path: str | Path, obs_keys: list[str], max_episodes: int | 
     return arrays, np.asarray(ends, dtype=np.int64)
 
 
-def relabel_base_actions(base, arrays: dict[str, np.ndarray], episode_ends: np.ndarray,
-                         obs_keys: list[str]) -> np.ndarray:
+def relabel_base_actions(
+    base, arrays: dict[str, np.ndarray], episode_ends: np.ndarray, obs_keys: list[str]
+) -> np.ndarray:
     """The base policy's action at every demo step, run episode by episode exactly as on the robot."""
     out = np.empty_like(arrays["action"], dtype=np.float32)
     start = 0
@@ -75,8 +79,15 @@ def relabel_base_actions(base, arrays: dict[str, np.ndarray], episode_ends: np.n
     return out
 
 
-def cached_base_actions(cache_dir: Path | None, store_path: str | Path, base_checkpoint_file: Path | None, base,
-                        arrays: dict[str, np.ndarray], episode_ends: np.ndarray, obs_keys: list[str]) -> np.ndarray:
+def cached_base_actions(
+    cache_dir: Path | None,
+    store_path: str | Path,
+    base_checkpoint_file: Path | None,
+    base,
+    arrays: dict[str, np.ndarray],
+    episode_ends: np.ndarray,
+    obs_keys: list[str],
+) -> np.ndarray:
     """`relabel_base_actions`, reusing a cache file when the store's commit and the base weights are unchanged."""
     key = hashlib.sha256()
     key.update((Path(store_path) / "commit.json").read_bytes())

@@ -106,8 +106,9 @@ def polyak(net: nn.Module, target: nn.Module, tau: float) -> None:
 def _fused_ok(params) -> bool:
     """Fused (single-kernel) Adam exists for float params on CPU and CUDA in recent torch; fewer passes over the
     stacked ensemble weights."""
-    return all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
-               for p in params)
+    return all(
+        p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda") for p in params
+    )
 
 
 def make_adamw(params, lr: float) -> torch.optim.Optimizer:

@@ -51,8 +51,14 @@ class EpisodeLinks:
 class Pool:
     """A set of rows to sample transitions from: column getter + reward/terminal/next links."""
 
-    def __init__(self, column: Callable[[str], np.ndarray], reward: np.ndarray, terminal: np.ndarray,
-                 next_idx: np.ndarray, starts: np.ndarray):
+    def __init__(
+        self,
+        column: Callable[[str], np.ndarray],
+        reward: np.ndarray,
+        terminal: np.ndarray,
+        next_idx: np.ndarray,
+        starts: np.ndarray,
+    ):
         self.column, self.reward, self.terminal, self.next_idx = column, reward, terminal, next_idx
         self.starts = starts  # row indices that can start a transition
 
@@ -98,8 +104,17 @@ class RLPDSampler:
     """RLPD's symmetric sampling: `demo_fraction` of every batch from the demonstrations (plus, optionally, the
     online steps where a human took over), the rest from online data; each row with its n-step return."""
 
-    def __init__(self, demos: Pool, obs_keys: list[str], action_keys: list[str], n_step: int, gamma: float,
-                 batch_size: int, demo_fraction: float, interventions_to_demos: bool):
+    def __init__(
+        self,
+        demos: Pool,
+        obs_keys: list[str],
+        action_keys: list[str],
+        n_step: int,
+        gamma: float,
+        batch_size: int,
+        demo_fraction: float,
+        interventions_to_demos: bool,
+    ):
         self.demos, self.obs_keys, self.action_keys = demos, list(obs_keys), list(action_keys)
         self.n_step, self.gamma, self.batch_size = n_step, gamma, batch_size
         self.demo_fraction, self.interventions_to_demos = demo_fraction, interventions_to_demos
@@ -110,8 +125,7 @@ class RLPDSampler:
         n = replay.size
         if self.links.size < n:
             a = self.links.size
-            self.links.extend(replay.column(SENDER_KEY)[a:n], replay.column("episode")[a:n],
-                              replay.column("step")[a:n])
+            self.links.extend(replay.column(SENDER_KEY)[a:n], replay.column("episode")[a:n], replay.column("step")[a:n])
         terminal = replay.column("success")[:n].astype(bool)
         next_idx = self.links.next_idx[:n]
         starts = np.flatnonzero(terminal | (next_idx >= 0))

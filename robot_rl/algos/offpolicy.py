@@ -43,7 +43,7 @@ class OffPolicy(Algorithm):
         if not cfg.demos:
             raise ValueError("algo.demos is required: an episode store of demonstrations (half of every batch)")
         store = EpisodeStore.open(cfg.demos, "r")
-        self.obs_features = {k[len(OBS_PREFIX):]: f for k, f in store.features.items() if k.startswith(OBS_PREFIX)}
+        self.obs_features = {k[len(OBS_PREFIX) :]: f for k, f in store.features.items() if k.startswith(OBS_PREFIX)}
         self.action_feature = store.features["action"]
         self.action_dim = int(self.action_feature.shape[0])
         self.num_updates = 0
@@ -56,18 +56,28 @@ class OffPolicy(Algorithm):
         cfg = self.cfg
         fit_to_demos(model, demo_arrays, self.action_feature, scale, cfg.min_action_range, cfg.min_obs_std)
         self.model = model.to(self.device)
-        self.critic = EnsembleQ(cfg.num_critics, self.model.featurizer.out_dim + self.action_dim,
-                                list(cfg.critic_hidden)).to(self.device)
+        self.critic = EnsembleQ(
+            cfg.num_critics, self.model.featurizer.out_dim + self.action_dim, list(cfg.critic_hidden)
+        ).to(self.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
 
-    def _make_sampler(self, demo_arrays: dict[str, np.ndarray], episode_ends: np.ndarray,
-                      action_keys: list[str]) -> None:
+    def _make_sampler(
+        self, demo_arrays: dict[str, np.ndarray], episode_ends: np.ndarray, action_keys: list[str]
+    ) -> None:
         """Batches: `demo_fraction` demonstrations (+ takeover steps), the rest online; n-step returns."""
         cfg = self.cfg
         self.demo_arrays = demo_arrays
         self.demos = Pool.from_arrays(demo_arrays, episode_ends)
-        self.sampler = RLPDSampler(self.demos, self.obs_keys, action_keys, cfg.n_step, cfg.gamma, cfg.batch_size,
-                                   cfg.demo_fraction, cfg.interventions_to_demos)
+        self.sampler = RLPDSampler(
+            self.demos,
+            self.obs_keys,
+            action_keys,
+            cfg.n_step,
+            cfg.gamma,
+            cfg.batch_size,
+            cfg.demo_fraction,
+            cfg.interventions_to_demos,
+        )
 
     # ------------------------------------------------------------------------------------ pieces of an update
     def sample(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -108,8 +118,10 @@ class OffPolicy(Algorithm):
         return copy.deepcopy(self.model).cpu()
 
     def state_dict(self) -> dict:
-        return {**{name: getattr(self, name).state_dict() for name in self.saved},
-                "num_updates": torch.tensor(self.num_updates)}
+        return {
+            **{name: getattr(self, name).state_dict() for name in self.saved},
+            "num_updates": torch.tensor(self.num_updates),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.saved:

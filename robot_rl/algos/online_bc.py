@@ -20,7 +20,7 @@ from robot_rl.policies.checkpoint import build_policy
 from robot_rl.policies.mlp import MLPPolicy
 
 ACTION_RANGE_PAD = 0.05  # the action bounds reach this fraction of the demonstrated range past it ...
-MIN_ACTION_PAD = 1e-2    # ... and at least this much
+MIN_ACTION_PAD = 1e-2  # ... and at least this much
 
 
 @dataclass
@@ -39,7 +39,7 @@ def observation_features(replay: ReplayView) -> dict[str, Feature]:
     for key in replay.keys():
         if key.startswith(OBS_PREFIX):
             col = replay.column(key)
-            feats[key[len(OBS_PREFIX):]] = Feature(tuple(col.shape[1:]), str(col.dtype))
+            feats[key[len(OBS_PREFIX) :]] = Feature(tuple(col.shape[1:]), str(col.dtype))
     return feats
 
 

@@ -86,8 +86,10 @@ class ResidualTD3(OffPolicy):
     def check_config(cls, cfg: ResidualConfig) -> None:
         """Fail before any process starts when the base or the demonstrations are missing."""
         if not cfg.base_checkpoint:
-            raise ValueError("algo.base_checkpoint is required: the BC policy to improve (a `robot-rl train` run "
-                             "dir or checkpoint dir)")
+            raise ValueError(
+                "algo.base_checkpoint is required: the BC policy to improve (a `robot-rl train` run "
+                "dir or checkpoint dir)"
+            )
         try:
             find_policy_dir(cfg.base_checkpoint)
         except (FileNotFoundError, CheckpointError) as e:
@@ -99,10 +101,17 @@ class ResidualTD3(OffPolicy):
         """The frozen base (on the CPU) + a zero residual: the robot runs the base alone until weights arrive."""
         base = load_base(cfg.base_checkpoint, "cpu")
         feats = robot.observation_features
-        model = ResidualModel(feats, residual_obs_keys(feats, base, vars(cfg)), robot.action_feature.shape[0],
-                              vars(cfg))
-        return ResidualPolicy(base, model, seed=seed, warmup_noise=cfg.warmup_noise, explore_std=cfg.explore_std,
-                              noise_clip=cfg.noise_clip)
+        model = ResidualModel(
+            feats, residual_obs_keys(feats, base, vars(cfg)), robot.action_feature.shape[0], vars(cfg)
+        )
+        return ResidualPolicy(
+            base,
+            model,
+            seed=seed,
+            warmup_noise=cfg.warmup_noise,
+            explore_std=cfg.explore_std,
+            noise_clip=cfg.noise_clip,
+        )
 
     def __init__(self, cfg: ResidualConfig, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
         super().__init__(cfg, policy_cfg, device, run_dir)
@@ -111,21 +120,27 @@ class ResidualTD3(OffPolicy):
 
         # demos: cut at success, base-relabelled, as a pool of n-step transitions
         arrays, ends = load_demos(cfg.demos, self.obs_keys, cfg.demo_episodes)
-        arrays["base_action"] = cached_base_actions(run_dir, cfg.demos, base_weights_file(cfg.base_checkpoint),
-                                                    self.base, arrays, ends, self.obs_keys)
+        arrays["base_action"] = cached_base_actions(
+            run_dir, cfg.demos, base_weights_file(cfg.base_checkpoint), self.base, arrays, ends, self.obs_keys
+        )
 
         # networks: the residual model travels to the robot; the critic stays here
-        self._setup_networks(ResidualModel(self.obs_features, self.obs_keys, self.action_dim, vars(cfg)), arrays,
-                             cfg.scale)
+        self._setup_networks(
+            ResidualModel(self.obs_features, self.obs_keys, self.action_dim, vars(cfg)), arrays, cfg.scale
+        )
         self.target_actor = copy.deepcopy(self.model.actor).requires_grad_(False)
         self.actor_opt = make_adamw(self.model.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = make_adamw([*self.critic.parameters(), *self.model.featurizer.parameters()],
-                                     lr=cfg.critic_lr)
+        self.critic_opt = make_adamw([*self.critic.parameters(), *self.model.featurizer.parameters()], lr=cfg.critic_lr)
         self._make_sampler(arrays, ends, ["action", "base_action"])
 
     def robot_policy(self) -> ResidualPolicy:
-        policy = ResidualPolicy(self.base, self.robot_model(), warmup_noise=self.cfg.warmup_noise,
-                                explore_std=self.cfg.explore_std, noise_clip=self.cfg.noise_clip)
+        policy = ResidualPolicy(
+            self.base,
+            self.robot_model(),
+            warmup_noise=self.cfg.warmup_noise,
+            explore_std=self.cfg.explore_std,
+            noise_clip=self.cfg.noise_clip,
+        )
         policy.exploration = "none"
         return policy
 
@@ -151,9 +166,13 @@ class ResidualTD3(OffPolicy):
         q = self.critic(features, action)  # (heads, batch)
         critic_loss = F.mse_loss(q, target.expand_as(q), reduction="none").mean(dim=1).sum()
         self.step(self.critic_opt, critic_loss, cfg.grad_clip)
-        metrics = {"critic/loss": critic_loss.item() / cfg.num_critics, "critic/q_mean": q.mean().item(),
-                   "critic/q_head_std": q.std(dim=0).mean().item(), "critic/q_max": q.max().item(),
-                   "critic/target_mean": target.mean().item()}
+        metrics = {
+            "critic/loss": critic_loss.item() / cfg.num_critics,
+            "critic/q_mean": q.mean().item(),
+            "critic/q_head_std": q.std(dim=0).mean().item(),
+            "critic/q_max": q.max().item(),
+            "critic/target_mean": target.mean().item(),
+        }
 
         # actor: maximise the ensemble-mean Q of base + residual (features detached: the critic owns them)
         actor_phase = replay.size >= cfg.learning_starts + cfg.critic_warmup

@@ -70,8 +70,7 @@ class SAC(OffPolicy):
         self._setup_networks(SACModel(self.obs_features, self.obs_keys, self.action_dim, vars(cfg)), arrays, 0.0)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=device, requires_grad=True)
         self.actor_opt = make_adam(self.model.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = make_adam([*self.critic.parameters(), *self.model.featurizer.parameters()],
-                                    lr=cfg.critic_lr)
+        self.critic_opt = make_adam([*self.critic.parameters(), *self.model.featurizer.parameters()], lr=cfg.critic_lr)
         self.alpha_opt = make_adam([self.log_alpha], lr=cfg.temperature_lr)
         self._make_sampler(arrays, ends, ["action"])
 
@@ -91,7 +90,9 @@ class SAC(OffPolicy):
         with torch.no_grad():  # y = R_n + gamma^h * (min of 2 random target heads)(s', a' ~ pi) - no entropy backup
             f_next = self.model.featurizer(nxt)
             a_next, _ = self.model.sample(f_next)
-            target = b["return"] + b["discount"] * self.target_critic(f_next, a_next, self.target_heads()).min(dim=0).values
+            target = (
+                b["return"] + b["discount"] * self.target_critic(f_next, a_next, self.target_heads()).min(dim=0).values
+            )
         features = self.model.featurizer(obs)
         q = self.critic(features, action)
         critic_loss = F.mse_loss(q, target.expand_as(q), reduction="none").mean(dim=1).sum()
@@ -105,8 +106,13 @@ class SAC(OffPolicy):
 
         polyak(self.critic, self.target_critic, cfg.tau)
         self.num_updates += 1
-        return {"critic/loss": critic_loss.item() / cfg.num_critics, "critic/q_mean": q.mean().item(),
-                "actor/loss": actor_loss.item(), "actor/entropy": -logp.mean().item(), "alpha": alpha.item()}
+        return {
+            "critic/loss": critic_loss.item() / cfg.num_critics,
+            "critic/q_mean": q.mean().item(),
+            "actor/loss": actor_loss.item(),
+            "actor/entropy": -logp.mean().item(),
+            "alpha": alpha.item(),
+        }
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone()}

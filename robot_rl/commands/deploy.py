@@ -52,8 +52,10 @@ SLOW_HINT = "lower deploy.num_inference_steps, use the distilled 1-step policy, 
 def validate_deploy(cfg: DictConfig) -> None:
     d = cfg.deploy
     if not d.get("checkpoint"):
-        raise ConfigError("deploy.checkpoint is empty: give a training run directory, a checkpoint directory "
-                          "(checkpoints/step_<n>) or an artefact directory (robot-rl export-policy)")
+        raise ConfigError(
+            "deploy.checkpoint is empty: give a training run directory, a checkpoint directory "
+            "(checkpoints/step_<n>) or an artefact directory (robot-rl export-policy)"
+        )
 
     def positive(key: str, integer: bool, allow_null: bool = False, minimum: float = 0.0, strict: bool = True):
         v = d.get(key)
@@ -104,11 +106,18 @@ def load_deploy_policy(checkpoint: str, device: str, version: int | None = None)
     robot, training = m.get("robot") or {}, m.get("training") or {}
     training_state = ("trainer_state.json", "algo_state.pt", "optimizer.pt", "model.safetensors")
     artifact = not any((directory / f).exists() for f in training_state)  # export-policy leaves training state behind
-    return policy, {"source": "artifact" if artifact else "checkpoint",
-                    "kind": m.get("kind"), "path": str(directory), "fps": m.get("fps"),
-                    "robot_config": robot.get("config"), "robot": robot.get("name"), "task": robot.get("task"),
-                    "sha256": (m.get("weights") or {}).get("sha256"), "step": training.get("step"),
-                    "version": training.get("version")}
+    return policy, {
+        "source": "artifact" if artifact else "checkpoint",
+        "kind": m.get("kind"),
+        "path": str(directory),
+        "fps": m.get("fps"),
+        "robot_config": robot.get("config"),
+        "robot": robot.get("name"),
+        "task": robot.get("task"),
+        "sha256": (m.get("weights") or {}).get("sha256"),
+        "step": training.get("step"),
+        "version": training.get("version"),
+    }
 
 
 def worker_policy(checkpoint: str, device: str, num_inference_steps: int | None = None, version: int | None = None):
@@ -123,8 +132,10 @@ def policy_io(policy) -> tuple[dict[str, tuple[int, ...]], int]:
     """The observation shapes a policy reads and its action size."""
     manifest = getattr(policy, "manifest", None)
     if manifest and not manifest.get("legacy"):  # every kind, residual on its base included
-        return ({k: tuple(int(x) for x in d["shape"]) for k, d in manifest["obs"].items()},
-                int(np.prod(manifest["action"]["shape"])))
+        return (
+            {k: tuple(int(x) for x in d["shape"]) for k, d in manifest["obs"].items()},
+            int(np.prod(manifest["action"]["shape"])),
+        )
     if hasattr(policy, "obs_features"):
         return {k: tuple(f.shape) for k, f in policy.obs_features.items()}, int(policy.action_dim)
     return ({k: (int(d),) for k, d in zip(policy.obs_keys, policy.obs_dims)}, int(policy.action_low.shape[0]))
@@ -135,12 +146,16 @@ def check_compatible(policy, robot) -> None:
     feats = robot.observation_features
     missing = [k for k in obs if k not in feats]
     if missing:
-        raise ConfigError(f"the policy reads observations {missing} that robot {robot.name!r} does not produce "
-                          f"(it has {sorted(feats)}); deploy on the robot it was trained for (robot=...)")
+        raise ConfigError(
+            f"the policy reads observations {missing} that robot {robot.name!r} does not produce "
+            f"(it has {sorted(feats)}); deploy on the robot it was trained for (robot=...)"
+        )
     wrong = {k: (obs[k], tuple(feats[k].shape)) for k in obs if tuple(feats[k].shape) != obs[k]}
     if wrong:
-        raise ConfigError("observation shapes differ between the policy and the robot (policy, robot): "
-                          + ", ".join(f"{k}: {p} vs {r}" for k, (p, r) in wrong.items()))
+        raise ConfigError(
+            "observation shapes differ between the policy and the robot (policy, robot): "
+            + ", ".join(f"{k}: {p} vs {r}" for k, (p, r) in wrong.items())
+        )
     robot_adim = int(np.prod(robot.action_feature.shape))
     if robot_adim != adim:
         raise ConfigError(f"the policy outputs {adim} action entries, robot {robot.name!r} takes {robot_adim}")
@@ -164,15 +179,23 @@ class Deployer:
     """`Deployer(cfg, run_dir).run() -> summary`. `policy` (tests, benchmarks) replaces loading the checkpoint;
     `robot_given` says whether the config's robot was chosen explicitly (None: detect hydra overrides)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, policy=None, policy_info: dict | None = None,
-                 robot_given: bool | None = None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: str | Path,
+        *,
+        policy=None,
+        policy_info: dict | None = None,
+        robot_given: bool | None = None,
+    ):
         validate_deploy(cfg)
         self.cfg, self.d = cfg, cfg.deploy
         self.run_dir = Path(run_dir)
         in_child = self.d.inference == "async" and self.d.executor == "process"
         if policy is None:  # with executor=process the child runs inference; our copy only describes the policy
-            policy, policy_info = load_deploy_policy(self.d.checkpoint, "cpu" if in_child else self.d.device,
-                                                    self.d.get("version"))
+            policy, policy_info = load_deploy_policy(
+                self.d.checkpoint, "cpu" if in_child else self.d.device, self.d.get("version")
+            )
             if in_child and not hasattr(policy, "predict_chunk"):  # a single-action policy runs here after all
                 policy = policy.to(resolve_device(str(self.d.device)))
         self.policy = policy
@@ -190,8 +213,11 @@ class Deployer:
             robot_cfg = OmegaConf.to_container(cfg.robot, resolve=True)
             self.robot_from = "config"
             if not ckpt_robot and not robot_given:
-                log.warning("%s records no robot config: using robot=%s from the deploy config",
-                            self.policy_info.get("path"), robot_cfg.get("env_name", robot_cfg.get("type")))
+                log.warning(
+                    "%s records no robot config: using robot=%s from the deploy config",
+                    self.policy_info.get("path"),
+                    robot_cfg.get("env_name", robot_cfg.get("type")),
+                )
         if self.d.max_delta is not None:
             robot_cfg.setdefault("safety", {})
             robot_cfg["safety"] = dict(robot_cfg["safety"] or {}, max_delta=self.d.max_delta)
@@ -201,26 +227,47 @@ class Deployer:
         self.teleop = make_teleop(cfg.teleop, self.robot)
         self.safety = build_safety(OmegaConf.create({"robot": robot_cfg}), self.robot)
         self.loop = PacedLoop(self.d.rate_hz, field="deploy.rate_hz")
-        self.rollout = Rollout(self.robot, act=self._act, teleop=self.teleop, safety=self.safety, pacer=self.loop,
-                               stop_on_success=bool(self.d.stop_on_success), teleop_fills_gaps=False)
+        self.rollout = Rollout(
+            self.robot,
+            act=self._act,
+            teleop=self.teleop,
+            safety=self.safety,
+            pacer=self.loop,
+            stop_on_success=bool(self.d.stop_on_success),
+            teleop_fills_gaps=False,
+        )
         self.executor = "thread"
         self.predictor = None
         if in_child and self.policy_info.get("source") not in ("checkpoint", "artifact"):
-            log.info("deploy.executor=process loads the policy from deploy.checkpoint in the child; a policy object "
-                     "was given, so inference runs on a thread of this process")
+            log.info(
+                "deploy.executor=process loads the policy from deploy.checkpoint in the child; a policy object "
+                "was given, so inference runs on a thread of this process"
+            )
         elif in_child and hasattr(self.policy, "predict_chunk"):
-            self.predictor = ProcessPredictor("robot_rl.commands.deploy:worker_policy",
-                                              {"checkpoint": self.policy_info["path"], "device": str(self.d.device),
-                                               "num_inference_steps": self.d.num_inference_steps},
-                                              torch_threads=self.d.torch_threads)
+            self.predictor = ProcessPredictor(
+                "robot_rl.commands.deploy:worker_policy",
+                {
+                    "checkpoint": self.policy_info["path"],
+                    "device": str(self.d.device),
+                    "num_inference_steps": self.d.num_inference_steps,
+                },
+                torch_threads=self.d.torch_threads,
+            )
             self.executor = "process"
         try:
             self.runner = AsyncChunkRunner(
-                self.predictor or self.policy, float(self.d.rate_hz), blend=str(self.d.blend),
-                ensemble_k=float(self.d.ensemble_k), crossfade_steps=int(self.d.crossfade_steps),
-                prefetch_margin=self.d.prefetch_margin, replan_every=self.d.replan_every,
+                self.predictor or self.policy,
+                float(self.d.rate_hz),
+                blend=str(self.d.blend),
+                ensemble_k=float(self.d.ensemble_k),
+                crossfade_steps=int(self.d.crossfade_steps),
+                prefetch_margin=self.d.prefetch_margin,
+                replan_every=self.d.replan_every,
                 max_action_age=self.d.max_action_age,
-                synchronous=self.d.inference == "sync", seed=int(cfg.seed), torch_threads=self.d.torch_threads)
+                synchronous=self.d.inference == "sync",
+                seed=int(cfg.seed),
+                torch_threads=self.d.torch_threads,
+            )
         except ValueError as e:  # e.g. replan_every longer than the chunk
             if self.predictor is not None:
                 self.predictor.close()
@@ -235,26 +282,36 @@ class Deployer:
     def _set_inference_steps(self, n: int) -> None:
         c = getattr(self.policy, "cfg", None)
         if c is None or not hasattr(c, "num_inference_steps"):
-            log.warning("deploy.num_inference_steps=%d ignored: %s is not a diffusion policy", n,
-                        type(self.policy).__name__)
+            log.warning(
+                "deploy.num_inference_steps=%d ignored: %s is not a diffusion policy", n, type(self.policy).__name__
+            )
             return
         if not 1 <= n <= c.num_train_timesteps:
             raise ConfigError(f"deploy.num_inference_steps must be in 1..{c.num_train_timesteps}, got {n}")
         if c.inference_scheduler != "ddim":
-            log.warning("deploy.num_inference_steps=%d with the %s scheduler: only DDIM skips steps cleanly", n,
-                        c.inference_scheduler)
+            log.warning(
+                "deploy.num_inference_steps=%d with the %s scheduler: only DDIM skips steps cleanly",
+                n,
+                c.inference_scheduler,
+            )
         c.num_inference_steps = n
 
     def _check_rates(self) -> None:
         rate = float(self.d.rate_hz)
         fps = self.policy_info.get("fps")
         if fps and abs(float(fps) - rate) > 1e-6:
-            log.warning("the policy was trained on data recorded at %g Hz but deploy.rate_hz=%g: its actions are "
-                        "per-tick deltas/targets at %g Hz", fps, rate, fps)
+            log.warning(
+                "the policy was trained on data recorded at %g Hz but deploy.rate_hz=%g: its actions are "
+                "per-tick deltas/targets at %g Hz",
+                fps,
+                rate,
+                fps,
+            )
         freq = self.robot_cfg.get("control_freq")
         if freq and abs(float(freq) - rate) > 1e-6:
-            log.warning("robot control_freq=%g but deploy.rate_hz=%g: sim time runs at another speed than the loop",
-                        freq, rate)
+            log.warning(
+                "robot control_freq=%g but deploy.rate_hz=%g: sim time runs at another speed than the loop", freq, rate
+            )
 
     def request_stop(self, *_):
         if not self._stop:
@@ -284,17 +341,30 @@ class Deployer:
             if self.d.record_path:
                 writer = self._open_store(has_sim_state).writer()
             self.runner.start()
-            log.info("deploying %s (%s, %s inference%s) on %s at %g Hz, %d episodes", self.policy_info.get("path"),
-                     type(self.policy).__name__, self.d.inference,
-                     f", blend={self.d.blend}" if self.runner.chunked else "", self.robot.name, self.d.rate_hz,
-                     self.d.episodes)
+            log.info(
+                "deploying %s (%s, %s inference%s) on %s at %g Hz, %d episodes",
+                self.policy_info.get("path"),
+                type(self.policy).__name__,
+                self.d.inference,
+                f", blend={self.d.blend}" if self.runner.chunked else "",
+                self.robot.name,
+                self.d.rate_hz,
+                self.d.episodes,
+            )
             for episode in range(int(self.d.episodes)):
                 if self._stop or self.runner.failed:
                     break
                 self.episodes.append(self._run_episode(episode, writer, has_sim_state))
                 ep = self.episodes[-1]
-                log.info("episode %d: success=%s steps=%d starvations=%d safe_steps=%d teleop_steps=%d", episode,
-                         ep["success"], ep["steps"], ep["starvations"], ep["safe_steps"], ep["teleop_steps"])
+                log.info(
+                    "episode %d: success=%s steps=%d starvations=%d safe_steps=%d teleop_steps=%d",
+                    episode,
+                    ep["success"],
+                    ep["steps"],
+                    ep["starvations"],
+                    ep["safe_steps"],
+                    ep["teleop_steps"],
+                )
         finally:
             self._rollout_safety_counts = dict(self.safety.counts)  # before the final hold below
             hold_safe(self.robot, self.safety)
@@ -321,9 +391,15 @@ class Deployer:
         self.runner.reset(seed=seed)
         hooks = [self._replan_after_takeover()]
         if writer is not None:
-            meta = {"task": self.task, "robot": self.robot.name, "seed": seed, "source": "deploy",
-                    "policy": self.policy_info.get("path"), "policy_sha256": self.policy_info.get("sha256"),
-                    "start_time": time.time()}
+            meta = {
+                "task": self.task,
+                "robot": self.robot.name,
+                "seed": seed,
+                "source": "deploy",
+                "policy": self.policy_info.get("path"),
+                "policy_sha256": self.policy_info.get("sha256"),
+                "start_time": time.time(),
+            }
             hooks.append(EpisodeRecording(writer, self.robot, self.loop, with_policy=True))
             hooks[-1].begin(meta, self.store if has_sim_state else None)
         r = self.runner
@@ -333,15 +409,28 @@ class Deployer:
             r.prime(obs, tick=0)
             if episode == 0:
                 self._early_latency_check()
-        result = self.rollout.episode(obs, int(self.d.max_episode_steps), hooks=hooks,
-                                      before_step=lambda step, obs: "stopped" if self._stop or r.failed else None,
-                                      keep_pacing_stats=episode > 0)  # resets are not overruns
-        ep = {"episode": episode, "seed": seed, "success": result["success"], "steps": result["steps"],
-              "policy_steps": result["policy_steps"], "teleop_steps": result["teleop_steps"],
-              "safe_steps": result["safe_steps"], "starvations": r.starvations - starv0,
-              "reserve_ticks": r.reserve_ticks - reserve0, "chunks": r.chunks - chunks0,
-              "overruns": self.loop.overruns - overruns0, "missed_slots": self.loop.missed_slots - missed0,
-              "duration_s": result["duration_s"]}
+        result = self.rollout.episode(
+            obs,
+            int(self.d.max_episode_steps),
+            hooks=hooks,
+            before_step=lambda step, obs: "stopped" if self._stop or r.failed else None,
+            keep_pacing_stats=episode > 0,
+        )  # resets are not overruns
+        ep = {
+            "episode": episode,
+            "seed": seed,
+            "success": result["success"],
+            "steps": result["steps"],
+            "policy_steps": result["policy_steps"],
+            "teleop_steps": result["teleop_steps"],
+            "safe_steps": result["safe_steps"],
+            "starvations": r.starvations - starv0,
+            "reserve_ticks": r.reserve_ticks - reserve0,
+            "chunks": r.chunks - chunks0,
+            "overruns": self.loop.overruns - overruns0,
+            "missed_slots": self.loop.missed_slots - missed0,
+            "duration_s": result["duration_s"],
+        }
         if writer is not None and writer.steps:
             writer.save({**ep, "stopped": self._stop, "length": writer.steps})
         elif writer is not None:
@@ -370,9 +459,15 @@ class Deployer:
         """After the first chunk (warm-up excluded): say before the robot moves if inference cannot keep up."""
         lat = self.runner.stats()["inference_p50_ms"]
         if lat is not None and lat > self.chunk_budget_ms:
-            log.warning("chunk inference %.1f ms > chunk budget %.1f ms (%d ticks at %g Hz): expect reserve ticks "
-                        "and starvation (safe actions); %s", lat, self.chunk_budget_ms, self.runner.replan_every,
-                        self.d.rate_hz, SLOW_HINT)
+            log.warning(
+                "chunk inference %.1f ms > chunk budget %.1f ms (%d ticks at %g Hz): expect reserve ticks "
+                "and starvation (safe actions); %s",
+                lat,
+                self.chunk_budget_ms,
+                self.runner.replan_every,
+                self.d.rate_hz,
+                SLOW_HINT,
+            )
 
     def _open_store(self, has_sim_state: bool):
         from robot_rl.data.episode_store import EpisodeStore
@@ -384,15 +479,31 @@ class Deployer:
             store = EpisodeStore.open(path, "a")
             if {k: f.to_dict() for k, f in store.features.items()} != {k: f.to_dict() for k, f in features.items()}:
                 store.close()
-                raise ConfigError(f"deploy.record_path={str(path)!r} holds episodes with other keys/shapes than this "
-                                  f"robot produces ({sorted(store.features)} vs {sorted(features)}); choose a new path")
+                raise ConfigError(
+                    f"deploy.record_path={str(path)!r} holds episodes with other keys/shapes than this "
+                    f"robot produces ({sorted(store.features)} vs {sorted(features)}); choose a new path"
+                )
             if store.pending is not None:
                 store.drop_pending()
         else:
-            preflight(path, features, OmegaConf.create({"max_episode_steps": int(self.d.max_episode_steps),
-                                                        "episodes": int(self.d.episodes), "min_free_gb": 1.0}))
-            info = {"robot": self.robot.name, "robot_config": self.robot_cfg, "task": self.task, "source": "deploy",
-                    "policy": self.policy_info.get("path")}
+            preflight(
+                path,
+                features,
+                OmegaConf.create(
+                    {
+                        "max_episode_steps": int(self.d.max_episode_steps),
+                        "episodes": int(self.d.episodes),
+                        "min_free_gb": 1.0,
+                    }
+                ),
+            )
+            info = {
+                "robot": self.robot.name,
+                "robot_config": self.robot_cfg,
+                "task": self.task,
+                "source": "deploy",
+                "policy": self.policy_info.get("path"),
+            }
             store = EpisodeStore.create(path, features, float(self.d.rate_hz), info=info)
         self.store = store
         return store
@@ -409,11 +520,15 @@ class Deployer:
         if lat is not None and lat > budget:
             warnings.append(f"chunk inference p50 {lat:.1f} ms > chunk budget {budget:.1f} ms: {SLOW_HINT}")
         if rs["starvations"]:
-            warnings.append(f"{rs['starvations']} ticks had no valid action (inference fell behind or a chunk "
-                            f"expired): the safe action (hold) was sent")
+            warnings.append(
+                f"{rs['starvations']} ticks had no valid action (inference fell behind or a chunk "
+                f"expired): the safe action (hold) was sent"
+            )
         if pacing["overruns"]:
-            warnings.append(f"{pacing['overruns']} loop overruns ({pacing['missed_slots']} missed ticks) at "
-                            f"{self.d.rate_hz:g} Hz: tick work p99 {pacing['work_p99_us'] / 1e3:.1f} ms")
+            warnings.append(
+                f"{pacing['overruns']} loop overruns ({pacing['missed_slots']} missed ticks) at "
+                f"{self.d.rate_hz:g} Hz: tick work p99 {pacing['work_p99_us'] / 1e3:.1f} ms"
+            )
         if rs["error"]:
             warnings.append(f"policy inference failed ({rs['error']}): the robot was held with safe actions")
         self.warnings = warnings
@@ -463,11 +578,13 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
     """Entry point of `robot-rl deploy` (the CLI passes hydra's run directory). Returns an exit code."""
     summary = Deployer(cfg, run_dir).run()
     sr = summary["success_rate"]
-    print(f"deploy: {summary['episodes']} episodes, success {'n/a' if sr is None else f'{sr:.0%}'}, "
-          f"{summary['achieved_rate_hz']:.1f}/{summary['target_rate_hz']:g} Hz, {summary['overruns']} overruns, "
-          f"inference p50 {summary['inference_p50_ms'] or 0:.1f} ms (budget {summary['chunk_budget_ms']:.0f} ms), "
-          f"{summary['starvations']} starved ticks -> {Path(run_dir) / 'summary.json'}", file=sys.stderr)
+    print(
+        f"deploy: {summary['episodes']} episodes, success {'n/a' if sr is None else f'{sr:.0%}'}, "
+        f"{summary['achieved_rate_hz']:.1f}/{summary['target_rate_hz']:g} Hz, {summary['overruns']} overruns, "
+        f"inference p50 {summary['inference_p50_ms'] or 0:.1f} ms (budget {summary['chunk_budget_ms']:.0f} ms), "
+        f"{summary['starvations']} starved ticks -> {Path(run_dir) / 'summary.json'}",
+        file=sys.stderr,
+    )
     if summary["error"]:
         return 1
     return 0 if summary["episodes"] else 1
-

@@ -70,9 +70,15 @@ log = logging.getLogger("robot_rl.commands.distill")
 def make_student(teacher: DiffusionPolicy, init: str = "teacher") -> DiffusionPolicy:
     """A one-step policy of the teacher's shape (sample prediction, DDIM with 1 step), with the teacher's
     normaliser and encoder; `init=teacher` also copies the UNet (warm start), `random` leaves it freshly initialised."""
-    cfg = DiffusionConfig.from_dict({**teacher.cfg.to_dict(), "obs_keys": list(teacher.obs_keys),
-                                     "prediction_type": "sample", "inference_scheduler": "ddim",
-                                     "num_inference_steps": 1})
+    cfg = DiffusionConfig.from_dict(
+        {
+            **teacher.cfg.to_dict(),
+            "obs_keys": list(teacher.obs_keys),
+            "prediction_type": "sample",
+            "inference_scheduler": "ddim",
+            "num_inference_steps": 1,
+        }
+    )
     student = DiffusionPolicy(cfg, teacher.obs_features, teacher.action_feature).to(teacher.device)
     if init == "teacher":
         student.load_state_dict(teacher.state_dict())
@@ -107,9 +113,13 @@ def ddim_chunk(policy: DiffusionPolicy, x: torch.Tensor, cond: torch.Tensor, ste
 def validate_distill(cfg: DictConfig) -> LoopConfig:
     d = config_section(cfg, "distill", "teacher", "the trained diffusion policy's run or checkpoint directory")
     loop_cfg = LoopConfig.from_section(d, "distill")
-    check_ints(d, "distill", positive=("teacher_steps", "probe_size"),
-               non_negative=("val_every", "eval_episodes", "video_episodes", "eval_seed"),
-               positive_or_null=("eval_max_steps",))
+    check_ints(
+        d,
+        "distill",
+        positive=("teacher_steps", "probe_size"),
+        non_negative=("val_every", "eval_episodes", "video_episodes", "eval_seed"),
+        positive_or_null=("eval_max_steps",),
+    )
     if d.init not in ("teacher", "random"):
         raise ConfigError(f"distill.init must be teacher (warm start) or random, got {d.init!r}")
     if d.loss_rows not in ("chunk", "executed"):
@@ -136,15 +146,19 @@ class Distiller(LoopUser):
             raise ConfigError(f"distill.teacher: {e}") from None
         self.teacher = load_policy(self.teacher_ckpt, device=self.device).requires_grad_(False)
         if not isinstance(self.teacher, DiffusionPolicy):
-            raise ConfigError(f"distill.teacher={d.teacher}: a {type(self.teacher).__name__} has no denoising chain "
-                              f"to distil; give a diffusion policy")
+            raise ConfigError(
+                f"distill.teacher={d.teacher}: a {type(self.teacher).__name__} has no denoising chain "
+                f"to distil; give a diffusion policy"
+            )
         from robot_rl.commands.evaluate import is_one_step
 
         if is_one_step(self.teacher):
             raise ConfigError(f"distill.teacher={d.teacher} is already a one-step (distilled) policy")
         if int(d.teacher_steps) > self.teacher.cfg.num_train_timesteps:
-            raise ConfigError(f"distill.teacher_steps={d.teacher_steps} exceeds the teacher's "
-                              f"num_train_timesteps ({self.teacher.cfg.num_train_timesteps})")
+            raise ConfigError(
+                f"distill.teacher_steps={d.teacher_steps} exceeds the teacher's "
+                f"num_train_timesteps ({self.teacher.cfg.num_train_timesteps})"
+            )
 
         # data: windows of the teacher's observation keys
         manifest = getattr(self.teacher, "manifest", None) or {}
@@ -162,8 +176,9 @@ class Distiller(LoopUser):
         self.fps = manifest.get("fps") or store.fps
         tc = self.teacher.cfg
         try:
-            self.sampler = SequenceSampler.from_store(store, self.teacher.store_obs_keys,
-                                                      obs_horizon=tc.obs_horizon, action_horizon=tc.action_horizon)
+            self.sampler = SequenceSampler.from_store(
+                store, self.teacher.store_obs_keys, obs_horizon=tc.obs_horizon, action_horizon=tc.action_horizon
+            )
         except KeyError as e:
             raise ConfigError(f"distill.data={self.data_path} lacks what the teacher observes: {e}") from None
 
@@ -173,28 +188,45 @@ class Distiller(LoopUser):
             self.student.obs_encoder.requires_grad_(False)
         self.t_student = one_step_timestep(self.student)
         start = tc.obs_horizon - 1
-        self.rows = (slice(None) if d.loss_rows == "chunk" else slice(start, start + tc.n_action_steps))
+        self.rows = slice(None) if d.loss_rows == "chunk" else slice(start, start + tc.n_action_steps)
         self._probe = None
-        self.distilled = {"one_step": True, "teacher": str(self.teacher_ckpt), "teacher_steps": int(d.teacher_steps),
-                          "timestep": int(self.t_student), "init": str(d.init), "loss_rows": str(d.loss_rows)}
-        self.provenance = {"source": "distill", "data": str(self.data_path), "git": git_hash(),
-                           "distilled": self.distilled}
+        self.distilled = {
+            "one_step": True,
+            "teacher": str(self.teacher_ckpt),
+            "teacher_steps": int(d.teacher_steps),
+            "timestep": int(self.t_student),
+            "init": str(d.init),
+            "loss_rows": str(d.loss_rows),
+        }
+        self.provenance = {
+            "source": "distill",
+            "data": str(self.data_path),
+            "git": git_hash(),
+            "distilled": self.distilled,
+        }
         conf = OmegaConf.to_container(cfg, resolve=True)
         conf["distill"]["teacher"], conf["distill"]["data"] = str(self.teacher_ckpt), str(self.data_path)
         conf["policy"] = {**self.student.cfg.to_dict(), "obs_keys": list(self.student.obs_keys)}  # what it is
         self.loop = TrainingLoop(
-            self.run_dir, self.student, self.distill_loss, lambda rng: self._batch(int(d.batch_size), rng),
-            loop_cfg, name="distill", hooks=[Hook("probe", int(d.val_every), self._probe_hook, at_start=True,
-                                                  at_end=True)],
-            export=self._export, config_yaml=OmegaConf.to_yaml(OmegaConf.create(conf)),
-            state=lambda: {"teacher": str(self.teacher_ckpt), "data": str(self.data_path),
-                           "distilled": self.distilled},
-            summary=lambda: {"teacher": str(self.teacher_ckpt), "data": str(self.data_path)})
+            self.run_dir,
+            self.student,
+            self.distill_loss,
+            lambda rng: self._batch(int(d.batch_size), rng),
+            loop_cfg,
+            name="distill",
+            hooks=[Hook("probe", int(d.val_every), self._probe_hook, at_start=True, at_end=True)],
+            export=self._export,
+            config_yaml=OmegaConf.to_yaml(OmegaConf.create(conf)),
+            state=lambda: {"teacher": str(self.teacher_ckpt), "data": str(self.data_path), "distilled": self.distilled},
+            summary=lambda: {"teacher": str(self.teacher_ckpt), "data": str(self.data_path)},
+        )
         if d.resume:
             state = self.loop.resume(d.get("resume_from"))
             if state.get("teacher") != str(self.teacher_ckpt) or state.get("data") != str(self.data_path):
-                raise ConfigError(f"distill.resume: the checkpoint distilled teacher {state.get('teacher')} on "
-                                  f"{state.get('data')}, not {self.teacher_ckpt} on {self.data_path}; start a new run")
+                raise ConfigError(
+                    f"distill.resume: the checkpoint distilled teacher {state.get('teacher')} on "
+                    f"{state.get('data')}, not {self.teacher_ckpt} on {self.data_path}; start a new run"
+                )
 
     def _data_path(self, manifest: dict) -> Path:
         if self.d.get("data"):
@@ -206,8 +238,10 @@ class Distiller(LoopUser):
 
         path = training_store(self.teacher_ckpt)
         if path is None:
-            raise ConfigError(f"distill.data is empty and the teacher's checkpoint ({self.teacher_ckpt}) names no "
-                              f"training store: set distill.data")
+            raise ConfigError(
+                f"distill.data is empty and the teacher's checkpoint ({self.teacher_ckpt}) names no "
+                f"training store: set distill.data"
+            )
         return path
 
     def _batch(self, size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -215,7 +249,6 @@ class Distiller(LoopUser):
 
     def _export(self, directory: Path, student: DiffusionPolicy, loop_info: dict) -> None:
         write_policy(directory, student, robot=self.robot, fps=self.fps, provenance={**self.provenance, **loop_info})
-
 
     @property
     def probe_history(self) -> list[tuple[int, float]]:
@@ -245,8 +278,9 @@ class Distiller(LoopUser):
                 torch.manual_seed(seed)
                 batch = self._batch(int(self.d.probe_size), np.random.default_rng(seed))
                 cond = self.teacher.encode_obs(batch)
-                x_T = torch.randn(cond.shape[0], self.teacher.cfg.action_horizon, self.teacher.action_dim,
-                                  device=self.device)
+                x_T = torch.randn(
+                    cond.shape[0], self.teacher.cfg.action_horizon, self.teacher.action_dim, device=self.device
+                )
                 self._probe = (batch, x_T, ddim_chunk(self.teacher, x_T, cond, int(self.d.teacher_steps)))
         batch, x_T, target = self._probe
         model = self.model if model is None else model
@@ -264,8 +298,9 @@ class Distiller(LoopUser):
         return {"mse": err}
 
     # ------------------------------------------------------------------------------------------- final eval
-    def compare_in_sim(self, episodes: int | None = None, seed: int | None = None,
-                       video_dir: Path | None = None) -> dict | None:
+    def compare_in_sim(
+        self, episodes: int | None = None, seed: int | None = None, video_dir: Path | None = None
+    ) -> dict | None:
         """Teacher (DDIM-K) and student (one step) rolled out on the same seeds; None without a sim robot."""
         from robot_rl.commands.evaluate import evaluate, set_sampler
 
@@ -280,9 +315,15 @@ class Distiller(LoopUser):
         out = {"episodes": episodes, "seed": seed}
         for role, policy in (("teacher", self.teacher), ("student", self.model)):
             sampler = set_sampler(policy, "ddim", int(d.teacher_steps)) if role == "teacher" else set_sampler(policy)
-            res = evaluate(policy, robot_cfg, episodes=episodes, seed=seed, max_steps=d.get("eval_max_steps"),
-                           video_dir=(video_dir / role) if video_dir is not None and n_video else None,
-                           video_episodes=n_video)
+            res = evaluate(
+                policy,
+                robot_cfg,
+                episodes=episodes,
+                seed=seed,
+                max_steps=d.get("eval_max_steps"),
+                video_dir=(video_dir / role) if video_dir is not None and n_video else None,
+                video_episodes=n_video,
+            )
             out[role] = {"sampler": sampler, **res}
         t_chunk = (out["teacher"]["latency"]["chunk"] or {}).get("p50_ms")
         s_chunk = (out["student"]["latency"]["chunk"] or {}).get("p50_ms")
@@ -296,11 +337,22 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
 
     run_dir = Path(run_dir)
     dist = Distiller(cfg, run_dir)
-    log.info("distilling %s (DDIM-%d) into one step on %s: %d windows, device %s", dist.teacher_ckpt,
-             int(cfg.distill.teacher_steps), dist.data_path, len(dist.sampler), dist.device)
+    log.info(
+        "distilling %s (DDIM-%d) into one step on %s: %d windows, device %s",
+        dist.teacher_ckpt,
+        int(cfg.distill.teacher_steps),
+        dist.data_path,
+        len(dist.sampler),
+        dist.device,
+    )
     summary = dist.run()
-    log.info("done: step %d, loss %.5f, probe MSE %s -> %s", summary["step"], summary["final_loss"] or float("nan"),
-             (summary["probe"] or {}).get("mse"), summary["checkpoint"])
+    log.info(
+        "done: step %d, loss %.5f, probe MSE %s -> %s",
+        summary["step"],
+        summary["final_loss"] or float("nan"),
+        (summary["probe"] or {}).get("mse"),
+        summary["checkpoint"],
+    )
     plot_training_curves(run_dir, run_dir / "training_curves.png")
     if not summary["finished"]:
         return 130 if dist.loop.stopped else 1

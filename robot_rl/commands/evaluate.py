@@ -73,8 +73,13 @@ def _percentiles(values: Sequence[float]) -> dict | None:
     if not len(values):
         return None
     a = np.asarray(values, dtype=np.float64) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(a.mean()), "max_ms": float(a.max()), "n": int(len(a))}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "max_ms": float(a.max()),
+        "n": int(len(a)),
+    }
 
 
 def _finite(obj):
@@ -106,8 +111,12 @@ def is_one_step(policy) -> bool:
     """A distilled one-step diffusion student (robot_rl.commands.distill): sample prediction, one DDIM step."""
     from robot_rl.policies.diffusion import DiffusionPolicy
 
-    return (isinstance(policy, DiffusionPolicy) and policy.cfg.prediction_type == "sample"
-            and policy.cfg.inference_scheduler == "ddim" and policy.cfg.num_inference_steps == 1)
+    return (
+        isinstance(policy, DiffusionPolicy)
+        and policy.cfg.prediction_type == "sample"
+        and policy.cfg.inference_scheduler == "ddim"
+        and policy.cfg.num_inference_steps == 1
+    )
 
 
 def set_sampler(policy, scheduler: str | None = None, num_inference_steps: int | None = None) -> str:
@@ -126,8 +135,10 @@ def set_sampler(policy, scheduler: str | None = None, num_inference_steps: int |
     c = policy.cfg
     if is_one_step(policy):
         if (scheduler not in (None, "ddim")) or (num_inference_steps not in (None, 1)):
-            raise ConfigError("this checkpoint is a distilled one-step policy: it samples with one forward pass; "
-                              "leave eval.scheduler and eval.num_inference_steps null")
+            raise ConfigError(
+                "this checkpoint is a distilled one-step policy: it samples with one forward pass; "
+                "leave eval.scheduler and eval.num_inference_steps null"
+            )
         return "one-step"
     if scheduler is not None:
         if scheduler not in ("ddim", "ddpm"):
@@ -136,8 +147,10 @@ def set_sampler(policy, scheduler: str | None = None, num_inference_steps: int |
     if num_inference_steps is not None:
         n = int(num_inference_steps)
         if c.inference_scheduler == "ddpm":
-            raise ConfigError("eval.num_inference_steps: DDPM runs the full chain (num_train_timesteps steps); "
-                              "use eval.scheduler=ddim for fewer steps")
+            raise ConfigError(
+                "eval.num_inference_steps: DDPM runs the full chain (num_train_timesteps steps); "
+                "use eval.scheduler=ddim for fewer steps"
+            )
         if not 1 <= n <= c.num_train_timesteps:
             raise ConfigError(f"eval.num_inference_steps must be in 1..{c.num_train_timesteps}, got {n}")
         c.num_inference_steps = n
@@ -187,9 +200,18 @@ class _VideoCamera:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(policy, robot_cfg: dict, episodes: int = 50, seed: int = 10_000, max_steps: int | None = None,
-             video_dir: str | os.PathLike | None = None, video_episodes: int = 3,
-             cameras: Sequence[str] = ("agentview",), video_size: int = 256, progress: bool = False) -> dict:
+def evaluate(
+    policy,
+    robot_cfg: dict,
+    episodes: int = 50,
+    seed: int = 10_000,
+    max_steps: int | None = None,
+    video_dir: str | os.PathLike | None = None,
+    video_episodes: int = 3,
+    cameras: Sequence[str] = ("agentview",),
+    video_size: int = 256,
+    progress: bool = False,
+) -> dict:
     """Roll `policy` out for `episodes` seeded sim episodes (episode i: `reset(seed=seed + i)`, policy noise from a
     generator seeded `seed + i`) and return a JSON-able result: success rate + Wilson 95 % CI, lengths,
     per-episode results, latency per `select_action` call (`latency.step`) and per predicted chunk
@@ -201,8 +223,9 @@ def evaluate(policy, robot_cfg: dict, episodes: int = 50, seed: int = 10_000, ma
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    robot_cfg = OmegaConf.to_container(robot_cfg, resolve=True) if isinstance(robot_cfg, DictConfig) else dict(
-        robot_cfg)
+    robot_cfg = (
+        OmegaConf.to_container(robot_cfg, resolve=True) if isinstance(robot_cfg, DictConfig) else dict(robot_cfg)
+    )
     max_steps = int(max_steps or robot_cfg.get("horizon") or 200)
     robot = make_robot(robot_cfg)
     robot.connect()
@@ -214,8 +237,14 @@ def evaluate(policy, robot_cfg: dict, episodes: int = 50, seed: int = 10_000, ma
     t_start = time.monotonic()
     try:
         if video_dir is not None and video_episodes > 0:
-            videos = _EpisodeVideos(robot, Path(video_dir), min(int(video_episodes), episodes), cameras,
-                                    int(video_size), fps=float(robot_cfg.get("control_freq") or 20))
+            videos = _EpisodeVideos(
+                robot,
+                Path(video_dir),
+                min(int(video_episodes), episodes),
+                cameras,
+                int(video_size),
+                fps=float(robot_cfg.get("control_freq") or 20),
+            )
 
         def on_start(i: int, episode_seed: int) -> None:
             latency.start_episode()
@@ -227,15 +256,30 @@ def evaluate(policy, robot_cfg: dict, episodes: int = 50, seed: int = 10_000, ma
                 videos.finish(r)
             if progress:
                 n_ok = sum(x["success"] for x in results) + r["success"]
-                log.info("episode %d/%d (seed %d): %s after %d steps (%d/%d so far)", r["episode"] + 1, episodes,
-                         r["seed"], "success" if r["success"] else "failure", r["steps"], n_ok, r["episode"] + 1)
-            results.append({"episode": r["episode"], "seed": r["seed"], "success": r["success"],
-                            "length": r["steps"], "chunks": latency.episode_chunks, "wall_s": r["wall_s"]})
+                log.info(
+                    "episode %d/%d (seed %d): %s after %d steps (%d/%d so far)",
+                    r["episode"] + 1,
+                    episodes,
+                    r["seed"],
+                    "success" if r["success"] else "failure",
+                    r["steps"],
+                    n_ok,
+                    r["episode"] + 1,
+                )
+            results.append(
+                {
+                    "episode": r["episode"],
+                    "seed": r["seed"],
+                    "success": r["success"],
+                    "length": r["steps"],
+                    "chunks": latency.episode_chunks,
+                    "wall_s": r["wall_s"],
+                }
+            )
 
         results: list[dict] = []
         hooks = [latency.step] + ([videos.step] if videos is not None else [])
-        Rollout(robot, policy).run_episodes(episodes, seed, max_steps, on_start=on_start, on_end=on_end,
-                                            hooks=hooks)
+        Rollout(robot, policy).run_episodes(episodes, seed, max_steps, on_start=on_start, on_end=on_end, hooks=hooks)
     finally:
         if videos is not None:
             videos.close()
@@ -249,13 +293,19 @@ def evaluate(policy, robot_cfg: dict, episodes: int = 50, seed: int = 10_000, ma
     ok_lengths = [r["length"] for r in results if r["success"]]
     lo, hi = wilson_interval(k, episodes)
     return {
-        "episodes": episodes, "seed": seed, "max_steps": max_steps, "successes": k,
-        "success_rate": k / episodes, "success_ci95": [lo, hi],
+        "episodes": episodes,
+        "seed": seed,
+        "max_steps": max_steps,
+        "successes": k,
+        "success_rate": k / episodes,
+        "success_ci95": [lo, hi],
         "mean_length": float(np.mean(lengths)),
         "mean_length_success": float(np.mean(ok_lengths)) if ok_lengths else None,
         "latency": {"step": _percentiles(latency.step_times), "chunk": _percentiles(latency.chunk_times)},
-        "per_episode": results, "videos": videos.paths if videos is not None else [],
-        "wall_s": time.monotonic() - t_start, "robot_config": _finite(robot_cfg),
+        "per_episode": results,
+        "videos": videos.paths if videos is not None else [],
+        "wall_s": time.monotonic() - t_start,
+        "robot_config": _finite(robot_cfg),
     }
 
 
@@ -305,8 +355,9 @@ class _EpisodeVideos:
     def finish(self, r: dict) -> None:
         if self.writer is not None:
             self.writer.close()
-            final = self.video_dir / (f"episode_{r['episode']:03d}_seed{r['seed']}_"
-                                      f"{'success' if r['success'] else 'failure'}.mp4")
+            final = self.video_dir / (
+                f"episode_{r['episode']:03d}_seed{r['seed']}_{'success' if r['success'] else 'failure'}.mp4"
+            )
             os.replace(self.writer.path, final)
             self.writer = None
             self.paths.append(str(final))
@@ -323,7 +374,9 @@ class _EpisodeVideos:
 def _run_dir_of(path: Path) -> Path:
     """The run directory of a run, `checkpoints/` or `checkpoints/step_<n>` path."""
     path = Path(path)
-    if path.parent.name == "checkpoints" and ((path / "model.safetensors").exists() or (path / "manifest.json").exists()):
+    if path.parent.name == "checkpoints" and (
+        (path / "model.safetensors").exists() or (path / "manifest.json").exists()
+    ):
         return path.parent.parent
     if path.name == "checkpoints":
         return path.parent
@@ -459,12 +512,15 @@ def robot_config_from_checkpoint(checkpoint: str | os.PathLike, version: int | N
     store = training_store(directory)
     hint = "pass the robot yourself, e.g. robot=lift"
     if store is None:
-        raise ConfigError(f"{checkpoint}: the checkpoint's config.yaml names no training data, so the robot is "
-                          f"unknown; {hint}")
+        raise ConfigError(
+            f"{checkpoint}: the checkpoint's config.yaml names no training data, so the robot is unknown; {hint}"
+        )
     meta_path = store / "meta.json"
     if not meta_path.exists():
-        raise ConfigError(f"{checkpoint} was trained on {store}, which is gone (no meta.json) so its robot config "
-                          f"cannot be read; {hint}")
+        raise ConfigError(
+            f"{checkpoint} was trained on {store}, which is gone (no meta.json) so its robot config "
+            f"cannot be read; {hint}"
+        )
     robot_cfg = json.loads(meta_path.read_text()).get("info", {}).get("robot_config")
     if not robot_cfg:
         raise ConfigError(f"{store} does not record the robot it came from (meta.info.robot_config); {hint}")
@@ -477,17 +533,26 @@ def config_section(cfg: DictConfig, name: str, path_key: str, what: str) -> Dict
     if section is None:
         raise ConfigError(f"the config has no `{name}:` section")
     if not section.get(path_key):
-        raise ConfigError(f"{name}.{path_key} is empty: give {what}, "
-                          f"e.g. {name}.{path_key}=outputs/<date>/<time>_train")
+        raise ConfigError(
+            f"{name}.{path_key} is empty: give {what}, e.g. {name}.{path_key}=outputs/<date>/<time>_train"
+        )
     return section
 
 
-def check_ints(section: DictConfig, name: str, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
-               positive_or_null: Sequence[str] = ()) -> None:
+def check_ints(
+    section: DictConfig,
+    name: str,
+    positive: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+    positive_or_null: Sequence[str] = (),
+) -> None:
     """ConfigError unless each of those keys of `section` (`name.key` in messages) holds an integer (not a bool)
     of its kind."""
-    kinds = [(positive, 1, False, "a positive integer"), (non_negative, 0, False, "a non-negative integer"),
-             (positive_or_null, 1, True, "a positive integer or null")]
+    kinds = [
+        (positive, 1, False, "a positive integer"),
+        (non_negative, 0, False, "a non-negative integer"),
+        (positive_or_null, 1, True, "a positive integer or null"),
+    ]
     for keys, minimum, nullable, kind in kinds:
         for key in keys:
             v = section.get(key)
@@ -499,8 +564,13 @@ def check_ints(section: DictConfig, name: str, positive: Sequence[str] = (), non
 
 def validate_eval(cfg: DictConfig) -> None:
     e = config_section(cfg, "eval", "checkpoint", "a training run directory or a checkpoint directory")
-    check_ints(e, "eval", positive=("episodes", "video_size"), non_negative=("seed", "video_episodes"),
-               positive_or_null=("max_steps", "num_inference_steps"))
+    check_ints(
+        e,
+        "eval",
+        positive=("episodes", "video_size"),
+        non_negative=("seed", "video_episodes"),
+        positive_or_null=("max_steps", "num_inference_steps"),
+    )
     if e.get("scheduler") not in (None, "ddim", "ddpm"):
         raise ConfigError(f"eval.scheduler must be ddim, ddpm or null (the checkpoint's), got {e.scheduler!r}")
     if e.get("weights", "model") not in ("model", "raw_model"):
@@ -535,14 +605,36 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     make_robot(robot_cfg)  # a bad robot config fails here as a ConfigError, before the policy is loaded
     policy = load_policy(ckpt, device=device, weights="raw" if e.get("weights") == "raw_model" else "policy")
     sampler = set_sampler(policy, e.get("scheduler"), e.get("num_inference_steps"))
-    log.info("evaluating %s (%s, %s) on %s (robot config from %s): %d episodes from seed %d", ckpt, sampler,
-             device, robot_cfg.get("env_name", robot_cfg.get("type")), source, e.episodes, e.seed)
-    result = evaluate(policy, robot_cfg, episodes=int(e.episodes), seed=int(e.seed), max_steps=e.get("max_steps"),
-                      video_dir=run_dir / "videos", video_episodes=int(e.video_episodes),
-                      cameras=list(e.get("video_cameras") or ["agentview"]), video_size=int(e.video_size),
-                      progress=bool(e.get("progress", True)))
-    result = {"checkpoint": str(ckpt), "weights": str(e.get("weights", "model")), "sampler": sampler,
-              "device": str(device), "robot_config_source": source, **result}
+    log.info(
+        "evaluating %s (%s, %s) on %s (robot config from %s): %d episodes from seed %d",
+        ckpt,
+        sampler,
+        device,
+        robot_cfg.get("env_name", robot_cfg.get("type")),
+        source,
+        e.episodes,
+        e.seed,
+    )
+    result = evaluate(
+        policy,
+        robot_cfg,
+        episodes=int(e.episodes),
+        seed=int(e.seed),
+        max_steps=e.get("max_steps"),
+        video_dir=run_dir / "videos",
+        video_episodes=int(e.video_episodes),
+        cameras=list(e.get("video_cameras") or ["agentview"]),
+        video_size=int(e.video_size),
+        progress=bool(e.get("progress", True)),
+    )
+    result = {
+        "checkpoint": str(ckpt),
+        "weights": str(e.get("weights", "model")),
+        "sampler": sampler,
+        "device": str(device),
+        "robot_config_source": source,
+        **result,
+    }
     from robot_rl.config import write_json
 
     write_json(run_dir / "eval.json", result)

@@ -63,15 +63,19 @@ def preflight(path: Path, features: dict[str, Feature], r: DictConfig) -> None:
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"record.path={str(path)!r} is not writable ({e.strerror}: {e.filename}); choose another "
-                          f"path or fix its permissions") from None
+        raise ConfigError(
+            f"record.path={str(path)!r} is not writable ({e.strerror}: {e.filename}); choose another "
+            f"path or fix its permissions"
+        ) from None
     need = estimate_bytes_per_step(features) * r.max_episode_steps * r.episodes  # uncompressed: an upper bound
     need = min(need, int(r.min_free_gb * 2**30)) if r.min_free_gb else need
     free = shutil.disk_usage(parent).free
     if free < need:
-        raise ConfigError(f"record.path={str(path)!r}: only {free / 2**30:.2f} GiB free, {need / 2**30:.2f} GiB "
-                          f"needed for {r.episodes} episodes of up to {r.max_episode_steps} steps (uncompressed, "
-                          f"capped at record.min_free_gb={r.min_free_gb}); free space or record fewer episodes")
+        raise ConfigError(
+            f"record.path={str(path)!r}: only {free / 2**30:.2f} GiB free, {need / 2**30:.2f} GiB "
+            f"needed for {r.episodes} episodes of up to {r.max_episode_steps} steps (uncompressed, "
+            f"capped at record.min_free_gb={r.min_free_gb}); free space or record fewer episodes"
+        )
 
 
 class EpisodeRecording:
@@ -97,11 +101,16 @@ class EpisodeRecording:
 
     def __call__(self, step) -> None:
         frame = {OBS_PREFIX + k: v for k, v in step.obs.items()}
-        frame.update(action=np.asarray(step.action, np.float32), intervention=np.bool_(step.source == "teleop"),
-                     success=np.bool_(step.success), timestamp=np.float64(time.perf_counter() - self.t0))
+        frame.update(
+            action=np.asarray(step.action, np.float32),
+            intervention=np.bool_(step.source == "teleop"),
+            success=np.bool_(step.success),
+            timestamp=np.float64(time.perf_counter() - self.t0),
+        )
         if self.with_policy:
-            frame["policy_action"] = (self.no_action if step.policy_action is None
-                                      else np.asarray(step.policy_action, np.float32))
+            frame["policy_action"] = (
+                self.no_action if step.policy_action is None else np.asarray(step.policy_action, np.float32)
+            )
         if self.sim_state is not None:
             frame["sim_state"] = self.sim_state
         with self.pacer.section("store_add"):
@@ -148,8 +157,10 @@ class Recorder:
         self.teleop = make_teleop(cfg.teleop, self.robot)
         self.policy = make_policy(cfg.policy, self.robot)
         if self.teleop is None and self.policy is None:
-            raise ConfigError("record needs someone to act: set teleop= (a device or the scripted expert) and/or "
-                              "policy= with record.policy_weights")
+            raise ConfigError(
+                "record needs someone to act: set teleop= (a device or the scripted expert) and/or "
+                "policy= with record.policy_weights"
+            )
         if self.policy is not None:
             if not self.r.policy_weights:
                 raise ConfigError("policy= is set but record.policy_weights is empty: give the safetensors file")
@@ -159,10 +170,16 @@ class Recorder:
         self.controls = getattr(self.teleop, "controls", None)  # a device's save/rerecord/stop keys
         self.safety = build_safety(cfg, self.robot)
         self.loop = PacedLoop(self.r.fps)
-        self.rollout = Rollout(self.robot, self.policy, teleop=self.teleop, safety=self.safety,
-                               success=self._operator_or_sim_success, pacer=self.loop,
-                               stop_on_success=bool(self.r.stop_on_success),
-                               success_extra_steps=int(self.r.success_extra_steps))
+        self.rollout = Rollout(
+            self.robot,
+            self.policy,
+            teleop=self.teleop,
+            safety=self.safety,
+            success=self._operator_or_sim_success,
+            pacer=self.loop,
+            stop_on_success=bool(self.r.stop_on_success),
+            success_extra_steps=int(self.r.success_extra_steps),
+        )
         self._operator_success = False  # the operator pressed the success key this episode
         self._stop_signal = False
         self.saved: list[dict] = []
@@ -178,24 +195,32 @@ class Recorder:
         path = Path(self.r.path)
         exists = (path / "meta.json").exists()
         if exists and not self.r.resume:
-            raise ConfigError(f"record.path={str(path)!r} already holds an episode store: pass record.resume=true "
-                              f"to append to it, or choose a new path")
+            raise ConfigError(
+                f"record.path={str(path)!r} already holds an episode store: pass record.resume=true "
+                f"to append to it, or choose a new path"
+            )
         preflight(path, features, self.r)
         if not exists:
-            info = {"robot": getattr(self.robot, "name", type(self.robot).__name__),
-                    "robot_config": OmegaConf.to_container(self.cfg.robot, resolve=True),
-                    "task": self.r.task}
+            info = {
+                "robot": getattr(self.robot, "name", type(self.robot).__name__),
+                "robot_config": OmegaConf.to_container(self.cfg.robot, resolve=True),
+                "task": self.r.task,
+            }
             return EpisodeStore.create(path, features, self.r.fps, chunk_steps=self.r.chunk_steps, info=info)
         store = EpisodeStore.open(path, "a")
         if {k: f.to_dict() for k, f in store.features.items()} != {k: f.to_dict() for k, f in features.items()}:
-            raise ConfigError(f"record.path={str(path)!r} holds episodes with other keys/shapes than this robot "
-                              f"produces ({sorted(store.features)} vs {sorted(features)}); record into a new path")
+            raise ConfigError(
+                f"record.path={str(path)!r} holds episodes with other keys/shapes than this robot "
+                f"produces ({sorted(store.features)} vs {sorted(features)}); record into a new path"
+            )
         if store.pending is not None:
             if self.r.partial == "recover":
                 store.recover_pending()
             else:
-                log.warning("dropping a partial episode left by a crash (%d steps); record.partial=recover keeps it",
-                            store.pending["flushed"] - store.pending["start"])
+                log.warning(
+                    "dropping a partial episode left by a crash (%d steps); record.partial=recover keeps it",
+                    store.pending["flushed"] - store.pending["start"],
+                )
                 store.drop_pending()
         log.info("resuming %s: %d episodes, %d steps already recorded", path, store.num_episodes, store.num_steps)
         return store
@@ -221,8 +246,14 @@ class Recorder:
                     index = writer.save(meta).result()
                     meta.update(index=index, save_s=time.perf_counter() - t0)
                     self.saved.append(meta)
-                    log.info("saved episode %d: %d steps, success=%s, %d missed ticks (%.0f ms to save)", index,
-                             meta["length"], meta["success"], meta["missed_ticks"], 1e3 * meta["save_s"])
+                    log.info(
+                        "saved episode %d: %d steps, success=%s, %d missed ticks (%.0f ms to save)",
+                        index,
+                        meta["length"],
+                        meta["success"],
+                        meta["missed_ticks"],
+                        1e3 * meta["save_s"],
+                    )
                     seed += 1
                 else:
                     writer.discard()
@@ -246,8 +277,13 @@ class Recorder:
 
     def _record_episode(self, writer, store: EpisodeStore, seed: int, has_sim_state: bool) -> tuple[str, dict]:
         obs = self.rollout.reset(seed)
-        meta = {"task": self.r.task, "operator": self.r.operator, "robot": getattr(self.robot, "name", "robot"),
-                "seed": seed, "start_time": time.time()}
+        meta = {
+            "task": self.r.task,
+            "operator": self.r.operator,
+            "robot": getattr(self.robot, "name", "robot"),
+            "seed": seed,
+            "start_time": time.time(),
+        }
         recording = EpisodeRecording(writer, self.robot, self.loop, with_policy=self.policy is not None)
         recording.begin(meta, store if has_sim_state else None)
         overruns0, missed0, dropped0 = self.loop.overruns, self.loop.missed_slots, self._dropped_frames()
@@ -274,18 +310,35 @@ class Recorder:
             now = time.perf_counter()
             if now - last_report >= self.r.report_every_s:
                 last_report = now
-                log.info("episode %d step %d: %.1f Hz (target %.0f), %d missed ticks, %d dropped frames, success=%s",
-                         len(self.saved), step.index + 1, (step.index + 1) / (now - t0), self.r.fps,
-                         self.loop.missed_slots - missed0, self._dropped_frames() - dropped0, step.success)
+                log.info(
+                    "episode %d step %d: %.1f Hz (target %.0f), %d missed ticks, %d dropped frames, success=%s",
+                    len(self.saved),
+                    step.index + 1,
+                    (step.index + 1) / (now - t0),
+                    self.r.fps,
+                    self.loop.missed_slots - missed0,
+                    self._dropped_frames() - dropped0,
+                    step.success,
+                )
 
-        result = self.rollout.episode(obs, self.r.max_episode_steps, teleop_drives=self.policy is None,
-                                      before_step=episode_controls, hooks=[recording, report],
-                                      keep_pacing_stats=bool(self.saved or self.discarded))
-        meta.update(success=result["success"], length=writer.steps, missed_ticks=self.loop.missed_slots - missed0,
-                    overruns=self.loop.overruns - overruns0, dropped_frames=self._dropped_frames() - dropped0,
-                    interventions=int(result["teleop_steps"] if self.policy is not None else 0),
-                    duration_s=time.perf_counter() - t0,
-                    achieved_hz=writer.steps / max(time.perf_counter() - t0, 1e-9))
+        result = self.rollout.episode(
+            obs,
+            self.r.max_episode_steps,
+            teleop_drives=self.policy is None,
+            before_step=episode_controls,
+            hooks=[recording, report],
+            keep_pacing_stats=bool(self.saved or self.discarded),
+        )
+        meta.update(
+            success=result["success"],
+            length=writer.steps,
+            missed_ticks=self.loop.missed_slots - missed0,
+            overruns=self.loop.overruns - overruns0,
+            dropped_frames=self._dropped_frames() - dropped0,
+            interventions=int(result["teleop_steps"] if self.policy is not None else 0),
+            duration_s=time.perf_counter() - t0,
+            achieved_hz=writer.steps / max(time.perf_counter() - t0, 1e-9),
+        )
         return result["ended_by"] or "save", meta
 
     def _operator_or_sim_success(self, obs, robot) -> bool:
@@ -298,11 +351,18 @@ class Recorder:
         return int(counter() if callable(counter) else (counter or 0))
 
     def _summary(self, wall_s: float, store: EpisodeStore | None) -> dict:
-        return {"process": "record", "path": str(self.r.path), "saved": len(self.saved), "discarded": self.discarded,
-                "store_episodes": store.num_episodes if store is not None else None,
-                "success_rate": float(np.mean([m["success"] for m in self.saved])) if self.saved else None,
-                "missed_ticks": int(sum(m["missed_ticks"] for m in self.saved)),
-                "dropped_frames": int(sum(m["dropped_frames"] for m in self.saved)),
-                "episodes": [{k: v for k, v in m.items() if k != "initial_sim_state"} for m in self.saved],
-                "pacing": self.loop.stats(), "safety_events": dict(self.safety.counts), "wall_s": wall_s,
-                "sources": list(SOURCES)}
+        return {
+            "process": "record",
+            "path": str(self.r.path),
+            "saved": len(self.saved),
+            "discarded": self.discarded,
+            "store_episodes": store.num_episodes if store is not None else None,
+            "success_rate": float(np.mean([m["success"] for m in self.saved])) if self.saved else None,
+            "missed_ticks": int(sum(m["missed_ticks"] for m in self.saved)),
+            "dropped_frames": int(sum(m["dropped_frames"] for m in self.saved)),
+            "episodes": [{k: v for k, v in m.items() if k != "initial_sim_state"} for m in self.saved],
+            "pacing": self.loop.stats(),
+            "safety_events": dict(self.safety.counts),
+            "wall_s": wall_s,
+            "sources": list(SOURCES),
+        }

@@ -56,8 +56,9 @@ class ReplayError(ValueError):
 def _available_robot_configs() -> list[str]:
     from importlib import resources
 
-    return sorted(p.name[:-5] for p in (resources.files("robot_rl.configs") / "robot").iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in (resources.files("robot_rl.configs") / "robot").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def sim_robot_config(spec: str | dict) -> dict:
@@ -75,15 +76,19 @@ def sim_robot_config(spec: str | dict) -> dict:
         if not (path.suffix in (".yaml", ".yml") and path.is_file()):
             packaged = resources.files("robot_rl.configs") / "robot" / f"{spec}.yaml"
             if not packaged.is_file():
-                raise ReplayError(f"--sim-robot {spec!r}: no such robot config; give one of "
-                                  f"{', '.join(_available_robot_configs())} or a path to a robot config .yaml")
+                raise ReplayError(
+                    f"--sim-robot {spec!r}: no such robot config; give one of "
+                    f"{', '.join(_available_robot_configs())} or a path to a robot config .yaml"
+                )
             path = packaged
         cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         what = f"--sim-robot {spec!r}"
     if not isinstance(cfg, dict) or cfg.get("type") != "robosuite":
         kind = cfg.get("type") if isinstance(cfg, dict) else None
-        raise ReplayError(f"{what} is not a simulator robot config (type={kind!r}); replay needs a robosuite one, "
-                          f"e.g. --sim-robot lift")
+        raise ReplayError(
+            f"{what} is not a simulator robot config (type={kind!r}); replay needs a robosuite one, "
+            f"e.g. --sim-robot lift"
+        )
     return cfg
 
 
@@ -102,8 +107,10 @@ def replay_robot_config(store: EpisodeStore, sim_robot: str | dict | None = None
         cfg = {"type": "robosuite", **{k: recorded[k] for k in keys if recorded.get(k) is not None}}
     else:
         kind = recorded.get("lerobot_type") or recorded.get("type") or "an unknown robot (no robot_config)"
-        raise ReplayError(f"{store.path} was recorded on {kind}, not in simulation: pass --sim-robot NAME (one of "
-                          f"{', '.join(_available_robot_configs())}) or a robot config .yaml to replay it in")
+        raise ReplayError(
+            f"{store.path} was recorded on {kind}, not in simulation: pass --sim-robot NAME (one of "
+            f"{', '.join(_available_robot_configs())}) or a robot config .yaml to replay it in"
+        )
     cfg["cameras"] = []
     cfg.pop("safety", None)
     return cfg
@@ -126,17 +133,23 @@ def _has_states(ep_states: np.ndarray | None) -> bool:
     return ep_states is not None and len(ep_states) > 0 and bool(np.any(ep_states[0] != 0))
 
 
-def recorded_observations(store: EpisodeStore, ep: dict[str, np.ndarray],
-                          sim_features: dict[str, Feature]) -> dict[str, np.ndarray]:
+def recorded_observations(
+    store: EpisodeStore, ep: dict[str, np.ndarray], sim_features: dict[str, Feature]
+) -> dict[str, np.ndarray]:
     """The recorded low-dim observations under the sim robot's keys: `obs.<key>` of the same shape, and
     lerobot-style flat vectors whose entries are named `<key>.<i>` (or `<key>` for a scalar), as the lerobot
     adapter records a `state` vector. Keys the sim does not have are left out."""
     out: dict[str, np.ndarray] = {}
     sim_lowdim = {k: f for k, f in sim_features.items() if not f.is_image}
     for key, f in store.features.items():
-        k = key[len(OBS_PREFIX):]
-        if key.startswith(OBS_PREFIX) and not f.is_image and k in sim_lowdim \
-                and tuple(sim_lowdim[k].shape) == tuple(f.shape) and key in ep:
+        k = key[len(OBS_PREFIX) :]
+        if (
+            key.startswith(OBS_PREFIX)
+            and not f.is_image
+            and k in sim_lowdim
+            and tuple(sim_lowdim[k].shape) == tuple(f.shape)
+            and key in ep
+        ):
             out[k] = np.asarray(ep[key], np.float64)
     for key, f in store.features.items():
         if not key.startswith(OBS_PREFIX) or f.is_image or not f.names or len(f.shape) != 1 or key not in ep:
@@ -174,8 +187,10 @@ class SimCameras:
         available = list(env.sim.model.camera_names)
         unknown = [c for c in cameras if c not in available]
         if unknown:
-            raise ReplayError(f"unknown camera {unknown[0]!r}: the {getattr(robot, 'env_name', 'sim')} scene has "
-                              f"{', '.join(available)}")
+            raise ReplayError(
+                f"unknown camera {unknown[0]!r}: the {getattr(robot, 'env_name', 'sim')} scene has "
+                f"{', '.join(available)}"
+            )
         self.robot, self.cameras = robot, list(cameras)
         self.height, self.width, self.quality = int(height), int(width), quality
         self._renderer = self._model = None
@@ -218,8 +233,11 @@ def default_cameras(store: EpisodeStore, robot: Robot) -> list[str]:
     available = list(env.sim.model.camera_names) if env is not None else []
     rc = store.meta.get("info", {}).get("robot_config") or {}
     recorded = list(rc.get("cameras") or rc.get("camera_names") or [])
-    recorded += [k[len(OBS_PREFIX):-len(_IMAGE_SUFFIX)] for k, f in store.features.items()
-                 if k.startswith(OBS_PREFIX) and k.endswith(_IMAGE_SUFFIX) and f.is_image]
+    recorded += [
+        k[len(OBS_PREFIX) : -len(_IMAGE_SUFFIX)]
+        for k, f in store.features.items()
+        if k.startswith(OBS_PREFIX) and k.endswith(_IMAGE_SUFFIX) and f.is_image
+    ]
     cams = list(dict.fromkeys(c for c in recorded if c in available))
     if cams:
         return cams
@@ -235,10 +253,18 @@ def _first(flags: Sequence[bool]) -> int | None:
     return next((i for i, f in enumerate(flags) if f), None)
 
 
-def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, robot: Robot | None = None,
-                   video: str | Path | None = None, cameras: Sequence[str] | None = None,
-                   camera_size: tuple[int, int] = (256, 256), sim_robot: str | dict | None = None,
-                   tolerance: float = DEFAULT_TOLERANCE, side_by_side: bool = True) -> dict[str, Any]:
+def replay_episode(
+    store: EpisodeStore,
+    index: int,
+    mode: str | None = None,
+    robot: Robot | None = None,
+    video: str | Path | None = None,
+    cameras: Sequence[str] | None = None,
+    camera_size: tuple[int, int] = (256, 256),
+    sim_robot: str | dict | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    side_by_side: bool = True,
+) -> dict[str, Any]:
     """Replay episode `index` of `store`; returns the report (JSON-serialisable dict, see docs/replay.md).
 
     mode: "state" | "open_loop" | None (state when the episode has sim states). robot: a sim robot to reuse
@@ -248,8 +274,9 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
     them ("recorded | replayed", one row per camera)."""
     n = store.num_episodes
     if not isinstance(index, (int, np.integer)) or not -n <= index < n:
-        raise ReplayError(f"episode {index} out of range: {store.path} has {n} episodes"
-                          + (f" (0..{n - 1})" if n else ""))
+        raise ReplayError(
+            f"episode {index} out of range: {store.path} has {n} episodes" + (f" (0..{n - 1})" if n else "")
+        )
     index = int(index) % n
     meta = store.episodes[index]
     lowdim_keys = [k for k, f in store.features.items() if not f.is_image]
@@ -265,8 +292,10 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
     if mode not in MODES:
         raise ReplayError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "state" and not has_states:
-        raise ReplayError(f"episode {index} of {store.path} has no recorded simulator states (sim_state), so it "
-                          f"cannot be replayed in state mode: use --mode open_loop")
+        raise ReplayError(
+            f"episode {index} of {store.path} has no recorded simulator states (sim_state), so it "
+            f"cannot be replayed in state mode: use --mode open_loop"
+        )
     if steps == 0:
         raise ReplayError(f"episode {index} of {store.path} has no steps")
 
@@ -280,10 +309,12 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
     try:
         act_feat = robot.action_feature
         if actions.shape[1:] != tuple(act_feat.shape):
-            raise ReplayError(f"episode {index} has {actions.shape[1] if actions.ndim > 1 else 1}-entry actions "
-                              f"({', '.join(store.features['action'].names or ())}) but the sim robot takes "
-                              f"{act_feat.shape[0]} ({', '.join(act_feat.names or ())}): choose a matching "
-                              f"--sim-robot")
+            raise ReplayError(
+                f"episode {index} has {actions.shape[1] if actions.ndim > 1 else 1}-entry actions "
+                f"({', '.join(store.features['action'].names or ())}) but the sim robot takes "
+                f"{act_feat.shape[0]} ({', '.join(act_feat.names or ())}): choose a matching "
+                f"--sim-robot"
+            )
         warnings = []
         rec_names = store.features["action"].names
         if rec_names and act_feat.names and tuple(rec_names) != tuple(act_feat.names):
@@ -298,15 +329,19 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
             try:
                 xml = store.model_xml(meta["model_id"])
             except FileNotFoundError:
-                raise ReplayError(f"{store.path}: the simulator model {meta['model_id']} of episode {index} is "
-                                  f"missing (models/{meta['model_id']}.xml)") from None
+                raise ReplayError(
+                    f"{store.path}: the simulator model {meta['model_id']} of episode {index} is "
+                    f"missing (models/{meta['model_id']}.xml)"
+                ) from None
         recorded_cfg = store.meta.get("info", {}).get("robot_config") or {}
         seed = meta.get("seed")
         if mode == "state":
             rec_env, sim_env = recorded_cfg.get("env_name"), getattr(robot, "env_name", None)
             if rec_env and sim_env and rec_env != sim_env:
-                raise ReplayError(f"episode {index} was recorded in {rec_env}, the sim robot is {sim_env}: a state "
-                                  f"replay needs the recorded scene (drop --sim-robot, or use --mode open_loop)")
+                raise ReplayError(
+                    f"episode {index} was recorded in {rec_env}, the sim robot is {sim_env}: a state "
+                    f"replay needs the recorded scene (drop --sim-robot, or use --mode open_loop)"
+                )
             obs = robot.set_sim_state({"model_xml": xml, "states": states[0]})
         else:
             same_scene = recorded_cfg.get("env_name") == getattr(robot, "env_name", None)
@@ -327,8 +362,10 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
             nq, nv = int(model.nq), int(model.nv)
             if len(robot.get_sim_state()["states"]) != states.shape[1]:
                 if mode == "state":
-                    raise ReplayError(f"the recorded simulator states have {states.shape[1]} entries, the replay "
-                                      f"model {len(robot.get_sim_state()['states'])}: a different scene")
+                    raise ReplayError(
+                        f"the recorded simulator states have {states.shape[1]} entries, the replay "
+                        f"model {len(robot.get_sim_state()['states'])}: a different scene"
+                    )
                 compare_states = False
                 warnings.append("recorded sim states do not fit the replay model: qpos not compared")
 
@@ -345,8 +382,8 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
                     pos_err[k][t] = float(np.linalg.norm(d))
             if compare_states:
                 s = np.asarray(robot.get_sim_state()["states"], np.float64)
-                qpos_err[t] = float(np.max(np.abs(s[1:1 + nq] - states[t, 1:1 + nq])))
-                qvel_err[t] = float(np.max(np.abs(s[1 + nq:1 + nq + nv] - states[t, 1 + nq:1 + nq + nv])))
+                qpos_err[t] = float(np.max(np.abs(s[1 : 1 + nq] - states[t, 1 : 1 + nq])))
+                qvel_err[t] = float(np.max(np.abs(s[1 + nq : 1 + nq + nv] - states[t, 1 + nq : 1 + nq + nv])))
 
         compare(0, obs)
 
@@ -354,8 +391,11 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
         if video is not None:
             from robot_rl.video import Mp4Writer
 
-            rc_quality = replay_robot_config(store, sim_robot).get("render_quality", "fast") if own_robot \
+            rc_quality = (
+                replay_robot_config(store, sim_robot).get("render_quality", "fast")
+                if own_robot
                 else getattr(robot, "render_quality", "fast")
+            )
             cam_list = list(cameras) if cameras else default_cameras(store, robot)
             cams = SimCameras(robot, cam_list, camera_size[0], camera_size[1], rc_quality)
             rec_keys = [f"{OBS_PREFIX}{c}{_IMAGE_SUFFIX}" for c in cam_list]
@@ -409,14 +449,23 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
     def stats(a: np.ndarray | None) -> dict | None:
         if a is None or not np.any(np.isfinite(a)):
             return None
-        return {"max": _finite(np.nanmax(a)), "final": _finite(a[-1]), "initial": _finite(a[0]),
-                "per_step": [_finite(x) for x in a]}
+        return {
+            "max": _finite(np.nanmax(a)),
+            "final": _finite(a[-1]),
+            "initial": _finite(a[0]),
+            "per_step": [_finite(x) for x in a],
+        }
 
     period = 1.0 / store.fps
     report: dict[str, Any] = {
-        "store": str(store.path), "episode": index, "mode": mode, "steps": steps, "fps": store.fps,
+        "store": str(store.path),
+        "episode": index,
+        "mode": mode,
+        "steps": steps,
+        "fps": store.fps,
         "sim": {k: v for k, v in replay_robot_config(store, sim_robot).items() if k in ("env_name", "robots")}
-        if own_robot else {"env_name": getattr(robot, "env_name", None)},
+        if own_robot
+        else {"env_name": getattr(robot, "env_name", None)},
         "seed": seed if mode == "open_loop" else None,
         "tolerance_m": tolerance,
         "compared_keys": sorted(rec_obs),
@@ -428,7 +477,8 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
         "qvel_err": stats(qvel_err) if compare_states else None,
         "max_divergence_m": _finite(np.nanmax(pos_any)) if pos_any is not None else None,
         "final_divergence_m": _finite(pos_any[-1]) if pos_any is not None else None,
-        "max_divergence_key": worst_key, "max_divergence_step": worst_step,
+        "max_divergence_key": worst_key,
+        "max_divergence_step": worst_step,
         "first_exceed_step": exceed,
         "diverged": exceed is not None,
         "success_recorded": bool(rec_success[-1]) if rec_success is not None else meta.get("success"),
@@ -440,13 +490,21 @@ def replay_episode(store: EpisodeStore, index: int, mode: str | None = None, rob
         "control_period_ms": 1e3 * period,
         "realtime_factor": float(period / step_s.mean()) if step_s.mean() > 0 else None,
         "wall_s": wall_s,
-        "video": None if video is None else {"path": str(video), "frames": writer.frames, "cameras": cams.cameras,
-                                             "size": list(camera_size), "codec": writer.codec,
-                                             "recorded_side_by_side": sorted(rec_frames) if rec_frames else []},
+        "video": None
+        if video is None
+        else {
+            "path": str(video),
+            "frames": writer.frames,
+            "cameras": cams.cameras,
+            "size": list(camera_size),
+            "codec": writer.codec,
+            "recorded_side_by_side": sorted(rec_frames) if rec_frames else [],
+        },
         "warnings": warnings,
     }
-    report["success_match"] = (report["success_recorded"] == report["success_replayed"]
-                               if report["success_recorded"] is not None else None)
+    report["success_match"] = (
+        report["success_recorded"] == report["success_replayed"] if report["success_recorded"] is not None else None
+    )
     return report
 
 
@@ -474,28 +532,40 @@ def format_summary(r: dict) -> str:
         head += f" (seed {r['seed']})"
     lines = [head]
     if r["max_divergence_m"] is not None:
-        line = (f"  position divergence: max {_fmt(r['max_divergence_m'], ' m')} ({r['max_divergence_key']} at step "
-                f"{r['max_divergence_step']}), final {_fmt(r['final_divergence_m'], ' m')}, start "
-                f"{_fmt(r['pos_err_m']['initial'], ' m')}; ")
-        line += (f"first above {r['tolerance_m']:g} m at step {r['first_exceed_step']}" if r["diverged"]
-                 else f"never above {r['tolerance_m']:g} m")
+        line = (
+            f"  position divergence: max {_fmt(r['max_divergence_m'], ' m')} ({r['max_divergence_key']} at step "
+            f"{r['max_divergence_step']}), final {_fmt(r['final_divergence_m'], ' m')}, start "
+            f"{_fmt(r['pos_err_m']['initial'], ' m')}; "
+        )
+        line += (
+            f"first above {r['tolerance_m']:g} m at step {r['first_exceed_step']}"
+            if r["diverged"]
+            else f"never above {r['tolerance_m']:g} m"
+        )
         lines.append(line)
     else:
-        lines.append(f"  no position keys in common with the sim ({len(r['compared_keys'])} observation keys "
-                     f"compared): divergence not measured")
+        lines.append(
+            f"  no position keys in common with the sim ({len(r['compared_keys'])} observation keys "
+            f"compared): divergence not measured"
+        )
     if r["qpos_err"] is not None:
-        lines.append(f"  sim state: max |qpos error| {_fmt(r['qpos_err']['max'])}, max |qvel error| "
-                     f"{_fmt(r['qvel_err']['max'])}")
+        lines.append(
+            f"  sim state: max |qpos error| {_fmt(r['qpos_err']['max'])}, max |qvel error| {_fmt(r['qvel_err']['max'])}"
+        )
     yn = {True: "yes", False: "no", None: "unknown"}
     rec, rep = r["success_recorded"], r["success_replayed"]
-    lines.append(f"  success: recorded {yn[rec]}" + (f" (from step {r['first_success_step_recorded']})"
-                                                    if r["first_success_step_recorded"] is not None else "")
-                 + f", replayed {yn[rep]}" + (f" (from step {r['first_success_step_replayed']})"
-                                              if r["first_success_step_replayed"] is not None else ""))
+    lines.append(
+        f"  success: recorded {yn[rec]}"
+        + (f" (from step {r['first_success_step_recorded']})" if r["first_success_step_recorded"] is not None else "")
+        + f", replayed {yn[rep]}"
+        + (f" (from step {r['first_success_step_replayed']})" if r["first_success_step_replayed"] is not None else "")
+    )
     st = r["step_time_ms"]
     rt = f"{r['realtime_factor']:.0f}x real time" if r["realtime_factor"] else "real-time factor n/a"
-    lines.append(f"  sim step {st['mean']:.2f} ms mean / {st['max']:.2f} ms max (control period "
-                 f"{r['control_period_ms']:.0f} ms: {rt})")
+    lines.append(
+        f"  sim step {st['mean']:.2f} ms mean / {st['max']:.2f} ms max (control period "
+        f"{r['control_period_ms']:.0f} ms: {rt})"
+    )
     if r["video"]:
         v = r["video"]
         side = " (recorded | replayed)" if v["recorded_side_by_side"] else ""
@@ -522,8 +592,9 @@ def _video_path(video: str, index: int, many: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="robot-rl replay", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="robot-rl replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("store", help="episode store directory")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--episode", type=int, default=0, help="episode index (default 0; negative from the end)")
@@ -532,13 +603,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", help="write an mp4 of the replay (with --all: one per episode, NAME_epNNN.mp4)")
     p.add_argument("--cameras", nargs="+", help="cameras for the video (default: the recorded ones, else agentview)")
     p.add_argument("--size", type=_parse_size, default=(256, 256), help="video camera size: N or HxW (default 256)")
-    p.add_argument("--sim-robot", help="sim robot config to replay in: a name in configs/robot (lift, stack ...) "
-                                       "or a .yaml path; needed for real-robot episodes")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help=f"position divergence (m) that counts as diverged (default {DEFAULT_TOLERANCE:g})")
+    p.add_argument(
+        "--sim-robot",
+        help="sim robot config to replay in: a name in configs/robot (lift, stack ...) "
+        "or a .yaml path; needed for real-robot episodes",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"position divergence (m) that counts as diverged (default {DEFAULT_TOLERANCE:g})",
+    )
     p.add_argument("--json", help="write the full report(s) here")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 1 if an episode diverged past the tolerance or its success differs")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 if an episode diverged past the tolerance or its success differs"
+    )
     try:
         args = p.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
@@ -553,13 +632,24 @@ def main(argv: list[str] | None = None) -> int:
         indices = list(range(store.num_episodes)) if args.all else [args.episode]
         for i in indices:  # validate the index before building a simulator
             if not -store.num_episodes <= i < store.num_episodes:
-                raise ReplayError(f"episode {i} out of range: {store.path} has {store.num_episodes} episodes "
-                                  f"(0..{store.num_episodes - 1})")
+                raise ReplayError(
+                    f"episode {i} out of range: {store.path} has {store.num_episodes} episodes "
+                    f"(0..{store.num_episodes - 1})"
+                )
         robot = build_replay_robot(store, args.sim_robot)
         for i in indices:
             video = None if args.video is None else _video_path(args.video, i % store.num_episodes, args.all)
-            r = replay_episode(store, i, mode=args.mode, robot=robot, video=video, cameras=args.cameras,
-                               camera_size=args.size, sim_robot=args.sim_robot, tolerance=args.tolerance)
+            r = replay_episode(
+                store,
+                i,
+                mode=args.mode,
+                robot=robot,
+                video=video,
+                cameras=args.cameras,
+                camera_size=args.size,
+                sim_robot=args.sim_robot,
+                tolerance=args.tolerance,
+            )
             reports.append(r)
             print(format_summary(r), flush=True)
     except (ReplayError, StoreError) as e:
@@ -571,8 +661,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.all and len(reports) > 1:
         div = [r for r in reports if r["diverged"]]
         succ = sum(bool(r["success_match"]) for r in reports)
-        print(f"{len(reports)} episodes: {len(div)} diverged past {args.tolerance:g} m, success reproduced in "
-              f"{succ}/{len(reports)}")
+        print(
+            f"{len(reports)} episodes: {len(div)} diverged past {args.tolerance:g} m, success reproduced in "
+            f"{succ}/{len(reports)}"
+        )
     if args.json:
         out = {"store": str(args.store), "episodes": reports} if args.all else reports[0]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

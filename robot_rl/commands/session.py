@@ -43,9 +43,11 @@ LEARNER_DISK_FULL, LEARNER_STORAGE_ERROR = 28, 74  # robot_rl/learner/process.py
 CONTROL_UNACKED, CONTROL_STREAM_FAILED = 3, 4  # robot_rl/control/process.py's exit codes
 PARENT_PID_ENV = "ROBOT_RL_PARENT_PID"
 RESERVE_FILE = ".session_space_reserve"
-DISK_FULL_ADVICE = ("stopping the session early; the robots hold their safe action, everything acknowledged is "
-                    "stored and kept, the rest stays in the control outboxes. Free space, then resume with "
-                    "session.resume=true")
+DISK_FULL_ADVICE = (
+    "stopping the session early; the robots hold their safe action, everything acknowledged is "
+    "stored and kept, the rest stays in the control outboxes. Free space, then resume with "
+    "session.resume=true"
+)
 
 
 def validate_session(cfg: DictConfig) -> None:
@@ -97,21 +99,30 @@ def preflight_warnings(cfg: DictConfig) -> list[str]:
     if s.learner == "none":
         pass
     elif no_teleop and needs_labels:
-        warnings.append(f"algo={algo['name']} learns from the teleop's labels and teleop=none gives none: the "
-                        "learner will never update, the robot will never get weights")
+        warnings.append(
+            f"algo={algo['name']} learns from the teleop's labels and teleop=none gives none: the "
+            "learner will never update, the robot will never get weights"
+        )
     elif budget < first:
-        warnings.append(f"budget cannot reach the first update: at most {budget} transitions (episodes "
-                        f"{s.episodes} x max_episode_steps {s.max_episode_steps} x robots {s.num_robots}) < the "
-                        f"{first} algo={algo['name']} needs before its first update")
+        warnings.append(
+            f"budget cannot reach the first update: at most {budget} transitions (episodes "
+            f"{s.episodes} x max_episode_steps {s.max_episode_steps} x robots {s.num_robots}) < the "
+            f"{first} algo={algo['name']} needs before its first update"
+        )
     elif budget < first_weights:
-        warnings.append(f"budget cannot reach the first published weights: at most {budget} transitions < about "
-                        f"{first_weights} ({first} before the first update + publish_every_updates "
-                        f"{algo.get('publish_every_updates')} at {utd:g} updates per transition)")
-    acts_without = bool(getattr(entry.algorithm, "robot_acts_without_weights", algo.get("name") == "residual")) \
-        if entry else False
+        warnings.append(
+            f"budget cannot reach the first published weights: at most {budget} transitions < about "
+            f"{first_weights} ({first} before the first update + publish_every_updates "
+            f"{algo.get('publish_every_updates')} at {utd:g} updates per transition)"
+        )
+    acts_without = (
+        bool(getattr(entry.algorithm, "robot_acts_without_weights", algo.get("name") == "residual")) if entry else False
+    )
     if no_teleop and not acts_without and (s.learner == "none" or warnings):
-        warnings.append("no actor at all: teleop=none and the policy acts only with learner weights, which will not "
-                        f"come: every tick of the {s.episodes} episodes sends the safe action")
+        warnings.append(
+            "no actor at all: teleop=none and the policy acts only with learner weights, which will not "
+            f"come: every tick of the {s.episodes} episodes sends the safe action"
+        )
     elif no_teleop and not acts_without:
         warnings.append("teleop=none: until the learner's first weights arrive nobody drives (safe actions)")
     return warnings
@@ -147,8 +158,12 @@ def _stop(proc: subprocess.Popen, name: str, wait_s: float) -> int:
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s%s; escalating", name, timeout,
-                        f" after {signal.Signals(sig).name}" if sig else " of being told to stop")
+            log.warning(
+                "%s did not stop within %.0f s%s; escalating",
+                name,
+                timeout,
+                f" after {signal.Signals(sig).name}" if sig else " of being told to stop",
+            )
     return proc.wait()
 
 
@@ -193,8 +208,11 @@ class Supervisor:
         self.cfg, self.s, self.run_dir, self.config_path, self.reserve = cfg, cfg.session, run_dir, config_path, reserve
         self.limit = int(self.s.get("restart_crashed", 0) or 0)
         self.min_free = int(float(self.s.get("disk_full_below_mb", 0.25) or 0) * (1 << 20))
-        self.names = [self.s.sender_id] if self.s.num_robots == 1 else [
-            f"{self.s.sender_id}_{i}" for i in range(self.s.num_robots)]
+        self.names = (
+            [self.s.sender_id]
+            if self.s.num_robots == 1
+            else [f"{self.s.sender_id}_{i}" for i in range(self.s.num_robots)]
+        )
         self.controls: dict[str, subprocess.Popen] = {}
         self.learner: subprocess.Popen | None = None
         self.learner_code: int | None = None
@@ -211,8 +229,10 @@ class Supervisor:
         first = self.stop_signal is None
         self.stop_signal = self.stop_signal or signum
         if first:
-            log.warning("%s: stopping the robot(s) at the next tick, then draining and stopping the learner",
-                        signal.Signals(signum).name)
+            log.warning(
+                "%s: stopping the robot(s) at the next tick, then draining and stopping the learner",
+                signal.Signals(signum).name,
+            )
         for proc in self.controls.values():  # at once, also a second time (the children take it idempotently)
             _signal(proc, signal.SIGTERM)
         if not self.controls:
@@ -226,8 +246,14 @@ class Supervisor:
             self.controls[name] = self._spawn_control(i, name, resume)
 
     def _spawn_control(self, i: int, name: str, resume: bool) -> subprocess.Popen:
-        return _spawn("robot_rl.control", self.config_path, self.run_dir / _control_dir(self.names, name), name,
-                      str(i), *(("--resume",) if resume else ()))
+        return _spawn(
+            "robot_rl.control",
+            self.config_path,
+            self.run_dir / _control_dir(self.names, name),
+            name,
+            str(i),
+            *(("--resume",) if resume else ()),
+        )
 
     # -- the loop
     def run(self) -> None:
@@ -241,8 +267,13 @@ class Supervisor:
                     continue
                 if self._restartable_control(name, code):
                     self.restarts[name] = self.restarts.get(name, 0) + 1
-                    log.warning("control process %s exited with %d: restarting it (%d/%d), resuming from its log and "
-                                "outbox", name, code, self.restarts[name], self.limit)
+                    log.warning(
+                        "control process %s exited with %d: restarting it (%d/%d), resuming from its log and outbox",
+                        name,
+                        code,
+                        self.restarts[name],
+                        self.limit,
+                    )
                     self.controls[name] = self._spawn_control(i, name, True)
                 else:
                     self.codes[name] = code
@@ -271,8 +302,10 @@ class Supervisor:
         free = st.f_bavail * st.f_frsize
         if free < self.min_free:
             self.disk_full = True
-            self._learner_gone(f"disk full: no space left on device under {self.run_dir} ({free // 1024} KB free, "
-                               "session.disk_full_below_mb): " + DISK_FULL_ADVICE)
+            self._learner_gone(
+                f"disk full: no space left on device under {self.run_dir} ({free // 1024} KB free, "
+                "session.disk_full_below_mb): " + DISK_FULL_ADVICE
+            )
             _signal(self.learner, signal.SIGTERM)
 
     def _check_learner(self) -> None:
@@ -281,21 +314,31 @@ class Supervisor:
         self.learner_code = code
         if code == LEARNER_DISK_FULL:
             self.disk_full = True
-            self._learner_gone("disk full: the learner exited with 'No space left on device' (see "
-                               "learner/summary.json): " + DISK_FULL_ADVICE)
+            self._learner_gone(
+                "disk full: the learner exited with 'No space left on device' (see "
+                "learner/summary.json): " + DISK_FULL_ADVICE
+            )
         elif code == LEARNER_STORAGE_ERROR:
-            self._learner_gone("the learner could not write its storage (I/O error, see learner/summary.json): "
-                               "stopping the session early; the robots hold their safe action. Fix the storage, "
-                               "then resume with session.resume=true")
+            self._learner_gone(
+                "the learner could not write its storage (I/O error, see learner/summary.json): "
+                "stopping the session early; the robots hold their safe action. Fix the storage, "
+                "then resume with session.resume=true"
+            )
         elif self.restarts.get("learner", 0) < self.limit:
             self.restarts["learner"] = self.restarts.get("learner", 0) + 1
-            log.warning("learner exited with %d: restarting it (%d/%d) from its checkpoint and replay", code,
-                        self.restarts["learner"], self.limit)
+            log.warning(
+                "learner exited with %d: restarting it (%d/%d) from its checkpoint and replay",
+                code,
+                self.restarts["learner"],
+                self.limit,
+            )
             self.learner = _spawn("robot_rl.learner", self.config_path, self.run_dir / "learner")
             self.learner_code = None
         else:
-            self._learner_gone(f"the learner exited with {code} and session.restart_crashed ({self.limit}) is "
-                               "spent: stopping the session early; the robots hold their safe action")
+            self._learner_gone(
+                f"the learner exited with {code} and session.restart_crashed ({self.limit}) is "
+                "spent: stopping the session early; the robots hold their safe action"
+            )
 
     def _learner_gone(self, message: str) -> None:
         self.learner_gone = True
@@ -311,8 +354,9 @@ class Supervisor:
             if name not in self.codes:
                 t0 = time.monotonic()
                 self.codes[name] = _stop(proc, f"control process {name}", wait_s)
-                log.info("control process %s exited with %d after %.1f s", name, self.codes[name],
-                         time.monotonic() - t0)
+                log.info(
+                    "control process %s exited with %d after %.1f s", name, self.codes[name], time.monotonic() - t0
+                )
         self._check_learner_exit_code()
 
     def _check_learner_exit_code(self) -> None:
@@ -333,8 +377,9 @@ class Supervisor:
         if self.learner_code == LEARNER_DISK_FULL and not self.disk_full:
             self.disk_full = True
             self.stopped_early = self.stopped_early or "disk full: the learner exited with 'No space left on device'"
-            log.error("disk full: the learner exited with 'No space left on device' while finishing; see "
-                      "learner/summary.json")
+            log.error(
+                "disk full: the learner exited with 'No space left on device' while finishing; see learner/summary.json"
+            )
         if self.disk_full:
             self.reserve.release()
 
@@ -360,8 +405,9 @@ def replay_episodes(learner_dir: Path) -> dict[str, set[int]] | None:
     return {name: {int(e) for e in np.unique(episode[sender == i])} for i, name in enumerate(commit["senders"])}
 
 
-def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], learner: dict | None,
-          warnings: list[str]) -> dict:
+def truth(
+    sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], learner: dict | None, warnings: list[str]
+) -> dict:
     """The top of summary.json: what was sent, stored and lost, how each process ended, and every problem."""
     problems: list[str] = []
     if sup.stopped_early:
@@ -382,8 +428,9 @@ def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], lear
         s_unacked = int(t.get("unacked_at_exit", t.get("unacked", 0)) or 0)
         got = senders.get(name) or {}
         s_stored = int(got.get("transitions", 0))
-        s_quarantined = sum(int(v.get("quarantined", 0) or 0) for k, v in streams.items()
-                            if str(k).split("/")[0] == name)
+        s_quarantined = sum(
+            int(v.get("quarantined", 0) or 0) for k, v in streams.items() if str(k).split("/")[0] == name
+        )
         sent, stored, unacked = sent + s_sent, stored + s_stored, unacked + s_unacked
         duplicates += s_stored - int(got.get("unique", s_stored))
         # acknowledged = stored or quarantined by the learner; what it holds beyond that was stored after the
@@ -392,8 +439,10 @@ def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], lear
         drain = c.get("drain") or {"result": "complete" if t.get("all_acknowledged") else "unknown"}
         drains[name] = drain.get("result")
         if drain.get("result") not in ("complete", "no learner"):
-            problems.append(f"control process {name}: drain {drain.get('result')}, "
-                            f"{drain.get('unacknowledged')} transitions unacknowledged (kept in its outbox)")
+            problems.append(
+                f"control process {name}: drain {drain.get('result')}, "
+                f"{drain.get('unacknowledged')} transitions unacknowledged (kept in its outbox)"
+            )
         o = c.get("watchdog_outages") or {}
         outages["count"] += int(o.get("count", c.get("watchdog_trips", 0)) or 0)
         outages["total_s"] = round(outages["total_s"] + float(o.get("total_s", 0.0) or 0.0), 3)
@@ -424,23 +473,31 @@ def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], lear
     # episodes: the control logs vs the learner's replay
     logged = {n: set(((c or {}).get("episode_log") or {}).get("numbers") or []) for n, c in controls.items()}
     in_replay = replay_episodes(run_dir / "learner") if learner_on else None
-    episodes = {"control_logs": sum(len(v) for v in logged.values()),
-                "replay": None if in_replay is None else sum(len(v) for v in in_replay.values()),
-                "interrupted": sum(int(((c or {}).get("episode_log") or {}).get("interrupted", 0)) for c in
-                                   controls.values())}
+    episodes = {
+        "control_logs": sum(len(v) for v in logged.values()),
+        "replay": None if in_replay is None else sum(len(v) for v in in_replay.values()),
+        "interrupted": sum(int(((c or {}).get("episode_log") or {}).get("interrupted", 0)) for c in controls.values()),
+    }
     if in_replay is not None and sup.learner_code in (0, None) and not sup.disk_full:
-        differ = {n: sorted(logged[n] ^ in_replay.get(n, set())) for n in logged if logged[n] != in_replay.get(n, set())}
+        differ = {
+            n: sorted(logged[n] ^ in_replay.get(n, set())) for n in logged if logged[n] != in_replay.get(n, set())
+        }
         episodes["agree"] = not differ
         if differ:
             problems.append(f"episodes differ between the control log and the learner's replay: {differ}")
     # the robot and the learner's weights
-    versions = [int((c or {}).get("final_policy_version", -1) if (c or {}).get("final_policy_version") is not None
-                    else -1) for c in controls.values()]
+    versions = [
+        int((c or {}).get("final_policy_version", -1) if (c or {}).get("final_policy_version") is not None else -1)
+        for c in controls.values()
+    ]
     weights_loaded = any(v >= 0 for v in versions)
     policy_steps = sum(int((c or {}).get("policy_steps", 0) or 0) for c in controls.values())
     if learner_on and not weights_loaded:
-        warnings = [*warnings, "the robot never loaded learner weights (weights v-1): no weights were published in "
-                               "time; the policy never drove with learned weights"]
+        warnings = [
+            *warnings,
+            "the robot never loaded learner weights (weights v-1): no weights were published in "
+            "time; the policy never drove with learned weights",
+        ]
     status = "ok" if not problems else "error"
     code = EXIT_OK if not problems else (EXIT_DISK_FULL if sup.disk_full else EXIT_FAILED)
     return {
@@ -449,9 +506,14 @@ def truth(sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], lear
         "problems": problems,
         "warnings": warnings,
         "stopped_early": sup.stopped_early,
-        "transitions": {"sent": sent if sent_known else None, "stored": stored if learner_on else None,
-                        "quarantined": quarantined, "unacknowledged": unacked, "lost": lost,
-                        "duplicates": duplicates},
+        "transitions": {
+            "sent": sent if sent_known else None,
+            "stored": stored if learner_on else None,
+            "quarantined": quarantined,
+            "unacknowledged": unacked,
+            "lost": lost,
+            "duplicates": duplicates,
+        },
         "drain": drains,
         "restarts": dict(sup.restarts),
         "storage_errors": len(storage_errors),
@@ -473,21 +535,27 @@ def _final_line(summary: dict, top: dict) -> str:
         rate = summary["policy_success_rate"]
         rate = "no policy-driven episodes" if rate is None else f"policy-driven: {rate:.2f}"
         parts[0] += f", success rate {summary['success_rate']:.2f} ({rate})"
-    parts.append(f"weights v{summary['final_policy_version']}"
-                 + ("" if top["weights_loaded"] else " (the robot never loaded learner weights)")
-                 + f", {summary['learner_updates']} learner updates")
-    parts.append(f"transitions {t['sent']} sent / {t['stored']} stored / {t['unacknowledged']} unacknowledged"
-                 + (f" / {t['quarantined']} quarantined" if t["quarantined"] else "")
-                 + (f" / {t['lost']} LOST" if t["lost"] else "")
-                 + (f" / {t['duplicates']} DUPLICATED" if t["duplicates"] else ""))
+    parts.append(
+        f"weights v{summary['final_policy_version']}"
+        + ("" if top["weights_loaded"] else " (the robot never loaded learner weights)")
+        + f", {summary['learner_updates']} learner updates"
+    )
+    parts.append(
+        f"transitions {t['sent']} sent / {t['stored']} stored / {t['unacknowledged']} unacknowledged"
+        + (f" / {t['quarantined']} quarantined" if t["quarantined"] else "")
+        + (f" / {t['lost']} LOST" if t["lost"] else "")
+        + (f" / {t['duplicates']} DUPLICATED" if t["duplicates"] else "")
+    )
     drains = set(top["drain"].values())
     parts.append(f"drain {', '.join(sorted(map(str, drains))) or 'n/a'}")
     restarts = ", ".join(f"{k} {v}" for k, v in top["restarts"].items()) or "none"
     parts.append(f"restarts {restarts}")
     parts.append(f"storage errors {top['storage_errors']}")
     o = top["watchdog_outages"]
-    parts.append(f"watchdog outages {o['count']}" + (f" ({o['total_s']:.1f} s, longest {o['longest_s']:.1f} s)"
-                                                     if o["count"] else ""))
+    parts.append(
+        f"watchdog outages {o['count']}"
+        + (f" ({o['total_s']:.1f} s, longest {o['longest_s']:.1f} s)" if o["count"] else "")
+    )
     line = "; ".join(parts)
     for w in top["warnings"]:
         line += f"\n  WARNING: {w}"
@@ -499,16 +567,22 @@ def _final_line(summary: dict, top: dict) -> str:
 def set_aside_previous(run_dir: Path) -> Path | None:
     """A new session (not session.resume) in a run dir that holds an earlier one: move the earlier one's outputs
     to previous/<time>/ (never deleted), so that its replay, checkpoints and logs do not mix with this one's."""
-    old = [p for p in run_dir.iterdir() if p.name in ("learner", "control", "summary.json", "learning_curve.png")
-           or p.name.startswith("control_")]
+    old = [
+        p
+        for p in run_dir.iterdir()
+        if p.name in ("learner", "control", "summary.json", "learning_curve.png") or p.name.startswith("control_")
+    ]
     if not old:
         return None
     dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)
     for p in old:
         os.replace(p, dest / p.name)
-    log.warning("run dir %s held an earlier session: moved it to %s (session.resume=true continues a session "
-                "instead)", run_dir, dest)
+    log.warning(
+        "run dir %s held an earlier session: moved it to %s (session.resume=true continues a session instead)",
+        run_dir,
+        dest,
+    )
     return dest
 
 
@@ -534,11 +608,16 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
     names = sup.names
     controls = {n: _read(run_dir / _control_dir(names, n) / "summary.json") for n in names}
     learner_summary = _read(run_dir / "learner" / "summary.json")
-    curve, curve_skipped = learning_curve([run_dir / _control_dir(names, n) for n in names],
-                                          run_dir / "learning_curve.png")
+    curve, curve_skipped = learning_curve(
+        [run_dir / _control_dir(names, n) for n in names], run_dir / "learning_curve.png"
+    )
     first = controls[names[0]]
-    episodes_all = [r for n in names for r in read_jsonl(run_dir / _control_dir(names, n) / "episodes.jsonl")
-                    if not r.get("interrupted")]
+    episodes_all = [
+        r
+        for n in names
+        for r in read_jsonl(run_dir / _control_dir(names, n) / "episodes.jsonl")
+        if not r.get("interrupted")
+    ]
     top = truth(sup, run_dir, controls, learner_summary, warnings)
     summary = {
         "verb": "session",
@@ -546,11 +625,13 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
         "run_dir": str(run_dir),
         "robot": OmegaConf.to_container(cfg.robot, resolve=True),
         "algo": cfg.algo.name,
-        "learner": cfg.session.learner,
+        "learner_mode": cfg.session.learner,
         "interrupted": signal.Signals(sup.stop_signal).name if sup.stop_signal else False,
         "exit_codes": {"control": sup.codes, "learner": sup.learner_code},
-        "episodes": sum(int(((c or {}).get("episode_log") or {}).get("episodes", (c or {}).get("episodes", 0)))
-                        for c in controls.values()),
+        "episodes": sum(
+            int(((c or {}).get("episode_log") or {}).get("episodes", (c or {}).get("episodes", 0)))
+            for c in controls.values()
+        ),
         "success_rate": (sum(bool(r["success"]) for r in episodes_all) / len(episodes_all)) if episodes_all else None,
         "policy_success_rate": first and first["policy_success_rate"],
         "final_policy_version": first and first["final_policy_version"],

@@ -49,8 +49,12 @@ def evaluate_in_sim(policy, robot_cfg: dict, episodes: int = 20, seed: int = 100
     from robot_rl.commands.evaluate import evaluate
 
     r = evaluate(policy, robot_cfg, episodes=episodes, seed=seed, max_steps=max_steps)
-    return {"success_rate": r["success_rate"], "successes": [e["success"] for e in r["per_episode"]],
-            "mean_length": r["mean_length"], "wall_s": r["wall_s"]}
+    return {
+        "success_rate": r["success_rate"],
+        "successes": [e["success"] for e in r["per_episode"]],
+        "mean_length": r["mean_length"],
+        "wall_s": r["wall_s"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -66,8 +70,10 @@ def validate_train(cfg: DictConfig) -> LoopConfig:
     if not 0.0 <= float(t.val_ratio) < 1.0:
         raise ConfigError(f"train.val_ratio must be in [0, 1), got {t.val_ratio!r}")
     if cfg.policy.get("type") not in POLICY_TYPES:
-        raise ConfigError(f"policy.type={cfg.policy.get('type')!r} cannot be trained offline; choose policy="
-                          f"{' or policy='.join(POLICY_TYPES)}")
+        raise ConfigError(
+            f"policy.type={cfg.policy.get('type')!r} cannot be trained offline; choose policy="
+            f"{' or policy='.join(POLICY_TYPES)}"
+        )
     return loop_cfg
 
 
@@ -85,7 +91,7 @@ class Trainer(LoopUser):
         feats = self.store.features
         if "action" not in feats:
             raise ConfigError(f"train.data={self.t.data}: the store has no `action` key")
-        obs_features = {k[len(OBS_PREFIX):]: f for k, f in feats.items() if k.startswith(OBS_PREFIX)}
+        obs_features = {k[len(OBS_PREFIX) :]: f for k, f in feats.items() if k.startswith(OBS_PREFIX)}
         try:
             self.policy = build_policy(plain_config(cfg.policy), obs_features, feats["action"])
         except ValueError as e:
@@ -101,10 +107,16 @@ class Trainer(LoopUser):
         self.val_episodes = sorted(order[:n_val].tolist())
         self.train_episodes = sorted(order[n_val:].tolist())
         to, ha = self.policy.horizons
-        self.sampler = SequenceSampler.from_store(self.store, self.obs_keys, episodes=self.train_episodes,
-                                                  obs_horizon=to, action_horizon=ha)
-        self.val_sampler = (SequenceSampler.from_store(self.store, self.obs_keys, episodes=self.val_episodes,
-                                                       obs_horizon=to, action_horizon=ha) if n_val else None)
+        self.sampler = SequenceSampler.from_store(
+            self.store, self.obs_keys, episodes=self.train_episodes, obs_horizon=to, action_horizon=ha
+        )
+        self.val_sampler = (
+            SequenceSampler.from_store(
+                self.store, self.obs_keys, episodes=self.val_episodes, obs_horizon=to, action_horizon=ha
+            )
+            if n_val
+            else None
+        )
         # normalisation from the training episodes (the buffers then travel with every checkpoint)
         self.policy.fit_normalizer({k: self.sampler.data[k] for k in [*self.obs_keys, "action"]})
         self.policy.to(self.device).train()
@@ -112,18 +124,31 @@ class Trainer(LoopUser):
         self.robot = store_robot(self.store)
         self.provenance = {"source": "train", "data": str(self.store.path), "git": git_hash()}
         self.loop = TrainingLoop(
-            self.run_dir, self.policy, lambda batch: (self.policy.compute_loss(batch), {}),
-            lambda rng: self._batch(self.sampler, rng), loop_cfg, name="train",
-            hooks=[Hook("val", int(self.t.val_every or 0), self.val_loss),
-                   Hook("eval", int(self.t.eval_every or 0), self.sim_eval)],
-            export=self._export, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-            state=lambda: {"train_episodes": self.train_episodes, "val_episodes": self.val_episodes,
-                           "data": str(self.t.data)})
+            self.run_dir,
+            self.policy,
+            lambda batch: (self.policy.compute_loss(batch), {}),
+            lambda rng: self._batch(self.sampler, rng),
+            loop_cfg,
+            name="train",
+            hooks=[
+                Hook("val", int(self.t.val_every or 0), self.val_loss),
+                Hook("eval", int(self.t.eval_every or 0), self.sim_eval),
+            ],
+            export=self._export,
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            state=lambda: {
+                "train_episodes": self.train_episodes,
+                "val_episodes": self.val_episodes,
+                "data": str(self.t.data),
+            },
+        )
         if self.t.resume:
             state = self.loop.resume(self.t.get("resume_from"))
             if state.get("train_episodes") != self.train_episodes:
-                raise ConfigError("train.resume: the checkpoint was trained on other episodes (different data, seed "
-                                  "or val_ratio); start a new run instead")
+                raise ConfigError(
+                    "train.resume: the checkpoint was trained on other episodes (different data, seed "
+                    "or val_ratio); start a new run instead"
+                )
 
     def _open_data(self) -> EpisodeStore:
         path = Path(str(self.t.data)).expanduser()
@@ -145,8 +170,9 @@ class Trainer(LoopUser):
         return to_device(sampler.sample(int(self.t.batch_size), rng), self.device)
 
     def _export(self, directory: Path, policy, loop_info: dict) -> None:
-        write_policy(directory, policy, robot=self.robot, fps=self.store.fps,
-                     provenance={**self.provenance, **loop_info})
+        write_policy(
+            directory, policy, robot=self.robot, fps=self.store.fps, provenance={**self.provenance, **loop_info}
+        )
 
     # ---------------------------------------------------------------------------------------------- hooks
     @torch.no_grad()
@@ -167,8 +193,9 @@ class Trainer(LoopUser):
         if not robot_cfg or robot_cfg.get("type") != "robosuite":
             log.warning("train.eval_every is set but the store was not recorded from a simulated robot; skipping")
             return None
-        result = evaluate_in_sim(self.model, robot_cfg, int(self.t.eval_episodes), int(self.t.eval_seed),
-                                 int(self.t.eval_max_steps))
+        result = evaluate_in_sim(
+            self.model, robot_cfg, int(self.t.eval_episodes), int(self.t.eval_seed), int(self.t.eval_max_steps)
+        )
         log.info("step %d: sim success %.2f", self.step, result["success_rate"])
         return result
 
@@ -176,11 +203,23 @@ class Trainer(LoopUser):
 def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     """Entry point of `robot-rl train` (the CLI passes hydra's run directory). Returns an exit code."""
     trainer = Trainer(cfg, run_dir)
-    log.info("training %s on %s: %d train / %d val episodes, %d windows, device %s", cfg.policy.type, cfg.train.data,
-             len(trainer.train_episodes), len(trainer.val_episodes), len(trainer.sampler), trainer.device)
+    log.info(
+        "training %s on %s: %d train / %d val episodes, %d windows, device %s",
+        cfg.policy.type,
+        cfg.train.data,
+        len(trainer.train_episodes),
+        len(trainer.val_episodes),
+        len(trainer.sampler),
+        trainer.device,
+    )
     summary = trainer.run()
-    log.info("done: step %d, loss %.4f, %.0f samples/s -> %s", summary["step"], summary["final_loss"] or float("nan"),
-             summary["samples_per_s"], summary["checkpoint"])
+    log.info(
+        "done: step %d, loss %.4f, %.0f samples/s -> %s",
+        summary["step"],
+        summary["final_loss"] or float("nan"),
+        summary["samples_per_s"],
+        summary["checkpoint"],
+    )
     if summary["finished"]:
         return 0
     return 130 if trainer.loop.stopped else 1  # stopped by Ctrl-C/SIGTERM: resumable from the last checkpoint

@@ -9,7 +9,9 @@ from robot_rl.control.process import STOP_SIGNALS, main
 
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4, 5, 6):
-        sys.exit("usage: python -m robot_rl.control <resolved config.yaml> <run dir> [sender id [robot index [--resume]]]")
+        sys.exit(
+            "usage: python -m robot_rl.control <resolved config.yaml> <run dir> [sender id [robot index [--resume]]]"
+        )
     code = main(*sys.argv[1:])
     # done: a late stop signal must not turn a clean exit into death by signal (interpreter shutdown puts the
     # default action back for caught signals, not for ignored ones)

@@ -73,8 +73,9 @@ def watched_parent() -> int | None:
 
 
 class ControlProcess:
-    def __init__(self, cfg: DictConfig, run_dir: Path, sender_id: str | None = None, robot_index: int = 0,
-                 resume: bool = False):
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, sender_id: str | None = None, robot_index: int = 0, resume: bool = False
+    ):
         self.cfg, self.s = cfg, cfg.session
         self.run_dir = Path(run_dir)
         self.robot = make_robot(cfg.robot)
@@ -82,8 +83,9 @@ class ControlProcess:
         self.seed = int(cfg.seed) + 100_003 * robot_index  # each robot of a fleet gets its own seeded episodes
         self.policy = self._make_policy()
         self.policy_version = -1  # no weights yet
-        self.success = make_success_detector(OmegaConf.to_container(cfg.get("reward") or {}, resolve=True),
-                                             self.robot, self.teleop)
+        self.success = make_success_detector(
+            OmegaConf.to_container(cfg.get("reward") or {}, resolve=True), self.robot, self.teleop
+        )
         self.safety = build_safety(cfg, self.robot)
         self.loop = PacedLoop(self.s.rate_hz)
         self.watchdog = Watchdog(self.s.watchdog_s, name="learner")
@@ -99,11 +101,15 @@ class ControlProcess:
             if not resume and self.outbox_dir.exists():
                 log.info("not resuming: starting a new transition stream (removing %s)", self.outbox_dir)
                 shutil.rmtree(self.outbox_dir, ignore_errors=True)
-            self.sender = TransitionSender(self.s.endpoints.transitions, self.sender_id,
-                                           batch_size=self.s.transition_batch,
-                                           max_batch_delay_s=self.s.transition_max_delay_s,
-                                           heartbeat_interval_s=self.s.heartbeat_s, curve=keys,
-                                           outbox_dir=self.outbox_dir)
+            self.sender = TransitionSender(
+                self.s.endpoints.transitions,
+                self.sender_id,
+                batch_size=self.s.transition_batch,
+                max_batch_delay_s=self.s.transition_max_delay_s,
+                heartbeat_interval_s=self.s.heartbeat_s,
+                curve=keys,
+                outbox_dir=self.outbox_dir,
+            )
             self.subscriber = WeightSubscriber(self.s.endpoints.weights, curve=keys)
         self.first_seq = self.sender.next_seq if self.sender is not None else 0  # this process's first new seq
         self._stop = False
@@ -121,8 +127,12 @@ class ControlProcess:
 
     def _make_policy(self) -> Policy:
         """The robot-side policy of the configured algorithm (the learner's weights load into it)."""
-        return make_robot_policy(OmegaConf.to_container(self.cfg.algo, resolve=True),
-                                 OmegaConf.to_container(self.cfg.policy, resolve=True), self.robot, self.seed)
+        return make_robot_policy(
+            OmegaConf.to_container(self.cfg.algo, resolve=True),
+            OmegaConf.to_container(self.cfg.policy, resolve=True),
+            self.robot,
+            self.seed,
+        )
 
     def request_stop(self, signum=None, _frame=None, reason: str | None = None):
         """Signal handler (and the parent watch): the robot gets its safe action from the next tick on."""
@@ -133,8 +143,11 @@ class ControlProcess:
             reason = f"{signal.Signals(signum).name}" if signum else "stop requested"
         if not self._stop:
             self.stop_reason = reason
-            log.info("stop (%s): safe action from the next tick, then %s", reason,
-                     "exit without waiting for the learner" if self.learner_gone else "drain and exit")
+            log.info(
+                "stop (%s): safe action from the next tick, then %s",
+                reason,
+                "exit without waiting for the learner" if self.learner_gone else "drain and exit",
+            )
         self._stop = True
 
     def _check_health(self) -> None:
@@ -146,8 +159,11 @@ class ControlProcess:
         thread = getattr(self.sender, "_thread", None) if self.sender is not None else None
         if thread is not None and not thread.is_alive():
             self.stream_failed = True
-            log.error("the transition stream to the learner stopped working (see the error above): stopping the "
-                      "robot; unacknowledged transitions stay in %s", self.outbox_dir)
+            log.error(
+                "the transition stream to the learner stopped working (see the error above): stopping the "
+                "robot; unacknowledged transitions stay in %s",
+                self.outbox_dir,
+            )
             self.request_stop(reason="the transition stream failed")
 
     # ------------------------------------------------------------------------------------------------ ticks
@@ -159,8 +175,9 @@ class ControlProcess:
         self.policy_version = update.version
         self.policy.apply_meta(update.meta)  # e.g. how to explore, as the learner decides
         probe = self.policy.select_action(probe_obs).tolist() if self.policy.probe_after_load else None
-        self.weight_updates.append({"version": update.version, "t": time.time(), "probe_action": probe,
-                                    "meta": update.meta})
+        self.weight_updates.append(
+            {"version": update.version, "t": time.time(), "probe_action": probe, "meta": update.meta}
+        )
         log.info("policy weights v%d loaded", update.version)
 
     def _policy_action(self, obs):
@@ -187,17 +204,23 @@ class ControlProcess:
         """What the learner gets for one tick: the observation, who proposed and who acted, the outcome."""
         nan = np.full(self.robot.action_feature.shape[0], np.nan, dtype=np.float32)
         transition = {OBS_PREFIX + k: np.asarray(v) for k, v in step.obs.items()}
-        transition.update({
-            "action": np.asarray(step.action, dtype=np.float32),
-            "policy_action": nan if step.policy_action is None else np.asarray(step.policy_action, dtype=np.float32),
-            "expert_action": nan if step.teleop_action is None else np.asarray(step.teleop_action, dtype=np.float32),
-            "intervention": np.bool_(step.source == "teleop"),
-            "forced_safe": np.bool_(step.forced_safe),
-            "episode": np.int64(episode),
-            "step": np.int64(step.index),
-            "policy_version": np.int64(self.policy_version),
-            "t": np.float64(step.t),
-        })
+        transition.update(
+            {
+                "action": np.asarray(step.action, dtype=np.float32),
+                "policy_action": nan
+                if step.policy_action is None
+                else np.asarray(step.policy_action, dtype=np.float32),
+                "expert_action": nan
+                if step.teleop_action is None
+                else np.asarray(step.teleop_action, dtype=np.float32),
+                "intervention": np.bool_(step.source == "teleop"),
+                "forced_safe": np.bool_(step.forced_safe),
+                "episode": np.int64(episode),
+                "step": np.int64(step.index),
+                "policy_version": np.int64(self.policy_version),
+                "t": np.float64(step.t),
+            }
+        )
         transition.update(self.policy.transition_extras(acted=step.policy_action is not None))
         transition.update(reward=np.float32(step.success), success=np.bool_(step.success), done=np.bool_(step.done))
         return transition
@@ -207,8 +230,9 @@ class ControlProcess:
         """A learner may need a while to start (loading data, relabelling demos); episodes start once it answers."""
         deadline = time.monotonic() + float(self.s.get("learner_wait_s", 0))
         if self.sender is not None and time.monotonic() < deadline:
-            log.info("waiting up to %.0f s for the learner at %s", deadline - time.monotonic(),
-                     self.s.endpoints.transitions)
+            log.info(
+                "waiting up to %.0f s for the learner at %s", deadline - time.monotonic(), self.s.endpoints.transitions
+            )
         while self.sender is not None and self.sender.last_contact is None and time.monotonic() < deadline:
             self._check_health()
             if self._stop:
@@ -217,9 +241,16 @@ class ControlProcess:
 
     def run(self) -> dict:
         torch.set_num_threads(1)  # small-network inference: extra threads only steal cores from sim and learner
-        self.rollout = Rollout(self.robot, self.policy, act=self._policy_action, teleop=self.teleop,
-                               safety=self.safety, success=self.success, pacer=self.loop,
-                               stop_on_success=bool(self.s.stop_on_success))
+        self.rollout = Rollout(
+            self.robot,
+            self.policy,
+            act=self._policy_action,
+            teleop=self.teleop,
+            safety=self.safety,
+            success=self.success,
+            pacer=self.loop,
+            stop_on_success=bool(self.s.stop_on_success),
+        )
         for sig in STOP_SIGNALS:  # explicitly: a process started with SIGINT ignored would otherwise ignore Ctrl-C
             signal.signal(sig, self.request_stop)
         self._warn_if_nobody_acts()
@@ -269,9 +300,10 @@ class ControlProcess:
                 summary["transitions"]["all_acknowledged"] = True
             if self.view is not None:
                 summary["viz"] = self.view.close()
-            for problem in (write_json_safely(self.run_dir / "summary.json", summary),
-                            save_npz_atomic(self.run_dir / "ticks.npz",
-                                            {k: np.asarray(v) for k, v in self.ticks.items()})):
+            for problem in (
+                write_json_safely(self.run_dir / "summary.json", summary),
+                save_npz_atomic(self.run_dir / "ticks.npz", {k: np.asarray(v) for k, v in self.ticks.items()}),
+            ):
                 if problem:
                     log.error("%s", problem)
             self.log.close()
@@ -285,8 +317,11 @@ class ControlProcess:
     def _warn_if_nobody_acts(self) -> None:
         """No teleop, a policy that waits for weights, and no learner to send any: every tick is the safe action."""
         if self.teleop is None and not self.policy.acts_without_weights and self.sender is None:
-            log.warning("nobody can act: no teleop, no learner and the policy needs weights first: every tick of "
-                        "these %d episodes sends the safe action", self.s.episodes)
+            log.warning(
+                "nobody can act: no teleop, no learner and the policy needs weights first: every tick of "
+                "these %d episodes sends the safe action",
+                self.s.episodes,
+            )
 
     def _log_interrupted_episode(self) -> None:
         """A predecessor killed mid-episode: that episode's transitions that reached the outbox are delivered (the
@@ -298,11 +333,22 @@ class ControlProcess:
         streamed = max(0, self.sender.next_seq - int(started["first_seq"]))
         if streamed == 0:
             return  # nothing of it left this process: it simply runs again under the same number and seed
-        row = {"episode": int(started["episode"]), "interrupted": True, "success": False, "return": 0.0,
-               "steps": streamed, "policy_steps": None, "teleop_steps": None, "safe_steps": None,
-               "policy_version": None, "residual_abs": None, "exploration": None, "achieved_hz": None,
-               "driven_by": "interrupted: the control process was restarted mid-episode",
-               "first_seq": int(started["first_seq"])}
+        row = {
+            "episode": int(started["episode"]),
+            "interrupted": True,
+            "success": False,
+            "return": 0.0,
+            "steps": streamed,
+            "policy_steps": None,
+            "teleop_steps": None,
+            "safe_steps": None,
+            "policy_version": None,
+            "residual_abs": None,
+            "exploration": None,
+            "achieved_hz": None,
+            "driven_by": "interrupted: the control process was restarted mid-episode",
+            "first_seq": int(started["first_seq"]),
+        }
         self.interrupted_episodes.append(row)
         self.log.episode(row)
 
@@ -362,23 +408,41 @@ class ControlProcess:
                 return
             if self.sender is not None:
                 self.sender.submit(transition)
-            for key, value in (("t", step.t), ("lateness", step.lateness), ("episode", episode),
-                               ("source", SOURCES.index(step.source)), ("forced_safe", step.forced_safe),
-                               ("policy_version", self.policy_version)):
+            for key, value in (
+                ("t", step.t),
+                ("lateness", step.lateness),
+                ("episode", episode),
+                ("source", SOURCES.index(step.source)),
+                ("forced_safe", step.forced_safe),
+                ("policy_version", self.policy_version),
+            ):
                 self.ticks[key].append(value)
 
-        r = self.rollout.episode(obs, self.s.max_episode_steps, teleop_drives=teleop_drives,
-                                 with_teleop=not evaluating, before_step=before_step, force_safe=self._must_hold,
-                                 hooks=[after_step],
-                                 keep_pacing_stats=bool(self.ticks["t"]))  # stats cover the session
+        r = self.rollout.episode(
+            obs,
+            self.s.max_episode_steps,
+            teleop_drives=teleop_drives,
+            with_teleop=not evaluating,
+            before_step=before_step,
+            force_safe=self._must_hold,
+            hooks=[after_step],
+            keep_pacing_stats=bool(self.ticks["t"]),
+        )  # stats cover the session
         duration = r["duration_s"]
-        return {"episode": episode, "success": r["success"], "return": float(r["success"]), "steps": r["steps"],
-                "policy_steps": r["policy_steps"], "teleop_steps": r["teleop_steps"], "safe_steps": r["safe_steps"],
-                "policy_version": self.policy_version,
-                "residual_abs": float(np.mean(residual_abs)) if residual_abs else None,
-                "exploration": getattr(self.policy, "exploration", None),
-                "achieved_hz": r["steps"] / duration if duration > 0 else None,
-                "driven_by": self._driven_by(r, teleop_drives, episode)}
+        return {
+            "episode": episode,
+            "success": r["success"],
+            "return": float(r["success"]),
+            "steps": r["steps"],
+            "policy_steps": r["policy_steps"],
+            "teleop_steps": r["teleop_steps"],
+            "safe_steps": r["safe_steps"],
+            "policy_version": self.policy_version,
+            "residual_abs": float(np.mean(residual_abs)) if residual_abs else None,
+            "exploration": getattr(self.policy, "exploration", None),
+            "achieved_hz": r["steps"] / duration if duration > 0 else None,
+            "driven_by": self._driven_by(r, teleop_drives, episode),
+        }
 
     def _driven_by(self, r: dict, teleop_drives: bool, episode: int) -> str:
         """Who drove the episode and why, in words (the status line and episodes.jsonl)."""
@@ -386,11 +450,17 @@ class ControlProcess:
             return f"expert (expert episode {episode + 1} of {self.s.expert_episodes})"
         parts = []
         if r["policy_steps"]:
-            parts.append(f"policy (weights v{self.policy_version})" if self.policy_version >= 0
-                         else "policy (no learner weights yet: acts without them)")
+            parts.append(
+                f"policy (weights v{self.policy_version})"
+                if self.policy_version >= 0
+                else "policy (no learner weights yet: acts without them)"
+            )
         if r["teleop_steps"]:
-            why = ("the policy has no weights yet" if self.policy_version < 0 and not self.policy.acts_without_weights
-                   else "took over")
+            why = (
+                "the policy has no weights yet"
+                if self.policy_version < 0 and not self.policy.acts_without_weights
+                else "took over"
+            )
             parts.append(f"expert {r['teleop_steps']} steps ({why})")
         unexplained = r["safe_steps"] - sum(self._hold_reasons.values())
         reasons = dict(self._hold_reasons)
@@ -422,8 +492,12 @@ class ControlProcess:
             return {"result": "no learner", "unacknowledged": 0, "waited_s": 0.0}
         t0 = time.monotonic()
         deadline = t0 + float(self.s.drain_timeout_s)
-        while self.sender.unacked_count and time.monotonic() < deadline and not self.learner_gone \
-                and not self.stream_failed:
+        while (
+            self.sender.unacked_count
+            and time.monotonic() < deadline
+            and not self.learner_gone
+            and not self.stream_failed
+        ):
             self._check_health()
             time.sleep(0.02)
         left = self.sender.unacked_count
@@ -432,12 +506,21 @@ class ControlProcess:
             result = "complete"
         elif self.learner_gone or self.stream_failed:
             result = "learner gone" if self.learner_gone else "stream failed"
-            log.error("%d transitions not acknowledged (%s): they stay in %s for a resumed session", left, result,
-                      self.outbox_dir)
+            log.error(
+                "%d transitions not acknowledged (%s): they stay in %s for a resumed session",
+                left,
+                result,
+                self.outbox_dir,
+            )
         else:
             result = "timed out"
-            log.error("drain timed out: %d transitions not acknowledged within session.drain_timeout_s=%.1f s; they "
-                      "stay in %s for a resumed session", left, float(self.s.drain_timeout_s), self.outbox_dir)
+            log.error(
+                "drain timed out: %d transitions not acknowledged within session.drain_timeout_s=%.1f s; they "
+                "stay in %s for a resumed session",
+                left,
+                float(self.s.drain_timeout_s),
+                self.outbox_dir,
+            )
         return {"result": result, "unacknowledged": int(left), "waited_s": round(waited, 3)}
 
     def _close_transport(self) -> None:
@@ -452,9 +535,11 @@ class ControlProcess:
         stream = self.sender.stats() if self.sender else {}
         if self.sender is not None:
             # the whole stream across restarts (the outbox keeps ids and seqs): seqs 0 .. next_seq-1 were produced
-            stream.update(stream_sent=int(self.sender.next_seq - self.sender_start_seq()),
-                          stream_acked=int(self.sender.acked_upto + 1 - self.sender_start_seq()),
-                          first_seq_this_run=int(self.first_seq))
+            stream.update(
+                stream_sent=int(self.sender.next_seq - self.sender_start_seq()),
+                stream_acked=int(self.sender.acked_upto + 1 - self.sender_start_seq()),
+                first_seq_this_run=int(self.first_seq),
+            )
         policy_eps = [e for e in eps if e["policy_steps"] > e["teleop_steps"]]
         return {
             "process": "control",
@@ -474,10 +559,12 @@ class ControlProcess:
             "drain": drained,
             "stop_reason": self.stop_reason or "episodes done",
             "stream_failed": self.stream_failed,
-            "episode_log": {"episodes": len({e["episode"] for e in logged}),
-                            "interrupted": sum(bool(e.get("interrupted")) for e in logged),
-                            "numbers": sorted({int(e["episode"]) for e in logged}),
-                            "write_errors": self.log.write_errors},
+            "episode_log": {
+                "episodes": len({e["episode"] for e in logged}),
+                "interrupted": sum(bool(e.get("interrupted")) for e in logged),
+                "numbers": sorted({int(e["episode"]) for e in logged}),
+                "write_errors": self.log.write_errors,
+            },
             "weight_updates": self.weight_updates,
             "final_policy_version": self.policy_version,
             "policy_steps": int(sum(e["policy_steps"] for e in eps)),
@@ -486,12 +573,14 @@ class ControlProcess:
 
     def sender_start_seq(self) -> int:
         """The stream's first seq (0 unless the stream was started elsewhere)."""
-        return int(getattr(self.sender.outbox, "start_seq", 0) or 0) if self.sender.outbox is not None else \
-            int(self.first_seq)
+        return (
+            int(getattr(self.sender.outbox, "start_seq", 0) or 0)
+            if self.sender.outbox is not None
+            else int(self.first_seq)
+        )
 
 
-def main(config_path: str, run_dir: str, sender_id: str | None = None, robot_index: str = "0",
-         resume: str = "") -> int:
+def main(config_path: str, run_dir: str, sender_id: str | None = None, robot_index: str = "0", resume: str = "") -> int:
     from robot_rl.config import setup_logging
 
     setup_logging()

@@ -131,7 +131,9 @@ class SafetyFilter:
         if self.counts[kind] == 0:
             log.warning(
                 "invalid action (%s: %s): sending the safe action; further '%s' faults are only counted",
-                kind, detail, kind,
+                kind,
+                detail,
+                kind,
             )
         return kind
 
@@ -199,9 +201,7 @@ class Watchdog:
             if self.last_fed is None:
                 log.warning("%s not heard from yet: sending safe actions", self.name)
             else:
-                log.warning(
-                    "%s silent for %.2f s (> %.2f s): sending safe actions", self.name, silence, self.timeout_s
-                )
+                log.warning("%s silent for %.2f s (> %.2f s): sending safe actions", self.name, silence, self.timeout_s)
         return stale
 
     def outages(self, now: float | None = None) -> dict:
@@ -224,5 +224,9 @@ def build_safety(cfg: DictConfig, robot) -> SafetyFilter:
         low = np.maximum(low, np.asarray(safety["low"], dtype=np.float64))
         high = np.minimum(high, np.asarray(safety["high"], dtype=np.float64))
     safe = safety.get("safe_action")
-    return SafetyFilter(low, high, max_delta=safety.get("max_delta"),
-                        safe_action=None if safe is None else np.asarray(safe, dtype=np.float64))
+    return SafetyFilter(
+        low,
+        high,
+        max_delta=safety.get("max_delta"),
+        safe_action=None if safe is None else np.asarray(safe, dtype=np.float64),
+    )

@@ -9,8 +9,9 @@ from robot_rl.interfaces import Teleop
 SOURCES = ("none", "policy", "teleop")  # who acted, stored per tick as an index into this tuple
 
 
-def pick_source(teleop: Teleop | None, label: np.ndarray | None, policy_action: np.ndarray | None,
-                teleop_drives: bool = False) -> tuple[str, np.ndarray | None]:
+def pick_source(
+    teleop: Teleop | None, label: np.ndarray | None, policy_action: np.ndarray | None, teleop_drives: bool = False
+) -> tuple[str, np.ndarray | None]:
     """(source, proposed action). The teleop acts when it says it is intervening, when it is told to drive
     (expert episodes, demo recording) or when there is no policy action; otherwise the policy acts.
 

@@ -96,8 +96,12 @@ class EpisodeLog:
         self.write_errors += 1
         if self._write_error is None:
             self._write_error = f"{path}: {e}"
-            log.error("could not write %s (%s): the robot keeps being driven safely; the summary keeps the episodes "
-                      "(further write errors are only counted)", path, e.strerror or e)
+            log.error(
+                "could not write %s (%s): the robot keeps being driven safely; the summary keeps the episodes "
+                "(further write errors are only counted)",
+                path,
+                e.strerror or e,
+            )
 
     def _append(self, f, path: Path, row: dict) -> None:
         if f is None:
@@ -136,31 +140,59 @@ class EpisodeLog:
         self._append(self._episodes, self.episodes_path, row)
         self.next_episode = max(self.next_episode, ep["episode"] + 1)
         if ep.get("interrupted"):
-            log.warning("episode %d was cut short by a restart of this control process: %d of its transitions "
-                        "reached the outbox and are kept (logged as an interrupted episode)", ep["episode"],
-                        ep["steps"])
+            log.warning(
+                "episode %d was cut short by a restart of this control process: %d of its transitions "
+                "reached the outbox and are kept (logged as an interrupted episode)",
+                ep["episode"],
+                ep["steps"],
+            )
             return
         res = "" if ep.get("residual_abs") is None else f", |residual| {ep['residual_abs']:.3f}"
         hz = "" if ep.get("achieved_hz") is None else f", {ep['achieved_hz']:.1f} Hz"
         explore = f" ({ep['exploration']})" if ep.get("exploration") else ""
         driven = f" | driven by {ep['driven_by']}" if ep.get("driven_by") else ""
-        log.info("episode %d: %s in %d steps, return %.1f | last %d: success %.2f | env steps %d%s%s | weights v%d%s%s",
-                 ep["episode"], "success" if ep["success"] else "failure", ep["steps"], ep["return"],
-                 len(self.recent), sum(self.recent) / len(self.recent), self.env_steps, res, hz,
-                 ep["policy_version"], explore, driven)
+        log.info(
+            "episode %d: %s in %d steps, return %.1f | last %d: success %.2f | env steps %d%s%s | weights v%d%s%s",
+            ep["episode"],
+            "success" if ep["success"] else "failure",
+            ep["steps"],
+            ep["return"],
+            len(self.recent),
+            sum(self.recent) / len(self.recent),
+            self.env_steps,
+            res,
+            hz,
+            ep["policy_version"],
+            explore,
+            driven,
+        )
 
     def evaluation(self, mode: str, after_episode: int, version: int, results: list[dict]) -> dict:
         n = len(results)
-        row = {"mode": mode, "after_episode": after_episode, "env_steps": self.env_steps, "policy_version": version,
-               "episodes": n, "success_rate": sum(r["success"] for r in results) / n if n else None,
-               "mean_steps": sum(r["steps"] for r in results) / n if n else None,
-               "successes": [bool(r["success"]) for r in results], "t": time.time()}
+        row = {
+            "mode": mode,
+            "after_episode": after_episode,
+            "env_steps": self.env_steps,
+            "policy_version": version,
+            "episodes": n,
+            "success_rate": sum(r["success"] for r in results) / n if n else None,
+            "mean_steps": sum(r["steps"] for r in results) / n if n else None,
+            "successes": [bool(r["success"]) for r in results],
+            "t": time.time(),
+        }
         if mode == "base":
             self.base_eval = row
         self._append(self._evals, self.evals_path, row)
         base = "" if self.base_eval is None or mode == "base" else f" (base alone {self.base_eval['success_rate']:.2f})"
-        log.info("evaluation after episode %d, %s, weights v%d: success %.2f over %d seeded episodes%s",
-                 after_episode, mode, version, row["success_rate"], n, base)
+        log.info(
+            "evaluation after episode %d, %s, weights v%d: success %.2f over %d seeded episodes%s",
+            after_episode,
+            mode,
+            version,
+            row["success_rate"],
+            n,
+            base,
+        )
         return row
 
     def close(self) -> None:
@@ -199,14 +231,18 @@ def learning_curve(run_dirs: list[Path], out: Path, window: int = 20) -> tuple[P
             succ = np.array([float(r["success"]) for r in eps])
             k = min(window, len(succ))
             avg = np.convolve(succ, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], avg, label=f"{Path(run_dir).name}: training episodes (avg of {k})", alpha=0.8)
+            ax.plot(steps[k - 1 :], avg, label=f"{Path(run_dir).name}: training episodes (avg of {k})", alpha=0.8)
             drew = True
         evals = read_jsonl(Path(run_dir) / "evals.jsonl")
         for mode, style in (("residual", "o-"), ("policy", "o-")):
             rows = [r for r in evals if r["mode"] == mode]
             if rows:
-                ax.plot([r["env_steps"] for r in rows], [r["success_rate"] for r in rows], style,
-                        label=f"{Path(run_dir).name}: evaluation ({'base + residual' if mode == 'residual' else mode})")
+                ax.plot(
+                    [r["env_steps"] for r in rows],
+                    [r["success_rate"] for r in rows],
+                    style,
+                    label=f"{Path(run_dir).name}: evaluation ({'base + residual' if mode == 'residual' else mode})",
+                )
                 drew = True
         base = next((r for r in evals if r["mode"] == "base"), None)
         if base is not None:

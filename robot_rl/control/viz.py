@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class RerunView:
-    def __init__(self, path: str | Path | None, app_id: str = "robot_rl", max_queue: int = 64,
-                 spawn: bool = False):
+    def __init__(self, path: str | Path | None, app_id: str = "robot_rl", max_queue: int = 64, spawn: bool = False):
         try:
             import rerun as rr
         except ImportError as e:
@@ -73,8 +72,13 @@ class RerunView:
             self.rec.disconnect()
         except Exception as e:  # the view is best effort
             self.error = self.error or f"{type(e).__name__}: {e}"
-        return {"path": str(self.path) if self.path else None, "ticks": self.submitted, "logged": self.logged,
-                "dropped": self.dropped, "error": self.error}
+        return {
+            "path": str(self.path) if self.path else None,
+            "ticks": self.submitted,
+            "logged": self.logged,
+            "dropped": self.dropped,
+            "error": self.error,
+        }
 
     # ------------------------------------------------------------------------------------------------ viewer side
     def _run(self) -> None:
@@ -122,5 +126,6 @@ def make_view(session_cfg, run_dir: Path) -> RerunView | None:
     if kind != "rerun":
         raise ValueError(f"session.viz={kind!r}: choose one of none, rerun")
     path = session_cfg.get("viz_path") or (Path(run_dir) / "viz.rrd")
-    return RerunView(path, max_queue=int(session_cfg.get("viz_queue", 64) or 64),
-                     spawn=bool(session_cfg.get("viz_spawn", False)))
+    return RerunView(
+        path, max_queue=int(session_cfg.get("viz_queue", 64) or 64), spawn=bool(session_cfg.get("viz_spawn", False))
+    )

@@ -62,9 +62,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def feature_from_dict(d: dict) -> Feature:
     low, high = d.get("low"), d.get("high")
-    return Feature(shape=tuple(d["shape"]), dtype=d["dtype"], names=tuple(d["names"]) if d.get("names") else None,
-                   low=None if low is None else np.asarray(low, np.float32),
-                   high=None if high is None else np.asarray(high, np.float32))
+    return Feature(
+        shape=tuple(d["shape"]),
+        dtype=d["dtype"],
+        names=tuple(d["names"]) if d.get("names") else None,
+        low=None if low is None else np.asarray(low, np.float32),
+        high=None if high is None else np.asarray(high, np.float32),
+    )
 
 
 def _compressor(feature: Feature) -> BloscCodec:
@@ -84,32 +88,53 @@ class EpisodeStore:
         self.fps = float(meta["fps"])
         self.features: dict[str, Feature] = {k: feature_from_dict(v) for k, v in meta["features"].items()}
         self.chunk_steps = int(meta["chunk_steps"])
-        self._root = zarr.open_group(zarr.storage.LocalStore(self.path, read_only=mode == "r"), mode="r" if mode == "r"
-                                     else "r+")
+        self._root = zarr.open_group(
+            zarr.storage.LocalStore(self.path, read_only=mode == "r"), mode="r" if mode == "r" else "r+"
+        )
         self._arrays = {k: self._root[f"data/{k}"] for k in self.features}
         self._load_commit()
         self._writer: EpisodeWriter | None = None
 
     # ------------------------------------------------------------------------------------------- create / open
     @classmethod
-    def create(cls, path: str | Path, features: dict[str, Feature], fps: float, *, chunk_steps: int = 64,
-               info: dict | None = None) -> EpisodeStore:
+    def create(
+        cls,
+        path: str | Path,
+        features: dict[str, Feature],
+        fps: float,
+        *,
+        chunk_steps: int = 64,
+        info: dict | None = None,
+    ) -> EpisodeStore:
         """A new empty store. `features` maps each per-step key to its Feature; `info` (robot, task defaults...)
         is kept in meta.json."""
         path = Path(path)
         if path.exists() and any(path.iterdir()):
-            raise StoreError(f"{path} already exists and is not empty; pass resume (open it in append mode) or "
-                             f"choose a new path")
+            raise StoreError(
+                f"{path} already exists and is not empty; pass resume (open it in append mode) or choose a new path"
+            )
         if not features:
             raise StoreError("an episode store needs at least one feature")
         path.mkdir(parents=True, exist_ok=True)
         root = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
         for key, f in features.items():
-            root.create_array(f"data/{key}", shape=(0, *f.shape), chunks=(chunk_steps, *f.shape), dtype=f.dtype,
-                              compressors=[_compressor(f)], fill_value=0)
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "fps": float(fps), "chunk_steps": int(chunk_steps),
-                "features": {k: f.to_dict() for k, f in features.items()}, "info": info or {},
-                "created": time.time()}
+            root.create_array(
+                f"data/{key}",
+                shape=(0, *f.shape),
+                chunks=(chunk_steps, *f.shape),
+                dtype=f.dtype,
+                compressors=[_compressor(f)],
+                fill_value=0,
+            )
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "fps": float(fps),
+            "chunk_steps": int(chunk_steps),
+            "features": {k: f.to_dict() for k, f in features.items()},
+            "info": info or {},
+            "created": time.time(),
+        }
         write_json_atomic(path / "meta.json", meta)
         write_json_atomic(path / "commit.json", {"num_steps": 0, "episode_ends": [], "episodes": []})
         return cls(path, meta, "a")
@@ -123,7 +148,9 @@ class EpisodeStore:
         try:
             meta = json.loads((path / "meta.json").read_text())
         except FileNotFoundError:
-            raise StoreError(f"{path} is not an episode store (no meta.json); create one with robot-rl record") from None
+            raise StoreError(
+                f"{path} is not an episode store (no meta.json); create one with robot-rl record"
+            ) from None
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise StoreError(f"{path}: unsupported store format {meta.get('format')!r} v{meta.get('version')}")
         return cls(path, meta, mode)
@@ -135,13 +162,16 @@ class EpisodeStore:
         self.episodes: list[dict] = list(c["episodes"])
         for k, a in self._arrays.items():
             if a.shape[0] < self.num_steps:
-                raise StoreError(f"{self.path}: array {k!r} has {a.shape[0]} rows but {self.num_steps} are committed; "
-                                 f"the store is damaged (was it edited by hand?)")
+                raise StoreError(
+                    f"{self.path}: array {k!r} has {a.shape[0]} rows but {self.num_steps} are committed; "
+                    f"the store is damaged (was it edited by hand?)"
+                )
 
     def _commit(self, num_steps: int, episode_ends: list[int], episodes: list[dict]) -> None:
-        write_json_atomic(self.path / "commit.json", {"num_steps": int(num_steps),
-                                                      "episode_ends": [int(e) for e in episode_ends],
-                                                      "episodes": episodes})
+        write_json_atomic(
+            self.path / "commit.json",
+            {"num_steps": int(num_steps), "episode_ends": [int(e) for e in episode_ends], "episodes": episodes},
+        )
         self.num_steps, self.episode_ends, self.episodes = num_steps, np.asarray(episode_ends, np.int64), episodes
 
     # ---------------------------------------------------------------------------------------------- reading
@@ -209,8 +239,10 @@ class EpisodeStore:
         """The (single) writer that appends episodes; the background thread starts here."""
         self._require_writable()
         if self.pending is not None:
-            raise StoreError(f"{self.path} has a partial episode left by a crash ({self.pending['flushed'] - self.pending['start']} "
-                             f"steps on disk): recover it (recover_pending / --recover-partial) or drop it first")
+            raise StoreError(
+                f"{self.path} has a partial episode left by a crash ({self.pending['flushed'] - self.pending['start']} "
+                f"steps on disk): recover it (recover_pending / --recover-partial) or drop it first"
+            )
         if self._writer is None:
             self._writer = EpisodeWriter(self)
         return self._writer
@@ -256,13 +288,15 @@ class EpisodeStore:
         for p in (tmp, old):
             if p.exists():
                 shutil.rmtree(p)
-        new = EpisodeStore.create(tmp, self.features, self.fps, chunk_steps=self.chunk_steps,
-                                  info=self.meta.get("info"))
+        new = EpisodeStore.create(
+            tmp, self.features, self.fps, chunk_steps=self.chunk_steps, info=self.meta.get("info")
+        )
         ends, metas, n = [], [], 0
         for key in self.features:
             parts = [self._arrays[key][slice(*self.episode_bounds(i))] for i in keep]
-            data = np.concatenate(parts) if parts else np.zeros((0, *self.features[key].shape),
-                                                                self.features[key].dtype)
+            data = (
+                np.concatenate(parts) if parts else np.zeros((0, *self.features[key].shape), self.features[key].dtype)
+            )
             new._arrays[key].resize(data.shape)
             if len(data):
                 new._arrays[key][:] = data
@@ -289,13 +323,19 @@ class EpisodeStore:
         lengths = np.diff(np.concatenate([[0], self.episode_ends])) if self.num_episodes else np.zeros(0, int)
         succ = [e.get("success") for e in self.episodes if e.get("success") is not None]
         disk = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-        return {"path": str(self.path), "episodes": self.num_episodes, "steps": self.num_steps, "fps": self.fps,
-                "success_rate": float(np.mean(succ)) if succ else None,
-                "length_mean": float(lengths.mean()) if len(lengths) else None,
-                "length_min": int(lengths.min()) if len(lengths) else None,
-                "length_max": int(lengths.max()) if len(lengths) else None,
-                "features": {k: f.to_dict() for k, f in self.features.items()},
-                "disk_bytes": disk, "pending": self.pending}
+        return {
+            "path": str(self.path),
+            "episodes": self.num_episodes,
+            "steps": self.num_steps,
+            "fps": self.fps,
+            "success_rate": float(np.mean(succ)) if succ else None,
+            "length_mean": float(lengths.mean()) if len(lengths) else None,
+            "length_min": int(lengths.min()) if len(lengths) else None,
+            "length_max": int(lengths.max()) if len(lengths) else None,
+            "features": {k: f.to_dict() for k, f in self.features.items()},
+            "disk_bytes": disk,
+            "pending": self.pending,
+        }
 
     def stats(self, keys: Iterable[str] | None = None) -> dict[str, dict]:
         """Per-key mean/std/min/max over committed steps (per entry for vectors, per channel for images)."""
@@ -306,8 +346,12 @@ class EpisodeStore:
                 continue
             axes = (0, 1, 2) if self.features[k].is_image else (0,)
             xf = x.astype(np.float64)
-            out[k] = {"mean": xf.mean(axes).tolist(), "std": xf.std(axes).tolist(), "min": xf.min(axes).tolist(),
-                      "max": xf.max(axes).tolist()}
+            out[k] = {
+                "mean": xf.mean(axes).tolist(),
+                "std": xf.std(axes).tolist(),
+                "min": xf.min(axes).tolist(),
+                "max": xf.max(axes).tolist(),
+            }
         return out
 
 
@@ -436,9 +480,11 @@ class EpisodeWriter:
             self.in_episode = False
             for v in self._buffer.values():
                 v.clear()
-            raise StoreError(f"writing {self.store.path} failed: {err}. The episode in progress was discarded; "
-                             f"the {self.store.num_episodes} saved episodes are intact. Free disk space or fix the "
-                             f"path, then resume.") from err
+            raise StoreError(
+                f"writing {self.store.path} failed: {err}. The episode in progress was discarded; "
+                f"the {self.store.num_episodes} saved episodes are intact. Free disk space or fix the "
+                f"path, then resume."
+            ) from err
 
     # ----------------------------------------------------------------------------------------- writer thread
     def _work(self) -> None:
@@ -477,8 +523,7 @@ class EpisodeWriter:
             if arr.shape[0] != b:
                 arr.resize((b, *arr.shape[1:]))
             arr[a:b] = block[k]
-        write_json_atomic(self.store.path / "pending.json",
-                          {"start": start, "flushed": b, "meta": _jsonable(meta)})
+        write_json_atomic(self.store.path / "pending.json", {"start": start, "flushed": b, "meta": _jsonable(meta)})
 
 
 def _jsonable(meta: dict) -> dict:

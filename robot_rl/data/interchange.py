@@ -55,8 +55,13 @@ IMAGES_PREFIX = "observation.images."
 # names lerobot fills in itself (DEFAULT_FEATURES) or reserves in a frame dict
 LEROBOT_RESERVED = frozenset({"timestamp", "frame_index", "episode_index", "index", "task_index", "task"})
 # store keys with a conventional lerobot name (HIL-SERL / lerobot_eval conventions); the rest keep their names
-RENAMES = {"action": "action", "success": "next.success", "reward": "next.reward", "done": "next.done",
-           "timestamp": "real_timestamp"}
+RENAMES = {
+    "action": "action",
+    "success": "next.success",
+    "reward": "next.reward",
+    "done": "next.done",
+    "timestamp": "real_timestamp",
+}
 
 
 class InterchangeError(StoreError):
@@ -93,7 +98,7 @@ def lerobot_dtype(dtype: str) -> str:
 
 
 def obs_name(key: str) -> str:
-    return key[len(OBS_PREFIX):] if key.startswith(OBS_PREFIX) else key
+    return key[len(OBS_PREFIX) :] if key.startswith(OBS_PREFIX) else key
 
 
 def camera_name(key: str) -> str:
@@ -131,8 +136,11 @@ def plan_export(features: dict[str, Feature], use_videos: bool = True) -> Export
         f = features[k]
         if f.is_image and f.shape[-1] == 3:  # other uint8 HxWxC arrays stay numeric features
             lr = claim(IMAGES_PREFIX + camera_name(k), k)
-            plan.features[lr] = {"dtype": "video" if use_videos else "image", "shape": tuple(f.shape),
-                                 "names": ["height", "width", "channels"]}
+            plan.features[lr] = {
+                "dtype": "video" if use_videos else "image",
+                "shape": tuple(f.shape),
+                "names": ["height", "width", "channels"],
+            }
             plan.key_map[k] = lr
             plan.image_keys.append(k)
     low_dim = [k for k in obs_keys if k not in plan.key_map]
@@ -175,8 +183,14 @@ def _numeric_feature(f: Feature) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def export_lerobot(store_path: str | Path, out_root: str | Path, repo_id: str | None = None, use_videos: bool = True,
-                   episodes: Iterable[int] | None = None, vcodec: str = "libsvtav1") -> Path:
+def export_lerobot(
+    store_path: str | Path,
+    out_root: str | Path,
+    repo_id: str | None = None,
+    use_videos: bool = True,
+    episodes: Iterable[int] | None = None,
+    vcodec: str = "libsvtav1",
+) -> Path:
     """Write the store's episodes (all, or `episodes` in the given order) as a LeRobotDataset v3 at `out_root`.
 
     Returns `out_root`. Loads with `LeRobotDataset(repo_id, root=out_root, video_backend="pyav")`.
@@ -198,8 +212,9 @@ def export_lerobot(store_path: str | Path, out_root: str | Path, repo_id: str | 
     for k in plan.image_keys:
         h, w, _ = store.features[k].shape
         if use_videos and (h % 2 or w % 2):
-            raise InterchangeError(f"{k}: {h}x{w} images cannot be encoded as yuv420p video (odd size); "
-                                   f"export with --no-videos")
+            raise InterchangeError(
+                f"{k}: {h}x{w} images cannot be encoded as yuv420p video (odd size); export with --no-videos"
+            )
 
     from lerobot.configs.video import RGBEncoderConfig  # lerobot >= 0.5: encoder settings in one config
     from lerobot.datasets.lerobot_dataset import LeRobotDataset  # heavy (torch): only when really exporting
@@ -208,9 +223,16 @@ def export_lerobot(store_path: str | Path, out_root: str | Path, repo_id: str | 
     info = store.meta.get("info", {})
     t0 = time.perf_counter()
     with staged_output(out_root, "dataset") as staging:
-        ds = LeRobotDataset.create(repo_id, fps, root=staging, features=plan.features, use_videos=use_videos,
-                                   robot_type=info.get("robot"), video_backend="pyav",
-                                   rgb_encoder=RGBEncoderConfig(vcodec=vcodec))
+        ds = LeRobotDataset.create(
+            repo_id,
+            fps,
+            root=staging,
+            features=plan.features,
+            use_videos=use_videos,
+            robot_type=info.get("robot"),
+            video_backend="pyav",
+            rgb_encoder=RGBEncoderConfig(vcodec=vcodec),
+        )
         exported = []
         try:
             with SuppressProgressBars():
@@ -224,8 +246,7 @@ def export_lerobot(store_path: str | Path, out_root: str | Path, repo_id: str | 
             ds.finalize()  # closes the parquet writers: without it the files have no footer and cannot be read
         _drop_empty_dirs(staging / "images")
         _write_sidecar(staging, store, plan, exported, repo_id, use_videos)
-    log.info("exported %d episodes of %s to %s in %.1f s", len(indices), store_path, out_root,
-             time.perf_counter() - t0)
+    log.info("exported %d episodes of %s to %s in %.1f s", len(indices), store_path, out_root, time.perf_counter() - t0)
     return out_root
 
 
@@ -237,8 +258,11 @@ def _write_episode(ds, plan: ExportPlan, ep: dict[str, np.ndarray], task: str) -
     if plan.state_parts:
         state = np.concatenate([ep[k].reshape(n, -1).astype(np.float32) for k, _ in plan.state_parts], axis=1)
     # obs.state exported as observation.state itself (plan_export's special case) is `state` already
-    copies = [(k, lr, plan.features[lr]["shape"], plan.features[lr]["dtype"]) for k, lr in plan.key_map.items()
-              if k not in plan.image_keys and lr != STATE_KEY]
+    copies = [
+        (k, lr, plan.features[lr]["shape"], plan.features[lr]["dtype"])
+        for k, lr in plan.key_map.items()
+        if k not in plan.image_keys and lr != STATE_KEY
+    ]
     success = ep.get("success")
     for t in range(n):
         frame: dict = {"task": task}
@@ -263,8 +287,9 @@ def _drop_empty_dirs(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _write_sidecar(root: Path, store: EpisodeStore, plan: ExportPlan, exported: list[dict], repo_id: str,
-                   use_videos: bool) -> None:
+def _write_sidecar(
+    root: Path, store: EpisodeStore, plan: ExportPlan, exported: list[dict], repo_id: str, use_videos: bool
+) -> None:
     model_ids = sorted({e["meta"]["model_id"] for e in exported if e["meta"].get("model_id")})
     if model_ids:
         (root / MODELS_DIR).mkdir(parents=True, exist_ok=True)
@@ -274,27 +299,43 @@ def _write_sidecar(root: Path, store: EpisodeStore, plan: ExportPlan, exported: 
     for k, size in plan.state_parts:
         parts.append({"key": k, "start": offset, "stop": offset + size})
         offset += size
-    sidecar = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "repo_id": repo_id, "exported": time.time(),
-               "source_store": str(store.path.resolve()), "fps": store.fps, "chunk_steps": store.chunk_steps,
-               "use_videos": use_videos, "info": store.meta.get("info", {}),
-               "features": {k: f.to_dict() for k, f in store.features.items()},
-               "key_map": plan.key_map, "state_parts": parts, "derived": plan.derived,
-               "models": model_ids, "episodes": exported}
+    sidecar = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "repo_id": repo_id,
+        "exported": time.time(),
+        "source_store": str(store.path.resolve()),
+        "fps": store.fps,
+        "chunk_steps": store.chunk_steps,
+        "use_videos": use_videos,
+        "info": store.meta.get("info", {}),
+        "features": {k: f.to_dict() for k, f in store.features.items()},
+        "key_map": plan.key_map,
+        "state_parts": parts,
+        "derived": plan.derived,
+        "models": model_ids,
+        "episodes": exported,
+    }
     (root / META_FILE).write_text(json.dumps(sidecar, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="robot-rl export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="robot-rl export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("store", help="episode store directory")
     p.add_argument("out_root", help="dataset directory to create (must not exist, or be empty)")
     p.add_argument("--repo-id", help="lerobot repo id (default: local/<OUT_ROOT name>)")
-    p.add_argument("--no-videos", action="store_true", help="store camera frames as PNG images (lossless) instead "
-                                                            "of mp4 videos")
+    p.add_argument(
+        "--no-videos", action="store_true", help="store camera frames as PNG images (lossless) instead of mp4 videos"
+    )
     p.add_argument("--episodes", help="episodes to export, e.g. 0-4,9 (default: all)")
-    p.add_argument("--vcodec", default="libsvtav1", help="video codec lerobot encodes with (default libsvtav1; "
-                                                         "'auto': a hardware encoder when there is one)")
+    p.add_argument(
+        "--vcodec",
+        default="libsvtav1",
+        help="video codec lerobot encodes with (default libsvtav1; 'auto': a hardware encoder when there is one)",
+    )
 
     def export(args) -> str:
         episodes = None
@@ -304,15 +345,25 @@ def main(argv: list[str]) -> int:
             if not Path(args.store).exists():
                 raise InterchangeError(f"{args.store} does not exist")
             episodes = parse_indices(args.episodes, EpisodeStore.open(args.store, "r").num_episodes)
-        out = export_lerobot(args.store, args.out_root, repo_id=args.repo_id, use_videos=not args.no_videos,
-                             episodes=episodes, vcodec=args.vcodec)
+        out = export_lerobot(
+            args.store,
+            args.out_root,
+            repo_id=args.repo_id,
+            use_videos=not args.no_videos,
+            episodes=episodes,
+            vcodec=args.vcodec,
+        )
         return f"wrote {out}"
 
     return run_cli(p, argv, export)
 
 
-def run_cli(parser: argparse.ArgumentParser, argv: list[str], work: Callable[[argparse.Namespace], str],
-            name: Callable[[argparse.Namespace], str] | None = None) -> int:
+def run_cli(
+    parser: argparse.ArgumentParser,
+    argv: list[str],
+    work: Callable[[argparse.Namespace], str],
+    name: Callable[[argparse.Namespace], str] | None = None,
+) -> int:
     """The exit code of one export/import command line: a usage error's (argparse printed the message); 2 with
     `<name>: <error>` on stderr (name: the parser's prog by default) for what cannot be done; else 0, having
     printed what `work(args)` returns."""

@@ -41,8 +41,15 @@ from typing import Iterable
 import numpy as np
 
 from robot_rl.data.episode_store import EpisodeStore, feature_from_dict
-from robot_rl.data.interchange import (EXPORT_FORMAT, LEROBOT_RESERVED, META_FILE, MODELS_DIR, InterchangeError,
-                                       run_cli, staged_output)
+from robot_rl.data.interchange import (
+    EXPORT_FORMAT,
+    LEROBOT_RESERVED,
+    META_FILE,
+    MODELS_DIR,
+    InterchangeError,
+    run_cli,
+    staged_output,
+)
 from robot_rl.interfaces import OBS_PREFIX, Feature
 
 log = logging.getLogger(__name__)
@@ -62,16 +69,20 @@ class _LeRobotReader:
         self.info = json.loads(info_path.read_text())
         version = str(self.info.get("codebase_version", "?"))
         if not version.startswith("v3"):
-            raise InterchangeError(f"{root} is a LeRobotDataset {version}; only v3 is supported (convert it with "
-                                   f"lerobot's lerobot/datasets/v30/convert_dataset_v21_to_v30.py)")
+            raise InterchangeError(
+                f"{root} is a LeRobotDataset {version}; only v3 is supported (convert it with "
+                f"lerobot's lerobot/datasets/v30/convert_dataset_v21_to_v30.py)"
+            )
         self.fps = int(self.info["fps"])
         self.features: dict[str, dict] = self.info["features"]
         import pyarrow.parquet as pq
 
         ep_files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
         if not ep_files:
-            raise InterchangeError(f"{root}: no meta/episodes/*/*.parquet; the dataset is incomplete (was "
-                                   f"LeRobotDataset.finalize() called when it was written?)")
+            raise InterchangeError(
+                f"{root}: no meta/episodes/*/*.parquet; the dataset is incomplete (was "
+                f"LeRobotDataset.finalize() called when it was written?)"
+            )
         rows: list[dict] = []
         for f in ep_files:
             cols = [c for c in pq.read_schema(f).names if not c.startswith("stats/")]
@@ -96,8 +107,9 @@ class _LeRobotReader:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        path = self.root / self.info["data_path"].format(chunk_index=ep["data/chunk_index"],
-                                                         file_index=ep["data/file_index"])
+        path = self.root / self.info["data_path"].format(
+            chunk_index=ep["data/chunk_index"], file_index=ep["data/file_index"]
+        )
         if path != self._table_path:
             if not path.exists():
                 raise InterchangeError(f"{self.root}: episode {ep['episode_index']}'s data file {path} is missing")
@@ -106,8 +118,10 @@ class _LeRobotReader:
         if "frame_index" in t.column_names:
             t = t.sort_by("frame_index")
         if t.num_rows != ep["length"]:
-            raise InterchangeError(f"{self.root}: episode {ep['episode_index']} has {t.num_rows} rows in {path}, "
-                                   f"its metadata says {ep['length']}")
+            raise InterchangeError(
+                f"{self.root}: episode {ep['episode_index']} has {t.num_rows} rows in {path}, "
+                f"its metadata says {ep['length']}"
+            )
         return t
 
     def column(self, table, key: str, shape: tuple, dtype: str) -> np.ndarray:
@@ -119,8 +133,9 @@ class _LeRobotReader:
             arr = arr.flatten()
         flat = arr.to_numpy(zero_copy_only=False)
         if flat.size != n * int(np.prod(shape, dtype=np.int64)):
-            raise InterchangeError(f"{self.root}: column {key!r} holds {flat.size // max(n, 1)} values per frame, "
-                                   f"expected shape {shape}")
+            raise InterchangeError(
+                f"{self.root}: column {key!r} holds {flat.size // max(n, 1)} values per frame, expected shape {shape}"
+            )
         return flat.reshape((n, *shape)).astype(dtype, copy=False)
 
     def images(self, table, key: str, ep: dict, shape: tuple) -> np.ndarray:
@@ -147,8 +162,9 @@ class _LeRobotReader:
         return np.asarray(img.convert("RGB"))
 
     def _decode_video(self, key: str, ep: dict, timestamps: np.ndarray) -> list[np.ndarray]:
-        path = self.root / self.info["video_path"].format(video_key=key, chunk_index=ep[f"videos/{key}/chunk_index"],
-                                                          file_index=ep[f"videos/{key}/file_index"])
+        path = self.root / self.info["video_path"].format(
+            video_key=key, chunk_index=ep[f"videos/{key}/chunk_index"], file_index=ep[f"videos/{key}/file_index"]
+        )
         if not path.exists():
             raise InterchangeError(f"{self.root}: episode {ep['episode_index']}'s video {path} is missing")
         query = float(ep[f"videos/{key}/from_timestamp"]) + timestamps
@@ -161,9 +177,11 @@ class _LeRobotReader:
                 worst = float(dist[np.arange(len(query)), idx].max())
                 if worst < self.tolerance_s:
                     return [frames[i] for i in idx]
-        raise InterchangeError(f"{path}: no frame within {self.tolerance_s} s of some of episode "
-                               f"{ep['episode_index']}'s timestamps (closest is {worst:.4g} s away); pass a larger "
-                               f"--tolerance-s if the video timing is known to be loose")
+        raise InterchangeError(
+            f"{path}: no frame within {self.tolerance_s} s of some of episode "
+            f"{ep['episode_index']}'s timestamps (closest is {worst:.4g} s away); pass a larger "
+            f"--tolerance-s if the video timing is known to be loose"
+        )
 
 
 def _decode_range(path: Path, first: float, last: float, tolerance_s: float, seek: bool):
@@ -203,8 +221,12 @@ def _image_hw(feature: dict) -> tuple[int, int]:
 def _flat_names(names, shape: tuple) -> tuple[str, ...] | None:
     if isinstance(names, dict) and len(names) == 1:
         names = next(iter(names.values()))
-    if (isinstance(names, list) and len(shape) == 1 and len(names) == shape[0]
-            and all(isinstance(n, str) for n in names)):
+    if (
+        isinstance(names, list)
+        and len(shape) == 1
+        and len(names) == shape[0]
+        and all(isinstance(n, str) for n in names)
+    ):
         return tuple(names)
     return None
 
@@ -223,8 +245,8 @@ def _generic_plan(features: dict[str, dict]) -> tuple[dict[str, Feature], dict[s
 
     for lr, f in features.items():  # cameras first, then low-dim observations, then the rest
         if f["dtype"] in ("image", "video"):
-            name = lr[len("observation."):] if lr.startswith("observation.") else lr
-            name = (name[len("images."):] if name.startswith("images.") else name).replace(".", "_")
+            name = lr[len("observation.") :] if lr.startswith("observation.") else lr
+            name = (name[len("images.") :] if name.startswith("images.") else name).replace(".", "_")
             h, w = _image_hw(f)
             add(OBS_PREFIX + name + ("" if name.endswith("image") else "_image"), lr, Feature((h, w, 3), "uint8"))
     for lr, f in features.items():
@@ -236,7 +258,7 @@ def _generic_plan(features: dict[str, dict]) -> tuple[dict[str, Feature], dict[s
         if lr in SCALAR_SIGNALS:
             key, shape = SCALAR_SIGNALS[lr], () if shape == (1,) else shape
         elif lr.startswith("observation."):
-            key = OBS_PREFIX + lr[len("observation."):]
+            key = OBS_PREFIX + lr[len("observation.") :]
         else:
             key = lr
         add(key, lr, Feature(shape, str(np.dtype(f["dtype"])), _flat_names(f.get("names"), shape)))
@@ -254,19 +276,28 @@ def _load_sidecar(reader: _LeRobotReader) -> dict | None:
         return None
     missing = [lr for lr in side["key_map"].values() if lr not in reader.features]
     if missing:
-        log.warning("%s: the dataset lacks %s that %s names (edited after export?); importing it as a plain "
-                    "LeRobotDataset", reader.root, missing, META_FILE)
+        log.warning(
+            "%s: the dataset lacks %s that %s names (edited after export?); importing it as a plain LeRobotDataset",
+            reader.root,
+            missing,
+            META_FILE,
+        )
         return None
     lengths = [e["length"] for e in side["episodes"]]
     if lengths != [e["length"] for e in reader.episodes]:
-        log.warning("%s: episodes differ from %s (edited after export?); keeping the store's keys but not its "
-                    "per-episode metadata", reader.root, META_FILE)
+        log.warning(
+            "%s: episodes differ from %s (edited after export?); keeping the store's keys but not its "
+            "per-episode metadata",
+            reader.root,
+            META_FILE,
+        )
         side = {**side, "episodes": None}
     return side
 
 
-def import_lerobot(root: str | Path, store_path: str | Path, repo_id: str | None = None, *,
-                   tolerance_s: float = 1e-4) -> EpisodeStore:
+def import_lerobot(
+    root: str | Path, store_path: str | Path, repo_id: str | None = None, *, tolerance_s: float = 1e-4
+) -> EpisodeStore:
     """A LeRobotDataset v3 at `root` -> a new episode store at `store_path` (returned, open read-only).
 
     `repo_id` is only recorded (the dataset is read from `root`, never downloaded). Video frames are matched to
@@ -286,8 +317,13 @@ def import_lerobot(root: str | Path, store_path: str | Path, repo_id: str | None
         fps, chunk_steps = reader.fps, 64
         first = reader.episodes[0].get("tasks") if reader.episodes else None
         info = {"robot": reader.info.get("robot_type"), "task": first[0] if first else None}
-    info["imported_from"] = {"format": "lerobot", "root": str(root.resolve()), "repo_id": repo_id,
-                             "codebase_version": reader.info.get("codebase_version"), "fps": reader.fps}
+    info["imported_from"] = {
+        "format": "lerobot",
+        "root": str(root.resolve()),
+        "repo_id": repo_id,
+        "codebase_version": reader.info.get("codebase_version"),
+        "fps": reader.fps,
+    }
     if not reader.episodes:
         raise InterchangeError(f"{root} has no episodes")
     with staged_output(store_path, "store") as staging:
@@ -317,8 +353,13 @@ def import_lerobot(root: str | Path, store_path: str | Path, repo_id: str | None
                 for t in range(int(ep["length"])):
                     writer.add({k: v[t] for k, v in data.items()})
                 writer.save()
-                log.info("imported episode %d (%d/%d): %d steps", ep["episode_index"], n + 1, len(reader.episodes),
-                         ep["length"])
+                log.info(
+                    "imported episode %d (%d/%d): %d steps",
+                    ep["episode_index"],
+                    n + 1,
+                    len(reader.episodes),
+                    ep["length"],
+                )
         finally:
             store.close()
     return EpisodeStore.open(store_path, "r")
@@ -349,8 +390,15 @@ def _attr_str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def import_robomimic(hdf5_path: str | Path, store_path: str | Path, obs_keys: Iterable[str] | None = None,
-                     fps: float = 20, *, filter_key: str | None = None, flip_images: bool = False) -> EpisodeStore:
+def import_robomimic(
+    hdf5_path: str | Path,
+    store_path: str | Path,
+    obs_keys: Iterable[str] | None = None,
+    fps: float = 20,
+    *,
+    filter_key: str | None = None,
+    flip_images: bool = False,
+) -> EpisodeStore:
     """A robomimic/robosuite HDF5 file -> a new episode store at `store_path` (returned, open read-only).
 
     `obs_keys`: the obs/<key> datasets to import (default: all of the first demo's). `filter_key`: only the demos
@@ -364,14 +412,18 @@ def import_robomimic(hdf5_path: str | Path, store_path: str | Path, obs_keys: It
         raise InterchangeError(f"{hdf5_path} does not exist")
     with h5py.File(hdf5_path, "r") as f:
         if "data" not in f:
-            raise InterchangeError(f"{hdf5_path} is not a robomimic dataset: it has no 'data' group "
-                                   f"(top-level keys: {', '.join(f.keys()) or 'none'})")
+            raise InterchangeError(
+                f"{hdf5_path} is not a robomimic dataset: it has no 'data' group "
+                f"(top-level keys: {', '.join(f.keys()) or 'none'})"
+            )
         data = f["data"]
         if filter_key is not None:
             masks = list(f["mask"].keys()) if "mask" in f else []
             if filter_key not in masks:
-                raise InterchangeError(f"{hdf5_path}: no filter key {filter_key!r}; available: "
-                                       f"{', '.join(masks) or 'none (the file has no mask group)'}")
+                raise InterchangeError(
+                    f"{hdf5_path}: no filter key {filter_key!r}; available: "
+                    f"{', '.join(masks) or 'none (the file has no mask group)'}"
+                )
             demos = [_attr_str(d) for d in f["mask"][filter_key][()]]
             for d in demos:
                 if d not in data:
@@ -388,9 +440,18 @@ def import_robomimic(hdf5_path: str | Path, store_path: str | Path, obs_keys: It
         keys = list(obs_keys) if obs_keys is not None else available
         features = _robomimic_features(hdf5_path, data, demos, keys)
         env_name = env_args.get("env_name")
-        info = {"robot": env_name, "task": env_name, "env_args": env_args,
-                "imported_from": {"format": "robomimic", "file": str(hdf5_path.resolve()), "filter_key": filter_key,
-                                  "flip_images": flip_images, "fps": fps}}
+        info = {
+            "robot": env_name,
+            "task": env_name,
+            "env_args": env_args,
+            "imported_from": {
+                "format": "robomimic",
+                "file": str(hdf5_path.resolve()),
+                "filter_key": filter_key,
+                "flip_images": flip_images,
+                "fps": fps,
+            },
+        }
         with staged_output(store_path, "store") as staging:
             store = EpisodeStore.create(staging, features, fps, info=info)
             try:
@@ -412,14 +473,16 @@ def _robomimic_features(path: Path, data, demos: list[str], keys: list[str]) -> 
     first_name = demos[0]
     first = data[first_name]
     if "actions" not in first:
-        raise InterchangeError(f"{path}: data/{first_name} has no 'actions' dataset "
-                               f"(it has: {', '.join(first.keys())})")
+        raise InterchangeError(
+            f"{path}: data/{first_name} has no 'actions' dataset (it has: {', '.join(first.keys())})"
+        )
     for name in demos:
         obs = data[name]["obs"] if "obs" in data[name] else {}
         for k in keys:
             if k not in obs:
-                raise InterchangeError(f"{path}: data/{name}/obs has no {k!r}; available obs keys: "
-                                       f"{', '.join(obs.keys()) or 'none'}")
+                raise InterchangeError(
+                    f"{path}: data/{name}/obs has no {k!r}; available obs keys: {', '.join(obs.keys()) or 'none'}"
+                )
     feats: dict[str, Feature] = {}
     for k in keys:
         ds = first["obs"][k]
@@ -442,8 +505,16 @@ def _robomimic_features(path: Path, data, demos: list[str], keys: list[str]) -> 
     return feats
 
 
-def _read_demo(path: Path, store: EpisodeStore, demo, name: str, keys: list[str], features: dict[str, Feature],
-               fps: float, flip_images: bool) -> tuple[dict[str, np.ndarray], dict]:
+def _read_demo(
+    path: Path,
+    store: EpisodeStore,
+    demo,
+    name: str,
+    keys: list[str],
+    features: dict[str, Feature],
+    fps: float,
+    flip_images: bool,
+) -> tuple[dict[str, np.ndarray], dict]:
     where = f"{path}: data/{name}"
     needed = {"actions": "action", "rewards": "reward", "dones": "done", "states": "sim_state"}
     for required in [name for name, key in needed.items() if key in features]:
@@ -479,8 +550,11 @@ def _read_demo(path: Path, store: EpisodeStore, demo, name: str, keys: list[str]
         meta["model_id"] = store.put_model_xml(_attr_str(demo.attrs["model_file"]))
     if "sim_state" in ep:
         meta["initial_sim_state"] = ep["sim_state"][0].tolist()
-    extra = {a: _attr_str(v) if isinstance(v, (bytes, str)) else v.item() if hasattr(v, "item") else v
-             for a, v in demo.attrs.items() if a not in ("model_file", "num_samples")}
+    extra = {
+        a: _attr_str(v) if isinstance(v, (bytes, str)) else v.item() if hasattr(v, "item") else v
+        for a, v in demo.attrs.items()
+        if a not in ("model_file", "num_samples")
+    }
     extra = {a: v for a, v in extra.items() if isinstance(v, (str, int, float, bool))}
     if extra:
         meta["demo_attrs"] = extra
@@ -489,8 +563,9 @@ def _read_demo(path: Path, store: EpisodeStore, demo, name: str, keys: list[str]
 
 # ================================================================================================ CLI
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="robot-rl import", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="robot-rl import", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="format", required=True, metavar="{lerobot,robomimic}")
     lr = sub.add_parser("lerobot", help="LeRobotDataset v3 directory -> episode store")
     lr.add_argument("root", help="dataset root (the directory holding meta/info.json)")
@@ -501,8 +576,11 @@ def main(argv: list[str]) -> int:
     rm.add_argument("file", help="the .hdf5 file")
     rm.add_argument("store", help="episode store to create (must not exist, or be empty)")
     rm.add_argument("--filter-key", help="only the demos of mask/<KEY> (e.g. train, valid)")
-    rm.add_argument("--flip-images", action="store_true", help="flip *_image observations upside down (robosuite's "
-                                                               "OpenGL convention)")
+    rm.add_argument(
+        "--flip-images",
+        action="store_true",
+        help="flip *_image observations upside down (robosuite's OpenGL convention)",
+    )
     rm.add_argument("--obs-keys", nargs="+", help="obs/<key> datasets to import (default: all)")
     rm.add_argument("--fps", type=float, default=20.0, help="the demos' control rate (default 20)")
 
@@ -510,8 +588,14 @@ def main(argv: list[str]) -> int:
         if args.format == "lerobot":
             store = import_lerobot(args.root, args.store, repo_id=args.repo_id, tolerance_s=args.tolerance_s)
         else:
-            store = import_robomimic(args.file, args.store, obs_keys=args.obs_keys, fps=args.fps,
-                                     filter_key=args.filter_key, flip_images=args.flip_images)
+            store = import_robomimic(
+                args.file,
+                args.store,
+                obs_keys=args.obs_keys,
+                fps=args.fps,
+                filter_key=args.filter_key,
+                flip_images=args.flip_images,
+            )
         return f"wrote {store.path}: {store.num_episodes} episodes, {store.num_steps} steps"
 
     return run_cli(p, argv, import_store, name=lambda args: f"{p.prog} {args.format}")

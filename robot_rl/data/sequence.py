@@ -17,9 +17,16 @@ from robot_rl.data.episode_store import EpisodeStore
 
 
 class SequenceSampler:
-    def __init__(self, data: dict[str, np.ndarray], episode_ends: np.ndarray, obs_keys: Iterable[str],
-                 action_keys: Iterable[str] = ("action",), obs_horizon: int = 2, action_horizon: int = 16,
-                 action_start: int | None = None):
+    def __init__(
+        self,
+        data: dict[str, np.ndarray],
+        episode_ends: np.ndarray,
+        obs_keys: Iterable[str],
+        action_keys: Iterable[str] = ("action",),
+        obs_horizon: int = 2,
+        action_horizon: int = 16,
+        action_start: int | None = None,
+    ):
         self.obs_keys, self.action_keys = list(obs_keys), list(action_keys)
         for k in [*self.obs_keys, *self.action_keys]:
             if k not in data:
@@ -39,8 +46,14 @@ class SequenceSampler:
         self._act_off = np.arange(self.action_start, self.action_start + self.action_horizon)
 
     @classmethod
-    def from_store(cls, store: EpisodeStore, obs_keys: Iterable[str], action_keys: Iterable[str] = ("action",),
-                   episodes: Iterable[int] | None = None, **kw) -> SequenceSampler:
+    def from_store(
+        cls,
+        store: EpisodeStore,
+        obs_keys: Iterable[str],
+        action_keys: Iterable[str] = ("action",),
+        episodes: Iterable[int] | None = None,
+        **kw,
+    ) -> SequenceSampler:
         """Load the needed keys of (some) episodes into memory."""
         keys = [*obs_keys, *action_keys]
         if episodes is None:

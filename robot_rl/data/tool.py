@@ -1,13 +1,13 @@
 """`robot-rl dataset <command> STORE ...`: look at and edit an episode store.
 
-  list STORE                       one line per episode (length, success, operator, seed, timing health)
-  inspect STORE [EPISODE]          the store's keys/shapes, or one episode's metadata and per-key ranges
-  stats STORE [--keys K ...]       per-key mean/std/min/max over all steps (JSON)
-  delete STORE INDICES             drop episodes, e.g. 3  or 0-4,9  (validated first: a bad index changes nothing)
-  keep STORE [INDICES] [filters]   keep only matching episodes: --success / --failed / --min-length N /
-                                   --max-length N / --operator NAME (filters combine with AND)
-  recover STORE                    commit the steps a crashed recorder left behind as a partial episode
-  drop-partial STORE               forget them instead
+list STORE                       one line per episode (length, success, operator, seed, timing health)
+inspect STORE [EPISODE]          the store's keys/shapes, or one episode's metadata and per-key ranges
+stats STORE [--keys K ...]       per-key mean/std/min/max over all steps (JSON)
+delete STORE INDICES             drop episodes, e.g. 3  or 0-4,9  (validated first: a bad index changes nothing)
+keep STORE [INDICES] [filters]   keep only matching episodes: --success / --failed / --min-length N /
+                                 --max-length N / --operator NAME (filters combine with AND)
+recover STORE                    commit the steps a crashed recorder left behind as a partial episode
+drop-partial STORE               forget them instead
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def parse_indices(text: str, n: int) -> list[int]:
         out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m.group(1) is not None else [int(m.group(3))])
     for i in out:
         if not -n <= i < n:
-            raise IndexError(f"episode index {i} out of range: the store has {n} episodes (0..{n - 1}); "
-                             f"nothing was changed")
+            raise IndexError(
+                f"episode index {i} out of range: the store has {n} episodes (0..{n - 1}); nothing was changed"
+            )
     return [i % n for i in out]
 
 
@@ -59,18 +60,26 @@ def select(store: EpisodeStore, args) -> list[int]:
 
 def _list(store: EpisodeStore) -> None:
     s = store.summary()
-    print(f"{s['path']}: {s['episodes']} episodes, {s['steps']} steps at {s['fps']:g} fps, "
-          f"{s['disk_bytes'] / 2**20:.1f} MiB, success rate {s['success_rate']}")
-    print(f"{'#':>4} {'steps':>6} {'success':>7} {'missed':>6} {'dropped':>7} {'interv':>6} {'seed':>6}  operator  task")
+    print(
+        f"{s['path']}: {s['episodes']} episodes, {s['steps']} steps at {s['fps']:g} fps, "
+        f"{s['disk_bytes'] / 2**20:.1f} MiB, success rate {s['success_rate']}"
+    )
+    print(
+        f"{'#':>4} {'steps':>6} {'success':>7} {'missed':>6} {'dropped':>7} {'interv':>6} {'seed':>6}  operator  task"
+    )
     for i, m in enumerate(store.episodes):
         a, b = store.episode_bounds(i)
         flag = " (partial)" if m.get("partial") else ""
-        print(f"{i:>4} {b - a:>6} {str(m.get('success')):>7} {m.get('missed_ticks', '-'):>6} "
-              f"{m.get('dropped_frames', '-'):>7} {m.get('interventions', '-'):>6} {m.get('seed', '-'):>6}  "
-              f"{m.get('operator', '-')}  {m.get('task', '')}{flag}")
+        print(
+            f"{i:>4} {b - a:>6} {str(m.get('success')):>7} {m.get('missed_ticks', '-'):>6} "
+            f"{m.get('dropped_frames', '-'):>7} {m.get('interventions', '-'):>6} {m.get('seed', '-'):>6}  "
+            f"{m.get('operator', '-')}  {m.get('task', '')}{flag}"
+        )
     if s["pending"]:
         p = s["pending"]
-        print(f"pending: {p['flushed'] - p['start']} steps of an unfinished episode (robot-rl dataset recover|drop-partial)")
+        print(
+            f"pending: {p['flushed'] - p['start']} steps of an unfinished episode (robot-rl dataset recover|drop-partial)"
+        )
 
 
 def _inspect(store: EpisodeStore, episode: int | None) -> None:
@@ -86,8 +95,9 @@ def _inspect(store: EpisodeStore, episode: int | None) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="robot-rl dataset", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="robot-rl dataset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("list", "inspect", "stats", "delete", "keep", "recover", "drop-partial"):
         sp = sub.add_parser(name)

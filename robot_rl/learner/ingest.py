@@ -40,12 +40,12 @@ class IngestConfig:
     """session.learner_ingest (configs/session/sim.yaml, where each is explained); these defaults match it, for
     tests and benchmarks that build one directly."""
 
-    poll_ms: int = 5           # receiver wait per poll: bounds how long a posted ack waits to be sent
-    flush_s: float = 1.0       # zarr write-behind interval
+    poll_ms: int = 5  # receiver wait per poll: bounds how long a posted ack waits to be sent
+    flush_s: float = 1.0  # zarr write-behind interval
     finite_keys: tuple = ("obs.", "reward", "action")  # must be finite ('x.' = every key starting with it)
     quarantine_log_max: int = 10  # quarantined batches described in the log (all are counted)
-    segment_mb: float = 64.0   # ingest-log segment size: a closed segment is deleted once zarr holds it
-    group_mb: float = 8.0      # batches written per fsync at most (what queued meanwhile, up to this size)
+    segment_mb: float = 64.0  # ingest-log segment size: a closed segment is deleted once zarr holds it
+    group_mb: float = 8.0  # batches written per fsync at most (what queued meanwhile, up to this size)
 
     @property
     def group_bytes(self) -> int:
@@ -88,8 +88,17 @@ class Ingest:
     """Owns the receiver and the ingest log; `start()`, then `stop()` (joins). `schema` and `next_expected` are the
     replay's (what it holds, so a restarted learner resumes each (sender, stream) exactly where it ends)."""
 
-    def __init__(self, receiver, ingest_log: IngestLog, run_dir: Path, cfg: IngestConfig, schema: Schema | None,
-                 next_expected: dict, on_durable=None, log_failure: bool = True):
+    def __init__(
+        self,
+        receiver,
+        ingest_log: IngestLog,
+        run_dir: Path,
+        cfg: IngestConfig,
+        schema: Schema | None,
+        next_expected: dict,
+        on_durable=None,
+        log_failure: bool = True,
+    ):
         """`on_durable(lsn)`: called once records below `lsn` are fsynced; `log_failure`: log a storage failure
         here (False: the caller reports `failure` itself, once)."""
         self.receiver, self.log, self.cfg = receiver, ingest_log, cfg
@@ -124,8 +133,10 @@ class Ingest:
 
     # ---------------------------------------------------------------------------------------------- control
     def start(self) -> Ingest:
-        self._threads = [threading.Thread(target=self._receive_loop, name="ingest-receiver"),
-                         threading.Thread(target=self._log_loop, name="ingest-log")]
+        self._threads = [
+            threading.Thread(target=self._receive_loop, name="ingest-receiver"),
+            threading.Thread(target=self._log_loop, name="ingest-log"),
+        ]
         for t in self._threads:
             t.start()
         return self
@@ -192,8 +203,11 @@ class Ingest:
                 self.schema_rejected[key] += len(batch.seqs)
                 msg = f"rejected a batch from {batch.sender_id!r}: its {problem}"
                 if msg not in self.rejections:
-                    log.error("%s (the replay's schema is fixed by its first batch; this sender's transitions "
-                              "are not stored or acknowledged)", msg)
+                    log.error(
+                        "%s (the replay's schema is fixed by its first batch; this sender's transitions "
+                        "are not stored or acknowledged)",
+                        msg,
+                    )
                     self.rejections.append(msg)
                 return
         self._to_log.put(_Pending(batch, stream, t, sum(a.nbytes for a in batch.arrays.values())))
@@ -241,8 +255,9 @@ class Ingest:
                 records.append(Record(b.sender_id, p.stream, b.seqs, b.arrays, int(b.seqs[-1]) + 1))
                 continue
             self._quarantine(b, p.stream, ~ok, bad)
-            records.append(Record(b.sender_id, p.stream, b.seqs[ok], {k: a[ok] for k, a in b.arrays.items()},
-                                  int(b.seqs[-1]) + 1))
+            records.append(
+                Record(b.sender_id, p.stream, b.seqs[ok], {k: a[ok] for k, a in b.arrays.items()}, int(b.seqs[-1]) + 1)
+            )
         try:
             lsns = self.log.append(records)
         except OSError as e:
@@ -275,9 +290,16 @@ class Ingest:
             pass  # the log append right after reports a full disk once
         if self._quarantine_logged < self.cfg.quarantine_log_max:
             self._quarantine_logged += 1
-            log.warning("quarantined %d transition(s) from %s (seq %d..%d): non-finite values in %s; they are "
-                        "acknowledged but never trained on (%s)", len(seqs), batch.sender_id, int(seqs[0]),
-                        int(seqs[-1]), ", ".join(bad), self.run_dir / QUARANTINE_FILE)
+            log.warning(
+                "quarantined %d transition(s) from %s (seq %d..%d): non-finite values in %s; they are "
+                "acknowledged but never trained on (%s)",
+                len(seqs),
+                batch.sender_id,
+                int(seqs[0]),
+                int(seqs[-1]),
+                ", ".join(bad),
+                self.run_dir / QUARANTINE_FILE,
+            )
 
     def fail(self, e: OSError, where: str) -> None:
         kind = "disk_full" if e.errno == errno.ENOSPC else "storage"
@@ -303,12 +325,22 @@ class Ingest:
 
     def stats(self) -> dict:
         """Everything the learner process reports, as plain data (it crosses the process boundary)."""
-        return {"received": dict(self.received), "stored": dict(self.stored), "quarantined": dict(self.quarantined),
-                "schema_rejected": dict(self.schema_rejected), "acked": dict(self.acked),
-                "errors": list(self.errors), "rejections": list(self.rejections), "failure": self.failure, "durable_lsn": self.durable_lsn,
-                "unacked": self.backlog()["unacked"], "latencies": self.window_latencies(),
-                "last_batch_age_s": time.monotonic() - self.last_batch,
-                "duplicates": self.receiver.duplicates, "rejected": self.receiver.rejected}
+        return {
+            "received": dict(self.received),
+            "stored": dict(self.stored),
+            "quarantined": dict(self.quarantined),
+            "schema_rejected": dict(self.schema_rejected),
+            "acked": dict(self.acked),
+            "errors": list(self.errors),
+            "rejections": list(self.rejections),
+            "failure": self.failure,
+            "durable_lsn": self.durable_lsn,
+            "unacked": self.backlog()["unacked"],
+            "latencies": self.window_latencies(),
+            "last_batch_age_s": time.monotonic() - self.last_batch,
+            "duplicates": self.receiver.duplicates,
+            "rejected": self.receiver.rejected,
+        }
 
 
 def percentiles(lat) -> dict[str, float]:

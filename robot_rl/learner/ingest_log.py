@@ -41,6 +41,7 @@ DEFAULT_SEGMENT_BYTES = 64 << 20
 @dataclass
 class Record:
     """One received batch as stored: rows `seqs` (possibly fewer than received) and the stream's `end`."""
+
     sender: str
     stream: object
     seqs: np.ndarray
@@ -65,8 +66,15 @@ def _encode(rec: Record, lsn: int) -> list:
     arrays = {k: np.ascontiguousarray(v) for k, v in rec.arrays.items()}
     seq0 = int(rec.seqs[0]) if len(rec.seqs) else int(rec.end)
     contiguous = len(rec.seqs) == 0 or int(rec.seqs[-1]) - seq0 + 1 == len(rec.seqs)
-    header = {"lsn": lsn, "sender": rec.sender, "stream": rec.stream, "seq": seq0, "n": len(rec.seqs),
-              "end": int(rec.end), "arrays": [[k, a.dtype.str, list(a.shape[1:])] for k, a in arrays.items()]}
+    header = {
+        "lsn": lsn,
+        "sender": rec.sender,
+        "stream": rec.stream,
+        "seq": seq0,
+        "n": len(rec.seqs),
+        "end": int(rec.end),
+        "arrays": [[k, a.dtype.str, list(a.shape[1:])] for k, a in arrays.items()],
+    }
     bufs = [memoryview(a).cast("B") for a in arrays.values()]
     if not contiguous:  # rows were held back from the middle of the batch: store the seqs explicitly
         seqs = np.ascontiguousarray(rec.seqs, dtype=np.int64)
@@ -83,7 +91,7 @@ def _encode(rec: Record, lsn: int) -> list:
 
 def _decode(payload: memoryview) -> Record:
     (hlen,) = _HLEN.unpack_from(payload, 0)
-    h = msgpack.unpackb(payload[_HLEN.size:_HLEN.size + hlen])
+    h = msgpack.unpackb(payload[_HLEN.size : _HLEN.size + hlen])
     off, n, arrays = _HLEN.size + hlen, int(h["n"]), {}
     for name, dtype, shape in h["arrays"]:
         dt = np.dtype(dtype)
@@ -103,10 +111,14 @@ def _scan(path: Path) -> Iterator[Record]:
     off = 0
     while off + _PREFIX.size <= len(data):
         length, crc = _PREFIX.unpack_from(data, off)
-        payload = data[off + _PREFIX.size:off + _PREFIX.size + length]
+        payload = data[off + _PREFIX.size : off + _PREFIX.size + length]
         if len(payload) < length or zlib.crc32(payload) != crc:
-            log.warning("ingest log %s: torn record at byte %d (a crash mid-write): ignoring the rest of the "
-                        "segment, which was never acknowledged", path.name, off)
+            log.warning(
+                "ingest log %s: torn record at byte %d (a crash mid-write): ignoring the rest of the "
+                "segment, which was never acknowledged",
+                path.name,
+                off,
+            )
             return
         yield _decode(payload)
         off += _PREFIX.size + length
@@ -144,7 +156,7 @@ class LogTail:
             off = 0
             while off + _PREFIX.size <= len(data) and (upto_lsn is None or self.next_lsn < upto_lsn):
                 length, crc = _PREFIX.unpack_from(data, off)
-                payload = data[off + _PREFIX.size:off + _PREFIX.size + length]
+                payload = data[off + _PREFIX.size : off + _PREFIX.size + length]
                 if len(payload) < length or zlib.crc32(payload) != crc:
                     break  # being written: read again later (in a closed segment: torn by a crash, skipped)
                 rec = _decode(payload)

@@ -77,8 +77,9 @@ def _child(args: dict, conn, durable) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the learner process stops us, after its drain
     # as robot_rl.config.setup_logging, which would import torch into this small process
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S", force=True
+    )
     parent = os.getppid()
     try:
         receiver = _bind(args)
@@ -92,8 +93,16 @@ def _child(args: dict, conn, durable) -> None:
     def set_durable(lsn: int) -> None:
         durable.value = lsn
 
-    ingest = Ingest(receiver, ilog, Path(args["run_dir"]), cfg, args["schema"], args["next_expected"],
-                    on_durable=set_durable, log_failure=False).start()
+    ingest = Ingest(
+        receiver,
+        ilog,
+        Path(args["run_dir"]),
+        cfg,
+        args["schema"],
+        args["next_expected"],
+        on_durable=set_durable,
+        log_failure=False,
+    ).start()
     conn.send(("ready", None))
     drain_result, reported_failure = "not run", False
     try:
@@ -128,8 +137,16 @@ class IngestService:
     """Learner-process side: rebuilds the replay (zarr + log tail, exactly once), runs the ingest process, feeds
     the replay from the log, writes zarr behind and trims the log. `failure` / `stats()` for the learner."""
 
-    def __init__(self, replay: ReplayBuffer, run_dir: Path, endpoint: str, heartbeat_s: float,
-                 curve_keys_dir: str | None, cfg: IngestConfig, in_process: bool = False):
+    def __init__(
+        self,
+        replay: ReplayBuffer,
+        run_dir: Path,
+        endpoint: str,
+        heartbeat_s: float,
+        curve_keys_dir: str | None,
+        cfg: IngestConfig,
+        in_process: bool = False,
+    ):
         """`in_process`: run the ingest threads in this process instead (what benchmarks compare it with)."""
         self.replay, self.run_dir, self.cfg, self.in_process = replay, Path(run_dir), cfg, in_process
         self.endpoint, self.heartbeat_s, self.curve_keys_dir = endpoint, heartbeat_s, curve_keys_dir
@@ -165,16 +182,25 @@ class IngestService:
 
     # ---------------------------------------------------------------------------------------------- control
     def start(self) -> IngestService:
-        args = {"endpoint": self.endpoint, "heartbeat_s": self.heartbeat_s, "curve_keys_dir": self.curve_keys_dir,
-                "log_dir": str(self.log_dir), "run_dir": str(self.run_dir), "cfg": self.cfg,
-                "schema": self.replay.schema, "next_expected": dict(self.replay.next_expected),
-                "start_lsn": self.replay.lsn}
+        args = {
+            "endpoint": self.endpoint,
+            "heartbeat_s": self.heartbeat_s,
+            "curve_keys_dir": self.curve_keys_dir,
+            "log_dir": str(self.log_dir),
+            "run_dir": str(self.run_dir),
+            "cfg": self.cfg,
+            "schema": self.replay.schema,
+            "next_expected": dict(self.replay.next_expected),
+            "start_lsn": self.replay.lsn,
+        }
         if self.in_process:
             self._start_local(args)
         else:
             self._start_process(args)
-        self._threads = [threading.Thread(target=self._feed_loop, name="replay-feeder"),
-                         threading.Thread(target=self._write_loop, name="zarr-writer")]
+        self._threads = [
+            threading.Thread(target=self._feed_loop, name="replay-feeder"),
+            threading.Thread(target=self._write_loop, name="zarr-writer"),
+        ]
         for t in self._threads:
             t.start()
         return self
@@ -187,8 +213,16 @@ class IngestService:
         def set_durable(lsn: int) -> None:
             self._durable.value = lsn
 
-        self._local = Ingest(self._local_receiver, ilog, self.run_dir, self.cfg, args["schema"],
-                             args["next_expected"], on_durable=set_durable, log_failure=False).start()
+        self._local = Ingest(
+            self._local_receiver,
+            ilog,
+            self.run_dir,
+            self.cfg,
+            args["schema"],
+            args["next_expected"],
+            on_durable=set_durable,
+            log_failure=False,
+        ).start()
 
     def _start_process(self, args: dict) -> None:
         ctx = mp.get_context("spawn")  # no fork of a process holding torch threads and sockets

@@ -80,14 +80,20 @@ class Learner:
 
         # the replay: zarr's committed rows, then the ingest log's records zarr does not hold yet (exactly once)
         self.replay = ReplayBuffer(self.run_dir / "replay.zarr", preallocate_rows=self.s.get("replay_capacity"))
-        self.ingest = IngestService(self.replay, self.run_dir, self.s.endpoints.bind_transitions, self.s.heartbeat_s,
-                                    self.s.curve_keys_dir, IngestConfig.from_session(self.s))
+        self.ingest = IngestService(
+            self.replay,
+            self.run_dir,
+            self.s.endpoints.bind_transitions,
+            self.s.heartbeat_s,
+            self.s.curve_keys_dir,
+            IngestConfig.from_session(self.s),
+        )
         self.from_log = self.ingest.from_log
         if self.from_log:
-            log.info("replay rebuilt: %d rows from zarr + %d from the ingest log", self.replay.disk_rows,
-                     self.from_log)
-        self.algo = make_algorithm(algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device,
-                                   self.run_dir)
+            log.info("replay rebuilt: %d rows from zarr + %d from the ingest log", self.replay.disk_rows, self.from_log)
+        self.algo = make_algorithm(
+            algo_cfg, OmegaConf.to_container(cfg.policy, resolve=True), self.device, self.run_dir
+        )
         keys = load_server_keys(self.s.curve_keys_dir) if self.s.curve_keys_dir else None
         self.publisher = WeightPublisher(self.s.endpoints.bind_weights, curve=keys)
 
@@ -141,8 +147,12 @@ class Learner:
         # tensors and plain containers only: no code is loaded
         self.algo.load_state_dict(torch.load(state_path, weights_only=True, map_location=self.device))
         self.updates = int(pointer["updates"])
-        log.info("resumed from checkpoint: version %d, %d updates, %d stored transitions",
-                 self.version, self.updates, self.replay.size)
+        log.info(
+            "resumed from checkpoint: version %d, %d updates, %d stored transitions",
+            self.version,
+            self.updates,
+            self.replay.size,
+        )
 
     def _checkpoint(self) -> None:
         """One policy directory per published version (the format `robot-rl eval/deploy/export-policy` read),
@@ -153,30 +163,49 @@ class Learner:
             self._refuse_weights(bad, "checkpoint")
             return
         robot = OmegaConf.to_container(self.cfg.robot, resolve=True)
-        robot_info = {"name": robot.get("env_name") or robot.get("lerobot_type") or robot.get("type"),
-                      "config": robot, "task": robot.get("task")}
-        provenance = {"source": "session", "algo": self.cfg.algo.name, "version": self.version,
-                      "updates": self.updates, "replay_rows": self.replay.size, "git": git_hash()}
+        robot_info = {
+            "name": robot.get("env_name") or robot.get("lerobot_type") or robot.get("type"),
+            "config": robot,
+            "task": robot.get("task"),
+        }
+        provenance = {
+            "source": "session",
+            "algo": self.cfg.algo.name,
+            "version": self.version,
+            "updates": self.updates,
+            "replay_rows": self.replay.size,
+            "git": git_hash(),
+        }
 
         def write(directory: Path) -> None:
-            write_policy(directory, self.algo.robot_policy(), robot=robot_info, fps=float(self.s.rate_hz),
-                         provenance=provenance)
+            write_policy(
+                directory, self.algo.robot_policy(), robot=robot_info, fps=float(self.s.rate_hz), provenance=provenance
+            )
             torch.save(self.algo.state_dict(), directory / "algo_state.pt")
 
-        save_checkpoint(self._ckpt_dir, f"v{self.version}", write,
-                        {"version": self.version, "updates": self.updates, "replay_rows": self.replay.size},
-                        keep_last=int(self.s.get("keep_checkpoints", 3) or 0) or None)
+        save_checkpoint(
+            self._ckpt_dir,
+            f"v{self.version}",
+            write,
+            {"version": self.version, "updates": self.updates, "replay_rows": self.replay.size},
+            keep_last=int(self.s.get("keep_checkpoints", 3) or 0) or None,
+        )
 
     def _refuse_weights(self, bad: list[str], what: str) -> None:
         """Non-finite weights: never published or checkpointed; training stops (the data may be fine — a
         learning rate or a reward scale is the usual cause — so the user decides, from the last good state)."""
         self.nonfinite_weights += 1
         if self.training_stopped is None:
-            self.training_stopped = (f"non-finite weights after update {self.updates} ({len(bad)} tensors, e.g. "
-                                     f"{', '.join(bad[:3])}): not {what}ed")
-            log.error("%s. Training stopped; the robots keep weights v%d and checkpoints/ holds the last good "
-                      "state (resume from it with other settings). Transitions are still received and stored.",
-                      self.training_stopped, self.version)
+            self.training_stopped = (
+                f"non-finite weights after update {self.updates} ({len(bad)} tensors, e.g. "
+                f"{', '.join(bad[:3])}): not {what}ed"
+            )
+            log.error(
+                "%s. Training stopped; the robots keep weights v%d and checkpoints/ holds the last good "
+                "state (resume from it with other settings). Transitions are still received and stored.",
+                self.training_stopped,
+                self.version,
+            )
 
     # ----------------------------------------------------------------------------------------------- training
     def publish(self) -> None:
@@ -200,10 +229,13 @@ class Learner:
     def ingest_metrics(self) -> dict[str, float]:
         backlog = self.ingest.backlog()
         utd = self.achieved_utd()
-        return {"learner/utd": float("nan") if utd is None else utd,
-                "learner/backlog_not_in_zarr": backlog["not_in_zarr"], "learner/unacked": backlog["unacked"],
-                **{f"learner/{k}": v for k, v in self.ingest.window_latency().items()},
-                "learner/quarantined": sum(self.ingest.counters("quarantined").values())}
+        return {
+            "learner/utd": float("nan") if utd is None else utd,
+            "learner/backlog_not_in_zarr": backlog["not_in_zarr"],
+            "learner/unacked": backlog["unacked"],
+            **{f"learner/{k}": v for k, v in self.ingest.window_latency().items()},
+            "learner/quarantined": sum(self.ingest.counters("quarantined").values()),
+        }
 
     def _log(self) -> None:
         """Telemetry: tensorboard scalars, one JSON line per interval (metrics.jsonl) and a status line."""
@@ -212,10 +244,19 @@ class Learner:
         rate = (self.updates - u0) / (now - t0) if now > t0 else 0.0
         self._rate = (now, self.updates)
         ingest = self.ingest_metrics()
-        row = {"t": time.time(), "updates": self.updates, "replay": self.replay.size, "version": self.version,
-               "updates_per_s": rate, **ingest, **self.metrics}
-        self._telemetry.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                          for k, v in row.items()}) + "\n")
+        row = {
+            "t": time.time(),
+            "updates": self.updates,
+            "replay": self.replay.size,
+            "version": self.version,
+            "updates_per_s": rate,
+            **ingest,
+            **self.metrics,
+        }
+        self._telemetry.write(
+            json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+            + "\n"
+        )
         self._telemetry.flush()
         if self.writer is not None:
             for k, v in {**self.metrics, **ingest}.items():
@@ -223,9 +264,17 @@ class Learner:
             self.writer.add_scalar("learner/replay_size", self.replay.size, self.updates)
             self.writer.add_scalar("learner/updates_per_s", rate, self.updates)
         q = self.metrics.get("critic/q_mean")
-        log.info("updates %d (%.0f/s, UTD %.2f of %.2f), replay %d, weights v%d, ack p99 %.1f ms%s", self.updates,
-                 rate, ingest["learner/utd"], self.updates_per_transition, self.replay.size, self.version,
-                 ingest["learner/ack_p99_ms"], "" if q is None else f", Q mean {q:.3f}")
+        log.info(
+            "updates %d (%.0f/s, UTD %.2f of %.2f), replay %d, weights v%d, ack p99 %.1f ms%s",
+            self.updates,
+            rate,
+            ingest["learner/utd"],
+            self.updates_per_transition,
+            self.replay.size,
+            self.version,
+            ingest["learner/ack_p99_ms"],
+            "" if q is None else f", Q mean {q:.3f}",
+        )
 
     def _train_step(self) -> bool:
         """One update if one is owed (UTD x trainable transitions); False when there was nothing to do."""
@@ -256,8 +305,12 @@ class Learner:
             os.nice(int(self.s.learner_nice))
         t_start = time.time()
         last_republish = last_log = 0.0
-        log.info("learner ready on %s (weights on %s), device %s", self.s.endpoints.bind_transitions,
-                 self.s.endpoints.bind_weights, self.device)
+        log.info(
+            "learner ready on %s (weights on %s), device %s",
+            self.s.endpoints.bind_transitions,
+            self.s.endpoints.bind_weights,
+            self.device,
+        )
         while not self._stop_requested and self.ingest.failure is None:
             try:
                 trained = self._train_step()
@@ -276,8 +329,9 @@ class Learner:
         # On Ctrl-C the control processes get the same signal and flush their last transitions: the ingest process
         # keeps acknowledging until the stream has been quiet a second (bounded by session.drain_timeout_s).
         failed = self.ingest.failure is not None
-        self.drain_result = self.ingest.stop(drain=not failed, quiet_s=DRAIN_QUIET_S,
-                                             timeout_s=float(self.s.drain_timeout_s))
+        self.drain_result = self.ingest.stop(
+            drain=not failed, quiet_s=DRAIN_QUIET_S, timeout_s=float(self.s.drain_timeout_s)
+        )
         # the ingest process has stopped and the write-behind threads are joined: nothing touches zarr after this
         if self.ingest.failure is not None:
             kind, msg = self.ingest.failure
@@ -300,25 +354,37 @@ class Learner:
         if self.writer is not None:
             self.writer.close()
         if self.exit_code == EXIT_DISK_FULL:
-            log.error("learner stopped: no space left on device under %s (exit code %d); the robots keep what "
-                      "was not acknowledged — free space and resume the session", self.run_dir, self.exit_code)
+            log.error(
+                "learner stopped: no space left on device under %s (exit code %d); the robots keep what "
+                "was not acknowledged — free space and resume the session",
+                self.run_dir,
+                self.exit_code,
+            )
         return summary
 
     def summary(self, wall_s: float) -> dict:
         per_sender = {}
         for sender, seqs in self.replay.seqs_by_sender().items():
-            per_sender[sender] = {"transitions": int(len(seqs)), "unique": int(len(np.unique(seqs))),
-                                  "min_seq": int(seqs.min()), "max_seq": int(seqs.max())}
+            per_sender[sender] = {
+                "transitions": int(len(seqs)),
+                "unique": int(len(np.unique(seqs))),
+                "min_seq": int(seqs.min()),
+                "max_seq": int(seqs.max()),
+            }
         ing = self.ingest
-        counts = {name: ing.counters(name) for name in ("received", "stored", "quarantined", "schema_rejected",
-                                                         "acked")}
+        counts = {
+            name: ing.counters(name) for name in ("received", "stored", "quarantined", "schema_rejected", "acked")
+        }
         streams = {}
         for key in sorted(set(counts["received"]) | set(self.replay.next_expected), key=str):
             streams[f"{key[0]}/{key[1]}"] = {
-                "received": counts["received"].get(key, 0), "stored": counts["stored"].get(key, 0),
+                "received": counts["received"].get(key, 0),
+                "stored": counts["stored"].get(key, 0),
                 "quarantined": counts["quarantined"].get(key, 0),
-                "rejected_schema": counts["schema_rejected"].get(key, 0), "acked_upto": counts["acked"].get(key),
-                "next_expected": self.replay.next_expected.get(key)}
+                "rejected_schema": counts["schema_rejected"].get(key, 0),
+                "acked_upto": counts["acked"].get(key),
+                "next_expected": self.replay.next_expected.get(key),
+            }
         stats = ing.stats()
         utd = self.achieved_utd()
         return {

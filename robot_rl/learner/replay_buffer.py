@@ -40,15 +40,16 @@ from robot_rl.learner.schema import Schema, schema_of, schema_problem  # noqa: F
 COMMIT_FILE = "commit.json"
 SEQ_KEY = "_seq"
 STREAM_KEY = "_stream"
-DEFAULT_STREAM = None     # rows stored before streams existed (and `append` without one): the receiver applies
-                          # this stream's next expected seq to the first stream its sender presents
-MIN_ROWS = 1024           # smallest allocation without a preallocation hint
+DEFAULT_STREAM = None  # rows stored before streams existed (and `append` without one): the receiver applies
+# this stream's next expected seq to the first stream its sender presents
+MIN_ROWS = 1024  # smallest allocation without a preallocation hint
 DOUBLING_LIMIT = 1 << 16  # grow by 2x up to this many rows, by 1.25x beyond
-READ_ROWS = 4096          # rows read from disk at a time when reopening (no whole-column temporary copy)
-SMALL_ROW_BYTES = 4096    # rows smaller than this are chunked `chunk_rows` at a time, bigger ones (images) by 64
+READ_ROWS = 4096  # rows read from disk at a time when reopening (no whole-column temporary copy)
+SMALL_ROW_BYTES = 4096  # rows smaller than this are chunked `chunk_rows` at a time, bigger ones (images) by 64
 BIG_ROW_CHUNK = 64
-CHUNK_BYTES = 1 << 18     # ...or more rows, up to chunks of this size: zarr's cost is per chunk written (a 7-float
-                          # column in 1024-row chunks made write-behind cost ~26 us per transition, half that now)
+CHUNK_BYTES = 1 << 18  # ...or more rows, up to chunks of this size: zarr's cost is per chunk written (a 7-float
+# column in 1024-row chunks made write-behind cost ~26 us per transition, half that now)
+
 
 def next_capacity(cap: int, need: int) -> int:
     """Smallest capacity >= need reached from `cap` by the growth rule: 2x up to 64k rows, then 1.25x."""
@@ -127,7 +128,7 @@ class ReplayBuffer:
                 arr.resize((n, *arr.shape[1:]))
             buf = np.empty((self._capacity_for(0, n), *arr.shape[1:]), dtype=arr.dtype)
             for a in range(0, n, READ_ROWS):
-                buf[a:min(n, a + READ_ROWS)] = arr[a:min(n, a + READ_ROWS)]
+                buf[a : min(n, a + READ_ROWS)] = arr[a : min(n, a + READ_ROWS)]
             self._mem[key] = buf
         if n and STREAM_KEY not in self._mem:  # rows written before streams existed: the default stream
             self._mem[STREAM_KEY] = np.zeros(self._mem[SEQ_KEY].shape[0], np.int32)
@@ -158,13 +159,14 @@ class ReplayBuffer:
         if arr is None:
             if key not in self._group:
                 row_bytes = max(1, buf[:1].nbytes)
-                chunk = max(self.chunk_rows if row_bytes < SMALL_ROW_BYTES else BIG_ROW_CHUNK,
-                            CHUNK_BYTES // row_bytes)
+                chunk = max(self.chunk_rows if row_bytes < SMALL_ROW_BYTES else BIG_ROW_CHUNK, CHUNK_BYTES // row_bytes)
                 self._group.create_array(key, shape=(0, *row_shape), dtype=buf.dtype, chunks=(chunk, *row_shape))
             arr = self._arrays[key] = self._group[key]  # opening reads metadata from disk: once per key
         if arr.shape[1:] != row_shape or arr.dtype != buf.dtype:  # never reshape a column on disk
-            raise ValueError(f"replay column {key!r} on disk is {arr.dtype} {arr.shape[1:]}, refusing to write "
-                             f"{buf.dtype} {row_shape} rows into it")
+            raise ValueError(
+                f"replay column {key!r} on disk is {arr.dtype} {arr.shape[1:]}, refusing to write "
+                f"{buf.dtype} {row_shape} rows into it"
+            )
         if arr.shape[0] != end:
             arr.resize((end, *row_shape))
         arr[start:end] = buf[start:end]
@@ -176,12 +178,15 @@ class ReplayBuffer:
             with self._lock:
                 start, end, lsn = self.disk_rows, self.size, self.lsn
                 cols = dict(self._mem)  # references: rows below `end` never change, growth copies them
-                state = {"rows": end, "keys": sorted(cols), "senders": list(self.senders),
-                         "streams": list(self.streams),
-                         "next_expected": [[s, st, v] for (s, st), v in self.next_expected.items()],
-                         "schema": None if self.schema is None else {k: [d, list(s)] for k, (d, s) in
-                                                                     self.schema.items()},
-                         "lsn": lsn}
+                state = {
+                    "rows": end,
+                    "keys": sorted(cols),
+                    "senders": list(self.senders),
+                    "streams": list(self.streams),
+                    "next_expected": [[s, st, v] for (s, st), v in self.next_expected.items()],
+                    "schema": None if self.schema is None else {k: [d, list(s)] for k, (d, s) in self.schema.items()},
+                    "lsn": lsn,
+                }
                 next_expected = dict(self.next_expected)
             if end == start and lsn == self.disk_lsn:
                 return 0
@@ -219,11 +224,20 @@ class ReplayBuffer:
             return
         problem = schema_problem(self.schema, schema_of(arrays))
         if problem:
-            raise ValueError(f"sender {sender_id!r} sent a batch whose {problem}: every control process feeding "
-                             "one learner must use the same robot observation/action features")
+            raise ValueError(
+                f"sender {sender_id!r} sent a batch whose {problem}: every control process feeding "
+                "one learner must use the same robot observation/action features"
+            )
 
-    def extend(self, sender_id: str, seqs: np.ndarray, arrays: dict[str, np.ndarray], stream=DEFAULT_STREAM,
-               end: int | None = None, lsn: int | None = None) -> int:
+    def extend(
+        self,
+        sender_id: str,
+        seqs: np.ndarray,
+        arrays: dict[str, np.ndarray],
+        stream=DEFAULT_STREAM,
+        end: int | None = None,
+        lsn: int | None = None,
+    ) -> int:
         """Add one batch to the memory columns (not to disk: see `flush`); returns the stream's highest handled
         seq. `end`: the stream's next expected seq after this batch when rows were held back (quarantined) —
         by default the last row's seq + 1. `lsn`: the ingest-log record this batch came from."""
@@ -255,8 +269,7 @@ class ReplayBuffer:
                 self.lsn = max(self.lsn, int(lsn) + 1)
         return int(end) - 1
 
-    def append(self, sender_id: str, seqs: np.ndarray, arrays: dict[str, np.ndarray],
-               stream=DEFAULT_STREAM) -> int:
+    def append(self, sender_id: str, seqs: np.ndarray, arrays: dict[str, np.ndarray], stream=DEFAULT_STREAM) -> int:
         """Store one batch in memory and on disk, synchronously; returns the stream's highest stored seq."""
         upto = self.extend(sender_id, seqs, arrays, stream)
         self.flush()
@@ -290,8 +303,12 @@ class ReplayBuffer:
         with self._lock:
             seq, snd = self._mem[SEQ_KEY][: self.size], self._mem[SENDER_KEY][: self.size]
             stm = self._mem[STREAM_KEY][: self.size]
-            return {(s, st): seq[(snd == i) & (stm == j)] for i, s in enumerate(self.senders)
-                    for j, st in enumerate(self.streams) if ((snd == i) & (stm == j)).any()}
+            return {
+                (s, st): seq[(snd == i) & (stm == j)]
+                for i, s in enumerate(self.senders)
+                for j, st in enumerate(self.streams)
+                if ((snd == i) & (stm == j)).any()
+            }
 
     def seqs_by_sender(self) -> dict[str, np.ndarray]:
         """The stored seqs of each sender (all its streams), in storage order."""

@@ -20,6 +20,8 @@ def schema_problem(expected: Schema, got: Schema) -> str | None:
         return f"keys differ from the replay's (missing {missing}, unexpected {extra})"
     for k, (dtype, shape) in expected.items():
         if got[k] != (dtype, shape):
-            return (f"key {k!r} has dtype {np.dtype(got[k][0]).name} shape {got[k][1]} per transition, but the "
-                    f"replay holds dtype {np.dtype(dtype).name} shape {shape}")
+            return (
+                f"key {k!r} has dtype {np.dtype(got[k][0]).name} shape {got[k][1]} per transition, but the "
+                f"replay holds dtype {np.dtype(dtype).name} shape {shape}"
+            )
     return None

@@ -17,8 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from robot_rl.policies.checkpoint import (FORMAT_VERSION, CheckpointError, copy_policy, find_policy_dir,
-                                          load_policy, read_manifest, write_policy)
+from robot_rl.policies.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    copy_policy,
+    find_policy_dir,
+    load_policy,
+    read_manifest,
+    write_policy,
+)
 
 ArtifactError = CheckpointError  # the name this module used before the one checkpoint format
 __all__ = ["FORMAT_VERSION", "ArtifactError", "export_artifact", "load_artifact", "read_manifest", "main_export"]
@@ -42,8 +49,15 @@ def checkpoint_context(ckpt: Path) -> dict:
     """What a checkpoint knows beyond its weights, found next to it: the training data's fps and robot config
     (from the episode store it was trained on), the training step and the run's git hash. Missing pieces are
     None (e.g. the data was moved)."""
-    out: dict[str, Any] = {"fps": None, "robot_config": None, "robot": None, "task": None, "data": None,
-                           "step": None, "git": None}
+    out: dict[str, Any] = {
+        "fps": None,
+        "robot_config": None,
+        "robot": None,
+        "task": None,
+        "data": None,
+        "step": None,
+        "git": None,
+    }
     state = ckpt / "trainer_state.json"
     if state.is_file():
         try:
@@ -71,13 +85,18 @@ def checkpoint_context(ckpt: Path) -> dict:
             if meta_path.is_file():
                 meta = json.loads(meta_path.read_text())
                 info = meta.get("info") or {}
-                out.update(fps=meta.get("fps"), robot_config=info.get("robot_config"), robot=info.get("robot"),
-                           task=info.get("task"))
+                out.update(
+                    fps=meta.get("fps"),
+                    robot_config=info.get("robot_config"),
+                    robot=info.get("robot"),
+                    task=info.get("task"),
+                )
     return out
 
 
-def export_artifact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                    version: int | None = None) -> dict:
+def export_artifact(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False, version: int | None = None
+) -> dict:
     """Copy the policy files of a checkpoint (run dir, checkpoints/, a policy dir; the newest or `version`) into
     `out_dir`, written under a temporary name and renamed; returns the manifest."""
     src = find_policy_dir(checkpoint, version)
@@ -95,12 +114,21 @@ def export_artifact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
 
             ctx = checkpoint_context(src)
             policy = load_policy(src, device="cpu")
-            manifest = write_policy(tmp, policy, fps=ctx["fps"],
-                                    robot={"name": ctx["robot"], "config": ctx["robot_config"], "task": ctx["task"]},
-                                    provenance={"source": "train", "checkpoint": str(src.resolve()),
-                                                "step": ctx["step"], "git": ctx["git"], "data": ctx["data"],
-                                                "ema": (src / "raw_model.safetensors").exists(),
-                                                "exported_with_git": git_hash()})
+            manifest = write_policy(
+                tmp,
+                policy,
+                fps=ctx["fps"],
+                robot={"name": ctx["robot"], "config": ctx["robot_config"], "task": ctx["task"]},
+                provenance={
+                    "source": "train",
+                    "checkpoint": str(src.resolve()),
+                    "step": ctx["step"],
+                    "git": ctx["git"],
+                    "data": ctx["data"],
+                    "ema": (src / "raw_model.safetensors").exists(),
+                    "exported_with_git": git_hash(),
+                },
+            )
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,13 +143,19 @@ def main_export(argv: list[str] | None = None) -> int:
     """`robot-rl export-policy CHECKPOINT OUT_DIR [--version N] [--overwrite]`."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="robot-rl export-policy",
-                                 description="Write a deployment artefact (manifest.json + policy.safetensors [+ base/]) "
-                                             "that loads without hydra/omegaconf/the training code.")
+    ap = argparse.ArgumentParser(
+        prog="robot-rl export-policy",
+        description="Write a deployment artefact (manifest.json + policy.safetensors [+ base/]) "
+        "that loads without hydra/omegaconf/the training code.",
+    )
     ap.add_argument("checkpoint", help="a train/distill/session run directory, its checkpoints/, or a policy directory")
     ap.add_argument("out_dir", help="artefact directory to create")
-    ap.add_argument("--version", type=int, default=None,
-                    help="a session's weights version (v<N>) or a training step (step_<N>) instead of the newest")
+    ap.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="a session's weights version (v<N>) or a training step (step_<N>) instead of the newest",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artefact directory")
     args = ap.parse_args(argv)
     try:
@@ -133,8 +167,10 @@ def main_export(argv: list[str] | None = None) -> int:
     t = m.get("training") or {}
     at = f"version {t['version']}" if t.get("version") is not None else f"step {t.get('step')}"
     base = f" on a frozen {m['base']['kind']} base" if m.get("base") else ""
-    print(f"exported {m['kind']} policy{base} ({m['weights']['num_parameters']:,} parameters, {at}) for {robot} to "
-          f"{args.out_dir}\n  sha256 {m['weights']['sha256']}\n  deploy: robot-rl deploy deploy.checkpoint={args.out_dir}")
+    print(
+        f"exported {m['kind']} policy{base} ({m['weights']['num_parameters']:,} parameters, {at}) for {robot} to "
+        f"{args.out_dir}\n  sha256 {m['weights']['sha256']}\n  deploy: robot-rl deploy deploy.checkpoint={args.out_dir}"
+    )
     return 0
 
 

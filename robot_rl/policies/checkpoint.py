@@ -88,8 +88,13 @@ def feature(d: dict) -> Feature:
     def arr(v):
         return None if v is None else np.asarray([np.nan if e is None else e for e in v], dtype=np.float64)
 
-    return Feature(tuple(int(s) for s in d["shape"]), str(d.get("dtype", "float32")), names=d.get("names"),
-                   low=arr(d.get("low")), high=arr(d.get("high")))
+    return Feature(
+        tuple(int(s) for s in d["shape"]),
+        str(d.get("dtype", "float32")),
+        names=d.get("names"),
+        low=arr(d.get("low")),
+        high=arr(d.get("high")),
+    )
 
 
 def plain_config(cfg) -> dict:
@@ -114,8 +119,10 @@ def policy_features(policy) -> dict:
     """The observation features (plain names) a BC policy reads and its action feature."""
     if isinstance(policy, DiffusionPolicy):
         return policy.features_dict()
-    return {"obs": {k: Feature((d,)).to_dict() for k, d in zip(policy.obs_keys, policy.obs_dims)},
-            "action": Feature((int(policy.action_low.shape[0]),)).to_dict()}
+    return {
+        "obs": {k: Feature((d,)).to_dict() for k, d in zip(policy.obs_keys, policy.obs_dims)},
+        "action": Feature((int(policy.action_low.shape[0]),)).to_dict(),
+    }
 
 
 # ----------------------------------------------------------------------------------- what a policy is (kinds)
@@ -136,30 +143,65 @@ def describe(policy) -> dict:
     _, ResidualPolicy, _, SACPolicy = _residual_and_sac()  # noqa: N806
     if isinstance(policy, DiffusionPolicy):
         c = policy.cfg
-        return {"kind": "diffusion", "config": {**c.to_dict(), "obs_keys": list(policy.obs_keys)},
-                **policy.features_dict(), "obs_horizon": c.obs_horizon, "action_horizon": c.action_horizon,
-                "n_action_steps": c.n_action_steps,
-                "scheduler": {"inference": c.inference_scheduler,
-                              "num_inference_steps": c.num_inference_steps or c.num_train_timesteps,
-                              "num_train_timesteps": c.num_train_timesteps, "beta_schedule": c.beta_schedule,
-                              "prediction_type": c.prediction_type, "clip_sample": c.clip_sample}}
+        return {
+            "kind": "diffusion",
+            "config": {**c.to_dict(), "obs_keys": list(policy.obs_keys)},
+            **policy.features_dict(),
+            "obs_horizon": c.obs_horizon,
+            "action_horizon": c.action_horizon,
+            "n_action_steps": c.n_action_steps,
+            "scheduler": {
+                "inference": c.inference_scheduler,
+                "num_inference_steps": c.num_inference_steps or c.num_train_timesteps,
+                "num_train_timesteps": c.num_train_timesteps,
+                "beta_schedule": c.beta_schedule,
+                "prediction_type": c.prediction_type,
+                "clip_sample": c.clip_sample,
+            },
+        }
     if isinstance(policy, MLPPolicy):
         hidden = [m.out_features for m in policy.net if isinstance(m, torch.nn.Linear)][:-1]
-        return {"kind": "mlp", "config": {"hidden": hidden, "obs_keys": list(policy.obs_keys)},
-                **policy_features(policy), "obs_horizon": 1, "action_horizon": 1, "n_action_steps": 1, "scheduler": None}
-    kind = "residual" if isinstance(policy, ResidualPolicy) else "sac" if SACPolicy and isinstance(policy, SACPolicy) else None
+        return {
+            "kind": "mlp",
+            "config": {"hidden": hidden, "obs_keys": list(policy.obs_keys)},
+            **policy_features(policy),
+            "obs_horizon": 1,
+            "action_horizon": 1,
+            "n_action_steps": 1,
+            "scheduler": None,
+        }
+    kind = (
+        "residual"
+        if isinstance(policy, ResidualPolicy)
+        else "sac"
+        if SACPolicy and isinstance(policy, SACPolicy)
+        else None
+    )
     if kind is None:
-        raise CheckpointError(f"{type(policy).__name__} is not a policy this checkpoint format knows ({', '.join(KINDS)})")
+        raise CheckpointError(
+            f"{type(policy).__name__} is not a policy this checkpoint format knows ({', '.join(KINDS)})"
+        )
     model = policy.model
     cfg = dict(model.config)
-    out = {"kind": kind, "config": cfg,
-           "obs": {k: f.to_dict() for k, f in model.obs_features.items()},
-           "action": Feature((cfg["action_dim"],)).to_dict(), "obs_horizon": 1, "action_horizon": 1,
-           "n_action_steps": 1, "scheduler": None}
+    out = {
+        "kind": kind,
+        "config": cfg,
+        "obs": {k: f.to_dict() for k, f in model.obs_features.items()},
+        "action": Feature((cfg["action_dim"],)).to_dict(),
+        "obs_horizon": 1,
+        "action_horizon": 1,
+        "n_action_steps": 1,
+        "scheduler": None,
+    }
     if kind == "residual":  # the robot runs base + residual: the base's own horizons and observations count too
         base = describe(policy.base)
-        out.update(obs={**base["obs"], **out["obs"]}, action=base["action"], obs_horizon=base["obs_horizon"],
-                   action_horizon=base["action_horizon"], n_action_steps=base["n_action_steps"])
+        out.update(
+            obs={**base["obs"], **out["obs"]},
+            action=base["action"],
+            obs_horizon=base["obs_horizon"],
+            action_horizon=base["action_horizon"],
+            n_action_steps=base["n_action_steps"],
+        )
     return out
 
 
@@ -174,8 +216,12 @@ def _build(manifest: dict, directory: Path, device: torch.device):
         return DiffusionPolicy(DiffusionConfig.from_dict(cfg), {k: obs[k] for k in cfg["obs_keys"]}, action)
     if kind == "mlp":
         keys = list(cfg.get("obs_keys") or obs)
-        return MLPPolicy(keys, [int(np.prod(obs[k].shape)) for k in keys], int(np.prod(action.shape)),
-                         [int(h) for h in cfg["hidden"]])
+        return MLPPolicy(
+            keys,
+            [int(np.prod(obs[k].shape)) for k in keys],
+            int(np.prod(action.shape)),
+            [int(h) for h in cfg["hidden"]],
+        )
     ResidualModel, ResidualPolicy, SACModel, SACPolicy = _residual_and_sac()  # noqa: N806
     if kind == "residual":
         base = load_policy(directory / manifest.get("base", {}).get("dir", BASE_DIR), device)
@@ -198,8 +244,14 @@ def _weights_module(policy) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_policy(directory: str | os.PathLike, policy, *, robot: dict | None = None, fps: float | None = None,
-                 provenance: dict | None = None) -> dict:
+def write_policy(
+    directory: str | os.PathLike,
+    policy,
+    *,
+    robot: dict | None = None,
+    fps: float | None = None,
+    provenance: dict | None = None,
+) -> dict:
     """Write `policy.safetensors` + `manifest.json` (+ `base/` for a residual policy) into `directory`.
 
     `robot`: {"name", "config", "task"} of the robot the policy drives; `provenance`: where it came from
@@ -213,18 +265,31 @@ def write_policy(directory: str | os.PathLike, policy, *, robot: dict | None = N
     if info["kind"] == "residual":
         base_src = getattr(policy.base, "checkpoint_dir", None)  # set by load_policy: copy it as it was written
         has_manifest = base_src is not None and (Path(base_src) / MANIFEST).is_file()
-        base_manifest = copy_policy(base_src, directory / BASE_DIR, link=True) if has_manifest else write_policy(
-            directory / BASE_DIR, policy.base, robot=robot, fps=fps)
+        base_manifest = (
+            copy_policy(base_src, directory / BASE_DIR, link=True)
+            if has_manifest
+            else write_policy(directory / BASE_DIR, policy.base, robot=robot, fps=fps)
+        )
         base = {"dir": BASE_DIR, "kind": base_manifest["kind"], "sha256": base_manifest["weights"]["sha256"]}
-    manifest = json_safe({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **info, "base": base, "fps": fps,
-        "robot": {"name": None, "config": None, "task": None, **(robot or {})},
-        "training": dict(provenance or {}),
-        "weights": {"file": WEIGHTS, "sha256": sha256_file(directory / WEIGHTS),
-                    "bytes": (directory / WEIGHTS).stat().st_size, "num_tensors": len(state),
-                    "num_parameters": int(sum(p.numel() for p in _weights_module(policy).parameters()))},
-    })
+    manifest = json_safe(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **info,
+            "base": base,
+            "fps": fps,
+            "robot": {"name": None, "config": None, "task": None, **(robot or {})},
+            "training": dict(provenance or {}),
+            "weights": {
+                "file": WEIGHTS,
+                "sha256": sha256_file(directory / WEIGHTS),
+                "bytes": (directory / WEIGHTS).stat().st_size,
+                "num_tensors": len(state),
+                "num_parameters": int(sum(p.numel() for p in _weights_module(policy).parameters())),
+            },
+        }
+    )
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False))
     os.replace(tmp, directory / MANIFEST)
@@ -253,8 +318,13 @@ def copy_policy(src: str | os.PathLike, dst: str | os.PathLike, link: bool = Fal
     return manifest
 
 
-def save_checkpoint(root: str | os.PathLike, name: str, write: Callable[[Path], None], pointer: dict | None = None,
-                    keep_last: int | None = None) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike,
+    name: str,
+    write: Callable[[Path], None],
+    pointer: dict | None = None,
+    keep_last: int | None = None,
+) -> Path:
     """`write(tmp)` fills `root/.<name>.tmp`, which is renamed to `root/<name>`; then `root/latest` is replaced
     atomically. A crash never leaves `latest` pointing at a half-written checkpoint. Older checkpoints beyond
     `keep_last` (by modification order of their names in `latest` history) are removed."""
@@ -270,8 +340,9 @@ def save_checkpoint(root: str | os.PathLike, name: str, write: Callable[[Path], 
     os.replace(tmp, final)
     _write_json_atomic(root / POINTER, {"path": name, **(pointer or {})})
     if keep_last:
-        done = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      key=lambda p: p.stat().st_mtime)
+        done = sorted(
+            (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime
+        )
         for old in done[: max(0, len(done) - int(keep_last))]:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -328,22 +399,32 @@ def find_policy_dir(path: str | os.PathLike, version: int | None = None) -> Path
                 f"{root} is a session checkpoint written before robot_rl's one checkpoint format (weights without a "
                 f"manifest cannot be rebuilt alone). Convert it by resuming the session for one episode: "
                 f"`robot-rl session hydra.run.dir=<that run> session.resume=true session.episodes=<done + 1>`; "
-                f"its next publish writes learner/checkpoints/v<n>/ in the current format")
+                f"its next publish writes learner/checkpoints/v<n>/ in the current format"
+            )
     if version is not None:
-        available = sorted(p.name for root in _checkpoint_roots(path) if root.is_dir() for p in root.iterdir()
-                           if (p / MANIFEST).is_file() or _is_legacy_train_dir(p))
+        available = sorted(
+            p.name
+            for root in _checkpoint_roots(path)
+            if root.is_dir()
+            for p in root.iterdir()
+            if (p / MANIFEST).is_file() or _is_legacy_train_dir(p)
+        )
         raise CheckpointError(f"{path} has no checkpoint for version {version}; available: {available or 'none'}")
-    raise CheckpointError(f"{path} is not a policy checkpoint: no {MANIFEST} there, and no checkpoints/latest, "
-                          f"learner/checkpoints/latest under it (a `robot-rl train`/`distill`/`session` run dir, "
-                          f"its checkpoints/ or an export-policy artefact)")
+    raise CheckpointError(
+        f"{path} is not a policy checkpoint: no {MANIFEST} there, and no checkpoints/latest, "
+        f"learner/checkpoints/latest under it (a `robot-rl train`/`distill`/`session` run dir, "
+        f"its checkpoints/ or an export-policy artefact)"
+    )
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of a policy directory, format and version checked; version-1 artefacts are read as v2."""
     mpath = Path(path) / MANIFEST
     if not mpath.is_file():
-        raise CheckpointError(f"{path} is not a policy directory (no {MANIFEST}); make one with "
-                              f"`robot-rl export-policy CHECKPOINT {path}`")
+        raise CheckpointError(
+            f"{path} is not a policy directory (no {MANIFEST}); make one with "
+            f"`robot-rl export-policy CHECKPOINT {path}`"
+        )
     try:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
@@ -356,8 +437,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(version, int):
         raise CheckpointError(f"{mpath}: format_version missing or not an integer ({version!r})")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this robot_rl reads (up to "
-                              f"{FORMAT_VERSION}): upgrade robot_rl here, or export the policy with this robot_rl")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is newer than this robot_rl reads (up to "
+            f"{FORMAT_VERSION}): upgrade robot_rl here, or export the policy with this robot_rl"
+        )
     if version < 1:
         raise CheckpointError(f"{path}: checkpoint format version {version} is not supported; re-export the policy")
     return manifest
@@ -373,9 +456,11 @@ def verify(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: weights file {wpath.name} is missing; copy the whole policy directory")
     digest = sha256_file(wpath)
     if digest != w.get("sha256"):
-        raise CheckpointError(f"{wpath}: sha256 mismatch (file {digest[:16]}..., manifest {str(w.get('sha256'))[:16]}"
-                              f"...): the weights were modified or corrupted after they were written; copy the "
-                              f"policy again or re-export it")
+        raise CheckpointError(
+            f"{wpath}: sha256 mismatch (file {digest[:16]}..., manifest {str(w.get('sha256'))[:16]}"
+            f"...): the weights were modified or corrupted after they were written; copy the "
+            f"policy again or re-export it"
+        )
     if manifest.get("base"):
         base = verify(path / manifest["base"]["dir"])
         if base["weights"]["sha256"] != manifest["base"]["sha256"]:
@@ -397,15 +482,25 @@ def _load_legacy_train_dir(ckpt: Path, device: torch.device, weights: str):
         policy_cfg = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("policy") or {}
     feats = json.loads(meta["features"])
     kind = meta.get("policy_type") or policy_cfg.get("type") or "diffusion"
-    manifest = {"kind": kind, "config": {k: v for k, v in policy_cfg.items() if k != "type"}, "obs": feats["obs"],
-                "action": feats["action"], "base": None, "legacy": True}
+    manifest = {
+        "kind": kind,
+        "config": {k: v for k, v in policy_cfg.items() if k != "type"},
+        "obs": feats["obs"],
+        "action": feats["action"],
+        "base": None,
+        "legacy": True,
+    }
     policy = _build(manifest, ckpt, device)
     policy.load_state_dict(load_file(str(path)))
     return policy, manifest
 
 
-def load_policy(checkpoint: str | os.PathLike, device: str | torch.device = "auto", version: int | None = None,
-                weights: str = "policy"):
+def load_policy(
+    checkpoint: str | os.PathLike,
+    device: str | torch.device = "auto",
+    version: int | None = None,
+    weights: str = "policy",
+):
     """Rebuild a policy in eval mode from any checkpoint: a policy directory, artefact, run or checkpoints dir
     (the newest, or `version`). The manifest is attached as `policy.manifest`, the directory as
     `policy.checkpoint_dir`. `weights="raw"` loads the optimised (non-EMA) weights a training checkpoint kept."""

@@ -85,9 +85,19 @@ class Plan:
         return self.start + len(self.actions)
 
 
-def blend_chunk(old: Plan | None, rows: np.ndarray, obs_tick: int, first: int, *, blend: str = "ensemble",
-                ensemble_k: float = 0.01, crossfade_steps: int = 4, max_action_age: int | None = None,
-                replan_every: int = 1, generation: int = 0) -> Plan | None:
+def blend_chunk(
+    old: Plan | None,
+    rows: np.ndarray,
+    obs_tick: int,
+    first: int,
+    *,
+    blend: str = "ensemble",
+    ensemble_k: float = 0.01,
+    crossfade_steps: int = 4,
+    max_action_age: int | None = None,
+    replan_every: int = 1,
+    generation: int = 0,
+) -> Plan | None:
     """The plan after a new chunk arrives. `rows[i]` is the chunk's action for tick `obs_tick + i`; ticks
     before `first` are past (skipped) and rows at age >= `max_action_age` are not valid. None if nothing of the
     chunk is usable (it arrived after its whole validity)."""
@@ -97,7 +107,7 @@ def blend_chunk(old: Plan | None, rows: np.ndarray, obs_tick: int, first: int, *
     first = max(first, obs_tick)
     if first >= end_new:
         return None
-    new = rows[first - obs_tick:end_new - obs_tick].astype(np.float64)
+    new = rows[first - obs_tick : end_new - obs_tick].astype(np.float64)
     soft_end = obs_tick + replan_every
     if old is not None and old.generation == generation and old.end > first:
         end = max(old.end, end_new)
@@ -170,11 +180,25 @@ class AsyncChunkRunner:
     """See the module docstring. `start()` before the first episode, `reset()` at every episode start (optionally
     `prime(obs)` to have the first chunk before the clock starts), `stop()` at the end."""
 
-    def __init__(self, policy, rate_hz: float, *, blend: str = "ensemble", ensemble_k: float = 0.01,
-                 crossfade_steps: int = 4, prefetch_margin: int | None = None, replan_every: int | None = None,
-                 max_action_age: int | None = None, num_inference_steps: int | None = None,
-                 synchronous: bool = False, seed: int | None = 0, torch_threads: int | None = None,
-                 warmup: int = 1, obs_keys: list[str] | None = None, history: int = 10_000):
+    def __init__(
+        self,
+        policy,
+        rate_hz: float,
+        *,
+        blend: str = "ensemble",
+        ensemble_k: float = 0.01,
+        crossfade_steps: int = 4,
+        prefetch_margin: int | None = None,
+        replan_every: int | None = None,
+        max_action_age: int | None = None,
+        num_inference_steps: int | None = None,
+        synchronous: bool = False,
+        seed: int | None = 0,
+        torch_threads: int | None = None,
+        warmup: int = 1,
+        obs_keys: list[str] | None = None,
+        history: int = 10_000,
+    ):
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
         if not (isinstance(rate_hz, (int, float)) and math.isfinite(rate_hz) and rate_hz > 0):
@@ -193,13 +217,16 @@ class AsyncChunkRunner:
             if self.rows_from_now < 1:
                 raise ValueError(f"policy: action_horizon ({self.action_horizon}) < obs_horizon ({self.obs_horizon})")
             if not 1 <= self.replan_every <= self.rows_from_now:
-                raise ValueError(f"replan_every must be in 1..{self.rows_from_now} (the chunk's rows from 'now' on), "
-                                 f"got {self.replan_every}")
+                raise ValueError(
+                    f"replan_every must be in 1..{self.rows_from_now} (the chunk's rows from 'now' on), "
+                    f"got {self.replan_every}"
+                )
             if self.max_action_age < 1:
                 raise ValueError(f"max_action_age must be >= 1 tick, got {self.max_action_age}")
         if prefetch_margin is not None and int(prefetch_margin) < 0:
-            raise ValueError(f"prefetch_margin must be >= 0 ticks (or null: from the measured latency), got "
-                             f"{prefetch_margin!r}")
+            raise ValueError(
+                f"prefetch_margin must be >= 0 ticks (or null: from the measured latency), got {prefetch_margin!r}"
+            )
         self.prefetch_margin = None if prefetch_margin is None else int(prefetch_margin)
         self.num_inference_steps = num_inference_steps
         self.seed = seed
@@ -248,8 +275,10 @@ class AsyncChunkRunner:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("the inference thread did not stop within %.0f s (inference still running); leaving it "
-                            "as a daemon", timeout)
+                log.warning(
+                    "the inference thread did not stop within %.0f s (inference still running); leaving it as a daemon",
+                    timeout,
+                )
             self._thread = None
 
     def __enter__(self):
@@ -395,14 +424,24 @@ class AsyncChunkRunner:
         with torch.inference_mode():
             chunk = self.policy.predict_chunk(batch, generator=self._generator, **kw)
         chunk = chunk[0].detach().to("cpu").numpy() if torch.is_tensor(chunk) else np.asarray(chunk)[0]
-        return chunk[self.obs_horizon - 1:].astype(np.float32)  # row 0 = the action for the observation's tick
+        return chunk[self.obs_horizon - 1 :].astype(np.float32)  # row 0 = the action for the observation's tick
 
-    def _install(self, rows: np.ndarray, obs_tick: int, generation: int, latency: float,
-                 first: int | None = None) -> None:
+    def _install(
+        self, rows: np.ndarray, obs_tick: int, generation: int, latency: float, first: int | None = None
+    ) -> None:
         first = self._last_pulled + 1 if first is None else first
-        plan = blend_chunk(self._plan, rows, obs_tick, first, blend=self.blend, ensemble_k=self.ensemble_k,
-                           crossfade_steps=self.crossfade_steps, max_action_age=self.max_action_age,
-                           replan_every=self.replan_every, generation=generation)
+        plan = blend_chunk(
+            self._plan,
+            rows,
+            obs_tick,
+            first,
+            blend=self.blend,
+            ensemble_k=self.ensemble_k,
+            crossfade_steps=self.crossfade_steps,
+            max_action_age=self.max_action_age,
+            replan_every=self.replan_every,
+            generation=generation,
+        )
         delay = max(0, first - obs_tick)
         with self._lock:
             if generation != self._generation:  # the episode ended while this chunk was computed
@@ -418,11 +457,22 @@ class AsyncChunkRunner:
         self._latencies.append(latency)
         self._recent.append(latency)
         self._delays.append(delay)
-        entry = {"obs_tick": int(obs_tick), "first_tick": int(first), "delay_ticks": int(delay),
-                 "latency_ms": latency * 1e3, "usable": plan is not None, "episode": int(generation)}
+        entry = {
+            "obs_tick": int(obs_tick),
+            "first_tick": int(first),
+            "delay_ticks": int(delay),
+            "latency_ms": latency * 1e3,
+            "usable": plan is not None,
+            "episode": int(generation),
+        }
         self.chunk_log.append(entry)
-        log.debug("chunk from tick %d: %.1f ms, delay %d ticks%s", obs_tick, latency * 1e3, delay,
-                  "" if plan is not None else " (all rows past their validity: unused)")
+        log.debug(
+            "chunk from tick %d: %.1f ms, delay %d ticks%s",
+            obs_tick,
+            latency * 1e3,
+            delay,
+            "" if plan is not None else " (all rows past their validity: unused)",
+        )
 
     def _run(self) -> None:
         while not self._stopping:
@@ -466,8 +516,16 @@ class AsyncChunkRunner:
             self._latencies.append(latency)
             self._recent.append(latency)
             self._delays.append(0)
-            self.chunk_log.append({"obs_tick": int(tick), "first_tick": int(tick), "delay_ticks": 0,
-                                   "latency_ms": latency * 1e3, "usable": True, "episode": self._generation})
+            self.chunk_log.append(
+                {
+                    "obs_tick": int(tick),
+                    "first_tick": int(tick),
+                    "delay_ticks": 0,
+                    "latency_ms": latency * 1e3,
+                    "usable": True,
+                    "episode": self._generation,
+                }
+            )
         self.ticks_served += 1
         return np.asarray(action, dtype=np.float32)
 
@@ -509,13 +567,14 @@ def encode_message(header: dict, arrays: Mapping[str, np.ndarray] | None = None)
 
 def decode_message(buf: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     n = int.from_bytes(buf[:4], "little")
-    header = json.loads(buf[4:4 + n])
+    header = json.loads(buf[4 : 4 + n])
     arrays, offset = {}, 4 + n
     for key, dtype, shape in header.pop("arrays"):
         dt = np.dtype(dtype)
         size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        arrays[key] = np.frombuffer(buf, dtype=dt, count=size // dt.itemsize if dt.itemsize else 0,
-                                    offset=offset).reshape(shape)
+        arrays[key] = np.frombuffer(
+            buf, dtype=dt, count=size // dt.itemsize if dt.itemsize else 0, offset=offset
+        ).reshape(shape)
         offset += size
     return header, arrays
 
@@ -534,11 +593,18 @@ def _predictor_main(fd_in: int, fd_out: int, loader: str, kwargs: dict, torch_th
         torch.set_num_threads(int(torch_threads))
         module, fn = loader.split(":")
         policy = getattr(importlib.import_module(module), fn)(**kwargs)
-        conn_out.send_bytes(encode_message({"op": "ready", "obs_keys": list(policy.obs_keys),
-                                            "obs_horizon": int(_policy_attr(policy, "obs_horizon", 1)),
-                                            "action_horizon": int(_policy_attr(policy, "action_horizon", 1)),
-                                            "n_action_steps": int(_policy_attr(policy, "n_action_steps", 1)),
-                                            "device": str(getattr(policy, "device", "cpu"))}))
+        conn_out.send_bytes(
+            encode_message(
+                {
+                    "op": "ready",
+                    "obs_keys": list(policy.obs_keys),
+                    "obs_horizon": int(_policy_attr(policy, "obs_horizon", 1)),
+                    "action_horizon": int(_policy_attr(policy, "action_horizon", 1)),
+                    "n_action_steps": int(_policy_attr(policy, "n_action_steps", 1)),
+                    "device": str(getattr(policy, "device", "cpu")),
+                }
+            )
+        )
     except BaseException:  # noqa: BLE001 - sent to the parent, which raises it
         conn_out.send_bytes(encode_message({"op": "error", "traceback": traceback.format_exc()}))
         return
@@ -568,8 +634,15 @@ class ProcessPredictor:
     policy for AsyncChunkRunner. `loader` ("module:function") is called in the child with `kwargs` and returns
     the policy. `nice` lowers the child's CPU priority (the loop's process keeps the CPU when it is short)."""
 
-    def __init__(self, loader: str, kwargs: dict | None = None, *, torch_threads: int | None = None, nice: int = 0,
-                 start_timeout_s: float = 180.0):
+    def __init__(
+        self,
+        loader: str,
+        kwargs: dict | None = None,
+        *,
+        torch_threads: int | None = None,
+        nice: int = 0,
+        start_timeout_s: float = 180.0,
+    ):
         import subprocess
         from multiprocessing.connection import Connection
 
@@ -577,11 +650,20 @@ class ProcessPredictor:
         # or a GL context, no re-import of the caller's __main__; config as JSON, arrays as raw bytes on two pipes
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
-        spec = {"fd_in": req_r, "fd_out": resp_w, "loader": loader, "kwargs": dict(kwargs or {}),
-                "torch_threads": int(torch_threads or default_torch_threads()), "nice": int(nice)}
+        spec = {
+            "fd_in": req_r,
+            "fd_out": resp_w,
+            "loader": loader,
+            "kwargs": dict(kwargs or {}),
+            "torch_threads": int(torch_threads or default_torch_threads()),
+            "nice": int(nice),
+        }
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", "robot_rl.policies.chunking", "--worker",
-                                           json.dumps(spec)], pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "robot_rl.policies.chunking", "--worker", json.dumps(spec)],
+                pass_fds=(req_r, resp_w),
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             os.close(req_r)
             os.close(resp_w)
@@ -601,8 +683,11 @@ class ProcessPredictor:
             self.close()
             raise RuntimeError(f"the inference process could not load the policy:\n{header['traceback']}")
         self.obs_keys = header["obs_keys"]
-        self.cfg = SimpleNamespace(obs_horizon=header["obs_horizon"], action_horizon=header["action_horizon"],
-                                   n_action_steps=header["n_action_steps"])
+        self.cfg = SimpleNamespace(
+            obs_horizon=header["obs_horizon"],
+            action_horizon=header["action_horizon"],
+            n_action_steps=header["n_action_steps"],
+        )
         self.device_name = header["device"]
 
     def set_seed(self, seed: int) -> None:
@@ -613,12 +698,14 @@ class ProcessPredictor:
         with self._lock:
             seed, self._seed = self._seed, None
             try:
-                self._conn_out.send_bytes(encode_message({"op": "predict", "seed": seed,
-                                                          "num_inference_steps": num_inference_steps}, arrays))
+                self._conn_out.send_bytes(
+                    encode_message({"op": "predict", "seed": seed, "num_inference_steps": num_inference_steps}, arrays)
+                )
                 header, out = decode_message(self._conn_in.recv_bytes())  # blocks without the GIL
             except (EOFError, BrokenPipeError):
-                raise RuntimeError(f"the inference process (pid {self.pid}) died "
-                                   f"(exit code {self._proc.poll()})") from None
+                raise RuntimeError(
+                    f"the inference process (pid {self.pid}) died (exit code {self._proc.poll()})"
+                ) from None
         if header["op"] == "error":
             raise RuntimeError(f"inference process error:\n{header['traceback']}")
         return torch.from_numpy(np.array(out["chunk"]))

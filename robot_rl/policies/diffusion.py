@@ -104,13 +104,17 @@ class DiffusionConfig:
         if self.obs_horizon < 1 or self.action_horizon < 1 or self.n_action_steps < 1:
             raise ValueError("policy.obs_horizon, action_horizon and n_action_steps must be >= 1")
         if self.obs_horizon - 1 + self.n_action_steps > self.action_horizon:
-            raise ValueError(f"policy: obs_horizon - 1 + n_action_steps ({self.obs_horizon - 1 + self.n_action_steps})"
-                             f" must not exceed action_horizon ({self.action_horizon}): the executed actions are "
-                             f"rows obs_horizon-1 .. obs_horizon-2+n_action_steps of the chunk")
+            raise ValueError(
+                f"policy: obs_horizon - 1 + n_action_steps ({self.obs_horizon - 1 + self.n_action_steps})"
+                f" must not exceed action_horizon ({self.action_horizon}): the executed actions are "
+                f"rows obs_horizon-1 .. obs_horizon-2+n_action_steps of the chunk"
+            )
         factor = 2 ** (len(self.down_dims) - 1)
         if not self.down_dims or self.action_horizon % factor:
-            raise ValueError(f"policy.action_horizon ({self.action_horizon}) must be divisible by "
-                             f"2^(len(down_dims)-1) = {factor} (the UNet halves the chunk length per level)")
+            raise ValueError(
+                f"policy.action_horizon ({self.action_horizon}) must be divisible by "
+                f"2^(len(down_dims)-1) = {factor} (the UNet halves the chunk length per level)"
+            )
         if self.inference_scheduler not in ("ddim", "ddpm"):
             raise ValueError(f"policy.inference_scheduler must be ddim or ddpm, got {self.inference_scheduler!r}")
         if self.prediction_type not in ("epsilon", "sample"):
@@ -141,8 +145,9 @@ class Conv1dBlock(nn.Sequential):
     """Conv1d -> GroupNorm -> Mish."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int = 8):
-        super().__init__(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
-                         nn.GroupNorm(n_groups, c_out), nn.Mish())
+        super().__init__(
+            nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.GroupNorm(n_groups, c_out), nn.Mish()
+        )
 
 
 class ConditionalResBlock1d(nn.Module):
@@ -160,37 +165,59 @@ class ConditionalResBlock1d(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
         emb = self.cond(cond).unsqueeze(-1)
-        out = emb[:, : self.c_out] * out + emb[:, self.c_out:] if self.film_scale else out + emb
+        out = emb[:, : self.c_out] * out + emb[:, self.c_out :] if self.film_scale else out + emb
         return self.conv2(out) + self.residual(x)
 
 
 class ConditionalUnet1d(nn.Module):
     """(B, T, A) noisy chunk, (B,) timesteps, (B, global_cond_dim) -> (B, T, A)."""
 
-    def __init__(self, action_dim: int, global_cond_dim: int, down_dims: list[int], kernel_size: int = 5,
-                 n_groups: int = 8, diffusion_step_embed_dim: int = 128, film_scale: bool = True):
+    def __init__(
+        self,
+        action_dim: int,
+        global_cond_dim: int,
+        down_dims: list[int],
+        kernel_size: int = 5,
+        n_groups: int = 8,
+        diffusion_step_embed_dim: int = 128,
+        film_scale: bool = True,
+    ):
         super().__init__()
         dsed = diffusion_step_embed_dim
-        self.step_encoder = nn.Sequential(SinusoidalPosEmb(dsed), nn.Linear(dsed, dsed * 4), nn.Mish(),
-                                          nn.Linear(dsed * 4, dsed))
+        self.step_encoder = nn.Sequential(
+            SinusoidalPosEmb(dsed), nn.Linear(dsed, dsed * 4), nn.Mish(), nn.Linear(dsed * 4, dsed)
+        )
         cond_dim = dsed + global_cond_dim
         kw = dict(cond_dim=cond_dim, kernel_size=kernel_size, n_groups=n_groups, film_scale=film_scale)
         in_out = list(zip([action_dim, *down_dims[:-1]], down_dims))
         self.down = nn.ModuleList()
         for i, (c_in, c_out) in enumerate(in_out):
             last = i == len(in_out) - 1
-            self.down.append(nn.ModuleList([ConditionalResBlock1d(c_in, c_out, **kw),
-                                            ConditionalResBlock1d(c_out, c_out, **kw),
-                                            nn.Identity() if last else nn.Conv1d(c_out, c_out, 3, 2, 1)]))
+            self.down.append(
+                nn.ModuleList(
+                    [
+                        ConditionalResBlock1d(c_in, c_out, **kw),
+                        ConditionalResBlock1d(c_out, c_out, **kw),
+                        nn.Identity() if last else nn.Conv1d(c_out, c_out, 3, 2, 1),
+                    ]
+                )
+            )
         mid = down_dims[-1]
         self.mid = nn.ModuleList([ConditionalResBlock1d(mid, mid, **kw), ConditionalResBlock1d(mid, mid, **kw)])
         self.up = nn.ModuleList()
         for c_out, c_in in reversed(in_out[1:]):  # c_in: deeper level's width; skip connection doubles it
-            self.up.append(nn.ModuleList([ConditionalResBlock1d(c_in * 2, c_out, **kw),
-                                          ConditionalResBlock1d(c_out, c_out, **kw),
-                                          nn.ConvTranspose1d(c_out, c_out, 4, 2, 1)]))
-        self.final = nn.Sequential(Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
-                                   nn.Conv1d(down_dims[0], action_dim, 1))
+            self.up.append(
+                nn.ModuleList(
+                    [
+                        ConditionalResBlock1d(c_in * 2, c_out, **kw),
+                        ConditionalResBlock1d(c_out, c_out, **kw),
+                        nn.ConvTranspose1d(c_out, c_out, 4, 2, 1),
+                    ]
+                )
+            )
+        self.final = nn.Sequential(
+            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups), nn.Conv1d(down_dims[0], action_dim, 1)
+        )
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
         x = x.transpose(1, 2)  # (B, A, T)
@@ -220,8 +247,15 @@ class EMA:
     EMAModel: 0 at the first update, ~0.997 after 2k updates, -> max_decay), or `decay` when it is set (fixed).
     """
 
-    def __init__(self, model: nn.Module, power: float = 0.75, max_decay: float = 0.9999, min_decay: float = 0.0,
-                 inv_gamma: float = 1.0, decay: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        power: float = 0.75,
+        max_decay: float = 0.9999,
+        min_decay: float = 0.0,
+        inv_gamma: float = 1.0,
+        decay: float | None = None,
+    ):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.power, self.max_decay, self.min_decay, self.inv_gamma = power, max_decay, min_decay, inv_gamma
         self.fixed_decay = decay
@@ -259,13 +293,16 @@ class EMA:
 
 
 def _strip(key: str) -> str:
-    return key[len(OBS_PREFIX):] if key.startswith(OBS_PREFIX) else key
+    return key[len(OBS_PREFIX) :] if key.startswith(OBS_PREFIX) else key
 
 
 def default_obs_keys(obs_features: Mapping[str, Feature]) -> list[str]:
     """Every 1-D float observation, then every camera, each sorted by name."""
-    low = sorted(k for k, f in obs_features.items()
-                 if not f.is_image and len(f.shape) == 1 and np.issubdtype(np.dtype(f.dtype), np.floating))
+    low = sorted(
+        k
+        for k, f in obs_features.items()
+        if not f.is_image and len(f.shape) == 1 and np.issubdtype(np.dtype(f.dtype), np.floating)
+    )
     return low + sorted(k for k, f in obs_features.items() if f.is_image)
 
 
@@ -298,18 +335,38 @@ class DiffusionPolicy(nn.Module, Policy):
         self.obs_encoder = ObsEncoder(
             {k: int(np.prod(self.obs_features[k].shape)) for k in self.lowdim_keys},
             {k: tuple(self.obs_features[k].shape) for k in self.image_keys},
-            feature_dim=ic.feature_dim, channels=ic.channels, strides=ic.strides, pool=ic.pool,
-            num_keypoints=ic.num_keypoints, n_groups=ic.n_groups, random_shift_pad=ic.random_shift_pad)
-        self.unet = ConditionalUnet1d(self.action_dim, self.obs_encoder.out_dim * cfg.obs_horizon, cfg.down_dims,
-                                      cfg.kernel_size, cfg.n_groups, cfg.diffusion_step_embed_dim, cfg.film_scale)
+            feature_dim=ic.feature_dim,
+            channels=ic.channels,
+            strides=ic.strides,
+            pool=ic.pool,
+            num_keypoints=ic.num_keypoints,
+            n_groups=ic.n_groups,
+            random_shift_pad=ic.random_shift_pad,
+        )
+        self.unet = ConditionalUnet1d(
+            self.action_dim,
+            self.obs_encoder.out_dim * cfg.obs_horizon,
+            cfg.down_dims,
+            cfg.kernel_size,
+            cfg.n_groups,
+            cfg.diffusion_step_embed_dim,
+            cfg.film_scale,
+        )
         from diffusers import DDIMScheduler, DDPMScheduler
 
-        sched_kw = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                        beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=cfg.clip_sample,
-                        prediction_type=cfg.prediction_type)
+        sched_kw = dict(
+            num_train_timesteps=cfg.num_train_timesteps,
+            beta_schedule=cfg.beta_schedule,
+            beta_start=cfg.beta_start,
+            beta_end=cfg.beta_end,
+            clip_sample=cfg.clip_sample,
+            prediction_type=cfg.prediction_type,
+        )
         self.noise_scheduler = DDPMScheduler(**sched_kw)  # training (add_noise) and DDPM inference
-        self.schedulers = {"ddpm": DDPMScheduler(**sched_kw),
-                           "ddim": DDIMScheduler(**sched_kw, set_alpha_to_one=True, steps_offset=0)}
+        self.schedulers = {
+            "ddpm": DDPMScheduler(**sched_kw),
+            "ddim": DDIMScheduler(**sched_kw, set_alpha_to_one=True, steps_offset=0),
+        }
         self.generator: torch.Generator | None = None  # select_action's noise source (None: torch's global RNG)
         self.num_predictions = 0  # chunks predicted since construction (select_action bookkeeping)
         self._obs_queue: deque = deque(maxlen=cfg.obs_horizon)
@@ -317,8 +374,9 @@ class DiffusionPolicy(nn.Module, Policy):
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_features(cls, obs_features: Mapping[str, Feature], action_feature: Feature,
-                      cfg: DiffusionConfig | Mapping[str, Any]) -> DiffusionPolicy:
+    def from_features(
+        cls, obs_features: Mapping[str, Feature], action_feature: Feature, cfg: DiffusionConfig | Mapping[str, Any]
+    ) -> DiffusionPolicy:
         """From a robot's `observation_features` (plain names) and `action_feature`."""
         if not isinstance(cfg, DiffusionConfig):
             cfg = DiffusionConfig.from_dict(cfg)
@@ -334,10 +392,11 @@ class DiffusionPolicy(nn.Module, Policy):
         return cls(cfg, {k: obs_features[k] for k in keys}, action_feature)
 
     @classmethod
-    def from_store_features(cls, features: Mapping[str, Feature], cfg: DiffusionConfig | Mapping[str, Any],
-                            action_key: str = "action") -> DiffusionPolicy:
+    def from_store_features(
+        cls, features: Mapping[str, Feature], cfg: DiffusionConfig | Mapping[str, Any], action_key: str = "action"
+    ) -> DiffusionPolicy:
         """From an episode store's features (`obs.<name>` observations, `action`)."""
-        obs = {k[len(OBS_PREFIX):]: f for k, f in features.items() if k.startswith(OBS_PREFIX)}
+        obs = {k[len(OBS_PREFIX) :]: f for k, f in features.items() if k.startswith(OBS_PREFIX)}
         if action_key not in features:
             raise ValueError(f"the store has no {action_key!r} key; keys: {sorted(features)}")
         return cls.from_features(obs, features[action_key], cfg)
@@ -379,8 +438,9 @@ class DiffusionPolicy(nn.Module, Policy):
             x = self._tensor(_lookup(obs_window, k))
             f = self.obs_features[k]
             if x.dim() != len(f.shape) + 2 or x.shape[1] != to:
-                raise ValueError(f"observation {k!r}: expected (B, {to}, {', '.join(map(str, f.shape))}), "
-                                 f"got {tuple(x.shape)}")
+                raise ValueError(
+                    f"observation {k!r}: expected (B, {to}, {', '.join(map(str, f.shape))}), got {tuple(x.shape)}"
+                )
             batch = x.shape[0]
             normed[k] = self.normalizer.normalize(k, x.reshape(batch * to, *x.shape[2:]))
         return self.obs_encoder(normed).reshape(batch, -1)
@@ -390,8 +450,9 @@ class DiffusionPolicy(nn.Module, Policy):
         cond = self.encode_obs(batch)
         action = self._tensor(batch["action"]).float()
         if action.shape[1:] != (self.cfg.action_horizon, self.action_dim):
-            raise ValueError(f"action: expected (B, {self.cfg.action_horizon}, {self.action_dim}), "
-                             f"got {tuple(action.shape)}")
+            raise ValueError(
+                f"action: expected (B, {self.cfg.action_horizon}, {self.action_dim}), got {tuple(action.shape)}"
+            )
         x0 = self.normalizer.normalize("action", action)
         noise = torch.randn(x0.shape, device=x0.device)
         t = torch.randint(0, self.cfg.num_train_timesteps, (x0.shape[0],), device=x0.device)
@@ -405,9 +466,14 @@ class DiffusionPolicy(nn.Module, Policy):
         return err.mean()
 
     @torch.no_grad()
-    def predict_chunk(self, obs_window: Mapping[str, Any], generator: torch.Generator | None = None,
-                      num_inference_steps: int | None = None, init_noise: torch.Tensor | None = None,
-                      scheduler: str | None = None) -> torch.Tensor:
+    def predict_chunk(
+        self,
+        obs_window: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        init_noise: torch.Tensor | None = None,
+        scheduler: str | None = None,
+    ) -> torch.Tensor:
         """Raw observation window (B, To, ...) -> action chunk (B, Ha, A) in robot units.
 
         `init_noise` (B, Ha, A), in the normalised action space, fixes the starting sample x_T (DDIM is then
@@ -463,7 +529,7 @@ class DiffusionPolicy(nn.Module, Policy):
             finally:
                 self.train(was_training)
             start = self.cfg.obs_horizon - 1
-            self._action_queue.extend(chunk[start:start + self.cfg.n_action_steps].astype(np.float32))
+            self._action_queue.extend(chunk[start : start + self.cfg.n_action_steps].astype(np.float32))
             self.num_predictions += 1
         return self._action_queue.popleft()
 

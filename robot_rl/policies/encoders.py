@@ -51,8 +51,7 @@ class RandomShift(nn.Module):
         base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
         shift = torch.randint(0, 2 * p + 1, (n, 1, 1, 2), device=x.device, generator=generator).to(x.dtype)
         shift = shift * torch.tensor([2.0 / wp, 2.0 / hp], device=x.device, dtype=x.dtype)
-        return F.grid_sample(x, base.unsqueeze(0) + shift, mode="bilinear", padding_mode="zeros",
-                             align_corners=False)
+        return F.grid_sample(x, base.unsqueeze(0) + shift, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class SpatialSoftmax(nn.Module):
@@ -77,9 +76,16 @@ class SpatialSoftmax(nn.Module):
 class ConvImageEncoder(nn.Module):
     """Normalised image (N, C, H, W) -> features (N, feature_dim)."""
 
-    def __init__(self, in_channels: int = 3, channels: Sequence[int] = (32, 64, 64, 64),
-                 strides: Sequence[int] = (2, 2, 1, 1), feature_dim: int = 64, pool: str = "spatial_softmax",
-                 num_keypoints: int = 32, n_groups: int = 8):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: Sequence[int] = (32, 64, 64, 64),
+        strides: Sequence[int] = (2, 2, 1, 1),
+        feature_dim: int = 64,
+        pool: str = "spatial_softmax",
+        num_keypoints: int = 32,
+        n_groups: int = 8,
+    ):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"image encoder: channels {list(channels)} and strides {list(strides)} differ in length")
@@ -109,18 +115,30 @@ class ObsEncoder(nn.Module):
     Low-dim keys are flattened and concatenated in `lowdim` order, then each camera's features in `images` order.
     """
 
-    def __init__(self, lowdim: Mapping[str, int], images: Mapping[str, tuple[int, int, int]],
-                 feature_dim: int = 64, channels: Sequence[int] = (32, 64, 64, 64),
-                 strides: Sequence[int] = (2, 2, 1, 1), pool: str = "spatial_softmax", num_keypoints: int = 32,
-                 n_groups: int = 8, random_shift_pad: int = 4):
+    def __init__(
+        self,
+        lowdim: Mapping[str, int],
+        images: Mapping[str, tuple[int, int, int]],
+        feature_dim: int = 64,
+        channels: Sequence[int] = (32, 64, 64, 64),
+        strides: Sequence[int] = (2, 2, 1, 1),
+        pool: str = "spatial_softmax",
+        num_keypoints: int = 32,
+        n_groups: int = 8,
+        random_shift_pad: int = 4,
+    ):
         super().__init__()
         self.lowdim_keys = list(lowdim)
         self.image_keys = list(images)
         self.shift = RandomShift(random_shift_pad)
-        self.image_encoders = nn.ModuleDict({
-            module_key(k): ConvImageEncoder(int(images[k][2]), channels, strides, feature_dim, pool, num_keypoints,
-                                            n_groups)
-            for k in self.image_keys})
+        self.image_encoders = nn.ModuleDict(
+            {
+                module_key(k): ConvImageEncoder(
+                    int(images[k][2]), channels, strides, feature_dim, pool, num_keypoints, n_groups
+                )
+                for k in self.image_keys
+            }
+        )
         self.out_dim = int(sum(lowdim.values())) + feature_dim * len(self.image_keys)
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:

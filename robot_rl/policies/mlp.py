@@ -67,8 +67,10 @@ class MLPPolicy(nn.Module, Policy):
         return [OBS_PREFIX + k for k in self.obs_keys]
 
     def features_dict(self) -> dict:
-        return {"obs": {k: Feature((d,)).to_dict() for k, d in zip(self.obs_keys, self.obs_dims)},
-                "action": Feature((int(self.action_low.shape[0]),)).to_dict()}
+        return {
+            "obs": {k: Feature((d,)).to_dict() for k, d in zip(self.obs_keys, self.obs_dims)},
+            "action": Feature((int(self.action_low.shape[0]),)).to_dict(),
+        }
 
     def fit_normalizer(self, data: dict[str, np.ndarray]) -> None:
         """Observation mean/std and the action range (+ACTION_MARGIN) from arrays keyed by robot or store names."""

@@ -78,8 +78,11 @@ class Normalizer(nn.Module):
                 buf.copy_(torch.as_tensor(np.asarray(value), dtype=buf.dtype).reshape(buf.shape))
 
     def stats(self) -> dict[str, dict[str, np.ndarray]]:
-        return {k: {s: self.stat(k, s).cpu().numpy() for s in ("min", "max", "mean", "std")}
-                for k, m in self.modes.items() if m != "image"}
+        return {
+            k: {s: self.stat(k, s).cpu().numpy() for s in ("min", "max", "mean", "std")}
+            for k, m in self.modes.items()
+            if m != "image"
+        }
 
     # ------------------------------------------------------------------------------------------------ mapping
     def _scale_offset(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:

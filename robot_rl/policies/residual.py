@@ -122,16 +122,27 @@ class ResidualModel(nn.Module):
         self.actor = ResidualActor(self.featurizer.out_dim, action_dim, list(cfg["actor_hidden"]), cfg["scale"])
         self.obs_keys = list(obs_keys)
         # what a checkpoint needs to rebuild this module (robot_rl/policies/checkpoint.py)
-        self.config = {"obs_keys": list(obs_keys), "action_dim": int(action_dim), "actor_hidden": list(cfg["actor_hidden"]),
-                       "image_encoder": dict(cfg.get("image_encoder") or {}), "scale": float(cfg["scale"])}
+        self.config = {
+            "obs_keys": list(obs_keys),
+            "action_dim": int(action_dim),
+            "actor_hidden": list(cfg["actor_hidden"]),
+            "image_encoder": dict(cfg.get("image_encoder") or {}),
+            "scale": float(cfg["scale"]),
+        }
         self.obs_features = {k: obs_features[k] for k in obs_keys}
 
     def forward(self, obs: Mapping[str, torch.Tensor], base_norm: torch.Tensor) -> torch.Tensor:
         return self.actor(self.featurizer(obs), base_norm)
 
 
-def fit_to_demos(model: nn.Module, arrays: Mapping[str, np.ndarray], action: Feature, scale: float,
-                 min_action_range: float, min_obs_std: float) -> None:
+def fit_to_demos(
+    model: nn.Module,
+    arrays: Mapping[str, np.ndarray],
+    action: Feature,
+    scale: float,
+    min_action_range: float,
+    min_obs_std: float,
+) -> None:
     """Action scaler and low-dim observation statistics of a robot-side model (`.scaler`, `.featurizer`) from the
     demonstrations (`obs.<k>` and `action` arrays); they travel with the weights."""
     model.scaler.fit(arrays["action"], scale, min_action_range, action.low, action.high)
@@ -183,8 +194,15 @@ class ResidualPolicy(LearnerExploration, Policy):
     eval_modes = ("base", "residual")
     eval_once = ("base",)
 
-    def __init__(self, base, model: ResidualModel, seed: int = 0, warmup_noise: float = 0.2,
-                 explore_std: float = 0.05, noise_clip: float = 0.3):
+    def __init__(
+        self,
+        base,
+        model: ResidualModel,
+        seed: int = 0,
+        warmup_noise: float = 0.2,
+        explore_std: float = 0.05,
+        noise_clip: float = 0.3,
+    ):
         self.base, self.model = base, model.eval()
         self.warmup_noise, self.explore_std, self.noise_clip = warmup_noise, explore_std, noise_clip
         self.exploration = "warmup"  # until the learner says otherwise (weights meta)

@@ -29,8 +29,12 @@ class SACModel(nn.Module):
         self.actor = mlp(self.featurizer.out_dim, list(cfg["actor_hidden"]), 2 * action_dim)
         self.obs_keys = list(obs_keys)
         # what a checkpoint needs to rebuild this module (robot_rl/policies/checkpoint.py)
-        self.config = {"obs_keys": list(obs_keys), "action_dim": int(action_dim), "actor_hidden": list(cfg["actor_hidden"]),
-                       "image_encoder": dict(cfg.get("image_encoder") or {})}
+        self.config = {
+            "obs_keys": list(obs_keys),
+            "action_dim": int(action_dim),
+            "actor_hidden": list(cfg["actor_hidden"]),
+            "image_encoder": dict(cfg.get("image_encoder") or {}),
+        }
         self.obs_features = {k: obs_features[k] for k in obs_keys}
 
     def dist(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +53,9 @@ class SACModel(nn.Module):
 
 def default_obs_keys(obs_features: Mapping[str, Feature], cfg: Mapping) -> list[str]:
     """The configured keys, else every 1-D non-image observation."""
-    return list(cfg.get("obs_keys") or sorted(k for k, f in obs_features.items() if not f.is_image and len(f.shape) == 1))
+    return list(
+        cfg.get("obs_keys") or sorted(k for k, f in obs_features.items() if not f.is_image and len(f.shape) == 1)
+    )
 
 
 class SACPolicy(LearnerExploration, Policy):

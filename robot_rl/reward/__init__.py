@@ -3,11 +3,24 @@
 See docs/rewards.md. The classifier module (and safetensors loading) is imported only when asked for.
 """
 
-from robot_rl.reward.success import (ClassifierSuccess, OperatorSuccess, SimSuccess, SuccessDetector,
-                                     make_success_detector)
+from robot_rl.reward.success import (
+    ClassifierSuccess,
+    OperatorSuccess,
+    SimSuccess,
+    SuccessDetector,
+    make_success_detector,
+)
 
-__all__ = ["SuccessDetector", "SimSuccess", "OperatorSuccess", "ClassifierSuccess", "make_success_detector",
-           "SuccessClassifier", "train_classifier", "load_classifier"]
+__all__ = [
+    "SuccessDetector",
+    "SimSuccess",
+    "OperatorSuccess",
+    "ClassifierSuccess",
+    "make_success_detector",
+    "SuccessClassifier",
+    "train_classifier",
+    "load_classifier",
+]
 
 
 def __getattr__(name):  # the classifier (and torch) only when asked for

@@ -66,8 +66,9 @@ class OperatorSuccess(SuccessDetector):
 
     def __init__(self, controls):
         if not callable(getattr(controls, "take", None)):
-            raise TypeError(f"OperatorSuccess needs an EpisodeControls (with take(event)), got "
-                            f"{type(controls).__name__}")
+            raise TypeError(
+                f"OperatorSuccess needs an EpisodeControls (with take(event)), got {type(controls).__name__}"
+            )
         self.controls = controls
         self._pressed = False
 
@@ -104,8 +105,12 @@ def check_gate(gate: Mapping[str, Any] | None) -> dict | None:
     index = gate.get("index")
     if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
         raise ValueError(f"gate.index must be an integer or null (a scalar observation), got {index!r}")
-    return {"key": str(gate["key"]), "index": index, "min": None if lo is None else float(lo),
-            "max": None if hi is None else float(hi)}
+    return {
+        "key": str(gate["key"]),
+        "index": index,
+        "min": None if lo is None else float(lo),
+        "max": None if hi is None else float(hi),
+    }
 
 
 class ClassifierSuccess(SuccessDetector):
@@ -114,8 +119,9 @@ class ClassifierSuccess(SuccessDetector):
     with `predict_proba(obs) -> float` (a `SuccessClassifier`). The probability is computed every tick, gate or
     not, so `last_probability` is always current and the tick cost constant."""
 
-    def __init__(self, classifier, threshold: float = 0.85, consecutive: int = 1,
-                 gate: Mapping[str, Any] | None = None):
+    def __init__(
+        self, classifier, threshold: float = 0.85, consecutive: int = 1, gate: Mapping[str, Any] | None = None
+    ):
         if not 0.0 < float(threshold) <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         if isinstance(consecutive, bool) or int(consecutive) != consecutive or int(consecutive) < 1:
@@ -183,19 +189,26 @@ def _check_classifier_inputs(classifier, robot: Robot, name: str) -> None:
         return
     for k, shape in getattr(classifier, "image_shapes", {}).items():
         if k not in feats:
-            raise ConfigError(f"{name}.classifier was trained on camera {k!r}, which this robot does not produce "
-                              f"(its observations: {', '.join(sorted(feats))}); enable that camera or retrain")
+            raise ConfigError(
+                f"{name}.classifier was trained on camera {k!r}, which this robot does not produce "
+                f"(its observations: {', '.join(sorted(feats))}); enable that camera or retrain"
+            )
         if tuple(feats[k].shape) != tuple(shape):
-            raise ConfigError(f"{name}.classifier was trained on {k!r} at {tuple(shape)} (H, W, C), the robot "
-                              f"produces {tuple(feats[k].shape)}: set the camera resolution to match or retrain")
+            raise ConfigError(
+                f"{name}.classifier was trained on {k!r} at {tuple(shape)} (H, W, C), the robot "
+                f"produces {tuple(feats[k].shape)}: set the camera resolution to match or retrain"
+            )
     for k in getattr(classifier, "lowdim_dims", {}):
         if k not in feats:
-            raise ConfigError(f"{name}.classifier uses {k!r}, which this robot does not produce "
-                              f"(its observations: {', '.join(sorted(feats))})")
+            raise ConfigError(
+                f"{name}.classifier uses {k!r}, which this robot does not produce "
+                f"(its observations: {', '.join(sorted(feats))})"
+            )
 
 
-def make_success_detector(cfg: Mapping[str, Any] | None, robot: Robot, teleop=None, *,
-                          name: str = "reward") -> SuccessDetector:
+def make_success_detector(
+    cfg: Mapping[str, Any] | None, robot: Robot, teleop=None, *, name: str = "reward"
+) -> SuccessDetector:
     """Build the configured success source (see the module docstring); `name` is the config path used in error
     messages. Every mistake is a `ConfigError` saying what to set."""
     c = _plain(cfg)
@@ -207,23 +220,31 @@ def make_success_detector(cfg: Mapping[str, Any] | None, robot: Robot, teleop=No
         raise ConfigError(f"{name}.source={source!r}; choose one of: {', '.join(SOURCES)}")
     if source == "sim":
         if not _has_success_check(robot):
-            log.warning("%s.source=sim but %s has no success check (is_success() is always False): the reward "
-                        "will be 0; use %s.source=operator or classifier on hardware", name, type(robot).__name__,
-                        name)
+            log.warning(
+                "%s.source=sim but %s has no success check (is_success() is always False): the reward "
+                "will be 0; use %s.source=operator or classifier on hardware",
+                name,
+                type(robot).__name__,
+                name,
+            )
         return SimSuccess()
     if source == "operator":
         controls = getattr(teleop, "controls", None)
         if controls is None or not callable(getattr(controls, "take", None)):
             what = "no teleop" if teleop is None else f"the teleop {type(teleop).__name__}, which has no episode keys"
-            raise ConfigError(f"{name}.source=operator needs a teleop device with a success key (teleop=keyboard: "
-                              f"'y'; teleop=gamepad: Y/triangle), but this session has {what}. Choose such a "
-                              f"teleop, or use {name}.source=classifier (a trained success classifier)")
+            raise ConfigError(
+                f"{name}.source=operator needs a teleop device with a success key (teleop=keyboard: "
+                f"'y'; teleop=gamepad: Y/triangle), but this session has {what}. Choose such a "
+                f"teleop, or use {name}.source=classifier (a trained success classifier)"
+            )
         return OperatorSuccess(controls)
     # classifier
     path = c.get("classifier")
     if not path:
-        raise ConfigError(f"{name}.source=classifier needs {name}.classifier: the classifier.safetensors (or run "
-                          f"directory) written by robot-rl train-classifier")
+        raise ConfigError(
+            f"{name}.source=classifier needs {name}.classifier: the classifier.safetensors (or run "
+            f"directory) written by robot-rl train-classifier"
+        )
     from robot_rl.reward.classifier import load_classifier
 
     try:
@@ -235,8 +256,9 @@ def make_success_detector(cfg: Mapping[str, Any] | None, robot: Robot, teleop=No
     threshold = classifier.threshold if threshold is None else threshold
     consecutive = c.get("consecutive")
     try:
-        detector = ClassifierSuccess(classifier, threshold=threshold,
-                                     consecutive=1 if consecutive is None else consecutive, gate=c.get("gate"))
+        detector = ClassifierSuccess(
+            classifier, threshold=threshold, consecutive=1 if consecutive is None else consecutive, gate=c.get("gate")
+        )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{name}: {e}") from None
     if detector.gate is not None:
@@ -247,12 +269,21 @@ def make_success_detector(cfg: Mapping[str, Any] | None, robot: Robot, teleop=No
         if feats is not None:
             g = detector.gate
             if g["key"] not in feats:
-                raise ConfigError(f"{name}.gate.key={g['key']!r} is not an observation of this robot; it has: "
-                                  f"{', '.join(sorted(feats))}")
+                raise ConfigError(
+                    f"{name}.gate.key={g['key']!r} is not an observation of this robot; it has: "
+                    f"{', '.join(sorted(feats))}"
+                )
             size = int(np.prod(feats[g["key"]].shape, dtype=np.int64))
             if (g["index"] is None and size != 1) or (g["index"] is not None and not -size <= g["index"] < size):
-                raise ConfigError(f"{name}.gate.index={g['index']!r} does not fit {g['key']!r}, which has {size} "
-                                  f"entries (null only for a single value)")
-    log.info("success from classifier %s: p >= %.2f for %d tick(s)%s", path, detector.threshold,
-             detector.consecutive, f", gate {detector.gate}" if detector.gate else "")
+                raise ConfigError(
+                    f"{name}.gate.index={g['index']!r} does not fit {g['key']!r}, which has {size} "
+                    f"entries (null only for a single value)"
+                )
+    log.info(
+        "success from classifier %s: p >= %.2f for %d tick(s)%s",
+        path,
+        detector.threshold,
+        detector.consecutive,
+        f", gate {detector.gate}" if detector.gate else "",
+    )
     return detector

@@ -62,6 +62,7 @@ class LoopConfig:
     """The loop's settings, read from a config section (`train:`, `distill:`, ...) by `from_section`.
     lr_schedule: cosine | constant after warmup_steps of linear warm-up; max_grad_norm None: no clipping;
     ema_decay None: the warm-up schedule 1 - (1 + step)^-ema_power capped at ema_max_decay; keep_last None: all."""
+
     steps: int
     batch_size: int
     lr: float
@@ -87,7 +88,8 @@ class LoopConfig:
         for key in ("steps", "batch_size", "checkpoint_every", "log_every", "warmup_steps", "keep_last"):
             least = 0 if key == "warmup_steps" else 1
             if not (isinstance(v[key], int) and not isinstance(v[key], bool) and v[key] >= least) and not (
-                    key == "keep_last" and v[key] is None):
+                key == "keep_last" and v[key] is None
+            ):
                 raise ConfigError(f"{name}.{key} must be an integer >= {least}, got {v[key]!r}")
         if not (isinstance(v["lr"], (int, float)) and not isinstance(v["lr"], bool) and v["lr"] > 0):
             raise ConfigError(f"{name}.lr must be a positive number, got {v['lr']!r}")
@@ -96,14 +98,18 @@ class LoopConfig:
         if v["ema_decay"] is not None and not 0.0 <= float(v["ema_decay"]) < 1.0:
             raise ConfigError(f"{name}.ema_decay must be null (warm-up schedule) or in [0, 1), got {v['ema_decay']!r}")
         floats = ("lr", "weight_decay", "ema_power", "ema_max_decay", "ema_decay", "max_grad_norm")
-        v.update({k: float(v[k]) for k in floats if v[k] is not None}, betas=tuple(float(b) for b in v["betas"]),
-                 max_grad_norm=float(v["max_grad_norm"]) if v["max_grad_norm"] else None)
+        v.update(
+            {k: float(v[k]) for k in floats if v[k] is not None},
+            betas=tuple(float(b) for b in v["betas"]),
+            max_grad_norm=float(v["max_grad_norm"]) if v["max_grad_norm"] else None,
+        )
         return cls(**v)
 
 
 @dataclass
 class Hook:
     """`fn()` every `every` steps (0 = never) -> a dict (its numbers go to tensorboard as `<name>/<key>`) or None."""
+
     name: str
     every: int
     fn: Callable[[], dict | None]
@@ -136,6 +142,7 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 class LoopUser:
     """Base of a trainer built on a TrainingLoop (`self.loop`): its state under the names verbs and tests use."""
+
     loop: TrainingLoop
     model = property(lambda self: self.loop.deployable, doc="the EMA copy when cfg.ema, else the trained model")
     step = property(lambda self: self.loop.step)
@@ -147,13 +154,23 @@ class LoopUser:
 
 
 class TrainingLoop:
-    def __init__(self, run_dir: str | os.PathLike, model: nn.Module,
-                 step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
-                 batches: Callable[[np.random.Generator], Any], cfg: LoopConfig, *, name: str = "train",
-                 hooks: Iterable[Hook] = (), export: Callable[[Path, nn.Module, dict], Any] | None = None,
-                 weights_file: str = "policy.safetensors", config_yaml: str | None = None,
-                 state: Callable[[], dict] | None = None, summary: Callable[[], dict] | None = None,
-                 after_step: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        model: nn.Module,
+        step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+        batches: Callable[[np.random.Generator], Any],
+        cfg: LoopConfig,
+        *,
+        name: str = "train",
+        hooks: Iterable[Hook] = (),
+        export: Callable[[Path, nn.Module, dict], Any] | None = None,
+        weights_file: str = "policy.safetensors",
+        config_yaml: str | None = None,
+        state: Callable[[], dict] | None = None,
+        summary: Callable[[], dict] | None = None,
+        after_step: Callable[[], None] | None = None,
+    ):
         """`model`: everything trained and checkpointed (several networks, target copies: one nn.ModuleDict; only
         parameters with requires_grad are optimised). `name`: tensorboard prefix, progress label, summary file
         and the config section errors point at. `state()` / `summary()` add the caller's entries to
@@ -170,9 +187,11 @@ class TrainingLoop:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule))
-        self.ema = (EMA(model, power=cfg.ema_power, max_decay=cfg.ema_max_decay, decay=cfg.ema_decay)
-                    if cfg.ema else None)
+            self.opt, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+        )
+        self.ema = (
+            EMA(model, power=cfg.ema_power, max_decay=cfg.ema_max_decay, decay=cfg.ema_decay) if cfg.ema else None
+        )
         self.step = 0
         self.losses: list[float] = []  # per step, including the history a resume restores
         self.history: dict[str, list[tuple[int, dict]]] = {h.name: [] for h in self.hooks}
@@ -200,8 +219,9 @@ class TrainingLoop:
     def train_step(self) -> dict[str, float]:
         loss, metrics = self.step_fn(self.batches(self.rng))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.name} step {self.step}: loss is {loss.item()}; lower {self.name}.lr "
-                                     f"or check the data")
+            raise FloatingPointError(
+                f"{self.name} step {self.step}: loss is {loss.item()}; lower {self.name}.lr or check the data"
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
@@ -279,13 +299,18 @@ class TrainingLoop:
                 self.writer.close()
                 self.writer = None
         wall, done = time.monotonic() - t_start, self.step - start_step
-        summary = {"step": self.step, "steps_this_run": done, "wall_s": wall, "s_per_step": wall / max(done, 1),
-                   "samples_per_s": done * c.batch_size / max(wall, _TINY),
-                   "final_loss": float(np.mean(self.losses[-FINAL_LOSS_WINDOW:])) if self.losses else None,
-                   "finished": self.step >= c.steps,
-                   "checkpoint": str(self.ckpt_root / f"step_{self.step}") if self.step else None,
-                   **{h.name: self.history[h.name][-1][1] if self.history[h.name] else None for h in self.hooks},
-                   **(self.extra_summary() if self.extra_summary else {})}
+        summary = {
+            "step": self.step,
+            "steps_this_run": done,
+            "wall_s": wall,
+            "s_per_step": wall / max(done, 1),
+            "samples_per_s": done * c.batch_size / max(wall, _TINY),
+            "final_loss": float(np.mean(self.losses[-FINAL_LOSS_WINDOW:])) if self.losses else None,
+            "finished": self.step >= c.steps,
+            "checkpoint": str(self.ckpt_root / f"step_{self.step}") if self.step else None,
+            **{h.name: self.history[h.name][-1][1] if self.history[h.name] else None for h in self.hooks},
+            **(self.extra_summary() if self.extra_summary else {}),
+        }
         write_json(self.run_dir / f"{self.name}_summary.json", summary)
         return summary
 
@@ -304,11 +329,19 @@ class TrainingLoop:
                 save_file(_tensors(self.model), str(d / self.raw_file))
             torch.save({"optimizer": self.opt.state_dict(), "lr_scheduler": self.lr_sched.state_dict()}, d / OPTIMIZER)
             cuda = [rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
-            state = {"step": self.step, "ema": self.ema.state() if self.ema is not None else None,
-                     "rng": {"torch": rng_to_json(torch.get_rng_state()), "cuda": cuda,
-                             "numpy": self.rng.bit_generator.state},
-                     "losses": self.losses, "hooks": self.history, "time": time.time(),
-                     **(self.extra_state() if self.extra_state else {})}
+            state = {
+                "step": self.step,
+                "ema": self.ema.state() if self.ema is not None else None,
+                "rng": {
+                    "torch": rng_to_json(torch.get_rng_state()),
+                    "cuda": cuda,
+                    "numpy": self.rng.bit_generator.state,
+                },
+                "losses": self.losses,
+                "hooks": self.history,
+                "time": time.time(),
+                **(self.extra_state() if self.extra_state else {}),
+            }
             (d / STATE).write_text(json.dumps(state, default=float))
             if self.config_yaml is not None:
                 (d / CONFIG).write_text(self.config_yaml)
@@ -335,14 +368,18 @@ class TrainingLoop:
         source = source or self.run_dir
         ckpt = self.find_checkpoint(source)
         if ckpt is None:
-            raise ConfigError(f"{self.name}.resume=true but there is nothing to resume in {source} (no checkpoint "
-                              f"with {STATE}). Point hydra.run.dir at the interrupted run or set "
-                              f"{self.name}.resume_from")
+            raise ConfigError(
+                f"{self.name}.resume=true but there is nothing to resume in {source} (no checkpoint "
+                f"with {STATE}). Point hydra.run.dir at the interrupted run or set "
+                f"{self.name}.resume_from"
+            )
         state = json.loads((ckpt / STATE).read_text())
         raw = ckpt / (self.raw_file if self.ema is not None else self.weights_file)
         if not raw.exists():
-            raise ConfigError(f"{self.name}.resume: {ckpt} has no {raw.name} (was it trained with "
-                              f"{self.name}.ema={str(self.ema is None).lower()}?)")
+            raise ConfigError(
+                f"{self.name}.resume: {ckpt} has no {raw.name} (was it trained with "
+                f"{self.name}.ema={str(self.ema is None).lower()}?)"
+            )
         self.model.load_state_dict(load_file(str(raw)))
         if self.ema is not None:
             self.ema.model.load_state_dict(load_file(str(ckpt / self.weights_file)))
@@ -359,4 +396,3 @@ class TrainingLoop:
         self.rng.bit_generator.state = rng["numpy"]
         log.info("resumed from %s at step %d", ckpt, self.step)
         return state
-

@@ -34,5 +34,3 @@ def lr_lambda(warmup: int, total: int, schedule: str):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
-
-

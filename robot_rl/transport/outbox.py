@@ -84,7 +84,7 @@ def read_records(data: bytes) -> tuple[list[list[memoryview]], int]:
     while off + _HEAD.size <= len(mv):
         magic, nframes, plen, crc = _HEAD.unpack_from(mv, off)
         start = off + _HEAD.size
-        if magic != _MAGIC or start + plen > len(mv) or zlib.crc32(mv[start:start + plen]) != crc:
+        if magic != _MAGIC or start + plen > len(mv) or zlib.crc32(mv[start : start + plen]) != crc:
             break
         frames, p, ok = [], start, True
         for _ in range(nframes):
@@ -96,7 +96,7 @@ def read_records(data: bytes) -> tuple[list[list[memoryview]], int]:
             if p + flen > start + plen:
                 ok = False
                 break
-            frames.append(mv[p:p + flen])
+            frames.append(mv[p : p + flen])
             p += flen
         if not ok or p != start + plen:
             break
@@ -114,8 +114,14 @@ def _write_atomic(path: Path, text: str) -> None:
 class Outbox:
     """Append-only local record of one sender's stream. Used by one thread (the TransitionSender's)."""
 
-    def __init__(self, directory: str | os.PathLike, sender_id: str, start_seq: int = 0,
-                 segment_bytes: int = 64 << 20, ack_write_interval_s: float = 0.1):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        sender_id: str,
+        start_seq: int = 0,
+        segment_bytes: int = 64 << 20,
+        ack_write_interval_s: float = 0.1,
+    ):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes, self.ack_write_interval_s = int(segment_bytes), ack_write_interval_s
@@ -124,21 +130,27 @@ class Outbox:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self._lock_fd)
-            raise RuntimeError(f"outbox {self.dir} is in use by another live process: each control process needs "
-                               "its own outbox directory") from None
+            raise RuntimeError(
+                f"outbox {self.dir} is in use by another live process: each control process needs "
+                "its own outbox directory"
+            ) from None
         meta_path = self.dir / "stream.json"
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if meta.get("sender_id") != sender_id:
                 self._unlock()
-                raise ValueError(f"outbox {self.dir} belongs to sender {meta.get('sender_id')!r}, not {sender_id!r}: "
-                                 "give each sender its own outbox directory")
+                raise ValueError(
+                    f"outbox {self.dir} belongs to sender {meta.get('sender_id')!r}, not {sender_id!r}: "
+                    "give each sender its own outbox directory"
+                )
             self.stream, start = str(meta["stream"]), int(meta["start_seq"])
         else:
             self.stream, start = secrets.token_hex(8), int(start_seq)
             self._retire_leftovers()
-            _write_atomic(meta_path, json.dumps({"format": FORMAT, "sender_id": sender_id, "stream": self.stream,
-                                                 "start_seq": start}))
+            _write_atomic(
+                meta_path,
+                json.dumps({"format": FORMAT, "sender_id": sender_id, "stream": self.stream, "start_seq": start}),
+            )
         self.sender_id = sender_id
         acked_path = self.dir / "acked"
         self.acked = int(acked_path.read_text().strip() or start - 1) if acked_path.exists() else start - 1
@@ -169,8 +181,13 @@ class Outbox:
             data = path.read_bytes()
             frames_list, good = read_records(data)
             if good < len(data):
-                log.warning("outbox %s: %s ends with %d bytes of a torn or corrupt record: dropped (a kill "
-                            "mid-write; that record was never transmitted)", self.dir, path.name, len(data) - good)
+                log.warning(
+                    "outbox %s: %s ends with %d bytes of a torn or corrupt record: dropped (a kill "
+                    "mid-write; that record was never transmitted)",
+                    self.dir,
+                    path.name,
+                    len(data) - good,
+                )
                 with open(path, "r+b") as f:
                     f.truncate(good)
                 if i < len(paths) - 1:
@@ -188,9 +205,14 @@ class Outbox:
                     continue
                 expected = self.records[-1].end if self.records else self.acked + 1
                 if s0 > expected:
-                    log.error("outbox %s: seqs %d..%d are missing from the records (a gap): the %d transitions "
-                              "after it cannot be delivered in order and are dropped", self.dir, expected, s0 - 1,
-                              n)
+                    log.error(
+                        "outbox %s: seqs %d..%d are missing from the records (a gap): the %d transitions "
+                        "after it cannot be delivered in order and are dropped",
+                        self.dir,
+                        expected,
+                        s0 - 1,
+                        n,
+                    )
                     self.dropped += n
                     continue
                 k = max(0, expected - s0)  # partly acked, or overlapping (never written so, but be safe)
@@ -223,7 +245,7 @@ class Outbox:
             self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
         view = memoryview(buf)
         while view:  # one write() per record; loops only on a partial write
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
         seg.size += len(buf)
         seg.end = self.next_seq = seq0 + n
 

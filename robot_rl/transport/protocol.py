@@ -136,8 +136,10 @@ def int_field(h: dict, key: str, minimum: int | None = 0, maximum: int = INT64_M
     if not isinstance(v, int) or isinstance(v, bool) or (minimum is not None and v < minimum):
         raise ProtocolError(f"header field {key!r} must be an integer >= {minimum}, got {v!r}")
     if v > maximum:
-        raise ProtocolError(f"header field {key!r} = {v} is beyond {maximum} (seq numbers are int64): a sender must "
-                            "number transitions from a small start (0 or its outbox's next seq) and never wrap")
+        raise ProtocolError(
+            f"header field {key!r} = {v} is beyond {maximum} (seq numbers are int64): a sender must "
+            "number transitions from a small start (0 or its outbox's next seq) and never wrap"
+        )
     return v
 
 
@@ -178,8 +180,7 @@ def decode_message(frames) -> Message:
             raise ProtocolError(f"'{msg_type}' array name {name!r} is not a string or is repeated")
         if dt not in DTYPES:
             raise ProtocolError(
-                f"'{msg_type}' array {name!r} has dtype {dt!r}, which is not allowed "
-                f"(allowed: {', '.join(DTYPES)})"
+                f"'{msg_type}' array {name!r} has dtype {dt!r}, which is not allowed (allowed: {', '.join(DTYPES)})"
             )
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise ProtocolError(f"'{msg_type}' array {name!r} shape {shape!r} must be a list of ints >= 0")

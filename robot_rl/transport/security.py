@@ -132,8 +132,11 @@ def _record_denials(auth) -> None:
         msg = current.get("msg")
         if status_code != b"200" and msg is not None and len(msg) >= 6:
             domain, address = msg[2].decode(errors="replace"), msg[3].decode(errors="replace")
-            key = zmq.utils.z85.encode(msg[6]).decode() if msg[5] == b"CURVE" and len(msg) > 6 and \
-                len(msg[6]) == 32 else "?"
+            key = (
+                zmq.utils.z85.encode(msg[6]).decode()
+                if msg[5] == b"CURVE" and len(msg) > 6 and len(msg[6]) == 32
+                else "?"
+            )
             with _auth_lock:
                 _denials.setdefault(domain, collections.deque(maxlen=100)).append((address, key))
         return reply(request_id, status_code, status_text, user_id)

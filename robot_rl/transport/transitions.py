@@ -82,8 +82,13 @@ def schema_from_wire(specs) -> Schema:
         raise ProtocolError(f"'schema' must be a list of {{name, dtype, shape}} maps, got {type(specs).__name__}")
     out: Schema = {}
     for s in specs:
-        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and s.get("dtype") in DTYPES
-                and isinstance(s.get("shape"), list) and all(isinstance(x, int) and x >= 0 for x in s["shape"])):
+        if not (
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and s.get("dtype") in DTYPES
+            and isinstance(s.get("shape"), list)
+            and all(isinstance(x, int) and x >= 0 for x in s["shape"])
+        ):
             raise ProtocolError(f"bad schema entry {s!r}: need name (str), dtype (wire name), shape (list of ints)")
         out[s["name"]] = (s["dtype"], tuple(s["shape"]))
     return out
@@ -95,8 +100,10 @@ def schema_diff(expected: Schema, got: Schema) -> list[str]:
     out += [f"unexpected key {k!r} ({got[k][0]} {got[k][1]})" for k in sorted(got.keys() - expected.keys())]
     for k in sorted(expected.keys() & got.keys()):
         if expected[k] != got[k]:
-            out.append(f"key {k!r} is {got[k][0]} shape {got[k][1]} per transition, expected {expected[k][0]} "
-                       f"shape {expected[k][1]}")
+            out.append(
+                f"key {k!r} is {got[k][0]} shape {got[k][1]} per transition, expected {expected[k][0]} "
+                f"shape {expected[k][1]}"
+            )
     return out
 
 
@@ -105,24 +112,33 @@ def _schema_of(arrays: dict[str, np.ndarray], batched: bool) -> Schema:
 
 
 # -------------------------------------------------------------------------------------- handshake monitoring
-_HS_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
-              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail"}
-_MONITOR_MASK = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+_HS_EVENTS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail",
+}
+_MONITOR_MASK = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 def _handshake_reason(event: int, value: int) -> str:
     kind = _HS_EVENTS[event]
     if kind == "auth":
-        return (f"authentication refused (ZAP status {value}): the client's public key is not among the learner's "
-                "authorized_clients/")
+        return (
+            f"authentication refused (ZAP status {value}): the client's public key is not among the learner's "
+            "authorized_clients/"
+        )
     if kind == "protocol":
         if value == getattr(zmq, "ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", 0x11000002):
             return "security mechanism mismatch: one side uses CURVE and the other does not (check curve_keys_dir)"
         if value == getattr(zmq, "ZMQ_PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC", 0x11000001):
             return "CURVE cryptographic error: the client does not hold the server's current public key"
         return f"ZMTP protocol error 0x{value:x} during the handshake"
-    return (f"handshake failed ({os.strerror(value) if 0 < value < 200 else value}): with CURVE usually a client "
-            "holding the wrong server public key")
+    return (
+        f"handshake failed ({os.strerror(value) if 0 < value < 200 else value}): with CURVE usually a client "
+        "holding the wrong server public key"
+    )
 
 
 class _HandshakeMonitor:
@@ -165,8 +181,14 @@ class _HandshakeMonitor:
             return
         if len(self._logged) < 10000:
             self._logged.add(key)
-        log.warning("%s: CURVE/ZMTP handshake with %s failed: %s (%d handshake failures so far; each peer and reason "
-                    "is logged once)", self.label, peer, reason, self.failures)
+        log.warning(
+            "%s: CURVE/ZMTP handshake with %s failed: %s (%d handshake failures so far; each peer and reason "
+            "is logged once)",
+            self.label,
+            peer,
+            reason,
+            self.failures,
+        )
 
     def close(self, sock: zmq.Socket) -> None:
         try:
@@ -245,9 +267,16 @@ class TransitionSender:
                 self._schema = self._schema or _schema_of(r.arrays, batched=True)
             self._next_seq = self.outbox.next_seq
             if self._chunks:
-                log.info("sender %s: outbox %s holds %d unacknowledged transitions of stream %s (seq %d..%d): "
-                         "resending them first", sender_id, outbox_dir, self.outbox.next_seq - self._chunks[0].seq0,
-                         self.stream, self._chunks[0].seq0, self._chunks[-1].end - 1)
+                log.info(
+                    "sender %s: outbox %s holds %d unacknowledged transitions of stream %s (seq %d..%d): "
+                    "resending them first",
+                    sender_id,
+                    outbox_dir,
+                    self.outbox.next_seq - self._chunks[0].seq0,
+                    self.stream,
+                    self._chunks[0].seq0,
+                    self._chunks[-1].end - 1,
+                )
         else:
             self.stream = new_stream_id()
             self._acked = start_seq - 1
@@ -291,9 +320,11 @@ class TransitionSender:
                     raise ValueError("a transition needs at least one array")
                 schema = _schema_of(t, batched=False)
                 if self._schema is not None and schema != self._schema:
-                    raise ValueError(f"transition differs from the stream's earlier ones: "
-                                     f"{'; '.join(schema_diff(self._schema, schema))}: every transition of one "
-                                     "sender must have the same keys, dtypes and shapes")
+                    raise ValueError(
+                        f"transition differs from the stream's earlier ones: "
+                        f"{'; '.join(schema_diff(self._schema, schema))}: every transition of one "
+                        "sender must have the same keys, dtypes and shapes"
+                    )
                 self._schema, self._raw_schema = schema, raw
             seq = self._next_seq
             self._next_seq += 1
@@ -335,9 +366,15 @@ class TransitionSender:
                 self.outbox.close()
         left = self.unacked_count
         if left:
-            log.warning("TransitionSender %s closed with %d unacknowledged transitions (stream %s, seq %d..%d)%s",
-                        self.sender_id, left, self.stream, self._base(), self._next_seq - 1,
-                        f"; they stay in the outbox {self.outbox.dir}" if self.outbox else "")
+            log.warning(
+                "TransitionSender %s closed with %d unacknowledged transitions (stream %s, seq %d..%d)%s",
+                self.sender_id,
+                left,
+                self.stream,
+                self._base(),
+                self._next_seq - 1,
+                f"; they stay in the outbox {self.outbox.dir}" if self.outbox else "",
+            )
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -434,8 +471,13 @@ class TransitionSender:
                     self._heartbeat(sock)
                     next_hb = now + self.heartbeat_interval_s
                 if self._cursor > 0 and now - self._progress_t > self._ack_deadline():
-                    log.info("sender %s: no ack progress for %.1fs with %d batches in flight, resending from seq %d",
-                             self.sender_id, now - self._progress_t, self._cursor, self._acked + 1)
+                    log.info(
+                        "sender %s: no ack progress for %.1fs with %d batches in flight, resending from seq %d",
+                        self.sender_id,
+                        now - self._progress_t,
+                        self._cursor,
+                        self._acked + 1,
+                    )
                     self._rewind(0, now)
                     continue
                 # sleep until: a message, a submit, the socket becomes writable, or a timer
@@ -460,8 +502,9 @@ class TransitionSender:
                     monitor.process()
                     if monitor.failures > self._hs_failures:
                         self._hs_failures = monitor.failures
-                        self.rejected_reason = f"handshake with the learner at {self.endpoint} failed: " \
-                                               f"{monitor.last_reason}"
+                        self.rejected_reason = (
+                            f"handshake with the learner at {self.endpoint} failed: {monitor.last_reason}"
+                        )
                 if events.get(sock, 0) & zmq.POLLIN:
                     self._recv_all(sock)
         except Exception:
@@ -489,14 +532,18 @@ class TransitionSender:
         if self.outbox is not None and self._outbox_error is None:
             try:
                 for i in range(0, len(items), self.batch_size):
-                    group = items[i:i + self.batch_size]
+                    group = items[i : i + self.batch_size]
                     self.outbox.append(group[0][0], {k: np.stack([it[2][k] for it in group]) for k in group[0][2]})
             except OSError as e:  # disk full or gone: go on from memory; the stream can no longer be resumed
                 self._outbox_error = str(e)
                 self.outbox.abandon()
-                log.error("sender %s: cannot write the outbox %s (%s): continuing without it; a restart will start a "
-                          "new stream, and what is unacknowledged at a crash is lost", self.sender_id, self.outbox.dir,
-                          e)
+                log.error(
+                    "sender %s: cannot write the outbox %s (%s): continuing without it; a restart will start a "
+                    "new stream, and what is unacknowledged at a crash is lost",
+                    self.sender_id,
+                    self.outbox.dir,
+                    e,
+                )
         self._staged.extend(items)
         with self._journal_cv:
             self._journaled = items[-1][0] + 1
@@ -582,13 +629,16 @@ class TransitionSender:
                 if hdr.get("type") == "error" and isinstance(hdr.get("message"), str):
                     self._learner_error(f"[{hdr.get('code')}] {hdr['message']}")
                 else:
-                    self._learner_error(f"the learner's messages are protocol v{e.peer_version}, this build speaks "
-                                        f"v{PROTOCOL_VERSION}: upgrade robot_rl on the older side")
+                    self._learner_error(
+                        f"the learner's messages are protocol v{e.peer_version}, this build speaks "
+                        f"v{PROTOCOL_VERSION}: upgrade robot_rl on the older side"
+                    )
                 continue
             except ProtocolError as e:
                 self._rejected += 1
-                log.warning("sender %s: rejected a message from the learner at %s: %s", self.sender_id,
-                            self.endpoint, e)
+                log.warning(
+                    "sender %s: rejected a message from the learner at %s: %s", self.sender_id, self.endpoint, e
+                )
                 continue
             if stream != self.stream:  # meant for an earlier stream of this sender id (another process)
                 continue
@@ -602,8 +652,12 @@ class TransitionSender:
                 if upto >= self._next_seq:
                     log.warning(
                         "sender %s: learner acked seq %d of stream %s but this sender has only produced up to %d: "
-                        "the outbox lost records the learner has (a power loss?); ignoring the ack", self.sender_id,
-                        upto, self.stream, self._next_seq - 1)
+                        "the outbox lost records the learner has (a power loss?); ignoring the ack",
+                        self.sender_id,
+                        upto,
+                        self.stream,
+                        self._next_seq - 1,
+                    )
                     continue
                 self._acked = upto
                 self.rejected_reason = None  # progress: whatever was refused before is resolved
@@ -646,6 +700,7 @@ class TransitionBatch:
 @dataclass
 class _Stream:
     """Per (sender, stream): survives the connection (a restarted sender with the same outbox resumes it)."""
+
     next_expected: int
     acked: int
     req_ne: int = -1
@@ -657,6 +712,7 @@ class _Stream:
 @dataclass
 class _Conn:
     """A sender's current connection (the routing id its messages come from) and the stream it speaks."""
+
     rid: bytes
     stream: str
     last_heard: float
@@ -711,8 +767,15 @@ class _RejectionLog:
         for label in [lb for lb, p in self.pending.items() if now - self.last_line.get(lb, 0) >= self.interval_s]:
             n, since, problem = self.pending.pop(label)
             self.last_line[label] = now
-            log.warning("transition receiver %s: %d more messages rejected from %s since %s (%d in all; latest: %s)",
-                        self.where, n, label, since, counts.get(label, n), problem)
+            log.warning(
+                "transition receiver %s: %d more messages rejected from %s since %s (%d in all; latest: %s)",
+                self.where,
+                n,
+                label,
+                since,
+                counts.get(label, n),
+                problem,
+            )
 
 
 class TransitionReceiver:
@@ -729,9 +792,16 @@ class TransitionReceiver:
 
     MAX_DRAIN = 1000  # messages handled per poll() call before returning
 
-    def __init__(self, endpoint: str, heartbeat_interval_s: float = 0.1, curve: CurveServerKeys | None = None,
-                 peer_timeout_s: float = 5.0, forget_after_s: float = 300.0, reject_log_interval_s: float = 10.0,
-                 expected_schema: dict | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        heartbeat_interval_s: float = 0.1,
+        curve: CurveServerKeys | None = None,
+        peer_timeout_s: float = 5.0,
+        forget_after_s: float = 300.0,
+        reject_log_interval_s: float = 10.0,
+        expected_schema: dict | None = None,
+    ):
         check_bind(endpoint, curve)
         if forget_after_s < peer_timeout_s:
             raise ValueError("forget_after_s must be >= peer_timeout_s")
@@ -804,21 +874,32 @@ class TransitionReceiver:
         the sender's current one is recorded as acked but nothing is sent (its process is gone)."""
         st = self._streams.get((sender_id, stream))
         if st is None:
-            self._warn_once(("unknown", sender_id, stream), "ack for unknown stream %s of sender %r ignored",
-                            stream, sender_id)
+            self._warn_once(
+                ("unknown", sender_id, stream), "ack for unknown stream %s of sender %r ignored", stream, sender_id
+            )
             return
         if upto >= st.next_expected:
-            self._warn_once(("ahead", sender_id, stream), "cannot ack seq %d of sender %r stream %s: only seqs < %d "
-                            "were delivered; ack ignored", upto, sender_id, stream, st.next_expected)
+            self._warn_once(
+                ("ahead", sender_id, stream),
+                "cannot ack seq %d of sender %r stream %s: only seqs < %d were delivered; ack ignored",
+                upto,
+                sender_id,
+                stream,
+                st.next_expected,
+            )
             return
         st.acked = max(st.acked, upto)
         c = self._conns.get(sender_id)
         if c is None or c.stream != stream:
             if not st.stale_warned:
                 st.stale_warned = True
-                log.warning("transition receiver %s: ack of stream %s of sender %r not sent: that stream is no longer "
-                            "the sender's current one (the sender restarted without its outbox)", self.endpoint,
-                            stream, sender_id)
+                log.warning(
+                    "transition receiver %s: ack of stream %s of sender %r not sent: that stream is no longer "
+                    "the sender's current one (the sender restarted without its outbox)",
+                    self.endpoint,
+                    stream,
+                    sender_id,
+                )
             return
         self._send(c.rid, "ack", {"stream": stream, "upto": st.acked})
 
@@ -855,15 +936,25 @@ class TransitionReceiver:
         per = {}
         for s, ps in self._per_sender.items():
             c = self._conns.get(s)
-            per[s] = {**ps.__dict__, "rejected": self._reject_counts.get(s, 0),
-                      "stream": None if c is None else c.stream,
-                      "next_expected": None if c is None else self.next_expected(s),
-                      "last_heard_age_s": None if c is None else now - c.last_heard,
-                      "alive": c is not None and now - c.last_heard <= self.peer_timeout_s}
-        return {"rejected": self.rejected, "duplicates": self.duplicates, "gaps": self.gaps, "skipped": self.skipped,
-                "received": self.received, "handshake_failures": self._monitor.failures,
-                "streams": len(self._streams), "senders": per,
-                "rejected_by_peer": dict(self._reject_counts)}
+            per[s] = {
+                **ps.__dict__,
+                "rejected": self._reject_counts.get(s, 0),
+                "stream": None if c is None else c.stream,
+                "next_expected": None if c is None else self.next_expected(s),
+                "last_heard_age_s": None if c is None else now - c.last_heard,
+                "alive": c is not None and now - c.last_heard <= self.peer_timeout_s,
+            }
+        return {
+            "rejected": self.rejected,
+            "duplicates": self.duplicates,
+            "gaps": self.gaps,
+            "skipped": self.skipped,
+            "received": self.received,
+            "handshake_failures": self._monitor.failures,
+            "streams": len(self._streams),
+            "senders": per,
+            "rejected_by_peer": dict(self._reject_counts),
+        }
 
     def close(self, linger_s: float = 0.5) -> None:
         """Close, giving the last acks up to `linger_s` to leave (linger 0 would drop them unsent)."""
@@ -900,8 +991,13 @@ class TransitionReceiver:
             if age > self.forget_after_s:
                 del self._conns[sender]
                 self._rid_label.pop(c.rid, None)
-                log.info("transition receiver %s: forgot the connection of sender %r (silent %.0f s); its stream "
-                         "state is kept", self.endpoint, sender, age)
+                log.info(
+                    "transition receiver %s: forgot the connection of sender %r (silent %.0f s); its stream "
+                    "state is kept",
+                    self.endpoint,
+                    sender,
+                    age,
+                )
             elif age <= self.peer_timeout_s:
                 st = self._streams.get((sender, c.stream))
                 if st is not None:
@@ -916,8 +1012,9 @@ class TransitionReceiver:
         if now - self._err_sent.get(key, -math.inf) < 0.5:
             return
         self._err_sent[key] = now
-        self._send(rid, "error", {"code": code, "message": message, "expected_version": PROTOCOL_VERSION,
-                                  **(extra or {})})
+        self._send(
+            rid, "error", {"code": code, "message": message, "expected_version": PROTOCOL_VERSION, **(extra or {})}
+        )
 
     def _reject(self, rid: bytes, label: str, code: str, problem: str, extra: dict | None = None) -> None:
         self.rejected += 1
@@ -945,10 +1042,14 @@ class TransitionReceiver:
             msg = decode_message(frames[1:])
             self._dispatch(rid, msg, frames, out)
         except VersionError as e:
-            self._reject(rid, self._label(rid, frames), e.code,
-                         f"your message is protocol v{e.peer_version} but this learner speaks v{PROTOCOL_VERSION}: "
-                         "upgrade robot_rl on the older side so both ends run the same protocol version",
-                         {"peer_version": e.peer_version if isinstance(e.peer_version, int) else None})
+            self._reject(
+                rid,
+                self._label(rid, frames),
+                e.code,
+                f"your message is protocol v{e.peer_version} but this learner speaks v{PROTOCOL_VERSION}: "
+                "upgrade robot_rl on the older side so both ends run the same protocol version",
+                {"peer_version": e.peer_version if isinstance(e.peer_version, int) else None},
+            )
         except ProtocolError as e:
             self._reject(rid, self._label(rid, frames), e.code, str(e))
         except _Reject as e:
@@ -967,10 +1068,18 @@ class TransitionReceiver:
                     f"sender id {sender!r} is in use by another live connection (heard {silent:.1f} s ago) "
                     f"speaking another stream; a new stream takes the id over once that connection has been silent for "
                     f"{self.peer_timeout_s:g} s. Give every control process its own sender id (or reuse its "
-                    "outbox to continue its stream)", "sender_id_in_use", {"stream": stream})
-            log.info("transition receiver %s: sender %r now speaks from a new connection (%s)", self.endpoint, sender,
-                     "same stream: reconnected or restarted on its outbox" if c.stream == stream
-                     else f"new stream {stream}, the old connection was silent {silent:.1f} s")
+                    "outbox to continue its stream)",
+                    "sender_id_in_use",
+                    {"stream": stream},
+                )
+            log.info(
+                "transition receiver %s: sender %r now speaks from a new connection (%s)",
+                self.endpoint,
+                sender,
+                "same stream: reconnected or restarted on its outbox"
+                if c.stream == stream
+                else f"new stream {stream}, the old connection was silent {silent:.1f} s",
+            )
             self._rid_label.pop(c.rid, None)
             c = None
         if c is None or c.stream != stream:
@@ -991,12 +1100,21 @@ class TransitionReceiver:
             start = self._restore_any.pop(sender, None)
             start = base if start is None else start
             st = self._streams[(sender, stream)] = _Stream(start, start - 1)
-            log.info("transition receiver %s: sender %r stream %s starts at seq %d", self.endpoint, sender, stream,
-                     start)
+            log.info(
+                "transition receiver %s: sender %r stream %s starts at seq %d", self.endpoint, sender, stream, start
+            )
         if base > st.next_expected:
-            log.warning("transition receiver %s: sender %r stream %s no longer holds seqs %d..%d (its oldest is %d); "
-                        "they are lost to this learner, continuing from %d", self.endpoint, sender, stream,
-                        st.next_expected, base - 1, base, base)
+            log.warning(
+                "transition receiver %s: sender %r stream %s no longer holds seqs %d..%d (its oldest is %d); "
+                "they are lost to this learner, continuing from %d",
+                self.endpoint,
+                sender,
+                stream,
+                st.next_expected,
+                base - 1,
+                base,
+                base,
+            )
             self.skipped += base - st.next_expected
             self._per_sender[sender].skipped += base - st.next_expected
             st.next_expected, st.acked = base, max(st.acked, base - 1)
@@ -1026,11 +1144,14 @@ class TransitionReceiver:
             raise _Reject(f"unexpected message type {msg.type!r} (expected 'transitions' or 'heartbeat')")
         sender, stream = h.get("sender"), h.get("stream")
         if not isinstance(sender, str) or not 1 <= len(sender.encode()) <= 255:
-            raise _Reject(f"header field 'sender' must be the sender id, a string of 1..255 UTF-8 bytes, got "
-                          f"{sender!r}")
+            raise _Reject(
+                f"header field 'sender' must be the sender id, a string of 1..255 UTF-8 bytes, got {sender!r}"
+            )
         if not isinstance(stream, str) or not 1 <= len(stream) <= MAX_STREAM_LEN:
-            raise _Reject(f"header field 'stream' must be a string of 1..{MAX_STREAM_LEN} characters (a random id "
-                          f"per stream, kept across restarts by the outbox), got {stream!r}")
+            raise _Reject(
+                f"header field 'stream' must be a string of 1..{MAX_STREAM_LEN} characters (a random id "
+                f"per stream, kept across restarts by the outbox), got {stream!r}"
+            )
         base = int_field(h, "base")
         if msg.type == "heartbeat":
             nxt, sent = int_field(h, "next"), int_field(h, "sent")
@@ -1038,10 +1159,17 @@ class TransitionReceiver:
             st = self._stream(sender, stream, base)
             if nxt < st.next_expected and not st.behind_warned:
                 st.behind_warned = True
-                log.warning("transition receiver %s: sender %r stream %s will number its next transition %d, but "
-                            "seqs up to %d were already received: its outbox lost records (power loss?); its seqs "
-                            "below %d will be dropped as duplicates", self.endpoint, sender, stream, nxt,
-                            st.next_expected - 1, st.next_expected)
+                log.warning(
+                    "transition receiver %s: sender %r stream %s will number its next transition %d, but "
+                    "seqs up to %d were already received: its outbox lost records (power loss?); its seqs "
+                    "below %d will be dropped as duplicates",
+                    self.endpoint,
+                    sender,
+                    stream,
+                    nxt,
+                    st.next_expected - 1,
+                    st.next_expected,
+                )
             if not c.greeted:
                 self._greet(c, st, resend=sent > st.next_expected)
             elif sent > st.next_expected:
@@ -1060,13 +1188,21 @@ class TransitionReceiver:
         c = self._connection(sender, stream, rid, frames, now)
         if self.expected_schema is None:
             self.expected_schema = schema  # the first sender fixes the schema for every later one
-            log.info("transition receiver %s: transition schema fixed by sender %r: %s", self.endpoint, sender,
-                     ", ".join(f"{k} {dt}{list(s)}" for k, (dt, s) in sorted(schema.items())))
+            log.info(
+                "transition receiver %s: transition schema fixed by sender %r: %s",
+                self.endpoint,
+                sender,
+                ", ".join(f"{k} {dt}{list(s)}" for k, (dt, s) in sorted(schema.items())),
+            )
         else:
             diff = schema_diff(normalize_schema(self.expected_schema), schema)
             if diff:
-                raise _Reject(f"batch seq {seq}..{seq + n - 1} does not match the transitions this learner expects: "
-                              f"{'; '.join(diff)}", "schema", {"stream": stream, "seq": seq})
+                raise _Reject(
+                    f"batch seq {seq}..{seq + n - 1} does not match the transitions this learner expects: "
+                    f"{'; '.join(diff)}",
+                    "schema",
+                    {"stream": stream, "seq": seq},
+                )
         st = self._stream(sender, stream, base)
         if not c.greeted:
             self._greet(c, st, resend=seq > st.next_expected)
@@ -1084,8 +1220,14 @@ class TransitionReceiver:
         k = ne - seq
         self.duplicates += k
         ps.duplicates += k
-        out.append(TransitionBatch(sender, stream, np.arange(ne, end, dtype=np.int64),
-                                   {name: np.array(a[k:]) for name, a in arrays.items()}))
+        out.append(
+            TransitionBatch(
+                sender,
+                stream,
+                np.arange(ne, end, dtype=np.int64),
+                {name: np.array(a[k:]) for name, a in arrays.items()},
+            )
+        )
         st.next_expected = end
         self.received += end - ne
         ps.received += end - ne

@@ -47,8 +47,10 @@ class WeightPublisher:
     def publish(self, version: int, state_dict: dict, meta: dict | None = None) -> int:
         """Encode and send; returns the frame size in bytes. Versions must not decrease."""
         if self.version is not None and version < self.version:
-            raise ValueError(f"weights version {version} is older than the last published {self.version}: "
-                             "versions must increase (subscribers ignore older ones)")
+            raise ValueError(
+                f"weights version {version} is older than the last published {self.version}: "
+                "versions must increase (subscribers ignore older ones)"
+            )
         buf = encode_weights(version, state_dict, meta)
         self._last, self.version = buf, version
         self._send(buf)
