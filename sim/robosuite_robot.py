@@ -299,9 +299,17 @@ class RobosuiteRobot(Robot):
         spec = self._spec()
         self._low, self._high = spec["low"], spec["high"]
         self._lowdim_observables = [ob for ob in self._env._observables.values() if ob.modality != "image"]
+        self._warm_up()
         self._connected = True
         self._xml = None
         self._obs = None
+
+    def _warm_up(self) -> None:
+        """One step with a zero action before any episode: robosuite's controllers JIT-compile with numba on their
+        first step (~5 s on a fresh install, whose disk cache is empty), which must not land in a paced loop.
+        Episodes start with `reset(seed)`, which restores the scene, so this step changes nothing."""
+        self._env.reset()
+        self._env.step(np.zeros(self._env.action_dim))
 
     def disconnect(self) -> None:
         for e in (self._env, self._probe_env):
