@@ -138,7 +138,7 @@ def test_failed_handshakes_logged_once_per_peer_and_reason_and_counted(keys, cap
     plain = TransitionSender(t_ep, "plain").start()  # no CURVE at all: mechanism mismatch
     wrong = TransitionSender(t_ep, "wrong", curve=type(client)(client.public, client.secret, client.public)).start()
     stranger = TransitionSender(t_ep, "stranger", curve=intruder).start()  # key not authorized
-    with caplog.at_level(logging.WARNING, logger="robot_rl.transport.transitions"):
+    with caplog.at_level(logging.WARNING, logger="robot_rl.transport"):
         deadline = time.monotonic() + 20
         while (
             rx.stats()["handshake_failures"] < 7 or stranger.stats()["handshake_failures"] < 1

@@ -280,7 +280,7 @@ def test_rejections_logged_once_per_problem_then_counted_per_sender(tmp_path, ca
     rx = TransitionReceiver(ep, reject_log_interval_s=0.2)
     raws = [_raw_dealer(ep) for _ in range(3)]
     x = {"x": np.zeros((1, 2), np.float32)}
-    with caplog.at_level(logging.WARNING, logger="robot_rl.transport.transitions"):
+    with caplog.at_level(logging.WARNING, logger="robot_rl.transport"):
         for j, raw in enumerate(raws):  # register three senders, then 15 bad messages each (past any "first ten")
             _send(raw, "transitions", sender=f"r{j}", seq=0, n=1, base=0, arrays=x)
         _poll_until(rx, lambda g: sum(map(len, g)) >= 3)

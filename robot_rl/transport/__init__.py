@@ -22,7 +22,8 @@ from .security import (
     load_server_keys,
 )
 from .outbox import Outbox
-from .transitions import TransitionBatch, TransitionReceiver, TransitionSender
+from .receiver import TransitionBatch, TransitionReceiver
+from .sender import TransitionSender
 from .weights import WeightPublisher, WeightSubscriber
 
 __all__ = [

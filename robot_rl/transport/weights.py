@@ -21,7 +21,7 @@ from .security import (
     setup_client_socket,
     setup_server_socket,
 )
-from .transitions import _tune
+from .streams import tune_socket
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class WeightPublisher:
         self._sock = zmq.Context.instance().socket(zmq.PUB)
         self._sock.setsockopt(zmq.CONFLATE, 1)  # per subscriber, only the newest update waits in the queue
         self._sock.setsockopt(zmq.LINGER, 0)
-        _tune(self._sock)
+        tune_socket(self._sock)
         setup_server_socket(self._sock, curve)
         try:
             self._sock.bind(endpoint)
@@ -125,7 +125,7 @@ class WeightSubscriber:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            _tune(sock)
+            tune_socket(sock)
             setup_client_socket(sock, self._curve)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(self.endpoint)
