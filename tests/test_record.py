@@ -99,10 +99,11 @@ def test_sigkill_recorder_then_resume(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill once two episodes are saved and the third is partly on disk
-        try:
+    while time.time() < deadline:  # kill once two episodes are saved and the third has rows on disk (pending.json
+        try:  # exists from the episode's first step; its rows reach the disk in blocks of chunk_steps)
             commit = json.loads((store_path / "commit.json").read_text())
-            if len(commit["episode_ends"]) >= 2 and (store_path / "pending.json").exists():
+            pending = json.loads((store_path / "pending.json").read_text())
+            if len(commit["episode_ends"]) >= 2 and pending["flushed"] > pending["start"]:
                 break
         except (OSError, ValueError):
             pass
@@ -111,7 +112,7 @@ def test_sigkill_recorder_then_resume(tmp_path):
     proc.wait()
     crashed = EpisodeStore.open(store_path)
     n = crashed.num_episodes
-    assert n >= 2 and crashed.pending is not None
+    assert n >= 2 and crashed.pending is not None and crashed.pending["flushed"] > crashed.pending["start"]
     before = [crashed.episode(i) for i in range(n)]
     Recorder(
         record_config(store_path, "record.episodes=1", "record.resume=true", "record.partial=recover"),
