@@ -25,23 +25,7 @@ import time
 import numpy as np
 import torch
 
-# robosuite Lift (Panda, OSC pose) low-dim observations as recorded by robot-rl record
-LIFT_OBS = {
-    "robot0_joint_pos": 7,
-    "robot0_joint_pos_cos": 7,
-    "robot0_joint_pos_sin": 7,
-    "robot0_joint_vel": 7,
-    "robot0_eef_pos": 3,
-    "robot0_eef_quat": 4,
-    "robot0_eef_quat_site": 4,
-    "robot0_gripper_qpos": 2,
-    "robot0_gripper_qvel": 2,
-    "cube_pos": 3,
-    "cube_quat": 4,
-    "gripper_to_cube_pos": 3,
-    "robot0_proprio-state": 43,
-    "object-state": 10,
-}
+from lift_shapes import LIFT_LOWDIM as LIFT_OBS  # noqa: E402 - beside this script
 
 
 def build(down_dims: list[int] | None, checkpoint: str | None, device: torch.device):

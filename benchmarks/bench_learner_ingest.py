@@ -41,24 +41,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-# Lift (robosuite, Panda) low-dim observation keys and shapes, as sim/robosuite_robot.py publishes them
-LIFT_LOWDIM = {
-    "robot0_joint_pos": 7,
-    "robot0_joint_pos_cos": 7,
-    "robot0_joint_pos_sin": 7,
-    "robot0_joint_vel": 7,
-    "robot0_eef_pos": 3,
-    "robot0_eef_quat": 4,
-    "robot0_eef_quat_site": 4,
-    "robot0_gripper_qpos": 2,
-    "robot0_gripper_qvel": 2,
-    "cube_pos": 3,
-    "cube_quat": 4,
-    "gripper_to_cube_pos": 3,
-    "robot0_proprio-state": 43,
-    "object-state": 10,
-}
-CAMERAS = ("agentview", "robot0_eye_in_hand")
+from lift_shapes import CAMERAS, LIFT_LOWDIM  # noqa: E402 - beside this script
+
 IMAGE = 84
 ACTION_DIM = 7
 EPISODE_STEPS = 50
