@@ -312,7 +312,7 @@ def test_preflight_warns_when_the_budget_cannot_reach_the_first_update():
     assert preflight_warnings(_cfg()) == []
     [w] = preflight_warnings(_cfg("session.episodes=1", "session.max_episode_steps=50"))
     assert w.startswith("budget cannot reach the first update") and "200" in w
-    [w] = preflight_warnings(_cfg("session.episodes=1", "session.max_episode_steps=250"))
+    [w] = preflight_warnings(_cfg("session.episodes=1", "session.max_episode_steps=230"))
     assert w.startswith("budget cannot reach the first published weights")
     ws = preflight_warnings(_cfg("teleop=none"))
     assert ws[0].startswith("algo=online_bc learns from the teleop's labels") and ws[1].startswith("no actor at all")
