@@ -26,16 +26,23 @@ import sys
 from pathlib import Path
 
 VERBS = {
-    "session": "session",
-    "control": "session",
-    "learner": "session",
-    "record": "record",
-    "train": "train",
-    "deploy": "deploy",
-    "eval": "eval",
-    "distill": "distill",
-    "train-classifier": "classifier",
-}  # verb -> config name
+    "session": ("session", "robot_rl.commands.session"),
+    "control": ("session", "robot_rl.commands.session"),
+    "learner": ("session", "robot_rl.commands.session"),
+    "record": ("record", "robot_rl.commands.record"),
+    "train": ("train", "robot_rl.commands.train"),
+    "deploy": ("deploy", "robot_rl.commands.deploy"),
+    "eval": ("eval", "robot_rl.commands.evaluate"),
+    "distill": ("distill", "robot_rl.commands.distill"),
+    "train-classifier": ("classifier", "robot_rl.reward.classifier"),
+    # the pipelines: one command module each, with main(cfg, run_dir) -> exit code
+    "rl100": ("rl100", "robot_rl.commands.rl100"),
+    "label": ("label", "robot_rl.commands.label"),
+    "reward-model": ("reward_model", "robot_rl.commands.reward_model"),
+    "relabel": ("relabel", "robot_rl.commands.relabel"),
+    "offline-rl": ("offline_rl", "robot_rl.commands.offline_rl"),
+    "retrieve": ("retrieve", "robot_rl.commands.retrieve"),
+}  # hydra verb -> (config name under configs/, module whose main(cfg, run_dir) returns the exit code)
 
 
 PLAIN_VERBS = {
@@ -48,39 +55,23 @@ PLAIN_VERBS = {
 
 
 def _run_verb(verb: str, cfg) -> None:
+    import importlib
+
     from hydra.core.hydra_config import HydraConfig
 
-    from robot_rl.commands.session import validate_session
-    from robot_rl.config import ConfigError, write_run_info
-
-    from robot_rl.config import setup_logging
+    from robot_rl.config import ConfigError, setup_logging, write_run_info
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     setup_logging()
     try:
-        if verb == "record":
-            from robot_rl.commands.record import Recorder
-
+        module = importlib.import_module(VERBS[verb][1])
+        if verb in ("session", "control", "learner"):
+            module.validate_session(cfg)
             write_run_info(run_dir, cfg, verb)
-            summary = Recorder(cfg, run_dir).run()
-            sys.exit(0 if summary["saved"] or summary["discarded"] else 1)
-        if verb in ("deploy", "eval", "distill", "train-classifier"):
-            import importlib
-
-            module = {
-                "deploy": "robot_rl.commands.deploy",
-                "eval": "robot_rl.commands.evaluate",
-                "distill": "robot_rl.commands.distill",
-                "train-classifier": "robot_rl.reward.classifier",
-            }[verb]
+            code = module.run_verb(verb, cfg, run_dir)
+        else:
             write_run_info(run_dir, cfg, verb)
-            sys.exit(importlib.import_module(module).main(cfg, run_dir))
-        if verb == "train":
-            from robot_rl.commands.train import main as train_main
-
-            write_run_info(run_dir, cfg, verb)
-            sys.exit(train_main(cfg, run_dir))
-        validate_session(cfg)
+            code = module.main(cfg, run_dir)
     except ConfigError as e:
         print(f"robot-rl {verb}: config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -89,22 +80,6 @@ def _run_verb(verb: str, cfg) -> None:
             raise
         print(f"robot-rl {verb}: {e}", file=sys.stderr)
         sys.exit(2)
-    write_run_info(run_dir, cfg, verb)
-    if verb == "session":
-        from robot_rl.commands.session import run_session
-
-        code = run_session(cfg, run_dir)
-    elif verb == "control":
-        from robot_rl.control.process import ControlProcess
-
-        control = ControlProcess(cfg, run_dir / "control")
-        code = control.exit_code(control.run())  # non-zero when transitions were left unacknowledged, ...
-    else:
-        from robot_rl.learner.process import Learner
-
-        learner = Learner(cfg, run_dir / "learner")
-        learner.run()
-        code = learner.exit_code  # 28: disk full, 74: other storage errors (robot_rl/learner/process.py)
     sys.exit(code)
 
 
@@ -151,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    import importlib.util
+
     import hydra
 
+    if importlib.util.find_spec(VERBS[verb][1]) is None:
+        print(f"robot-rl {verb}: not part of this build yet ({VERBS[verb][1]} is missing)", file=sys.stderr)
+        return 2
     sys.argv = [f"robot-rl {verb}", *rest]  # hydra reads its overrides from sys.argv
-    hydra.main(config_path="pkg://robot_rl.configs", config_name=VERBS[verb], version_base=None)(
+    hydra.main(config_path="pkg://robot_rl.configs", config_name=VERBS[verb][0], version_base=None)(
         lambda cfg: _run_verb(verb, cfg)
     )()
     return 0

@@ -366,3 +366,9 @@ class Recorder:
             "wall_s": wall_s,
             "sources": list(SOURCES),
         }
+
+
+def main(cfg: DictConfig, run_dir: str | Path) -> int:
+    """`robot-rl record`: exit 0 when at least one episode was saved or deliberately discarded."""
+    summary = Recorder(cfg, Path(run_dir)).run()
+    return 0 if summary["saved"] or summary["discarded"] else 1

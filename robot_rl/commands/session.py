@@ -586,6 +586,22 @@ def set_aside_previous(run_dir: Path) -> Path | None:
     return dest
 
 
+def run_verb(verb: str, cfg: DictConfig, run_dir: Path) -> int:
+    """`robot-rl session` runs both processes; `control` and `learner` run one side of a two-machine session."""
+    if verb == "session":
+        return run_session(cfg, run_dir)
+    if verb == "control":
+        from robot_rl.control.process import ControlProcess
+
+        control = ControlProcess(cfg, run_dir / "control")
+        return control.exit_code(control.run())  # non-zero when transitions were left unacknowledged, ...
+    from robot_rl.learner.process import Learner
+
+    learner = Learner(cfg, run_dir / "learner")
+    learner.run()
+    return learner.exit_code  # 28: disk full, 74: other storage errors (robot_rl/learner/process.py)
+
+
 def run_session(cfg: DictConfig, run_dir: Path) -> int:
     config_path = run_dir / "config.yaml"
     t0 = time.time()
