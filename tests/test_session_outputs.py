@@ -78,3 +78,83 @@ def test_residual_session_evaluates_deploys_and_exports_from_its_run_dir(lift_ba
     )
     out = run_cli(["export-policy", str(run), str(tmp_path / "nope"), "--version", "99999"])
     assert out.returncode == 2 and "no checkpoint for version 99999" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------- learning curve
+def _episodes(path, rows):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _row(i, steps, who, version, success, **extra):
+    counts = {"expert": (0, steps, 0), "policy": (steps, 0, 0), "nobody": (0, 0, steps)}[who]
+    driven = f"expert (expert episode {i + 1} of 3)" if who == "expert" else who
+    return {
+        "episode": i,
+        "success": success,
+        "steps": steps,
+        "env_steps": steps * (i + 1),
+        "policy_version": version,
+        "policy_steps": counts[0],
+        "teleop_steps": counts[1],
+        "safe_steps": counts[2],
+        "driven_by": driven,
+        **extra,
+    }
+
+
+def _drawn(monkeypatch):
+    """What the next learning_curve draws, read from its figure as it is saved: legend texts per panel, the x of
+    every vertical mark, the title, and per legend entry whether its line has a marker."""
+    import matplotlib.figure
+
+    drawn = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, fname, **kw):
+        axes = [ax for ax in fig.axes if ax.get_legend() is not None]
+        drawn["legends"] = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in axes]
+        drawn["marks"] = [ln.get_xdata()[0] for ln in fig.axes[0].lines if ln.get_color() == "tab:purple"]
+        drawn["title"] = fig._suptitle.get_text() if fig._suptitle else None
+        drawn["markers"] = {ln.get_label(): ln.get_marker() for ln in fig.axes[0].lines}
+        return real(fig, fname, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return drawn
+
+
+def test_learning_curve_separates_who_drove_marks_versions_and_counts_interventions(tmp_path, monkeypatch):
+    """Expert episodes, policy episodes and evaluation blocks are separate series (an expert-to-policy hand-over
+    does not read as 'learning made it worse'), each new weights version is marked, the run is the title, and a
+    panel of interventions per episode appears when episodes.jsonl carries `interventions`."""
+    from robot_rl.commands.session import learning_curve
+
+    rows = [_row(i, 50, "expert", -1, True) for i in range(3)]
+    rows += [_row(i, 50, "policy", i // 2, i % 3 == 0, interventions=i % 2) for i in range(3, 9)]
+    _episodes(tmp_path / "control", rows)
+    block = {"mode": "policy", "after_episode": 8, "env_steps": 450, "policy_version": 4, "episodes": 5}
+    (tmp_path / "control" / "evals.jsonl").write_text(json.dumps({**block, "success_rate": 0.4}) + "\n")
+    drawn = _drawn(monkeypatch)
+    path, why = learning_curve([tmp_path / "control"], tmp_path / "curve.png", title="session quick: algo=online_bc")
+    assert why is None and path.stat().st_size > 0
+    top, bottom = drawn["legends"]
+    assert top[0].startswith("policy-driven episodes (mean of the last 6, n=6)")
+    assert top[1] == "expert/teleop-driven episodes (n=3)"
+    assert top[2].startswith("evaluation blocks (policy, 5 seeded episodes, 95 % CI)")
+    assert bottom == ["interventions per episode (mean of the last 6)"]
+    assert drawn["marks"] == [150, 200, 300, 400]  # where episodes 3, 4, 6 and 8 started, on v1, v2, v3, v4
+    assert drawn["title"] == "session quick: algo=online_bc"
+
+
+def test_learning_curve_with_one_episode_draws_a_point(tmp_path, monkeypatch):
+    """A short residual session with one finished episode is still a plot with something on it: the average is
+    drawn with a marker, and no interventions panel without `interventions` in the rows."""
+    from robot_rl.commands.session import learning_curve
+
+    _episodes(tmp_path / "control", [_row(0, 120, "policy", -1, False)])
+    drawn = _drawn(monkeypatch)
+    path, why = learning_curve([tmp_path / "control"], tmp_path / "curve.png")
+    assert why is None and path.stat().st_size > 0
+    [legend] = drawn["legends"]
+    assert legend == ["policy-driven episodes (mean of the last 1, n=1)"] and drawn["marks"] == []
+    assert drawn["markers"][legend[0]] == "o"
