@@ -397,11 +397,11 @@ class ControlProcess:
             self._feed_watchdog()
 
         def after_step(step: Step) -> None:
-            if self.view is not None:
-                self.view.log_step(step, episode)
             if self._stop and step.forced_safe:
                 self._safe_since_stop = True
             transition = self._transition(step, episode)
+            if self.view is not None:
+                self.view.log_step(step, episode, transition)
             if "residual" in transition and np.isfinite(transition["residual"]).all():
                 residual_abs.append(float(np.abs(transition["residual"]).mean()))
             if evaluating:
