@@ -318,6 +318,62 @@ class EpisodeStore:
         drop = {self._check_index(i) for i in indices}
         self.keep_episodes([i for i in range(self.num_episodes) if i not in drop])
 
+    # ------------------------------------------------------------------------------------- derived columns
+    # Per-step values computed from the recorded data afterwards (a learned reward, a relabelled return): kept
+    # apart from the recorded features under derived/<name> and listed in derived.json, so the episode writer
+    # and meta.json never change and every version stays (a new relabel writes a new name, never over an old
+    # one). Editing episodes (keep/delete) drops them: their rows would no longer line up.
+    DERIVED = "derived.json"
+
+    def derived_columns(self) -> dict[str, dict]:
+        """name -> {feature, num_steps, created, info} of every derived column, oldest first."""
+        p = self.path / self.DERIVED
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def add_derived(self, name: str, values: np.ndarray, info: dict | None = None) -> None:
+        """Write a new derived column with one row per committed step. Refuses an existing name (versions are
+        new names) and a row count that is not num_steps; the column becomes visible only once derived.json is
+        replaced, so a crash leaves the old list intact."""
+        self._require_writable()
+        if not name or "/" in name or name.startswith("."):
+            raise StoreError(f"derived column name {name!r} is not a plain name")
+        columns = self.derived_columns()
+        if name in columns or name in self.features:
+            raise StoreError(f"{self.path} already has a column {name!r}: derived columns are never overwritten")
+        values = np.asarray(values)
+        if values.shape[0] != self.num_steps:
+            raise StoreError(f"derived column {name!r} has {values.shape[0]} rows, the store {self.num_steps} steps")
+        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+            raise StoreError(f"derived column {name!r} holds non-finite values; nothing was written")
+        feature = Feature(tuple(values.shape[1:]), str(values.dtype))
+        root = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r+")
+        if f"derived/{name}" in root:  # an orphan of a crash before derived.json named it
+            del root[f"derived/{name}"]
+        arr = root.create_array(
+            f"derived/{name}",
+            shape=values.shape,
+            chunks=(self.chunk_steps, *values.shape[1:]),
+            dtype=values.dtype,
+            compressors=[_compressor(feature)],
+            fill_value=0,
+        )
+        arr[:] = values
+        columns[name] = {
+            "feature": feature.to_dict(),
+            "num_steps": int(self.num_steps),
+            "created": time.time(),
+            "info": dict(info or {}),
+        }
+        write_json_atomic(self.path / self.DERIVED, columns)
+
+    def derived(self, name: str) -> np.ndarray:
+        """A derived column's rows (as many as the store had steps when it was written)."""
+        columns = self.derived_columns()
+        if name not in columns:
+            raise KeyError(f"no derived column {name!r} in {self.path}; it has: {', '.join(columns) or 'none'}")
+        root = zarr.open_group(zarr.storage.LocalStore(self.path, read_only=True), mode="r")
+        return root[f"derived/{name}"][: columns[name]["num_steps"]]
+
     # ------------------------------------------------------------------------------------------------- info
     def summary(self) -> dict:
         lengths = np.diff(np.concatenate([[0], self.episode_ends])) if self.num_episodes else np.zeros(0, int)
