@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from robot_rl.config import ConfigError, write_json
+from robot_rl.config import ConfigError, positive, write_json
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import build_safety
 from robot_rl.control.takeover import SOURCES
@@ -368,7 +368,20 @@ class Recorder:
         }
 
 
+def validate_record(cfg: DictConfig) -> None:
+    """Every number of `record.*` checked before the robot is built: one message naming the field."""
+    for field in ("episodes", "max_episode_steps", "chunk_steps"):
+        positive(cfg, f"record.{field}", integer=True)
+    for field in ("fps", "report_every_s"):
+        positive(cfg, f"record.{field}")
+    if not isinstance(cfg.record.success_extra_steps, int) or cfg.record.success_extra_steps < 0:
+        raise ConfigError(f"record.success_extra_steps must be 0 or more steps, got {cfg.record.success_extra_steps!r}")
+    if cfg.record.partial not in ("drop", "recover"):
+        raise ConfigError(f"record.partial must be drop or recover, got {cfg.record.partial!r}")
+
+
 def main(cfg: DictConfig, run_dir: str | Path) -> int:
     """`robot-rl record`: exit 0 when at least one episode was saved or deliberately discarded."""
+    validate_record(cfg)
     summary = Recorder(cfg, Path(run_dir)).run()
     return 0 if summary["saved"] or summary["discarded"] else 1
