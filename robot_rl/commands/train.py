@@ -3,11 +3,14 @@
     robot-rl train train.data=data/demos train.steps=20000                  # diffusion policy (default)
     robot-rl train policy=mlp train.data=data/demos                         # plain single-step BC
     robot-rl train train.data=/path/lerobot_ds train.data_format=lerobot    # imported into <run>/imported_store
+    robot-rl train train.data=[data/target,runs/ret/selection] train.weights=[0.5,0.5]   # retrieval BC (50/50)
     robot-rl train hydra.run.dir=<old run> train.resume=true                # continue an interrupted run
 
 What is specific to BC lives here: a seeded train/val split of the store's episodes, windows of the policy's
-horizons, its normaliser fitted on the training episodes, and `policy.compute_loss`. Everything else (AdamW,
-warm-up + cosine LR, EMA, checkpoints, bit-exact resume, tensorboard, Ctrl-C) is `robot_rl.training.loop`'s.
+horizons, its normaliser fitted on the training episodes, and `policy.compute_loss`. Several datasets (stores,
+`robot-rl retrieve` selections, LeRobot datasets) are mixed per batch by `train.weights` (`robot_rl.data.mixture`;
+null: uniform over all their windows), each split into train/val episodes alike. Everything else (AdamW, warm-up +
+cosine LR, EMA, checkpoints, bit-exact resume, tensorboard, Ctrl-C) is `robot_rl.training.loop`'s.
 
 A run directory holds `tb/` (tensorboard: train/loss, lr, grad_norm, samples_per_s, ema_decay, val/loss,
 eval/success_rate), `train_summary.json` (step, final_loss, samples/s, the last `val` and sim `eval` results) and
@@ -32,7 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import ConfigError, git_hash, resolve_device
 from robot_rl.data.episode_store import EpisodeStore
-from robot_rl.data.sequence import SequenceSampler
+from robot_rl.data.mixture import MixtureSampler, check_weights, store_windows
+from robot_rl.data.selection import SelectionError, is_selection, read_selection
 from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.policies.checkpoint import POLICY_TYPES, build_policy, plain_config, write_policy
 from robot_rl.training.loop import Hook, LoopConfig, LoopUser, TrainingLoop, seed_everything, store_robot, to_device
@@ -65,8 +69,12 @@ def validate_train(cfg: DictConfig) -> LoopConfig:
     loop_cfg = LoopConfig.from_section(t, "train")
     if not t.get("data"):
         raise ConfigError("train.data is empty: give the episode store (or LeRobot dataset) to train on")
-    if t.data_format not in ("store", "lerobot"):
-        raise ConfigError(f"train.data_format must be store or lerobot, got {t.data_format!r}")
+    if t.data_format not in ("store", "lerobot", "auto"):
+        raise ConfigError(f"train.data_format must be store, lerobot or auto, got {t.data_format!r}")
+    try:
+        check_weights(t.get("weights"), len(data_paths(t)), "train.weights")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not 0.0 <= float(t.val_ratio) < 1.0:
         raise ConfigError(f"train.val_ratio must be in [0, 1), got {t.val_ratio!r}")
     if cfg.policy.get("type") not in POLICY_TYPES:
@@ -75,6 +83,12 @@ def validate_train(cfg: DictConfig) -> LoopConfig:
             f"{' or policy='.join(POLICY_TYPES)}"
         )
     return loop_cfg
+
+
+def data_paths(t: DictConfig) -> list[str]:
+    """train.data as a list: one path, or several (stores, selections, LeRobot datasets) to mix."""
+    data = t.data
+    return [str(d) for d in data] if OmegaConf.is_list(data) or isinstance(data, (list, tuple)) else [str(data)]
 
 
 class Trainer(LoopUser):
@@ -87,7 +101,8 @@ class Trainer(LoopUser):
         seed = int(self.t.seed)
         seed_everything(seed, self.t.get("num_threads"))
 
-        self.store = self._open_data()
+        self.datasets = [self._open_dataset(p, i) for i, p in enumerate(data_paths(self.t))]  # (path, store, rows)
+        self.store = self.datasets[0][1]
         feats = self.store.features
         if "action" not in feats:
             raise ConfigError(f"train.data={self.t.data}: the store has no `action` key")
@@ -97,28 +112,33 @@ class Trainer(LoopUser):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.obs_keys = self.policy.store_obs_keys
+        self._check_same_features(feats)
 
-        # episodes: a seeded split into train / val (val only measures the loss)
-        n_ep = self.store.num_episodes
-        if n_ep == 0:
-            raise ConfigError(f"train.data={self.t.data} has no episodes")
-        n_val = min(int(round(float(self.t.val_ratio) * n_ep)), n_ep - 1)
-        order = np.random.default_rng(seed + 1).permutation(n_ep)
-        self.val_episodes = sorted(order[:n_val].tolist())
-        self.train_episodes = sorted(order[n_val:].tolist())
+        # episodes: a seeded split into train / val per dataset (val only measures the loss)
         to, ha = self.policy.horizons
-        self.sampler = SequenceSampler.from_store(
-            self.store, self.obs_keys, episodes=self.train_episodes, obs_horizon=to, action_horizon=ha
-        )
-        self.val_sampler = (
-            SequenceSampler.from_store(
-                self.store, self.obs_keys, episodes=self.val_episodes, obs_horizon=to, action_horizon=ha
-            )
-            if n_val
-            else None
-        )
-        # normalisation from the training episodes (the buffers then travel with every checkpoint)
-        self.policy.fit_normalizer({k: self.sampler.data[k] for k in [*self.obs_keys, "action"]})
+        train, val, self.train_episodes, self.val_episodes = [], [], [], []
+        for path, store, rows in self.datasets:
+            episodes = list(range(store.num_episodes)) if rows is None else np.unique(rows[0]).tolist()
+            n_ep = len(episodes)
+            if n_ep == 0:
+                raise ConfigError(f"train.data={path} has no episodes")
+            n_val = min(int(round(float(self.t.val_ratio) * n_ep)), n_ep - 1)
+            order = np.random.default_rng(seed + 1).permutation(n_ep)
+            val_eps = sorted(episodes[i] for i in order[:n_val])
+            train_eps = sorted(episodes[i] for i in order[n_val:])
+            kw = dict(obs_horizon=to, action_horizon=ha)
+            train.append(store_windows(path, store, self.obs_keys, train_eps, rows, **kw))
+            if n_val:
+                val.append(store_windows(path, store, self.obs_keys, val_eps, rows, **kw))
+            self.train_episodes.append(train_eps)
+            self.val_episodes.append(val_eps)
+        if len(self.datasets) == 1:  # one dataset: the episode lists as they always were
+            self.train_episodes, self.val_episodes = self.train_episodes[0], self.val_episodes[0]
+        weights = self.t.get("weights")
+        self.sampler = MixtureSampler(train, weights)
+        self.val_sampler = MixtureSampler(val, weights if len(val) == len(train) else None) if val else None
+        # normalisation from the training windows (the buffers then travel with every checkpoint)
+        self.policy.fit_normalizer({k: self.sampler.column(k) for k in [*self.obs_keys, "action"]})
         self.policy.to(self.device).train()
 
         self.robot = store_robot(self.store)
@@ -150,14 +170,38 @@ class Trainer(LoopUser):
                     "or val_ratio); start a new run instead"
                 )
 
-    def _open_data(self) -> EpisodeStore:
-        path = Path(str(self.t.data)).expanduser()
-        if self.t.data_format == "store":
+    def _open_dataset(self, entry: str, i: int) -> tuple[str, EpisodeStore, tuple | None]:
+        """(path, store, selected (episode, step) rows or None) of one train.data entry."""
+        path = Path(entry).expanduser()
+        if is_selection(path):
+            try:
+                sel, store = read_selection(path)
+            except (SelectionError, OSError) as e:
+                raise ConfigError(f"train.data={str(path)!r}: {e}") from None
+            return str(path), store, (sel.episode, sel.step)
+        return str(path), self._open_data(path, i), None
+
+    def _check_same_features(self, feats: dict) -> None:
+        for path, store, _ in self.datasets[1:]:
+            for k in [*self.obs_keys, "action"]:
+                if k not in store.features or store.features[k].shape != feats[k].shape:
+                    have = store.features[k].shape if k in store.features else "no such key"
+                    raise ConfigError(
+                        f"train.data: {path} does not match {self.datasets[0][0]}: {k} is {feats[k].shape} "
+                        f"there, {have} here; datasets mixed in one run need the same observations and action"
+                    )
+
+    def _open_data(self, path: Path, i: int = 0) -> EpisodeStore:
+        fmt = self.t.data_format
+        if fmt == "auto":
+            fmt = "lerobot" if (path / "meta" / "info.json").exists() and not (path / "meta.json").exists() else "store"
+        if fmt == "store":
             try:
                 return EpisodeStore.open(path)
             except Exception as e:  # StoreError says what is wrong; anything else is an unreadable path
                 raise ConfigError(f"train.data={str(path)!r}: {e}") from None
         dest = Path(self.t.import_dir) if self.t.get("import_dir") else self.run_dir / "imported_store"
+        dest = dest if i == 0 else dest.with_name(f"{dest.name}_{i}")
         if (dest / "meta.json").exists():
             log.info("using the store imported earlier at %s", dest)
             return EpisodeStore.open(dest)
@@ -166,7 +210,7 @@ class Trainer(LoopUser):
         log.info("importing LeRobot dataset %s into %s", path, dest)
         return import_lerobot(path, dest)
 
-    def _batch(self, sampler: SequenceSampler, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def _batch(self, sampler: MixtureSampler, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         return to_device(sampler.sample(int(self.t.batch_size), rng), self.device)
 
     def _export(self, directory: Path, policy, loop_info: dict) -> None:
