@@ -503,6 +503,92 @@ class DiffusionPolicy(nn.Module, Policy):
             x = sched.step(eps, t, x, generator=generator).prev_sample
         return self.normalizer.unnormalize("action", x)
 
+    # ------------------------------------------------------------------- the denoising chain as a policy (RL)
+    # RL over the chain (RL-100 §1.3, DPPO): each DDIM step x_k -> x_{k-1} is a Gaussian N(mu_k, sigma~_k^2 I)
+    #   x0_hat  = (x_k - sqrt(1 - a_t) eps) / sqrt(a_t), clipped to [-1, 1] (clip_sample)
+    #   sigma_k = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    #   mu_k    = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_k^2) eps
+    #   sigma~_k = clip(sigma_k, std_min, std_max)         (the mean keeps the unclipped sigma_k, as RL-100)
+    # so a chain's likelihood is a product of Gaussians and can be re-scored after the weights change. Everything
+    # is in the normalised action space; `cond` is `encode_obs`'s output. predict_chunk (eta 0) is not touched.
+    def chain_schedule(self, steps: int | None = None, eta: float = 1.0) -> list[tuple[int, float, float, float]]:
+        """(t, a_t, a_prev, sigma) for each of the K DDIM steps, noisiest first (diffusers' DDIM timesteps)."""
+        sched = self.schedulers["ddim"]
+        steps = int(steps or self.cfg.num_inference_steps or self.cfg.num_train_timesteps)
+        sched.set_timesteps(steps)
+        out = []
+        for t in sched.timesteps.tolist():
+            prev = t - self.cfg.num_train_timesteps // steps
+            a_t = float(sched.alphas_cumprod[t])
+            a_prev = float(sched.alphas_cumprod[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+            sigma = eta * math.sqrt(max((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), 0.0))
+            out.append((int(t), a_t, a_prev, sigma))
+        return out
+
+    def chain_step(
+        self, x: torch.Tensor, cond: torch.Tensor, step: tuple[int, float, float, float], std_min: float,
+        std_max: float | None,
+    ) -> tuple[torch.Tensor, float]:  # fmt: skip
+        """(mu_k, sigma~_k) of one denoising step from x_k (B, Ha, A); differentiable in the UNet's weights."""
+        t, a_t, a_prev, sigma = step
+        out = self.unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), cond)
+        if self.cfg.prediction_type == "epsilon":
+            eps, x0 = out, (x - math.sqrt(1 - a_t) * out) / math.sqrt(a_t)
+        else:
+            eps, x0 = (x - math.sqrt(a_t) * out) / math.sqrt(1 - a_t), out
+        if self.cfg.clip_sample:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        std = min(max(sigma, std_min), std_max if std_max is not None else math.inf)
+        return mean, std
+
+    def sample_chain(
+        self,
+        cond: torch.Tensor,
+        steps: int | None = None,
+        eta: float = 1.0,
+        std_min: float = 0.0067,
+        std_max: float | None = 0.1,
+        generator: torch.Generator | None = None,
+        init_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stochastic K-step DDIM chain at features `cond` (B, C): returns the chain x_K..x_0 (B, K+1, Ha, A) and
+        the per-element log-probs of each step (B, K, Ha, A), both normalised; x_0 is the chunk."""
+        b = cond.shape[0]
+        shape = (b, self.cfg.action_horizon, self.action_dim)
+        gen_device = generator.device if generator is not None else cond.device
+        x = init_noise if init_noise is not None else torch.randn(shape, generator=generator, device=gen_device)
+        x = x.to(cond.device, cond.dtype)
+        chain, logps = [x], []
+        with torch.no_grad():
+            for step in self.chain_schedule(steps, eta):
+                mean, std = self.chain_step(x, cond, step, std_min, std_max)
+                noise = torch.randn(shape, generator=generator, device=gen_device).to(cond.device)
+                x = mean + std * noise
+                logps.append(torch.distributions.Normal(mean, std).log_prob(x))
+                chain.append(x)
+        return torch.stack(chain, 1), torch.stack(logps, 1)
+
+    def chain_log_prob(
+        self,
+        cond: torch.Tensor,
+        chain: torch.Tensor,
+        steps: int | None = None,
+        eta: float = 1.0,
+        std_min: float = 0.0067,
+        std_max: float | None = 0.1,
+        step_index: int | None = None,
+    ) -> torch.Tensor:
+        """Per-element log-probs (B, K, Ha, A) of a stored chain under the current weights (with gradients), or of
+        step `step_index` alone (B, Ha, A): one UNet pass per step re-scored."""
+        schedule = self.chain_schedule(steps, eta)
+        ks = range(len(schedule)) if step_index is None else [step_index]
+        out = []
+        for k in ks:
+            mean, std = self.chain_step(chain[:, k], cond, schedule[k], std_min, std_max)
+            out.append(torch.distributions.Normal(mean, std).log_prob(chain[:, k + 1]))
+        return torch.stack(out, 1) if step_index is None else out[0]
+
     # --------------------------------------------------------------------------------------- Policy interface
     def reset(self) -> None:
         self._obs_queue.clear()
