@@ -1,5 +1,23 @@
 """A simulated human for RLIF-style takeover in sim: a scripted expert that watches the policy and takes over.
 
+Who acts and who decides are separate: the wrapped `expert` (any quality preset of sim/experts.py, e.g. "poor")
+supplies the takeover actions; the `strategy` decides *when* to take over:
+
+- `deviation` (default; HG-DAgger-like): the policy's action is far from the expert's (rule below).
+- `value` (RLIF's value-based intervener, reference Sec. 1.3): a reference critic Q_ref (a SAC/RLIF session
+  checkpoint, `critic=<run dir or policy dir>`) compares the policy's action with a reference action (the
+  checkpoint's own actor, or the expert's label with `compare_to=expert`); the step is "bad" when
+  Q_ref(s, a_pi) < Q_ref(s, a_ref) - (1 - alpha) |Q_ref(s, a_ref)| - delta. A bad step starts a takeover with
+  probability `beta` (0.95), a good one with 1 - beta (false alarms, as in the released code). The released code
+  tests Q(s, a_pi) < alpha Q(s, a_ref), which assumes Q > 0: with negative values (RLIF's own rewards, or any critic
+  of penalties) alpha Q_ref > Q_ref and it fires on actions *better* than the reference. The |Q_ref| form equals
+  it for Q_ref > 0 and keeps its meaning (a_pi worse by at least a fraction 1 - alpha) for Q_ref < 0.
+- `random` (the released `train_rlif_random_main.py`): each policy step starts a takeover with probability
+  `p_start`.
+
+`value` and `random` takeovers last `takeover_steps` ticks (k = 4 in the released code), then the policy acts
+again (unless the rule fires again on the hand-back tick, which continues the takeover).
+
 The control loop calls, every tick and in this order (see `robot_rl.control.takeover.pick_source`)::
 
     label = teleop.get_action(obs)                 # the expert's action for this observation
@@ -31,9 +49,81 @@ tick) are there for logging.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
 from robot_rl.interfaces import Feature, Observation, Teleop
+
+STRATEGIES = ("deviation", "value", "random")
+
+
+def value_says_bad(q_pi: float, q_ref: float, alpha: float, delta: float = 0.0) -> bool:
+    """The policy's action is clearly worse than the reference's: Q(s, a_pi) < Q(s, a_ref) - (1-alpha)|Q(s, a_ref)|
+    - delta. Sign-safe: for Q_ref > 0 it is the released code's Q(s, a_pi) < alpha Q(s, a_ref)."""
+    return q_pi < q_ref - (1.0 - alpha) * abs(q_ref) - delta
+
+
+class ReferenceCritic:
+    """Q_ref from a SAC / RLIF session checkpoint: the policy directory's actor (the reference action, its mean) and
+    the critic ensemble's weights in `algo_state.pt` beside it, evaluated as the learner does (features of the
+    standardised observation, the action normalised to [-1, 1]); Q = mean over the heads (RLPD's choice)."""
+
+    def __init__(self, policy, critic_state: dict):
+        import torch
+
+        self.torch, self.policy, self.model = torch, policy, policy.model
+        self.layers = []  # (weight (E, in, out), bias (E, 1, out), is_layer_norm), in order
+        names = sorted({k.rsplit(".", 1)[0] for k in critic_state}, key=lambda n: int(n.split(".")[-1]))
+        for name in names:
+            w, b = critic_state[name + ".weight"].float(), critic_state[name + ".bias"].float()
+            self.layers.append((w, b, w.shape[1] == 1 and b.shape == w.shape))
+
+    def q(self, obs: Observation, action: np.ndarray) -> float:
+        torch = self.torch
+        with torch.no_grad():
+            batch = {k: torch.as_tensor(np.asarray(obs[k])).unsqueeze(0) for k in self.model.obs_keys}
+            a = self.model.scaler.normalize(torch.as_tensor(np.asarray(action, np.float32)).unsqueeze(0)).clamp(-1, 1)
+            x = torch.cat([self.model.featurizer(batch), a], dim=-1)
+            x = x.unsqueeze(0).expand(self.layers[0][0].shape[0], -1, -1)
+            for i, (w, b, is_ln) in enumerate(self.layers):
+                if is_ln:
+                    x = torch.relu(torch.nn.functional.layer_norm(x, x.shape[-1:]) * w + b)
+                else:
+                    x = torch.baddbmm(b, x, w)
+                    last = i == len(self.layers) - 1
+                    if not last and not self.layers[i + 1][2]:
+                        x = torch.relu(x)
+            return float(x.mean())
+
+    def __call__(self, obs: Observation, action: np.ndarray, ref_action: np.ndarray | None) -> tuple[float, float]:
+        """(Q_ref(s, a_pi), Q_ref(s, a_ref)); a_ref = the checkpoint actor's mean action unless given."""
+        if ref_action is None:
+            ref_action = self.policy.select_action(obs)
+        return self.q(obs, action), self.q(obs, ref_action)
+
+
+def load_reference_critic(path: str | Path) -> ReferenceCritic:
+    """A SAC / RLIF session run dir (newest weights), its checkpoints dir, or one policy dir with algo_state.pt."""
+    import torch
+
+    from robot_rl.policies.checkpoint import find_policy_dir, load_policy
+
+    directory = find_policy_dir(path)
+    state_file = directory / "algo_state.pt"
+    if not state_file.exists():
+        raise ValueError(
+            f"critic={path}: {directory} has no algo_state.pt (a critic): give a SAC or RLIF session's run dir"
+        )
+    state = torch.load(state_file, weights_only=True, map_location="cpu")
+    if "critic" not in state:
+        raise ValueError(f"critic={path}: {state_file} holds no critic (keys {sorted(state)}); use a SAC/RLIF session")
+    policy = load_policy(directory, device="cpu")
+    if not hasattr(policy, "model") or not hasattr(policy.model, "featurizer"):
+        raise ValueError(f"critic={path}: the policy there is not a SAC actor ({type(policy).__name__})")
+    policy.exploration = "none"
+    return ReferenceCritic(policy, state["critic"])
 
 
 class SimulatedIntervener(Teleop):
@@ -49,7 +139,32 @@ class SimulatedIntervener(Teleop):
         probability: float = 1.0,
         seed: int | None = None,
         dims: list[int] | tuple[int, ...] | None = None,
+        strategy: str = "deviation",
+        takeover_steps: int = 4,
+        p_start: float = 0.5,
+        critic: str | Callable | None = None,
+        compare_to: str = "reference",
+        alpha: float = 0.97,
+        beta: float = 0.95,
+        delta: float = 0.0,
     ):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if takeover_steps < 1 or not 0.0 <= p_start <= 1.0 or not 0.0 <= beta <= 1.0 or delta < 0:
+            raise ValueError(
+                f"need takeover_steps >= 1 (got {takeover_steps}), p_start and beta in [0, 1] (got {p_start}, "
+                f"{beta}), delta >= 0 (got {delta})"
+            )
+        if compare_to not in ("reference", "expert"):
+            raise ValueError(f"compare_to={compare_to!r}; choose reference (the critic's own actor) or expert")
+        if strategy == "value" and critic is None:
+            raise ValueError(
+                "strategy=value needs a reference critic: critic=<a SAC or RLIF session run dir / policy dir with "
+                "algo_state.pt> (train one with `robot-rl session algo=sac`)"
+            )
+        self.strategy, self.takeover_steps, self.p_start = strategy, int(takeover_steps), float(p_start)
+        self.alpha, self.beta, self.delta, self.compare_to = float(alpha), float(beta), float(delta), compare_to
+        self.critic = load_reference_critic(critic) if isinstance(critic, (str, Path)) else critic
         if threshold < 0:
             raise ValueError(f"threshold={threshold} must be >= 0")
         if patience < 1 or release_patience < 1 or min_steps < 0:
@@ -107,6 +222,7 @@ class SimulatedIntervener(Teleop):
         self.intervention_steps = 0
 
     def get_action(self, observation: Observation) -> np.ndarray:
+        self._obs = observation
         self._label = np.asarray(self.expert.get_action(observation))
         return self._label
 
@@ -126,6 +242,9 @@ class SimulatedIntervener(Teleop):
 
     def observe_policy_action(self, action: np.ndarray | None) -> None:
         """Show the policy's proposal for the observation of the last `get_action`; updates `intervening`."""
+        if self.strategy != "deviation":
+            self._observe_k_step(action)
+            return
         dev = self.deviation = self._deviation(action)
         bad = dev > self.threshold
         if self._intervening:
@@ -148,7 +267,43 @@ class SimulatedIntervener(Teleop):
                 self.n_interventions += 1
                 self.intervention_steps += 1
 
+    def _start_probability(self, action: np.ndarray) -> float:
+        """`random`: p_start. `value`: beta if Q_ref says the policy's action is clearly worse, else 1 - beta."""
+        if self.strategy == "random":
+            return self.p_start
+        q_pi, q_ref = self.critic(
+            self._obs, np.asarray(action), None if self.compare_to == "reference" else self._label
+        )
+        self.deviation = q_ref - q_pi  # the value gap (logging)
+        return self.beta if value_says_bad(q_pi, q_ref, self.alpha, self.delta) else 1.0 - self.beta
+
+    def _observe_k_step(self, action: np.ndarray | None) -> None:
+        """`value` / `random`: a takeover lasts `takeover_steps` ticks; between takeovers the rule decides per tick."""
+        if self._intervening:
+            if self._held < self.takeover_steps:
+                self._held += 1
+                self.intervention_steps += 1
+                return
+            self._intervening = False  # k ticks done: hand back, unless the rule fires again right now
+            if action is not None and self._rng.random() < self._start_probability(action):
+                self._intervening = True
+                self._held = 1
+                self.intervention_steps += 1
+            return
+        if action is None or self._rng.random() < self._start_probability(action):
+            self._intervening = True
+            self._held = 1
+            self.n_interventions += 1
+            self.intervention_steps += 1
+
     def __repr__(self) -> str:
+        if self.strategy == "random":
+            return f"SimulatedIntervener({self.expert.name}, random, p_start={self.p_start}, k={self.takeover_steps})"
+        if self.strategy == "value":
+            return (
+                f"SimulatedIntervener({self.expert.name}, value, alpha={self.alpha}, beta={self.beta}, "
+                f"delta={self.delta}, k={self.takeover_steps}, compare_to={self.compare_to})"
+            )
         return (
             f"SimulatedIntervener({self.expert.name}, threshold={self.threshold}, patience={self.patience}, "
             f"min_steps={self.min_steps}, release_patience={self.release_patience}, "

@@ -1,0 +1,196 @@
+"""RLIF (Luo et al., ICLR 2024): the operator's takeovers are the only reward; RLPD learns to avoid being taken over.
+
+    robot-rl session algo=rlif algo.demos=<episode store> teleop=sim_intervener      # sim, a scripted operator
+    robot-rl session algo=rlif algo.demos=<episode store> teleop=spacemouse robot=... # hardware: hold to take over
+
+The robot runs the learner's SAC actor; whenever the operator (a teleop device while its takeover control is held,
+or a simulated intervener in sim) takes over, the control process executes the operator's action and marks the step
+`intervention` — as in every session, so the control process knows nothing of RLIF. Here, on the learner side, the
+replay is relabelled: -1 on the last policy step before each takeover starts, 0 everywhere else, never terminal
+(`robot_rl/reward/intervention.py`). The task's success reward on the wire is ignored for learning (it is only
+measured: episodes.jsonl, evaluation blocks). Unlike DAgger the operator is not assumed optimal: the policy learns
+*where* it gets taken over, not to copy the operator, so it can end up better than its operator.
+
+The learner is RLPD (Ball et al. 2023) as `algo=sac` runs it — a 10-head LayerNorm critic ensemble, min over 2
+random heads in the TD target, no entropy backup, UTD `updates_per_transition`, symmetric sampling: half of every
+batch from prior data (demonstrations, rewards forced to 0 as in the released code), half online. The loss is
+SAC's, unchanged (`SAC.update` in robot_rl/algos/sac.py: critic MSE to `R_n + gamma^h min_2 Q'(s', a')`, actor
+`alpha log pi - mean Q`, temperature towards `-|A|/2`); what RLIF changes is only what `R` is.
+
+Bad input, before the robot moves (`check_config`): no teleop, or one that can never take over (a scripted expert
+without `intervener:`, a leader arm that always or never drives). While running: N episodes in a row without a
+takeover means an empty reward signal: a warning in the learner's log, `rlif/*` counters in its metrics, and
+`reward_signal.json` in the learner's run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robot_rl.algos.base import SENDER_KEY, ReplayView
+from robot_rl.algos.nstep import Pool, RLPDSampler
+from robot_rl.algos.sac import SAC, SACConfig
+from robot_rl.config import write_json
+from robot_rl.reward.intervention import episode_takeovers, intervention_rewards, learnable_rows
+
+log = logging.getLogger("robot_rl.algos.rlif")
+
+# Teleops that can take over and hand back, in words (the bad-input message names them).
+TAKEOVER_TELEOPS = (
+    "teleop=sim_intervener or another teleop.type=scripted with an `intervener:` section (sim: a scripted operator "
+    "takes over when the policy goes wrong); teleop=keyboard, teleop=gamepad, teleop=spacemouse (takes over while "
+    "a key, stick or the puck is held, hands back on release; keyboard i / gamepad Start latch it); teleop.type="
+    "lerobot with lerobot_type=gamepad or keyboard_ee (lerobot's own takeover events)"
+)
+DEVICE_TELEOPS = ("keyboard", "gamepad", "spacemouse")  # robot_rl.hardware.teleop.DEVICE_KINDS
+LEROBOT_TAKEOVER_TELEOPS = ("gamepad", "keyboard_ee")  # lerobot Teleoperators that report IS_INTERVENTION events
+
+
+@dataclass
+class RLIFConfig(SACConfig):
+    """SAC/RLPD's settings plus RLIF's; every default and meaning: configs/algo/rlif.yaml."""
+
+    penalty: float
+    keep_intervener_steps: bool
+    empty_signal_episodes: int
+    teleop: dict | None  # the session's teleop group (interpolated by rlif.yaml), read only by check_config
+
+
+def takeover_problem(teleop: dict | None) -> str | None:
+    """Why this teleop config can never take over from the policy (None: it can)."""
+    teleop = teleop or {"type": "none"}
+    kind = teleop.get("type") or "none"
+    if kind == "none":
+        return "teleop=none: nobody can take over, so there is no reward at all"
+    if kind == "scripted" and not teleop.get("intervener"):
+        return "a scripted expert without an `intervener:` section only labels steps and never takes over"
+    if kind == "device" and teleop.get("device") not in DEVICE_TELEOPS:
+        return f"teleop device {teleop.get('device')!r} is not one that can take over"
+    if kind == "lerobot" and teleop.get("lerobot_type") not in LEROBOT_TAKEOVER_TELEOPS:
+        drives = "always drives (intervening: true)" if teleop.get("intervening") else "never takes over"
+        return (
+            f"lerobot teleop {teleop.get('lerobot_type')!r} reports no takeover events: it {drives}, so there is no "
+            "policy step before a takeover to learn from"
+        )
+    if kind not in ("scripted", "device", "lerobot"):
+        return f"teleop.type={kind!r} is not a teleop that can take over"
+    return None
+
+
+class InterventionSampler(RLPDSampler):
+    """RLPD batches whose online rewards are the takeover labels (non-terminal); the operator's own steps start
+    transitions only with `keep_intervener_steps`. Labels are recomputed from the stored columns whenever the replay
+    grew (a row's label depends on the row after it), so a resumed learner gets the same labels."""
+
+    def __init__(self, *args, penalty: float, keep_intervener: bool, **kw):
+        super().__init__(*args, **kw)
+        self.penalty, self.keep_intervener = penalty, keep_intervener
+        self.labelled_upto = -1
+        self.reward = np.zeros(0, np.float32)
+        self.starts = np.zeros(0, np.int64)
+
+    def label(self, replay: ReplayView) -> None:
+        n = replay.size
+        if self.labelled_upto == n:
+            return
+        if self.links.size < n:
+            a = self.links.size
+            self.links.extend(replay.column(SENDER_KEY)[a:n], replay.column("episode")[a:n], replay.column("step")[a:n])
+        intervention, next_idx = replay.column("intervention")[:n], self.links.next_idx[:n]
+        self.reward = intervention_rewards(intervention, next_idx, self.penalty)
+        self.starts = np.flatnonzero((next_idx >= 0) & learnable_rows(intervention, self.keep_intervener))
+        self.labelled_upto = n
+
+    def online_pool(self, replay: ReplayView) -> Pool:
+        self.label(replay)
+        n = replay.size
+        return Pool(replay.column, self.reward, np.zeros(n, bool), self.links.next_idx[:n], self.starts)
+
+
+class RLIF(SAC):
+    @classmethod
+    def check_config(cls, cfg: RLIFConfig) -> None:
+        problem = takeover_problem(cfg.teleop)
+        if problem:
+            raise ValueError(
+                f"algo=rlif learns only from takeovers, and {problem}. Use a teleop that can take over: "
+                f"{TAKEOVER_TELEOPS}"
+            )
+        super().check_config(cfg)
+        if cfg.penalty >= 0 or cfg.empty_signal_episodes < 1:
+            raise ValueError("algo: need penalty < 0 (a takeover is bad) and empty_signal_episodes >= 1")
+
+    def __init__(self, cfg: RLIFConfig, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
+        super().__init__(cfg, policy_cfg, device, run_dir)
+        self.signal = {"episodes": 0, "takeovers": 0, "episodes_since_takeover": 0, "empty": False}
+        self._signal_rows = 0  # replay rows the signal was last computed over
+
+    def _make_sampler(self, demo_arrays: dict, episode_ends: np.ndarray, action_keys: list[str]) -> None:
+        """Prior data as RLIF loads it: rewards 0, nothing terminal (task success is not a reward here)."""
+        cfg = self.cfg
+        demo_arrays = {**demo_arrays, "reward": np.zeros_like(demo_arrays["reward"])}
+        demo_arrays["success"] = np.zeros_like(demo_arrays["success"])
+        self.demo_arrays = demo_arrays
+        self.demos = Pool.from_arrays(demo_arrays, episode_ends)
+        self.sampler = InterventionSampler(
+            self.demos,
+            self.obs_keys,
+            action_keys,
+            cfg.n_step,
+            cfg.gamma,
+            cfg.batch_size,
+            cfg.demo_fraction,
+            cfg.interventions_to_demos,
+            penalty=cfg.penalty,
+            keep_intervener=cfg.keep_intervener_steps,
+        )
+
+    def update(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, float]:
+        scalars = super().update(replay, rng)  # SAC/RLPD's update on batches carrying the takeover rewards
+        return {**scalars, **{f"rlif/{k}": float(v) for k, v in self.signal.items()}}
+
+    # ----------------------------------------------------------------------------------------- the signal
+    def publish_meta(self, replay: ReplayView) -> dict:
+        self._check_signal(replay)
+        return super().publish_meta(replay)
+
+    def _check_signal(self, replay: ReplayView) -> None:
+        """Takeovers per episode; `empty_signal_episodes` episodes in a row without one: say so (once per change)."""
+        if replay.size == 0 or self._signal_rows == replay.size:
+            return
+        self._signal_rows = n = replay.size
+        self.sampler.label(replay)
+        key = replay.column(SENDER_KEY)[:n].astype(np.int64) * (1 << 40) + replay.column("episode")[:n]
+        _, per_episode = episode_takeovers(replay.column("intervention")[:n], self.sampler.links.next_idx[:n], key)
+        if len(per_episode) == self.signal["episodes"]:
+            return
+        hit = np.flatnonzero(per_episode)
+        since = len(per_episode) - (int(hit[-1]) + 1 if hit.size else 0)
+        empty = since >= self.cfg.empty_signal_episodes
+        was_empty, self.signal = (
+            self.signal["empty"],
+            {
+                "episodes": len(per_episode),
+                "takeovers": int(per_episode.sum()),
+                "episodes_since_takeover": since,
+                "empty": empty,
+            },
+        )
+        if empty and not was_empty:
+            log.warning(
+                "RLIF: the reward signal is empty: no takeover in the last %d episodes (%d takeovers in all). %s",
+                since,
+                self.signal["takeovers"],
+                "Is the teleop connected, and its takeover control held when the robot goes wrong?"
+                if not hit.size
+                else "Fine if the policy now does the task (check its success rate); nothing new to learn from.",
+            )
+        elif was_empty and not empty:
+            log.info("RLIF: a takeover again (%d in all): the reward signal is back", self.signal["takeovers"])
+        if self.run_dir is not None:
+            write_json(Path(self.run_dir) / "reward_signal.json", {**self.signal, "n": self.cfg.empty_signal_episodes})
