@@ -346,6 +346,8 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
         dist.device,
     )
     summary = dist.run()
+    if not dist.loop.is_main:  # torchrun: rank 0 reports, plots and evaluates
+        return 0 if summary["finished"] else (130 if dist.loop.stopped else 1)
     log.info(
         "done: step %d, loss %.5f, probe MSE %s -> %s",
         summary["step"],
