@@ -31,6 +31,7 @@ class OnlineBCConfig:
     weight_decay: float
     batch_size: int
     min_transitions: int
+    labels: str  # "all" (DAgger: every visited step) | "interventions" (HG-DAgger: only the steps the expert drove)
 
 
 def observation_features(replay: ReplayView) -> dict[str, Feature]:
@@ -43,7 +44,22 @@ def observation_features(replay: ReplayView) -> dict[str, Feature]:
     return feats
 
 
+def labelled_rows(replay: ReplayView | dict, labels: str) -> np.ndarray:
+    """Bool per row: an expert label to regress on (finite `expert_action`; with labels=interventions only where
+    the expert drove, i.e. HG-DAgger's takeover steps). `replay`: the replay view or a sampled batch."""
+    get = replay.column if hasattr(replay, "column") else replay.__getitem__
+    ok = np.isfinite(get("expert_action")).all(axis=1)
+    if labels == "interventions":
+        ok &= np.asarray(get("intervention"), dtype=bool)
+    return ok
+
+
 class OnlineBC(Algorithm):
+    @classmethod
+    def check_config(cls, cfg: OnlineBCConfig) -> None:
+        if cfg.labels not in ("all", "interventions"):
+            raise ValueError(f"algo.labels={cfg.labels!r}: all (DAgger) or interventions (HG-DAgger)")
+
     @classmethod
     def build_robot_policy(cls, cfg: OnlineBCConfig, policy_cfg: dict, robot: Robot, seed: int) -> Policy:
         """The session's `policy:` (from the robot's features); it waits for the learner's first weights."""
@@ -73,7 +89,7 @@ class OnlineBC(Algorithm):
             return True
         if replay.size < self.cfg.min_transitions or "expert_action" not in replay.keys():
             return False
-        if np.isfinite(replay.column("expert_action")).all(axis=1).sum() < self.cfg.min_transitions:
+        if labelled_rows(replay, self.cfg.labels).sum() < self.cfg.min_transitions:
             return False
         self._build(replay)
         return True
@@ -83,7 +99,7 @@ class OnlineBC(Algorithm):
         flat = self.policy.flatten({k: replay.column(OBS_PREFIX + k) for k in self.policy.obs_keys})
         self.policy.set_obs_stats(flat.mean(0).numpy(), flat.std(0).numpy())
         labels = replay.column("expert_action")
-        labels = labels[np.isfinite(labels).all(axis=1)]
+        labels = labels[labelled_rows(replay, self.cfg.labels)]
         if len(labels):
             lo, hi = labels.min(0), labels.max(0)
             pad = np.maximum(ACTION_RANGE_PAD * (hi - lo), MIN_ACTION_PAD)  # a little room past the demonstrated range
@@ -92,9 +108,11 @@ class OnlineBC(Algorithm):
 
     def update(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, float]:
         keys = [OBS_PREFIX + k for k in self.policy.obs_keys] + ["expert_action"]
+        keys += ["intervention"] if self.cfg.labels == "interventions" else []
         batch = replay.sample(self.cfg.batch_size, rng, keys)
         target = torch.as_tensor(batch["expert_action"], device=self.device)
-        labelled = torch.isfinite(target).all(dim=1)  # steps without an expert label carry NaN
+        # steps without an expert label carry NaN; HG-DAgger keeps only the steps the expert drove
+        labelled = torch.as_tensor(labelled_rows(batch, self.cfg.labels), device=self.device)
         if not labelled.any():
             return {"bc/labelled_fraction": 0.0}
         obs = self.policy.flatten({k: batch[OBS_PREFIX + k] for k in self.policy.obs_keys}).to(self.device)
