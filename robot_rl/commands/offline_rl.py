@@ -124,7 +124,7 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     from robot_rl.algos.iql import IQL, ValueNet, iql_config
     from robot_rl.commands.evaluate import evaluate
     from robot_rl.data.episode_store import EpisodeStore, StoreError
-    from robot_rl.policies.checkpoint import load_policy, write_policy
+    from robot_rl.policies.checkpoint import CheckpointError, load_policy, read_manifest, write_policy
     from robot_rl.policies.sac import SACPolicy
     from robot_rl.training.loop import LoopConfig, TrainingLoop, seed_everything, store_robot
 
@@ -177,9 +177,18 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
             provenance={"source": "offline-rl/bc", **provenance, **info},
         )
 
-    bc_loop = TrainingLoop(run_dir / "bc", model, bc_step, bc_batch, bc_cfg, name="bc", export=export)
-    bc_summary = bc_loop.run()
-    export(run_dir / "bc" / "policy", model, {"step": bc_loop.step})
+    bc_dir = run_dir / "bc" / "policy"
+    if c.get("bc_from"):  # an earlier run's BC stage: same encoder, so rewards are compared on equal features
+        bc_dir = Path(str(c.bc_from)).expanduser() / "bc" / "policy"
+        try:
+            model.load_state_dict(load_policy(bc_dir, device).model.state_dict())
+        except (CheckpointError, RuntimeError) as e:
+            raise ConfigError(f"offline_rl.bc_from: {bc_dir} is not a BC stage of this data and config: {e}") from None
+        bc_summary = {"step": read_manifest(bc_dir)["training"].get("step"), "final_loss": None, "wall_s": 0.0}
+    else:
+        bc_loop = TrainingLoop(run_dir / "bc", model, bc_step, bc_batch, bc_cfg, name="bc", export=export)
+        bc_summary = bc_loop.run()
+        export(bc_dir, model, {"step": bc_loop.step})
 
     # ---- 2. IQL on the frozen encoder's features, a fresh actor head extracted by AWR
     feats = features(model, arrays, int(c.feature_batch), device)
@@ -233,7 +242,7 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
         SACPolicy(policy_model),
         robot=robot,
         fps=store.fps,
-        provenance={"source": "offline-rl/iql", **provenance, "iql_steps": iql.steps, "bc_steps": bc_loop.step},
+        provenance={"source": "offline-rl/iql", **provenance, "iql_steps": iql.steps, "bc": str(bc_dir)},
     )
     torch.save(iql.state_dict(), policy_dir / "algo_state.pt")  # critics and optimisers; the loader ignores it
     summary = {
@@ -243,7 +252,7 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
         "bc": {k: bc_summary[k] for k in ("step", "final_loss", "wall_s")},
         "iql": {**iql_summary, "steps": iql.steps},
         "policy": str(policy_dir),
-        "bc_policy": str(run_dir / "bc" / "policy"),
+        "bc_policy": str(bc_dir),
     }
 
     # ---- 3. both policies in sim, same seeds
@@ -254,7 +263,7 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
                 f"{store.path} was not recorded from a sim robot, so nothing to evaluate in: "
                 "set offline_rl.eval_episodes=0"
             )
-        todo = {"iql": policy_dir, **({"bc": run_dir / "bc" / "policy"} if c.eval_bc else {})}
+        todo = {"iql": policy_dir, **({"bc": bc_dir} if c.eval_bc else {})}
         for name, path in todo.items():
             policy = load_policy(path, device)
             result = evaluate(
