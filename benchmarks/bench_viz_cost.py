@@ -5,7 +5,8 @@
 Each run is a real `robot-rl session` (MuJoCo Lift at 20 Hz, the scripted expert driving every episode, no learner,
 so the figure is the loop's own), the two settings alternated so background load hits both alike. Printed: control
 p99 / max tick lateness, tick work p99 and overruns per run, the median of each setting, and the view's own counts
-(ticks logged / dropped for the viewer).
+(ticks logged / dropped for the viewer, and what the view costs inside the loop per tick: encoding the tick and the
+non-blocking send to the viewer process).
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def main() -> None:
             f"  viz={'rerun' if viz else 'none':6s}               {statistics.median(r['lateness_p99_us'] for r in sel):10.1f}"
             f"   {statistics.median(r['work_p99_us'] for r in sel) / 1e3:10.2f}   "
             f"{statistics.median(r['overruns'] for r in sel):6.0f}"
+        )
+    costs = [r["view"]["loop_cost_us_p99"] for r in rows if r["viz"] and r["view"]]
+    if costs:
+        print(
+            f"the view's own cost inside the loop (encode + non-blocking send), p99 per tick: median {statistics.median(costs):.1f} µs"
         )
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (on {os.cpu_count()} cpus)")
 

@@ -116,6 +116,7 @@ class RerunView:
         cmd += ["--spawn"] if spawn else []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.submitted = self.dropped = self._tick = 0
+        self.send_s: list[float] = []  # the loop's cost of the view per tick: encoding + the non-blocking send
         self.error: str | None = None
         self._wait_for_viewer(start_timeout_s)
 
@@ -145,12 +146,14 @@ class RerunView:
         if self.error is not None:
             self.dropped += 1
             return
+        t0 = time.perf_counter()
         frames = encode_tick(self._tick, episode, step, transition)
         self._tick += 1
         try:
             self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
         except zmq.Again:
             self.dropped += 1
+        self.send_s.append(time.perf_counter() - t0)
 
     def close(self, timeout_s: float = 10.0) -> dict:
         """Send the end mark, let the viewer log what is queued (at most `timeout_s`); the counts for the summary."""
@@ -181,6 +184,8 @@ class RerunView:
             "logged": logged,
             "dropped": self.submitted - logged,
             "error": self.error,
+            "loop_cost_us_p50": round(1e6 * float(np.percentile(self.send_s, 50)), 1) if self.send_s else None,
+            "loop_cost_us_p99": round(1e6 * float(np.percentile(self.send_s, 99)), 1) if self.send_s else None,
         }
 
 
