@@ -131,6 +131,50 @@ def test_label_against_teacher_server_resume_retry_budget(lift_store, tmp_path, 
         assert server.requests == before  # nothing missing: nothing asked
 
 
+def test_label_ctrl_c_keeps_every_answer_and_rerun_asks_the_rest(lift_store, tmp_path):
+    """A real SIGINT to the CLI while requests are in flight: exit 130, every line complete, rerun completes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    out = tmp_path / "labels.jsonl"
+    with TeacherServer(lift_store, latency_s=0.1) as server:
+        args = [
+            *label_args(lift_store, server.url, out, 30, "label.api_key_env=null"),
+            f"hydra.run.dir={tmp_path / 'r'}",
+        ]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "robot_rl.cli", "label", *args],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr[-2000:]
+        kept = load_labels(out)
+        assert 3 <= len(kept) < 30 and len(out.read_text().splitlines()) == len(kept)  # no torn line
+        assert "interrupted" in stdout
+        before = server.requests
+        assert (
+            run(
+                "label",
+                "label",
+                tmp_path / "r2",
+                *label_args(lift_store, server.url, out, 30, "label.api_key_env=null"),
+            )
+            == 0
+        )
+        assert server.requests - before == 2 * (30 - len(kept)) and len(load_labels(out)) == 30
+
+
 def test_label_auth_and_not_found_are_clear(lift_store, tmp_path, monkeypatch, capsys):
     with TeacherServer(lift_store, api_key="secret") as server:
         monkeypatch.setenv("VLM_TEST_KEY", "wrong")

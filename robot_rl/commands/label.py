@@ -143,6 +143,9 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     summary["already_labelled"] = len(existing)
     write_json(Path(run_dir) / "label_summary.json", summary)
     valid = sum(r["label"] != -1 for r in total)
+    if summary["interrupted"]:
+        print(f"robot-rl label: interrupted; {len(total)} answers are kept in {out}, rerun to ask the rest", flush=True)
+        return 130
     print(
         f"labelled {summary['asked']} pairs ({summary['already_labelled']} were already done); {out} holds "
         f"{len(total)} answers, {valid} with a preference; {summary['pairs_per_s'] or 0:.2f} pairs/s",

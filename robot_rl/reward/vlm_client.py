@@ -344,7 +344,9 @@ def label_pairs(
     progress_every: int = 0,
 ) -> dict:
     """Ask every pair of `pairs` not yet in `log_file` with up to `concurrency` requests in flight.
-    `describe(index)` -> {"episode", "step"} of a global step. Returns counts, label histogram, throughput."""
+    `describe(index)` -> {"episode", "step"} of a global step. Returns counts, label histogram, throughput
+    (`interrupted`: Ctrl-C stopped it after the requests in flight were written). Raises VLMError on what
+    retrying cannot fix, after the answers already received are written."""
     done = {pair_key(r["i"], r["j"]) for r in log_file.read()}
     todo = [p for p in pairs if pair_key(*p) not in done]
     stop = stop or threading.Event()
@@ -371,7 +373,7 @@ def label_pairs(
         log_file.append(record)
         return record
 
-    asked, error = 0, None
+    asked, error, interrupted = 0, None, False
     pool = ThreadPoolExecutor(max_workers=max(1, int(concurrency)), thread_name_prefix="vlm")
     try:
         queue = iter(todo)
@@ -400,14 +402,12 @@ def label_pairs(
                         log.info(
                             "labelled %d/%d pairs (%.1f pairs/s)", asked, len(todo), asked / (time.monotonic() - t0)
                         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: ask nothing new, let the requests in flight finish and be written
         stop.set()
+        interrupted = True
         log.warning("interrupted: waiting for the %d requests in flight (their answers are kept)", len(running))
         wait(running)
-        for fut in running:
-            if fut.done() and not fut.exception() and fut.result():
-                asked += 1
-        raise
+        asked += sum(1 for f in running if f.exception() is None and f.result())
     finally:
         pool.shutdown(wait=True)
     wall = time.monotonic() - t0
@@ -422,6 +422,7 @@ def label_pairs(
         "pairs_per_s": asked / wall if wall > 0 else None,
         "retries": client.retries,
         "stopped": stop.is_set(),
+        "interrupted": interrupted,
     }
     if error is not None:
         summary["error"] = str(error)
