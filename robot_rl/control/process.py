@@ -74,10 +74,19 @@ def watched_parent() -> int | None:
 
 class ControlProcess:
     def __init__(
-        self, cfg: DictConfig, run_dir: Path, sender_id: str | None = None, robot_index: int = 0, resume: bool = False
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        sender_id: str | None = None,
+        robot_index: int | None = None,
+        resume: bool = False,
     ):
+        """`robot_index`: this robot's place in a fleet (a session numbers its robots; `robot-rl control` on one
+        machine of several takes session.robot_index)."""
         self.cfg, self.s = cfg, cfg.session
         self.run_dir = Path(run_dir)
+        robot_index = int(self.s.get("robot_index", 0) or 0) if robot_index is None else int(robot_index)
+        self.robot_index = robot_index
         self.robot = make_robot(cfg.robot)
         self.teleop = make_teleop(cfg.teleop, self.robot)
         self.seed = int(cfg.seed) + 100_003 * robot_index  # each robot of a fleet gets its own seeded episodes
@@ -544,6 +553,8 @@ class ControlProcess:
         return {
             "process": "control",
             "sender_id": self.sender_id,
+            "robot_index": self.robot_index,
+            "seed": self.seed,
             "robot": getattr(self.robot, "name", type(self.robot).__name__),
             "episodes": n,
             "steps": int(sum(e["steps"] for e in eps)),

@@ -33,6 +33,7 @@ from robot_rl.learner.schema import Schema, schema_of, schema_problem
 log = logging.getLogger("robot_rl.learner")
 
 QUARANTINE_FILE = "quarantine.jsonl"
+PEERS_S = 0.1  # the receiver thread copies its connections' last-heard times this often (for per-robot health)
 
 
 @dataclass
@@ -128,8 +129,14 @@ class Ingest:
         self.errors: list[str] = []  # storage errors
         self.rejections: list[str] = []  # batches refused for their schema (not a storage problem)
         self._window: list[float] = []  # latencies since the last `window_latency()`
+        self._window_by: dict[str, list[float]] = collections.defaultdict(list)  # ... per sender
         self._window_lock = threading.Lock()
         self._quarantine_logged = 0
+        # per sender (a fleet's robots): when its batches arrived (monotonic), and its connection as last polled
+        self.first_batch: dict[str, float] = {}
+        self.last_batch_by: dict[str, float] = {}
+        self._peers: dict[str, float] = {}  # sender -> last heard (monotonic), connections not forgotten
+        self._peers_t = 0.0
 
     # ---------------------------------------------------------------------------------------------- control
     def start(self) -> Ingest:
@@ -176,12 +183,19 @@ class Ingest:
             else:
                 for batch in self.receiver.poll(timeout_ms=self.cfg.poll_ms):
                     self._accept(batch, time.monotonic())
+                self._snapshot_peers()
             self._send_acks()
             if stopping and not self._log_thread_alive():
                 self._send_acks()
                 return
             if stopping:
                 time.sleep(self.cfg.poll_ms / 1000)
+
+    def _snapshot_peers(self) -> None:
+        """The receiver's connections, copied by its own thread (it is not thread-safe) for `stats()`."""
+        now = time.monotonic()
+        if now - self._peers_t >= PEERS_S:
+            self._peers, self._peers_t = self.receiver.senders, now
 
     def _log_thread_alive(self) -> bool:
         return self._threads[1].is_alive()
@@ -191,6 +205,8 @@ class Ingest:
         key = (batch.sender_id, stream)
         self.received[key] += len(batch.seqs)
         self.last_batch = t
+        self.first_batch.setdefault(batch.sender_id, t)
+        self.last_batch_by[batch.sender_id] = t
         if self.failed.is_set():
             return  # storage is gone: acknowledge nothing more (the robot keeps these)
         got = schema_of(batch.arrays)
@@ -225,6 +241,7 @@ class Ingest:
             lat = [now - t for t in times]
             with self._window_lock:
                 self._window.extend(lat)
+                self._window_by[sender].extend(lat)
 
     def _log_loop(self) -> None:
         while True:
@@ -312,11 +329,26 @@ class Ingest:
             self.failed.set()
 
     # ---------------------------------------------------------------------------------------------- figures
-    def window_latencies(self) -> list[float]:
-        """Ack latencies (s) since the previous call."""
+    def window_latencies(self) -> tuple[list[float], dict[str, list[float]]]:
+        """Ack latencies (s) since the previous call: all, and per sender."""
         with self._window_lock:
             lat, self._window = self._window, []
-        return lat
+            by, self._window_by = dict(self._window_by), collections.defaultdict(list)
+        return lat, by
+
+    def peers(self) -> dict[str, dict]:
+        """Per sender seen this run: seconds since its connection was last heard (None: no connection, or it was
+        forgotten), since its first and its last batch."""
+        now, heard = time.monotonic(), dict(self._peers)
+        names = set(heard) | set(self.last_batch_by)
+        return {
+            s: {
+                "last_heard_s": now - heard[s] if s in heard else None,
+                "first_batch_s": now - self.first_batch[s] if s in self.first_batch else None,
+                "last_batch_s": now - self.last_batch_by[s] if s in self.last_batch_by else None,
+            }
+            for s in sorted(names)
+        }
 
     def backlog(self) -> dict[str, int]:
         """Transitions delivered but not yet acknowledged."""
@@ -336,7 +368,9 @@ class Ingest:
             "failure": self.failure,
             "durable_lsn": self.durable_lsn,
             "unacked": self.backlog()["unacked"],
-            "latencies": self.window_latencies(),
+            **dict(zip(("latencies", "latencies_by_sender"), self.window_latencies())),
+            "peers": self.peers(),
+            "peer_timeout_s": getattr(self.receiver, "peer_timeout_s", None),
             "last_batch_age_s": time.monotonic() - self.last_batch,
             "duplicates": self.receiver.duplicates,
             "rejected": self.receiver.rejected,

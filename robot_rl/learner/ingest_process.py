@@ -38,6 +38,7 @@ INGEST_LOG_DIR = "ingest_log"
 STATS_S = 0.2  # the ingest process reports this often
 FEED_S = 0.002  # the feeder looks for newly durable records this often
 LATENCY_KEEP = 100_000  # ack latencies kept for the run's percentiles (the newest ones)
+LATENCY_KEEP_PER_SENDER = 10_000  # ... and per sender
 START_TIMEOUT_S = 60.0  # the ingest process binds its socket within this (imports included)
 STOP_GRACE_S = 30.0  # beyond the drain timeout, for the ingest process to finish
 BIND_RETRY_S = 5.0  # the transitions address may still be held this long by a killed learner's ingest process
@@ -170,6 +171,8 @@ class IngestService:
         self._final: dict | None = None
         self._latencies: deque = deque(maxlen=LATENCY_KEEP)
         self._window: list[float] = []
+        self._latencies_by: dict[str, deque] = {}  # per sender (a fleet's robots)
+        self._window_by: dict[str, list[float]] = {}
         self._stop_threads = threading.Event()
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
@@ -262,6 +265,9 @@ class IngestService:
         lat = stats.pop("latencies", [])
         self._latencies.extend(lat)
         self._window.extend(lat)
+        for sender, sl in stats.pop("latencies_by_sender", {}).items():
+            self._latencies_by.setdefault(sender, deque(maxlen=LATENCY_KEEP_PER_SENDER)).extend(sl)
+            self._window_by.setdefault(sender, []).extend(sl)
         self._stats = stats
         self.last_batch = time.monotonic() - stats["last_batch_age_s"]
         if stats["failure"] and self.failure is None:
@@ -354,10 +360,21 @@ class IngestService:
             lat, self._window = self._window, []
         return percentiles(lat)
 
+    def window_latency_by_sender(self) -> dict[str, dict[str, float]]:
+        """Per sender: ack latency p50/p99 since the previous call."""
+        with self._poll_lock:
+            by, self._window_by = self._window_by, {}
+        return {sender: percentiles(lat) for sender, lat in by.items()}
+
     def run_latency(self) -> dict:
         with self._poll_lock:
             lat = list(self._latencies)
         return {**percentiles(lat), "acked_batches": len(lat)}
+
+    def run_latency_by_sender(self) -> dict[str, dict]:
+        with self._poll_lock:
+            by = {sender: list(lat) for sender, lat in self._latencies_by.items()}
+        return {sender: {**percentiles(lat), "acked_batches": len(lat)} for sender, lat in by.items()}
 
     def backlog(self) -> dict[str, int]:
         """Transitions received but not in zarr yet, and delivered but not acknowledged yet."""

@@ -61,6 +61,25 @@ def nonfinite_tensors(state, prefix: str = "") -> list[str]:
     return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
+def _finite_or_none(v):
+    """JSON has no NaN/inf: such a float is written as null (nested dicts too)."""
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def robots_line(robots: dict[str, dict]) -> str:
+    """', robots 3 ok 1 silent (robot2 12 s), 18.9-20.1 Hz' for the status line."""
+    health: dict[str, list[str]] = {}
+    for name, r in robots.items():
+        health.setdefault(r["health"], []).append(name)
+    parts = [f"{len(v)} {h}" for h, v in sorted(health.items())]
+    bad = [f"{n} {robots[n]['last_heard_s']:.0f} s" for n in health.get("silent", [])[:3]]
+    rates = [r["rate_hz"] for r in robots.values() if r["rate_hz"] is not None and r["health"] == "ok"]
+    span = f", {min(rates):.1f}-{max(rates):.1f} Hz" if rates else ""
+    return f", robots {' '.join(parts)}{' (' + ', '.join(bad) + ')' if bad else ''}{span}"
+
+
 class Learner:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.s = cfg, cfg.session
@@ -110,6 +129,7 @@ class Learner:
         self._telemetry = (self.run_dir / "metrics.jsonl").open("a")
         self._reserve_space()
         self._rate = (time.monotonic(), 0)  # (t, updates) at the last telemetry line
+        self._robot_rate: tuple[float, dict[str, int]] = (time.monotonic(), {})  # (t, received per robot) ditto
         self._restore_checkpoint()
         self.writer = None
         if cfg.get("tensorboard", True):
@@ -237,6 +257,48 @@ class Learner:
             "learner/quarantined": sum(self.ingest.counters("quarantined").values()),
         }
 
+    def robots(self, final: bool = False) -> dict[str, dict]:
+        """Per robot (sender) of the fleet: transitions received / stored / quarantined / unacknowledged, its
+        streams (more than one: it restarted without its outbox), its rate, ack latency, and health:
+            ok      its connection was heard within the receiver's peer timeout (heartbeats every few ms)
+            silent  not heard for longer (stopped, finished, frozen or cut off; `unacked` tells which matters)
+            gone    no connection at all (never connected this run, or forgotten after a long silence)
+        Telemetry (`final` false): the rate and ack latency over the interval since the previous call; the
+        summary (`final`): received / its active time (first to last batch) and the run's ack latency."""
+        counts = {n: self.ingest.counters(n) for n in ("received", "stored", "quarantined", "schema_rejected")}
+        stats = self.ingest.stats()
+        peers, timeout = stats.get("peers", {}), stats.get("peer_timeout_s") or float("inf")
+        names = sorted({k[0] for k in counts["received"]} | set(peers))
+        total = {name: {n: sum(v for k, v in c.items() if k[0] == name) for n, c in counts.items()} for name in names}
+        now = time.monotonic()
+        t0, before = self._robot_rate
+        if not final:
+            self._robot_rate = (now, {name: total[name]["received"] for name in names})
+        latency = self.ingest.run_latency_by_sender() if final else self.ingest.window_latency_by_sender()
+        out = {}
+        for name in names:
+            c, peer = total[name], peers.get(name) or {}
+            heard = peer.get("last_heard_s")
+            if final:
+                first, last = peer.get("first_batch_s"), peer.get("last_batch_s")
+                active = first - last if first is not None and last is not None else 0.0
+                rate = c["received"] / active if active > 0 else None
+            else:
+                rate = (c["received"] - before.get(name, 0)) / (now - t0) if now > t0 else None
+            out[name] = {
+                "received": c["received"],
+                "stored": c["stored"],
+                "quarantined": c["quarantined"],
+                "rejected_schema": c["schema_rejected"],
+                "unacked": max(0, c["received"] - c["stored"] - c["quarantined"] - c["schema_rejected"]),
+                "streams": len({k[1] for k in counts["received"] if k[0] == name}),
+                "rate_hz": rate,
+                "ack_p99_ms": (latency.get(name) or {}).get("ack_p99_ms"),
+                "last_heard_s": heard,
+                "health": "gone" if heard is None else ("ok" if heard <= timeout else "silent"),
+            }
+        return out
+
     def _log(self) -> None:
         """Telemetry: tensorboard scalars, one JSON line per interval (metrics.jsonl) and a status line."""
         now = time.monotonic()
@@ -244,6 +306,7 @@ class Learner:
         rate = (self.updates - u0) / (now - t0) if now > t0 else 0.0
         self._rate = (now, self.updates)
         ingest = self.ingest_metrics()
+        robots = self.robots()
         row = {
             "t": time.time(),
             "updates": self.updates,
@@ -252,20 +315,23 @@ class Learner:
             "updates_per_s": rate,
             **ingest,
             **self.metrics,
+            "robots": {n: {k: _finite_or_none(v) for k, v in r.items()} for n, r in robots.items()},
         }
-        self._telemetry.write(
-            json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
-            + "\n"
-        )
+        self._telemetry.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
         self._telemetry.flush()
         if self.writer is not None:
             for k, v in {**self.metrics, **ingest}.items():
                 self.writer.add_scalar(k, v, self.updates)
             self.writer.add_scalar("learner/replay_size", self.replay.size, self.updates)
             self.writer.add_scalar("learner/updates_per_s", rate, self.updates)
+            if len(robots) > 1:
+                for name, r in robots.items():
+                    for k in ("rate_hz", "ack_p99_ms"):
+                        if r[k] is not None and math.isfinite(r[k]):
+                            self.writer.add_scalar(f"robots/{name}/{k}", r[k], self.updates)
         q = self.metrics.get("critic/q_mean")
         log.info(
-            "updates %d (%.0f/s, UTD %.2f of %.2f), replay %d, weights v%d, ack p99 %.1f ms%s",
+            "updates %d (%.0f/s, UTD %.2f of %.2f), replay %d, weights v%d, ack p99 %.1f ms%s%s",
             self.updates,
             rate,
             ingest["learner/utd"],
@@ -274,6 +340,7 @@ class Learner:
             self.version,
             ingest["learner/ack_p99_ms"],
             "" if q is None else f", Q mean {q:.3f}",
+            robots_line(robots) if len(robots) > 1 else "",
         )
 
     def _train_step(self) -> bool:
@@ -314,8 +381,8 @@ class Learner:
         while not self._stop_requested and self.ingest.failure is None:
             try:
                 trained = self._train_step()
-                if self.metrics and time.monotonic() - last_log > self.metrics_every_s:
-                    self._log()  # ingest figures between update logs
+                if (self.metrics or self.replay.size) and time.monotonic() - last_log > self.metrics_every_s:
+                    self._log()  # ingest and per-robot figures between update logs (also before training starts)
                     last_log = time.monotonic()
             except OSError as e:  # a checkpoint or a metrics line hit a full (or failing) disk
                 self.ingest.report(e, "a checkpoint or the metrics")
@@ -399,6 +466,7 @@ class Learner:
             "stored_this_run": sum(counts["stored"].values()),
             "quarantined": sum(counts["quarantined"].values()),
             "senders": per_sender,
+            "robots": self.robots(final=True),
             "streams": streams,
             "duplicates_dropped": stats.get("duplicates", 0),
             "rejected_messages": stats.get("rejected", 0),

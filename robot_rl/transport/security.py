@@ -72,6 +72,31 @@ def generate_keys(directory: str, name: str = "server") -> tuple[str, str]:
     return public, secret
 
 
+def fleet_keys(directory: str, robots: int) -> dict[str, str]:
+    """CURVE keys for a learner and `robots` robots, each robot with its own key pair (revoke one by deleting its
+    public key from the learner's authorized_clients/). Refuses to overwrite: robots may already hold the keys.
+
+        <directory>/learner/server.key, server.key_secret, authorized_clients/robot<k>.key   the learner machine
+        <directory>/robot<k>/client.key, client.key_secret, server.key                      robot k's machine
+    Returns {"learner": dir, "robot<k>": dir, ...}."""
+    import shutil
+
+    root = os.path.abspath(directory)
+    learner = os.path.join(root, "learner")
+    if os.path.exists(os.path.join(learner, "server.key_secret")):
+        raise FileExistsError(f"{learner} already holds server keys: use another directory or delete it first")
+    os.makedirs(os.path.join(learner, "authorized_clients"), exist_ok=True)
+    server_public, _ = generate_keys(learner, "server")
+    out = {"learner": learner}
+    for k in range(int(robots)):
+        robot = os.path.join(root, f"robot{k}")
+        public, _ = generate_keys(robot, "client")
+        shutil.copy(server_public, os.path.join(robot, "server.key"))
+        shutil.copy(public, os.path.join(learner, "authorized_clients", f"robot{k}.key"))
+        out[f"robot{k}"] = robot
+    return out
+
+
 def load_server_keys(directory: str, name: str = "server") -> CurveServerKeys:
     """Server keys from `<directory>/<name>.key_secret`; clients allowed: `<directory>/authorized_clients/*.key`."""
     public, secret = _load_secret(directory, name)
