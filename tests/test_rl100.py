@@ -233,3 +233,30 @@ def test_bad_input_is_refused_with_a_clear_message(toy, tmp_path):
         run(bc, store, tmp_path / "e", "rl100.stage=ppo")
     with pytest.raises(ConfigError, match="rl100.algo.ppo.lrr is not a setting"):
         run(bc, store, tmp_path / "f", "+rl100.algo.ppo.lrr=1")
+
+
+# ------------------------------------------------------------------------------------------------- in sim
+
+
+def test_a_sim_round_end_to_end(lift_base, tmp_path):
+    """Lift: collect with provenance, fit, PPO + gate, the report with true success beside the estimates and
+    best-of-N by Q, then the one-step student; every output where the docs say."""
+    run_dir = tmp_path / "run"
+    state = run(lift_base / "base", lift_base / "demos", run_dir, "rl100.collect.episodes=1",
+                "rl100.collect.max_steps=30", "rl100.report.eval_episodes=1", "rl100.report.eval_max_steps=30",
+                "rl100.report.best_of_n=2", "rl100.distill.enabled=true", "rl100.distill.steps=2",
+                "rl100.distill.eval_episodes=1", "rl100.algo.ppo.iterations=2")  # fmt: skip
+    assert list(state["finished"]) == ["r1/collect", "r1/fit", "r1/ppo", "report", "distill"]
+    rollouts = EpisodeStore.open(run_dir / "rounds" / "r1" / "rollouts")
+    assert rollouts.num_episodes == 1
+    meta = rollouts.episodes[0]
+    assert (meta["round"], meta["policy_version"], meta["policy"], meta["sampler"]) == (1, 0, "policies/v0", "chain")
+    assert "initial_sim_state" in meta  # replayable like any recording
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert [c["name"] for c in report["candidates"]] == ["bc", "round1"]
+    assert all(c["sim"]["episodes"] == 1 for c in report["candidates"])
+    assert report["best_of_n"]["n"] == 2 and report["best_of_n"]["episodes"] == 1
+    assert report["sharpe_from"] == "sim success"
+    student = load_policy(run_dir / "distill", "cpu")
+    assert student.cfg.num_inference_steps == 1 and student.cfg.prediction_type == "sample"
+    assert state["finished"]["distill"]["eval"]["student"]["episodes"] == 1

@@ -361,6 +361,12 @@ class ChunkPolicy(Policy):
         self.policy.eval()
         return self
 
+    def state_dict(self) -> dict:
+        return self.policy.state_dict()
+
+    def load_state_dict(self, state, strict: bool = True):
+        return self.policy.load_state_dict(state, strict=strict)
+
     @torch.no_grad()
     def select_action(self, observation) -> np.ndarray:
         pol = self.policy
