@@ -134,3 +134,30 @@ def test_restart_keeping_stats_spans_episodes():
     assert s["rate_hz"] == pytest.approx(100.0, rel=0.01)  # the reset is not paced time
     loop.start()
     assert loop.stats()["ticks"] == 0
+
+
+def test_set_priority_applies_to_the_calling_thread_only_and_never_fails():
+    import os
+    import threading
+
+    from robot_rl.control.pacing import set_priority
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def control_thread():
+        seen["applied"] = set_priority("nice", nice=base + 3)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+        seen["fifo"] = set_priority("fifo", rt_priority=1)  # root: applied; otherwise logged, mode none
+        seen["policy"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=control_thread)
+    t.start()
+    t.join()
+    assert seen["applied"] == {"mode": "nice", "nice": base + 3} and seen["nice"] == base + 3
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # this thread untouched
+    assert seen["fifo"]["mode"] in ("fifo", "none")
+    assert (seen["policy"] == os.SCHED_FIFO) == (seen["fifo"]["mode"] == "fifo")
+    assert set_priority("none") == {"mode": "none"}
+    with pytest.raises(ValueError, match="priority mode"):
+        set_priority("realtime")

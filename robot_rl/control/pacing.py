@@ -175,3 +175,52 @@ class PacedLoop:
             out[f"{name}_p50_us"] = _pct_us(ring.values(), 50)
             out[f"{name}_p99_us"] = _pct_us(ring.values(), 99)
         return out
+
+
+# ------------------------------------------------------------------------------------------------ priority
+PRIORITY_MODES = ("none", "nice", "fifo")
+
+
+def set_priority(mode: str, nice: int = 0, rt_priority: int = 50, cpus: list[int] | None = None) -> dict:
+    """Give the calling thread the CPU ahead of the learner and other work, as far as the OS allows; returns what
+    was applied (for the summary) and never fails the run:
+
+        none   leave it
+        nice   this thread's niceness to `nice` (negative needs root / CAP_SYS_NICE; unprivileged: left as is)
+        fifo   SCHED_FIFO at `rt_priority` for this thread (root, CAP_SYS_NICE or an rtprio limit; real hardware
+               on an isolated core: docs/scale.md). The paced loop must then sleep, not spin (see above).
+    `cpus`: pin this thread to these CPUs (e.g. an isolated core, `isolcpus=3`).
+    Linux applies scheduling per thread: call it from the control thread after the transport threads started."""
+    import logging
+    import os
+
+    log = logging.getLogger("robot_rl.control")
+    if mode not in PRIORITY_MODES:
+        raise ValueError(f"priority mode must be one of {', '.join(PRIORITY_MODES)}, got {mode!r}")
+    applied: dict = {"mode": "none"}
+    if cpus:
+        try:
+            os.sched_setaffinity(0, set(int(c) for c in cpus))
+            applied["cpus"] = sorted(os.sched_getaffinity(0))
+        except (OSError, AttributeError) as e:
+            log.warning("could not pin the control thread to cpus %s: %s", cpus, e)
+    if mode == "nice":
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, 0)
+            if nice != current:
+                os.setpriority(os.PRIO_PROCESS, 0, int(nice))  # pid 0 = this thread (Linux: per-thread niceness)
+            applied.update(mode="nice", nice=os.getpriority(os.PRIO_PROCESS, 0))
+        except (OSError, AttributeError) as e:
+            log.info("control niceness %d not permitted (%s): running at the default; see docs/scale.md", nice, e)
+    elif mode == "fifo":
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(rt_priority)))
+            applied.update(mode="fifo", rt_priority=int(rt_priority))
+        except (OSError, AttributeError) as e:
+            log.warning(
+                "SCHED_FIFO priority %d not permitted (%s): running under the default scheduler; grant "
+                "CAP_SYS_NICE or an rtprio limit (docs/scale.md)",
+                rt_priority,
+                e,
+            )
+    return applied

@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.control.telemetry import EpisodeLog, save_npz_atomic, write_json_safely
-from robot_rl.control.pacing import PacedLoop
+from robot_rl.control.pacing import PacedLoop, set_priority
 from robot_rl.control.safety import Watchdog, build_safety
 from robot_rl.control.takeover import SOURCES
 from robot_rl.control.viz import make_view
@@ -102,6 +102,7 @@ class ControlProcess:
         resume = resume or bool(self.s.get("resume", False))
         self.log = EpisodeLog(self.run_dir, resume=resume)
         self.sender = self.subscriber = None
+        self.priority: dict | None = None  # what set_priority applied to the control thread
         self.outbox_dir = self.run_dir / "outbox"
         if self.s.learner != "none":
             keys = None
@@ -272,6 +273,15 @@ class ControlProcess:
             self.subscriber.start()
             self._wait_for_learner()
             self.watchdog.arm()
+        # this (control) thread ahead of the learner and other work; the transport threads started above keep theirs
+        self.priority = set_priority(
+            str(self.s.get("control_priority") or "none"),
+            int(self.s.get("control_nice") or 0),
+            int(self.s.get("control_rt_priority") or 50),
+            list(self.s.get("control_cpus") or []),
+        )
+        if self.priority["mode"] == "fifo":
+            self.loop.spin_s = 0.0  # a spinning real-time thread trips the kernel's RT throttle (pacing.py)
         t_start = time.time()
         probe_obs = None
         first = self.log.next_episode  # > 0 when resuming: episode numbers and seeds continue
@@ -555,6 +565,7 @@ class ControlProcess:
             "sender_id": self.sender_id,
             "robot_index": self.robot_index,
             "seed": self.seed,
+            "priority": getattr(self, "priority", None),
             "robot": getattr(self.robot, "name", type(self.robot).__name__),
             "episodes": n,
             "steps": int(sum(e["steps"] for e in eps)),
