@@ -5,7 +5,8 @@ small heads and on a GPU. Stacked weights turn each layer into one batched matmu
 per head as an `nn.Linear` + `nn.LayerNorm` MLP. The TD target evaluates only the 2 heads it uses (`heads=`).
 Measured on this project's 2-core CPU (benchmarks/bench_learner_throughput.py, batch 256, 1 thread): at
 [256, 256] batched (2-head target) is at parity with a per-head loop (47.5 vs 46.9 updates/s), at [1024, 1024]
-slower (4.2 vs 4.9): the stacked tensors leave the cache. The GPU case is where batching is expected to pay.
+slower (4.2 vs 4.9): the stacked tensors leave the cache. The GPU case is where batching is expected to pay
+(benchmarks/gpu_check.sh measures it; not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ class EnsembleQ(nn.Module):
 
 @torch.no_grad()
 def polyak(net: nn.Module, target: nn.Module, tau: float) -> None:
-    """Target <- (1 - tau) * target + tau * net, parameter by parameter."""
-    for p, tp in zip(net.parameters(), target.parameters()):
-        tp.lerp_(p, tau)
+    """Target <- (1 - tau) * target + tau * net, all parameters in one multi-tensor op (one kernel launch per group
+    on a GPU instead of one per tensor)."""
+    torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)
 
 
 def _fused_ok(params) -> bool:

@@ -18,6 +18,14 @@ from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.policies.residual import fit_to_demos
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor onto `device`. To a GPU through pinned memory with non_blocking=True: a copy from pageable memory
+    makes CUDA wait for the stream first (a host-device sync on every update), a pinned one is queued behind it."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class OffPolicy(Algorithm):
     """Phases, counted in online transitions (the replay's size): the robot explores on its own ("warmup") for
     `cfg.learning_starts` transitions before any update, then as `explore_mode` says.
@@ -81,13 +89,13 @@ class OffPolicy(Algorithm):
 
     # ------------------------------------------------------------------------------------ pieces of an update
     def sample(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """One RLPD batch as tensors on the training device."""
-        return {k: torch.as_tensor(v, device=self.device) for k, v in self.sampler.sample(replay, rng).items()}
+        """One RLPD batch as tensors on the training device (to a GPU: pinned memory, asynchronous copies)."""
+        return {k: to_device(torch.as_tensor(v), self.device) for k, v in self.sampler.sample(replay, rng).items()}
 
     def target_heads(self) -> torch.Tensor:
         """`target_heads` critic heads drawn at random for this update's TD target (the min over them)."""
         heads = torch.randperm(self.cfg.num_critics, generator=self.torch_rng)[: self.cfg.target_heads]
-        return heads.to(self.device)
+        return to_device(heads, self.device)
 
     def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float | None = None) -> None:
         """zero_grad, backward, optional gradient-norm clip over the optimiser's parameters, step."""

@@ -68,6 +68,12 @@ def _finite_or_none(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def scalars(metrics: dict) -> dict[str, float]:
+    """An update's metrics as floats. Algorithms may return detached 0-d tensors so that an update on a GPU never
+    waits for the device (`.item()` is a host-device sync); the learner reads them at log intervals only."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+
+
 def robots_line(robots: dict[str, dict]) -> str:
     """', robots 3 ok 1 silent (robot2 12 s), 18.9-20.1 Hz' for the status line."""
     health: dict[str, list[str]] = {}
@@ -307,6 +313,7 @@ class Learner:
         self._rate = (now, self.updates)
         ingest = self.ingest_metrics()
         robots = self.robots()
+        self.metrics = scalars(self.metrics)  # an algorithm may return 0-d tensors: read (synced) only here
         row = {
             "t": time.time(),
             "updates": self.updates,
@@ -483,7 +490,7 @@ class Learner:
             "nonfinite_weights_refused": self.nonfinite_weights,
             "training_stopped": self.training_stopped,
             "updates_per_s": self.updates / wall_s if wall_s > 0 else None,
-            "last_metrics": self.metrics,
+            "last_metrics": scalars(self.metrics),
             "exit_code": self.exit_code,
             "disk_full": self.exit_code == EXIT_DISK_FULL,
             "wall_s": wall_s,
