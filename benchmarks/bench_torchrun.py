@@ -1,6 +1,6 @@
 """`robot-rl train` under torchrun on CPU: 1 process vs 2 processes (DDP, gloo) at the same global batch.
 
-    python benchmarks/bench_torchrun.py [--quick] [--steps 400] [--batch 64] [--repeats 2]
+    python benchmarks/bench_torchrun.py [--quick] [--steps 400] [--batch 64] [--repeats 2] [--device cpu|cuda]
 
 The real CLI, started the documented way (`torchrun --standalone --nproc_per_node=N --no-python robot-rl train
 ... hydra.run.dir=<run>`), on a generated episode store (a Lift-sized low-dim task: 19-d state, 7-d action, the
@@ -17,6 +17,9 @@ the 1-process loss curves (moving average of 25 steps). The loss curves are over
 docs/figures/bench_torchrun.png. Both runs see the same global batches (the ranks draw the same data stream and
 split it); only each rank's own torch stream (diffusion noise and timesteps) differs, so the curves agree within
 noise, not bit for bit.
+
+`--device cuda` (a GPU machine, benchmarks/gpu_check.sh): `1 GPU` vs `N GPUs` (every visible GPU, NCCL), one
+process per GPU, the same global batch; the figure goes to --figure.
 """
 
 from __future__ import annotations
@@ -65,6 +68,15 @@ def make_store(path: Path, episodes: int = 40, steps: int = 100) -> Path:
     return path
 
 
+def configs(device: str) -> tuple:
+    if device == "cpu":
+        return CONFIGS
+    import torch
+
+    n = torch.cuda.device_count()
+    return (("1 GPU", 1, 1),) + ((f"{n} GPUs", n, 1),) if n > 1 else (("1 GPU", 1, 1),)
+
+
 def run_one(store: Path, run_dir: Path, nproc: int, threads: int, args) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -89,6 +101,7 @@ def run_one(store: Path, run_dir: Path, nproc: int, threads: int, args) -> dict:
         "train.progress=false",
         "train.tensorboard=false",
         "train.seed=0",
+        f"train.device={args.device}",
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.monotonic()
@@ -121,6 +134,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--down-dims", type=int, nargs="+", default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_torchrun")
     ap.add_argument("--figure", type=Path, default=REPO / "docs" / "figures" / "bench_torchrun.png")
     args = ap.parse_args()
@@ -128,16 +142,17 @@ def main() -> None:
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.down_dims = args.down_dims or ([32, 64] if args.quick else [64, 128, 256])
 
+    runs = configs(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     store = make_store(args.work / "store")
     print(
-        f"robot-rl train under torchrun on CPU ({os.cpu_count()} cores, shared): diffusion UNet {args.down_dims}, "
+        f"robot-rl train under torchrun on {args.device} ({os.cpu_count()} cores, shared): diffusion UNet {args.down_dims}, "
         f"global batch {args.batch}, {args.steps} steps, {args.repeats} interleaved repeat(s)",
         flush=True,
     )
-    results: dict[str, list[dict]] = {name: [] for name, _, _ in CONFIGS}
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
     for r in range(args.repeats):
-        for name, nproc, threads in CONFIGS:
+        for name, nproc, threads in runs:
             out = run_one(store, args.work / f"run_{nproc}p{threads}t_{r}", nproc, threads, args)
             results[name].append(out)
             print(
@@ -146,21 +161,21 @@ def main() -> None:
                 flush=True,
             )
 
-    base = statistics.median(o["samples_per_s"] for o in results[CONFIGS[0][0]])
-    ref = smooth(results[CONFIGS[0][0]][0]["losses"])
+    base = statistics.median(o["samples_per_s"] for o in results[runs[0][0]])
+    ref = smooth(results[runs[0][0]][0]["losses"])
     print(
         f"\n{'configuration':22s} {'samples/s':>10s} {'vs 1x1':>7s} {'command s':>10s} {'final loss':>11s} {'max gap':>8s}"
     )
     rows = {}
-    for name, _, _ in CONFIGS:
-        runs = results[name]
-        sps = statistics.median(o["samples_per_s"] for o in runs)
-        final = statistics.median(float(np.mean(o["losses"][-TAIL:])) for o in runs)
-        gap = max(float(np.max(np.abs(smooth(o["losses"]) - ref))) for o in runs)
-        cmd = statistics.median(o["command_wall_s"] for o in runs)
+    for name, _, _ in runs:
+        done = results[name]
+        sps = statistics.median(o["samples_per_s"] for o in done)
+        final = statistics.median(float(np.mean(o["losses"][-TAIL:])) for o in done)
+        gap = max(float(np.max(np.abs(smooth(o["losses"]) - ref))) for o in done)
+        cmd = statistics.median(o["command_wall_s"] for o in done)
         rows[name] = {"samples_per_s": sps, "ratio": sps / base, "command_s": cmd, "final_loss": final, "gap": gap}
         print(f"{name:22s} {sps:10.0f} {sps / base:7.2f} {cmd:10.1f} {final:11.4f} {gap:8.4f}")
-    stray = [d for runs in results.values() for o in runs for d in o["stray_dirs"]]
+    stray = [d for done in results.values() for o in done for d in o["stray_dirs"]]
     print(f"run directories other than the one given: {stray or 'none'} (only rank 0 writes)")
 
     import matplotlib
@@ -169,7 +184,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    for (name, _, _), color in zip(CONFIGS, ("tab:blue", "tab:green", "tab:red")):
+    for (name, _, _), color in zip(runs, ("tab:blue", "tab:green", "tab:red")):
         for i, o in enumerate(results[name]):
             y = smooth(o["losses"])
             ax.plot(
@@ -180,11 +195,11 @@ def main() -> None:
     ax.set_ylabel(f"training loss (moving average of {SMOOTH})")
     ax.set_title("loss curves: 1 process vs 2 DDP processes")
     ax.legend()
-    names = [n for n, _, _ in CONFIGS]
+    names = [n for n, _, _ in runs]
     bx.bar(range(len(names)), [rows[n]["samples_per_s"] for n in names], color=["tab:blue", "tab:green", "tab:red"])
     bx.set_xticks(range(len(names)), [n.replace(" x ", "\nx ") for n in names])
     bx.set_ylabel("training samples/s (median)")
-    bx.set_title(f"CPU, {os.cpu_count()} shared cores")
+    bx.set_title(f"CPU, {os.cpu_count()} shared cores" if args.device == "cpu" else args.device)
     fig.tight_layout()
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=110)

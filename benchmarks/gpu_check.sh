@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 14's GPU checks as one short script (about 8 minutes), for a session that has a CUDA machine. Not run yet:
+# the session that wrote it had no GPU. From the repository root:
+#   bash benchmarks/gpu_check.sh            (OUT=outputs/gpu_check, PYTHON=.venv/bin/python or python3)
+# 1. learner critic updates/s on the GPU: batched ensemble vs a per-head loop, widths 256 and 1024
+# 2. robot-rl train (diffusion policy) samples/s on 1 GPU, and 3. torchrun on every GPU (NCCL) at the same global
+#    batch, loss curves overlaid ($OUT/bench_torchrun_gpu.png)
+# 4. a short sim session with the learner on CUDA: its device, updates/s, weights on the robot, transitions lost
+# Every step has its own timeout and the script goes on after a failure; the last lines say what passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_check}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+RRL=${ROBOT_RL:-$([ -x .venv/bin/robot-rl ] && echo .venv/bin/robot-rl || echo robot-rl)}
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} MUJOCO_GL=${MUJOCO_GL:-egl}
+status=()
+step() {  # step <name> <timeout s> <command...>: run, keep its output, record pass/fail
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name"
+  if timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"; then status+=("$name: ok"); else status+=("$name: FAILED (see $OUT/$name.txt)"); fi
+}
+
+nvidia-smi -L || { echo "no GPU visible: nothing to check" >&2; exit 1; }
+"$PY" -c "import torch; assert torch.cuda.is_available(); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" || exit 1
+
+step learner_throughput 150 "$PY" benchmarks/bench_learner_throughput.py --device cuda --widths 256,256 1024,1024 \
+  --repeats 3 --block-s 1.0
+step train_torchrun 240 "$PY" benchmarks/bench_torchrun.py --device cuda --steps 300 --batch 256 --repeats 1 \
+  --down-dims 256 512 1024 --work "$OUT/torchrun" --figure "$OUT/bench_torchrun_gpu.png"
+rm -rf "$OUT/session"
+step session_cuda 240 "$RRL" session device=cuda session.episodes=6 session.expert_episodes=2 \
+  session.max_episode_steps=100 tensorboard=false hydra.run.dir="$OUT/session"
+"$PY" - "$OUT/session" <<'PY' || status+=("session_cuda summary: FAILED")
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+top, learner = json.loads((run / "summary.json").read_text()), json.loads((run / "learner/summary.json").read_text())
+print(f"session: status {top.get('status')}, learner device {learner['device']}, {learner['updates']} updates "
+      f"({learner['updates_per_s'] or 0:.1f}/s), achieved UTD {learner['achieved_utd']}, weights loaded "
+      f"{top.get('weights_loaded')}, transitions {top.get('transitions')}")
+assert learner["device"].startswith("cuda"), "the learner did not run on CUDA"
+PY
+echo "== results"
+printf '%s\n' "${status[@]}"
