@@ -12,11 +12,17 @@ supplies the takeover actions; the `strategy` decides *when* to take over:
   tests Q(s, a_pi) < alpha Q(s, a_ref), which assumes Q > 0: with negative values (RLIF's own rewards, or any critic
   of penalties) alpha Q_ref > Q_ref and it fires on actions *better* than the reference. The |Q_ref| form equals
   it for Q_ref > 0 and keeps its meaning (a_pi worse by at least a fraction 1 - alpha) for Q_ref < 0.
+- `distance` (the released HG-DAgger sampler's rule): the deviation above `threshold` on a policy step starts a
+  k-step takeover with probability `probability` (released: 1 - eps, eps = 0.05 e^{-0.1 iteration}).
 - `random` (the released `train_rlif_random_main.py`): each policy step starts a takeover with probability
   `p_start`.
 
-`value` and `random` takeovers last `takeover_steps` ticks (k = 4 in the released code), then the policy acts
-again (unless the rule fires again on the hand-back tick, which continues the takeover).
+`judge=perfect`: the rule compares with a noiseless copy of the acting expert (a good judge, a poor actor);
+`judge=acting` (default) compares with the acting expert's own (noisy) label.
+
+`distance`, `value` and `random` takeovers last `takeover_steps` ticks (k = 4 in the released code); then the policy
+acts for at least one tick (the released code may re-grab on the hand-back tick, which merges two takeovers into one
+and leaves the policy no step to be blamed for), and the rule decides again from the next tick.
 
 The control loop calls, every tick and in this order (see `robot_rl.control.takeover.pick_source`)::
 
@@ -49,6 +55,7 @@ tick) are there for logging.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +63,7 @@ import numpy as np
 
 from robot_rl.interfaces import Feature, Observation, Teleop
 
-STRATEGIES = ("deviation", "value", "random")
+STRATEGIES = ("deviation", "distance", "value", "random")
 
 
 def value_says_bad(q_pi: float, q_ref: float, alpha: float, delta: float = 0.0) -> bool:
@@ -147,6 +154,7 @@ class SimulatedIntervener(Teleop):
         alpha: float = 0.97,
         beta: float = 0.95,
         delta: float = 0.0,
+        judge: str = "acting",
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -154,6 +162,10 @@ class SimulatedIntervener(Teleop):
             raise ValueError(
                 f"need takeover_steps >= 1 (got {takeover_steps}), p_start and beta in [0, 1] (got {p_start}, "
                 f"{beta}), delta >= 0 (got {delta})"
+            )
+        if judge not in ("acting", "perfect"):
+            raise ValueError(
+                f"judge={judge!r}; choose acting (the acting expert's label) or perfect (a noiseless copy)"
             )
         if compare_to not in ("reference", "expert"):
             raise ValueError(f"compare_to={compare_to!r}; choose reference (the critic's own actor) or expert")
@@ -174,6 +186,14 @@ class SimulatedIntervener(Teleop):
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability={probability} must be in [0, 1]")
         self.expert = expert
+        # who decides when: the acting expert's own label, or a perfect copy of it (the poor expert acts, a good
+        # judge watches: RLIF's separation of "when" from "what")
+        self.judge = None
+        if judge == "perfect":
+            self.judge = copy.deepcopy(expert)
+            for knob in ("noise_std", "hesitation", "failed_grasp"):
+                if hasattr(self.judge, knob):
+                    setattr(self.judge, knob, 0.0)
         self.threshold = float(threshold)
         self.patience = int(patience)
         self.min_steps = int(min_steps)
@@ -209,6 +229,8 @@ class SimulatedIntervener(Teleop):
     def reset(self) -> None:
         """Episode start: reset the expert and the takeover state (the rng stream is kept)."""
         self.expert.reset()
+        if self.judge is not None:
+            self.judge.reset()
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -222,9 +244,11 @@ class SimulatedIntervener(Teleop):
         self.intervention_steps = 0
 
     def get_action(self, observation: Observation) -> np.ndarray:
+        """The acting expert's action (executed during a takeover); the judge's, if any, is what the rule compares."""
         self._obs = observation
-        self._label = np.asarray(self.expert.get_action(observation))
-        return self._label
+        action = np.asarray(self.expert.get_action(observation))
+        self._label = action if self.judge is None else np.asarray(self.judge.get_action(observation))
+        return action
 
     @property
     def intervening(self) -> bool:
@@ -268,9 +292,12 @@ class SimulatedIntervener(Teleop):
                 self.intervention_steps += 1
 
     def _start_probability(self, action: np.ndarray) -> float:
-        """`random`: p_start. `value`: beta if Q_ref says the policy's action is clearly worse, else 1 - beta."""
+        """`random`: p_start. `distance`: `probability` if the policy deviates. `value`: beta if Q_ref says the policy's action is clearly worse, else 1 - beta."""
         if self.strategy == "random":
             return self.p_start
+        if self.strategy == "distance":
+            self.deviation = self._deviation(action)
+            return self.probability if self.deviation > self.threshold else 0.0
         q_pi, q_ref = self.critic(
             self._obs, np.asarray(action), None if self.compare_to == "reference" else self._label
         )
@@ -278,17 +305,14 @@ class SimulatedIntervener(Teleop):
         return self.beta if value_says_bad(q_pi, q_ref, self.alpha, self.delta) else 1.0 - self.beta
 
     def _observe_k_step(self, action: np.ndarray | None) -> None:
-        """`value` / `random`: a takeover lasts `takeover_steps` ticks; between takeovers the rule decides per tick."""
+        """`distance` / `value` / `random`: a takeover lasts `takeover_steps` ticks, then the policy acts for at least
+        one tick (a new takeover may start on the next; each start is counted); between takeovers the rule decides."""
         if self._intervening:
             if self._held < self.takeover_steps:
                 self._held += 1
                 self.intervention_steps += 1
                 return
-            self._intervening = False  # k ticks done: hand back, unless the rule fires again right now
-            if action is not None and self._rng.random() < self._start_probability(action):
-                self._intervening = True
-                self._held = 1
-                self.intervention_steps += 1
+            self._intervening = False  # k ticks done: the policy acts this tick
             return
         if action is None or self._rng.random() < self._start_probability(action):
             self._intervening = True

@@ -145,12 +145,14 @@ def test_rlif_learner_update_uses_the_labels(tmp_path):
     record_demos(demos, tmp_path / "rec", "robot=lift", "record.episodes=1", "teleop.seed=0", paced=False)
     cfg = algo_config(
         "rlif", demos=str(demos), actor_hidden=[16], critic_hidden=[16], num_critics=3, batch_size=16,
-        empty_signal_episodes=2,
+        empty_signal_episodes=2, bc_init_steps=30, critic_warmup=31,
     )  # fmt: skip
     from robot_rl.algos.rlif import RLIF
     from robot_rl.data.episode_store import EpisodeStore
 
     algo = RLIF(cfg, {}, torch.device("cpu"), tmp_path / "learner")
+    before = algo.pretrain_actor(1, np.random.default_rng(1))  # after the 30 steps of bc_init_steps
+    assert algo.pretrain_actor(300, np.random.default_rng(2)) < before, "BC pre-training fits the prior actions"
     store = EpisodeStore.open(demos, "r")
     obs = {k: store.array(k)[:30] for k in store.features if k.startswith("obs.")}
     cols = {**obs, **rows("P" * 10, "P" * 10, "P" * 10), "action": store.array("action")[:30]}
@@ -160,8 +162,35 @@ def test_rlif_learner_update_uses_the_labels(tmp_path):
     assert algo.ready(replay)
     scalars = algo.update(replay, np.random.default_rng(0))
     assert np.isfinite(scalars["critic/loss"]) and scalars["rlif/takeovers"] == 0 and scalars["rlif/empty"] == 1.0
+    assert "actor/loss" not in scalars, "critic_warmup: the actor waits until the replay has 31 rows"
     signal = json.loads((tmp_path / "learner" / "reward_signal.json").read_text())
     assert signal["empty"] and signal["episodes"] == 3 and signal["episodes_since_takeover"] == 3
+
+
+def test_hg_dagger_regresses_only_on_takeover_steps():
+    from robot_rl.algos.online_bc import OnlineBC, labelled_rows
+
+    cols = rows("PPTTTPPP")
+    cols["expert_action"] = np.ones((8, 2), np.float32)  # every step carries the expert's label (DAgger would use all)
+    cols["obs.x"] = np.arange(8, dtype=np.float32)[:, None]
+    assert labelled_rows(Replay(**cols), "all").all()
+    assert labelled_rows(Replay(**cols), "interventions").tolist() == cols["intervention"].tolist()
+    with pytest.raises(ValueError, match="HG-DAgger"):
+        check_algorithm({"name": "online_bc", "labels": "takeovers"})
+    cfg = algo_config("online_bc", labels="interventions", min_transitions=4, batch_size=8)
+    replay = Replay(**cols)
+    algo = OnlineBC(cfg, {"hidden": [8]}, torch.device("cpu"), None)
+    assert not algo.ready(replay), "3 takeover labels < min_transitions 4"
+    cfg.min_transitions = 3
+
+    class Sampled(Replay):
+        def sample(self, n, rng, keys):
+            idx = rng.integers(0, self.size, n)
+            return {k: self.cols[k][idx] for k in keys}
+
+    assert algo.ready(Sampled(**cols))
+    out = algo.update(Sampled(**cols), np.random.default_rng(0))
+    assert 0 < out["bc/labelled_fraction"] < 1 and np.isfinite(out["bc/loss"])
 
 
 # ------------------------------------------------------------------------------------------ interveners

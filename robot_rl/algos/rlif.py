@@ -11,11 +11,13 @@ replay is relabelled: -1 on the last policy step before each takeover starts, 0 
 measured: episodes.jsonl, evaluation blocks). Unlike DAgger the operator is not assumed optimal: the policy learns
 *where* it gets taken over, not to copy the operator, so it can end up better than its operator.
 
-The learner is RLPD (Ball et al. 2023) as `algo=sac` runs it — a 10-head LayerNorm critic ensemble, min over 2
-random heads in the TD target, no entropy backup, UTD `updates_per_transition`, symmetric sampling: half of every
-batch from prior data (demonstrations, rewards forced to 0 as in the released code), half online. The loss is
-SAC's, unchanged (`SAC.update` in robot_rl/algos/sac.py: critic MSE to `R_n + gamma^h min_2 Q'(s', a')`, actor
-`alpha log pi - mean Q`, temperature towards `-|A|/2`); what RLIF changes is only what `R` is.
+The learner is RLPD (Ball et al. 2023) on `algo=sac`'s networks and plumbing — a 10-head LayerNorm critic
+ensemble, min over 2 random heads in the TD target, no entropy backup, UTD `updates_per_transition`, symmetric
+sampling: half of every batch from prior data (demonstrations, rewards forced to 0 as in the released code), half
+online. The losses are SAC's (`update` below); what RLIF changes is what the reward is. Two options for short
+budgets (both off in the released code): `bc_init_steps` starts the actor from BC on the prior data, and
+`critic_warmup` holds the actor still until the replay has that many rows, so that the critic has learnt what the
+start gets taken over for before the actor follows it.
 
 Bad input, before the robot moves (`check_config`): no teleop, or one that can never take over (a scripted expert
 without `intervener:`, a leader arm that always or never drives). While running: N episodes in a row without a
@@ -31,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from robot_rl.algos.base import SENDER_KEY, ReplayView
+from robot_rl.algos.ensemble import polyak
 from robot_rl.algos.nstep import Pool, RLPDSampler
 from robot_rl.algos.sac import SAC, SACConfig
 from robot_rl.config import write_json
@@ -57,6 +61,8 @@ class RLIFConfig(SACConfig):
 
     penalty: float
     keep_intervener_steps: bool
+    bc_init_steps: int
+    critic_warmup: int
     empty_signal_episodes: int
     teleop: dict | None  # the session's teleop group (interpolated by rlif.yaml), read only by check_config
 
@@ -129,6 +135,8 @@ class RLIF(SAC):
         super().__init__(cfg, policy_cfg, device, run_dir)
         self.signal = {"episodes": 0, "takeovers": 0, "episodes_since_takeover": 0, "empty": False}
         self._signal_rows = 0  # replay rows the signal was last computed over
+        if cfg.bc_init_steps:
+            self.pretrain_actor(cfg.bc_init_steps, np.random.default_rng(0))
 
     def _make_sampler(self, demo_arrays: dict, episode_ends: np.ndarray, action_keys: list[str]) -> None:
         """Prior data as RLIF loads it: rewards 0, nothing terminal (task success is not a reward here)."""
@@ -150,9 +158,62 @@ class RLIF(SAC):
             keep_intervener=cfg.keep_intervener_steps,
         )
 
+    # ------------------------------------------------------------------------------------------- learning
+    def pretrain_actor(self, steps: int, rng: np.random.Generator) -> float:
+        """Start from a BC policy (optional): maximise the tanh-Gaussian's likelihood of the prior data's actions
+        (clipped to +-0.999 as the released code loads them). The critic starts from scratch either way."""
+        keys = ["obs." + k for k in self.obs_keys]
+        n = len(self.demo_arrays["action"])
+        loss = torch.zeros(())
+        for _ in range(steps):
+            idx = rng.integers(0, n, self.cfg.batch_size)
+            obs = {k[4:]: torch.as_tensor(self.demo_arrays[k][idx], device=self.device) for k in keys}
+            act = torch.as_tensor(self.demo_arrays["action"][idx], device=self.device)
+            a = self.model.scaler.normalize(act).clamp(-0.999, 0.999)
+            mean, log_std = self.model.dist(self.model.featurizer(obs))
+            u = torch.atanh(a)
+            logp = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log1p(-a * a).sum(-1)
+            loss = -logp.mean()
+            self.step(self.actor_opt, loss, self.cfg.grad_clip)
+        log.info("RLIF: actor pre-trained on the prior data for %d steps (BC loss %.3f)", steps, float(loss))
+        return float(loss)
+
     def update(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, float]:
-        scalars = super().update(replay, rng)  # SAC/RLPD's update on batches carrying the takeover rewards
-        return {**scalars, **{f"rlif/{k}": float(v) for k, v in self.signal.items()}}
+        """SAC/RLPD's update on batches whose rewards are the takeover labels (half prior data, half online)."""
+        cfg = self.cfg
+        b = self.sample(replay, rng)
+        obs = {k: b["obs." + k] for k in self.obs_keys}
+        nxt = {k: b["next." + k] for k in self.obs_keys}
+        action = self.model.scaler.normalize(b["action"]).clamp(-1, 1)
+        alpha = self.log_alpha.exp().detach()
+
+        with torch.no_grad():  # y = r + gamma^h * (min of 2 random target heads)(s', a' ~ pi); no entropy backup
+            f_next = self.model.featurizer(nxt)
+            a_next, _ = self.model.sample(f_next)
+            q_next = self.target_critic(f_next, a_next, self.target_heads()).min(dim=0).values
+            target = b["return"] + b["discount"] * q_next
+        features = self.model.featurizer(obs)
+        q = self.critic(features, action)
+        critic_loss = F.mse_loss(q, target.expand_as(q), reduction="none").mean(dim=1).sum()
+        self.step(self.critic_opt, critic_loss, cfg.grad_clip)
+        out = {"critic/loss": critic_loss.item() / cfg.num_critics, "critic/q_mean": q.mean().item()}
+
+        if replay.size >= cfg.critic_warmup:  # the actor moves once the critic has seen what gets taken over
+            a_pi, logp = self.model.sample(features.detach())
+            actor_loss = (alpha * logp - self.critic(features.detach(), a_pi).mean(dim=0)).mean()
+            self.step(self.actor_opt, actor_loss, cfg.grad_clip)
+            alpha_loss = -(self.log_alpha * (logp.detach() + cfg.target_entropy_per_dim * self.action_dim)).mean()
+            self.step(self.alpha_opt, alpha_loss)
+            out.update({"actor/loss": actor_loss.item(), "actor/entropy": -logp.mean().item()})
+
+        polyak(self.critic, self.target_critic, cfg.tau)
+        self.num_updates += 1
+        return {
+            **out,
+            "alpha": alpha.item(),
+            "rlif/batch_penalties": float((b["return"] < 0).float().mean()),
+            **{f"rlif/{k}": float(v) for k, v in self.signal.items()},
+        }
 
     # ----------------------------------------------------------------------------------------- the signal
     def publish_meta(self, replay: ReplayView) -> dict:
