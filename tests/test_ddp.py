@@ -89,6 +89,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     again.run()
     result["resumed_losses"] = again.losses
     result["raw_weight"] = again.model[0].weight.detach().sum().item()
+    # a stop request (Ctrl-C / SIGTERM) reaching rank 1 alone: every rank finishes the same step and checkpoints
+    stopping = regression(f"{out}/stopped", dropout=0.0)
+    if rank == 1:
+        stopping.after_step = lambda: stopping.request_stop() if stopping.step == 7 else None
+    result["stopped"] = stopping.run()
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
 
@@ -132,3 +137,11 @@ def test_each_rank_has_its_own_stream_and_resume_is_exact(two_ranks):
     state = json.loads((out / "resumed/checkpoints/step_40/trainer_state.json").read_text())
     assert len(state["rng"]["ranks"]["torch"]) == 2
     assert state["rng"]["ranks"]["torch"][0] != state["rng"]["ranks"]["torch"][1]
+
+
+def test_a_stop_reaching_one_rank_stops_all_at_the_same_step(two_ranks):
+    out, ranks = two_ranks
+    # asked during step 8 on rank 1: the ranks learn it in step 9's collective, finish step 9 together and stop
+    assert ranks[0]["stopped"]["step"] == ranks[1]["stopped"]["step"] == 9
+    assert not ranks[0]["stopped"]["finished"]
+    assert json.loads((out / "stopped/checkpoints/latest").read_text())["step"] == 9
