@@ -696,6 +696,27 @@ def learning_curve(
     return out, None
 
 
+def robots_summary(names: list[str], controls: dict[str, dict | None], learner: dict | None) -> dict[str, dict]:
+    """A fleet's robots side by side: each control's episodes, success rate and seed beside what the learner saw
+    of it (stored, rate while it sent, ack p99, health at the end; robot_rl/learner/process.py `robots()`)."""
+    seen = (learner or {}).get("robots") or {}
+    out = {}
+    for name in names:
+        c, r = controls.get(name) or {}, seen.get(name) or {}
+        out[name] = {
+            "episodes": c.get("episodes"),
+            "success_rate": c.get("success_rate"),
+            "seed": c.get("seed"),
+            "sent": (c.get("transitions") or {}).get("stream_sent"),
+            "stored": r.get("stored"),
+            "rate_hz": r.get("rate_hz"),
+            "ack_p99_ms": r.get("ack_p99_ms"),
+            "streams": r.get("streams"),
+            "health": r.get("health", "not seen by the learner" if learner else "no learner"),
+        }
+    return out
+
+
 def _final_line(summary: dict, top: dict) -> str:
     t = top["transitions"]
     head = "session done" if top["status"] == "ok" else "session FAILED"
@@ -706,6 +727,15 @@ def _final_line(summary: dict, top: dict) -> str:
         rate = summary["policy_success_rate"]
         rate = "no policy-driven episodes" if rate is None else f"policy-driven: {rate:.2f}"
         parts[0] += f", success rate {summary['success_rate']:.2f} ({rate})"
+    if summary.get("robots"):
+        parts.append(
+            "robots "
+            + ", ".join(
+                f"{n} {r['success_rate'] if r['success_rate'] is not None else float('nan'):.2f} {r['health']}"
+                + (f" {r['rate_hz']:.1f} Hz" if r["rate_hz"] else "")
+                for n, r in summary["robots"].items()
+            )
+        )
     parts.append(
         f"weights v{summary['final_policy_version']}"
         + ("" if top["weights_loaded"] else " (the robot never loaded learner weights)")
@@ -839,6 +869,8 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
         "other_robots": {n: controls[n] for n in names[1:]},
         "learner": learner_summary,
     }
+    if len(names) > 1:
+        summary["robots"] = robots_summary(names, controls, learner_summary)
     problem = write_json_safely(run_dir / "summary.json", summary)
     if problem:
         reserve.release()
