@@ -1,6 +1,7 @@
 """A fleet into one training learner: many robots at 30 Hz with two 84x84 cameras each, through the real transport.
 
     python benchmarks/bench_fleet.py [--robots 32] [--rate-hz 30] [--seconds 30] [--sender-procs 4] [--no-curve]
+                                     [--session-robots 4 --session-episodes 6] [--skip-replay]
 
 Real processes and sockets, not sim physics: `--robots` TransitionSenders (each its own sender id, CURVE key pair
 and outbox, as launch/fleet_robot.sh gives a robot), spread over `--sender-procs` processes, each submitting
@@ -14,6 +15,10 @@ per robot the transitions sent / stored / lost, its rate and ack p99 as the lear
 per-robot figures of robot_rl/learner/process.py `robots()`), the senders' own submit rate, and in total: lost,
 the learner's ack latency p50/p99 over the run, SAC updates/s, achieved UTD. Targets (issue 14): 0 lost, ack p99
 <= 100 ms at 32 robots. The machine is shared: say what size ran.
+
+`--session-robots N` (default 4, 0 = skip) then runs the real thing at a small size: `robot-rl session
+session.num_robots=N` (N MuJoCo Lift robots, the expert driving the first episodes, online BC learning) and prints
+each robot's episodes, success rate, rate and health from the session's summary.json (`robots`).
 """
 
 from __future__ import annotations
@@ -123,6 +128,40 @@ def senders_proc(names: list[str], endpoint: str, keys: dict | None, rate_hz: fl
     results.put({"senders": out, "tick_late_p99_ms": float(np.percentile(np.asarray(late) * 1000, 99))})
 
 
+def sim_session(robots: int, episodes: int, tmp: Path) -> None:
+    """`robot-rl session session.num_robots=N` on Lift; one line per robot from summary.json."""
+    ports = free_port(), free_port()
+    run = tmp / "session"
+    cmd = [
+        str(Path(sys.executable).parent / "robot-rl"),
+        "session",
+        f"session.num_robots={robots}",
+        f"session.episodes={episodes}",
+        "session.expert_episodes=2",
+        "session.max_episode_steps=100",
+        "device=cpu",
+        "tensorboard=false",
+        f"session.transitions_port={ports[0]}",
+        f"session.weights_port={ports[1]}",
+        f"hydra.run.dir={run}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    summary = json.loads((run / "summary.json").read_text())
+    print(f"\nrobot-rl session session.num_robots={robots} (Lift, online BC, {episodes} episodes each, 2 by the expert)"
+          f": exit {res.returncode}, {time.monotonic() - t0:.0f} s")  # fmt: skip
+    print(
+        f"{'robot':<11}{'seed':>8}{'episodes':>9}{'success':>9}{'sent':>7}{'stored':>8}{'Hz':>7}{'ack p99':>9}  health"
+    )
+    for name, r in (summary.get("robots") or {}).items():
+        print(
+            f"{name:<11}{r['seed']!s:>8}{r['episodes']!s:>9}{r['success_rate'] or 0:>9.2f}{r['sent']!s:>7}"
+            f"{r['stored']!s:>8}{r['rate_hz'] or 0:>7.1f}{r['ack_p99_ms'] or float('nan'):>9.1f}  {r['health']}"
+        )
+    print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr[-2000:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--robots", type=int, default=32)
@@ -130,8 +169,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--sender-procs", type=int, default=4)
     ap.add_argument("--no-curve", action="store_true", help="plain TCP on loopback (default: CURVE keys per robot)")
+    ap.add_argument("--session-robots", type=int, default=4, help="then a real sim session with N robots (0: skip)")
+    ap.add_argument("--session-episodes", type=int, default=6)
+    ap.add_argument("--skip-replay", action="store_true", help="only the sim session")
     ap.add_argument("--tmp", default=None, help="directory for the learner's run dir (default: the system temp)")
     args = ap.parse_args()
+    if not args.skip_replay:
+        replay_fleet(args)
+    if args.session_robots:
+        with tempfile.TemporaryDirectory(prefix="bench_fleet_session_", dir=args.tmp) as tmp:
+            sim_session(args.session_robots, args.session_episodes, Path(tmp))
+
+
+def replay_fleet(args) -> None:
     from robot_rl.transport.security import fleet_keys
 
     load0 = os.getloadavg()
