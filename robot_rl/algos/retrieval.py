@@ -190,7 +190,7 @@ def nearest_distance(
     out = torch.empty(len(prior_t), dtype=torch.float32)
     for a in range(0, len(prior_t), int(chunk_size)):
         x = prior_t[a : a + chunk_size].to(device, non_blocking=True) - centre
-        nearest = (t_sq - 2.0 * (x @ t.T)).argmin(1)  # ‖x‖² is the same for every j: left out
+        nearest = torch.addmm(t_sq, x, t.T, alpha=-2.0).argmin(1)  # ‖t‖² − 2 x·t; ‖x‖² is the same for every j
         out[a : a + len(x)] = (x - t[nearest]).norm(dim=1).cpu()
     return out.numpy()
 
