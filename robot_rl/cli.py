@@ -155,7 +155,10 @@ def _flat(cfg, prefix: str = "") -> dict:
 
 def _compose(verb: str, overrides: list[str]):
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():  # inside the verb's own hydra run
+        return compose(VERBS[verb][0], overrides=overrides, return_hydra_config=False)
     with initialize_config_module("robot_rl.configs", version_base=None):
         return compose(VERBS[verb][0], overrides=overrides, return_hydra_config=False)
 
@@ -280,6 +283,31 @@ def check_overrides(verb: str, args: list[str]) -> str | None:
     return None
 
 
+def fit_preset(verb: str, cfg, overrides: list[str]) -> None:
+    """A preset (`+preset=smoke`) holds settings for every verb: keep only the sections this verb's own config has
+    (config.yaml shows what ran, nothing else), and merge `by_choice.algo.<algo.name>` into `algo` and
+    `by_choice.policy.<policy.type>` into `policy` (settings that exist for one algorithm or policy only). A key
+    given on the command line wins over the preset."""
+    from omegaconf import OmegaConf, open_dict
+
+    if not any(a.lstrip("+").startswith("preset=") for a in overrides):
+        return
+    base = _compose(verb, [a for a in overrides if not a.lstrip("+").startswith("preset=")])
+    explicit = {a.split("=", 1)[0].lstrip("+") for a in overrides if "=" in a}
+    with open_dict(cfg):
+        by_choice = cfg.pop("by_choice", None) or {}
+        for group, name_key in (("algo", "name"), ("policy", "type")):
+            choice = cfg[group].get(name_key) if group in cfg and cfg[group] is not None else None
+            if choice is None:
+                continue
+            settings = (by_choice.get(group) or {}).get(str(choice)) or {}
+            for key, value in settings.items():
+                if f"{group}.{key}" not in explicit:
+                    OmegaConf.update(cfg, f"{group}.{key}", value, merge=False)
+        for key in [k for k in cfg if k not in base and k != "hydra"]:
+            cfg.pop(key)
+
+
 def _run_verb(verb: str, cfg) -> None:
     import importlib
 
@@ -289,6 +317,7 @@ def _run_verb(verb: str, cfg) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     setup_logging()
+    fit_preset(verb, cfg, list(HydraConfig.get().overrides.task))
     try:
         module = importlib.import_module(VERBS[verb][1])
         if verb in ("session", "control", "learner"):

@@ -92,3 +92,40 @@ def test_record_numbers_are_validated_before_the_robot_is_built(arg):
         cfg = compose("record", overrides=[arg])
     with pytest.raises(ConfigError, match=arg.split("=")[0].replace(".", r"\.")):
         validate_record(cfg)
+
+
+def _composed(verb, overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("robot_rl.configs", version_base=None):
+        return compose(VERBS[verb][0], overrides=overrides)
+
+
+@pytest.mark.parametrize("verb", HYDRA_VERBS)
+def test_the_smoke_preset_keeps_each_verbs_own_sections_only(verb):
+    """+preset=smoke holds settings for every verb; what a verb runs with (and writes to config.yaml) has only its
+    own sections, the same top-level keys as without the preset."""
+    from robot_rl.cli import fit_preset
+
+    cfg = _composed(verb, ["+preset=smoke"])
+    fit_preset(verb, cfg, ["+preset=smoke"])
+    assert set(cfg) == set(_composed(verb, []))
+
+
+def test_the_smoke_preset_sizes_runs_down_and_the_command_line_still_wins():
+    from robot_rl.cli import fit_preset
+
+    cfg = _composed("train", ["+preset=smoke", "train.steps=7"])
+    fit_preset("train", cfg, ["+preset=smoke", "train.steps=7"])
+    assert cfg.train.steps == 7 and cfg.train.batch_size == 32 and list(cfg.policy.down_dims) == [64, 128, 256]
+    args = ["+preset=smoke", "algo=residual", "algo.critic_warmup=300"]
+    cfg = _composed("session", args)
+    fit_preset("session", cfg, args)
+    assert cfg.algo.learning_starts == 200 and cfg.algo.critic_warmup == 300 and cfg.session.episodes == 6
+    from robot_rl.commands.session import preflight_warnings
+
+    assert preflight_warnings(cfg) == []  # the smoke budget reaches the residual's first weights
+    cfg = _composed("session", ["+preset=smoke"])
+    fit_preset("session", cfg, ["+preset=smoke"])
+    assert preflight_warnings(cfg) == [] and "learning_starts" not in cfg.algo  # online_bc: nothing of residual's
+    assert check_overrides("eval", ["+preset=smoke", "eval.checkpoint=runs/dp"]) is None
