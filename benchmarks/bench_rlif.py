@@ -373,7 +373,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=1000, help="takeovers each method may spend")
     p.add_argument("--max-steps", type=int, default=100_000, help="env-step cap per method")
     p.add_argument("--demos", type=int, default=20, help="poor-expert demos: prior data and the weak BC's data")
-    p.add_argument("--bc-steps", type=int, default=500, help="BC pre-training on the demos (HG-DAgger; RLIF's actor)")
+    p.add_argument("--bc-steps", type=int, default=1000, help="BC pre-training on the demos (HG-DAgger; RLIF's actor)")
     p.add_argument("--critic-warmup", type=int, default=1000, help="RLIF: replay rows before the actor moves")
     p.add_argument("--horizon", type=int, default=200)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
@@ -400,6 +400,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.task, args.experts, args.methods = "lift", "poor", "rlif,hgdagger"
         args.budget, args.max_steps, args.eval_every, args.eval_episodes = 600, 6000, 1500, 10
+        args.horizon, args.bc_steps = 100, 1000
         args.num_critics, args.utd, args.batch_size, args.jobs = 5, 1.0, 128, 3
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

@@ -161,7 +161,8 @@ class RLIF(SAC):
     # ------------------------------------------------------------------------------------------- learning
     def pretrain_actor(self, steps: int, rng: np.random.Generator) -> float:
         """Start from a BC policy (optional): maximise the tanh-Gaussian's likelihood of the prior data's actions
-        (clipped to +-0.999 as the released code loads them). The critic starts from scratch either way."""
+        (clipped to +-0.999 as the released code loads them) and fit its mean action. The critic starts from
+        scratch either way."""
         keys = ["obs." + k for k in self.obs_keys]
         n = len(self.demo_arrays["action"])
         loss = torch.zeros(())
@@ -173,10 +174,11 @@ class RLIF(SAC):
             mean, log_std = self.model.dist(self.model.featurizer(obs))
             u = torch.atanh(a)
             logp = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log1p(-a * a).sum(-1)
-            loss = -logp.mean()
+            # + the mean action's squared error: a binary gripper (+-1) is otherwise fit by a wide Gaussian around 0
+            loss = -logp.mean() + ((torch.tanh(mean) - a) ** 2).sum(-1).mean()
             self.step(self.actor_opt, loss, self.cfg.grad_clip)
-        log.info("RLIF: actor pre-trained on the prior data for %d steps (BC loss %.3f)", steps, float(loss))
-        return float(loss)
+        log.info("RLIF: actor pre-trained on the prior data for %d steps (BC loss %.3f)", steps, loss.item())
+        return loss.item()
 
     def update(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, float]:
         """SAC/RLPD's update on batches whose rewards are the takeover labels (half prior data, half online)."""
