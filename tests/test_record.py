@@ -127,22 +127,24 @@ def test_sigkill_recorder_then_resume(tmp_path):
 
 
 def test_policy_rollout_with_simulated_intervener_records_who_acted(tmp_path):
-    """An untrained policy drives; the simulated intervener (scripted expert) takes over when it goes wrong."""
-    from safetensors.torch import save_file
+    """An untrained policy drives; the simulated intervener (scripted expert) takes over when it goes wrong. The
+    policy comes from its checkpoint directory, which carries its own config: no `policy=` to repeat."""
+    from hydra import compose, initialize_config_module
 
     from robot_rl.factory import make_policy, make_robot
+    from robot_rl.policies.checkpoint import write_policy
 
+    with initialize_config_module("robot_rl.configs", version_base=None):
+        trained = compose("record", overrides=["policy=mlp", "policy.hidden=[32]"])
+    write_policy(tmp_path / "policy", make_policy(trained.policy, make_robot(trained.robot)))
     cfg = record_config(
         tmp_path / "store",
         "record.episodes=1",
-        "policy=mlp",
         "teleop=sim_intervener",
-        f"record.policy_weights={tmp_path / 'policy.safetensors'}",
+        f"record.policy_weights={tmp_path / 'policy'}",
         "record.max_episode_steps=60",
         "teleop.intervener.min_steps=5",
     )
-    policy = make_policy(cfg.policy, make_robot(cfg.robot))
-    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, tmp_path / "policy.safetensors")
     summary = Recorder(cfg, tmp_path / "run").run()
     store = EpisodeStore.open(tmp_path / "store")
     ep = store.episode(0)
@@ -154,3 +156,20 @@ def test_policy_rollout_with_simulated_intervener_records_who_acted(tmp_path):
     np.testing.assert_allclose(ep["action"][policy_steps], np.clip(ep["policy_action"][policy_steps], -1, 1), atol=1e-6)
     assert summary["episodes"][0]["interventions"] == int(took_over.sum())
     assert store.episodes[0]["task"] == "lift the cube"
+
+
+def test_policy_weights_that_do_not_fit_the_configured_policy_say_so_in_one_line(tmp_path):
+    """A bare safetensors file for a policy configured differently: one message pointing to the checkpoint
+    directory, not a wall of size mismatches."""
+    from safetensors.torch import save_file
+
+    from robot_rl.config import ConfigError
+    from robot_rl.factory import make_policy, make_robot
+
+    small = record_config(tmp_path / "store", "policy=mlp", "policy.hidden=[8]")
+    policy = make_policy(small.policy, make_robot(small.robot))
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, tmp_path / "w.safetensors")
+    cfg = record_config(tmp_path / "store", "policy=mlp", f"record.policy_weights={tmp_path / 'w.safetensors'}")
+    with pytest.raises(ConfigError, match="does not fit policy=mlp") as e:
+        Recorder(cfg, tmp_path / "run")
+    assert "give the checkpoint directory" in str(e.value) and str(e.value).count("\n") == 0

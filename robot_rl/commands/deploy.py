@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from robot_rl.commands.record import check_compatible, policy_io  # noqa: F401  (policy_io: deploy's name too)
 from robot_rl.config import ConfigError, resolve_device, write_json
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import build_safety
@@ -126,39 +126,6 @@ def worker_policy(checkpoint: str, device: str, num_inference_steps: int | None 
     if num_inference_steps:
         policy.cfg.num_inference_steps = int(num_inference_steps)
     return policy
-
-
-def policy_io(policy) -> tuple[dict[str, tuple[int, ...]], int]:
-    """The observation shapes a policy reads and its action size."""
-    manifest = getattr(policy, "manifest", None)
-    if manifest and not manifest.get("legacy"):  # every kind, residual on its base included
-        return (
-            {k: tuple(int(x) for x in d["shape"]) for k, d in manifest["obs"].items()},
-            int(np.prod(manifest["action"]["shape"])),
-        )
-    if hasattr(policy, "obs_features"):
-        return {k: tuple(f.shape) for k, f in policy.obs_features.items()}, int(policy.action_dim)
-    return ({k: (int(d),) for k, d in zip(policy.obs_keys, policy.obs_dims)}, int(policy.action_low.shape[0]))
-
-
-def check_compatible(policy, robot) -> None:
-    obs, adim = policy_io(policy)
-    feats = robot.observation_features
-    missing = [k for k in obs if k not in feats]
-    if missing:
-        raise ConfigError(
-            f"the policy reads observations {missing} that robot {robot.name!r} does not produce "
-            f"(it has {sorted(feats)}); deploy on the robot it was trained for (robot=...)"
-        )
-    wrong = {k: (obs[k], tuple(feats[k].shape)) for k in obs if tuple(feats[k].shape) != obs[k]}
-    if wrong:
-        raise ConfigError(
-            "observation shapes differ between the policy and the robot (policy, robot): "
-            + ", ".join(f"{k}: {p} vs {r}" for k, (p, r) in wrong.items())
-        )
-    robot_adim = int(np.prod(robot.action_feature.shape))
-    if robot_adim != adim:
-        raise ConfigError(f"the policy outputs {adim} action entries, robot {robot.name!r} takes {robot_adim}")
 
 
 def _robot_given_on_command_line() -> bool | None:

@@ -155,18 +155,12 @@ class Recorder:
         self.run_dir = Path(run_dir)
         self.robot = make_robot(cfg.robot)
         self.teleop = make_teleop(cfg.teleop, self.robot)
-        self.policy = make_policy(cfg.policy, self.robot)
+        self.policy = self._policy(cfg)
         if self.teleop is None and self.policy is None:
             raise ConfigError(
                 "record needs someone to act: set teleop= (a device or the scripted expert) and/or "
-                "policy= with record.policy_weights"
+                "record.policy_weights=<a train/distill/session run dir, checkpoint or artefact>"
             )
-        if self.policy is not None:
-            if not self.r.policy_weights:
-                raise ConfigError("policy= is set but record.policy_weights is empty: give the safetensors file")
-            from safetensors.torch import load_file
-
-            self.policy.load_state_dict(load_file(self.r.policy_weights))
         self.controls = getattr(self.teleop, "controls", None)  # a device's save/rerecord/stop keys
         self.safety = build_safety(cfg, self.robot)
         self.loop = PacedLoop(self.r.fps)
@@ -341,6 +335,49 @@ class Recorder:
         )
         return result["ended_by"] or "save", meta
 
+    def _policy(self, cfg: DictConfig):
+        """The policy that drives, or None. A checkpoint (run dir, policy directory, artefact, or the
+        policy.safetensors inside one) brings its own architecture: `policy=` is not needed. A bare safetensors
+        file of weights only needs `policy=` set as it was trained."""
+        from robot_rl.policies.checkpoint import CheckpointError, load_policy
+
+        weights = self.r.policy_weights
+        path = Path(str(weights)) if weights else None
+        if path is not None and path.suffix == ".safetensors" and (path.parent / "manifest.json").exists():
+            path = path.parent
+        if path is not None and path.suffix != ".safetensors":
+            if cfg.policy.get("type", "none") != "none":
+                log.warning("policy=%s ignored: %s carries its own policy config", cfg.policy.type, path)
+            try:
+                policy = load_policy(path, device="cpu")
+            except (CheckpointError, OSError, ValueError) as e:
+                raise ConfigError(f"record.policy_weights={str(weights)!r}: {e}") from None
+            try:
+                check_compatible(policy, self.robot)
+            except ConfigError as e:
+                raise ConfigError(f"record.policy_weights={str(weights)!r}: {e}") from None
+            return policy
+        policy = make_policy(cfg.policy, self.robot)
+        if policy is None:
+            return None
+        if path is None:
+            raise ConfigError(
+                f"policy={cfg.policy.type} is set but record.policy_weights is empty: give its checkpoint (a run "
+                "dir or policy directory)"
+            )
+        from safetensors.torch import load_file
+
+        try:
+            policy.load_state_dict(load_file(str(path)))
+        except (RuntimeError, OSError) as e:
+            first = str(e).strip().splitlines()
+            raise ConfigError(
+                f"record.policy_weights={str(weights)!r} does not fit policy={cfg.policy.type} as configured "
+                f"({first[1].strip() if len(first) > 1 else first[0][:200]} ...): give the checkpoint directory "
+                "instead (its manifest says how the policy was built)"
+            ) from None
+        return policy
+
     def _operator_or_sim_success(self, obs, robot) -> bool:
         return self._operator_success or bool(robot.is_success())
 
@@ -366,6 +403,39 @@ class Recorder:
             "wall_s": wall_s,
             "sources": list(SOURCES),
         }
+
+
+def policy_io(policy) -> tuple[dict[str, tuple[int, ...]], int]:
+    """The observation shapes a policy reads and its action size."""
+    manifest = getattr(policy, "manifest", None)
+    if manifest and not manifest.get("legacy"):  # every kind, residual on its base included
+        return (
+            {k: tuple(int(x) for x in d["shape"]) for k, d in manifest["obs"].items()},
+            int(np.prod(manifest["action"]["shape"])),
+        )
+    if hasattr(policy, "obs_features"):
+        return {k: tuple(f.shape) for k, f in policy.obs_features.items()}, int(policy.action_dim)
+    return ({k: (int(d),) for k, d in zip(policy.obs_keys, policy.obs_dims)}, int(policy.action_low.shape[0]))
+
+
+def check_compatible(policy, robot) -> None:
+    obs, adim = policy_io(policy)
+    feats = robot.observation_features
+    missing = [k for k in obs if k not in feats]
+    if missing:
+        raise ConfigError(
+            f"the policy reads observations {missing} that robot {robot.name!r} does not produce "
+            f"(it has {sorted(feats)}); deploy on the robot it was trained for (robot=...)"
+        )
+    wrong = {k: (obs[k], tuple(feats[k].shape)) for k in obs if tuple(feats[k].shape) != obs[k]}
+    if wrong:
+        raise ConfigError(
+            "observation shapes differ between the policy and the robot (policy, robot): "
+            + ", ".join(f"{k}: {p} vs {r}" for k, (p, r) in wrong.items())
+        )
+    robot_adim = int(np.prod(robot.action_feature.shape))
+    if robot_adim != adim:
+        raise ConfigError(f"the policy outputs {adim} action entries, robot {robot.name!r} takes {robot_adim}")
 
 
 def validate_record(cfg: DictConfig) -> None:
