@@ -168,7 +168,7 @@ class Learner:
         else:
             return
         self.version = int(pointer["version"])
-        if not self.algo.ready(self.replay) or not state_path.exists():
+        if not self.algo.ready(self.replay.snapshot()) or not state_path.exists():
             return
         # tensors and plain containers only: no code is loaded
         self.algo.load_state_dict(torch.load(state_path, weights_only=True, map_location=self.device))
@@ -234,22 +234,23 @@ class Learner:
             )
 
     # ----------------------------------------------------------------------------------------------- training
-    def publish(self) -> None:
-        self.algo.on_publish(self.replay)
+    def publish(self, view=None) -> None:
+        view = view if view is not None else self.replay.snapshot()
+        self.algo.on_publish(view)
         state = self.algo.policy_state()
         bad = nonfinite_tensors(state)
         if bad:
             self._refuse_weights(bad, "publish")
             return
         self.version += 1
-        meta = self.algo.publish_meta(self.replay)
+        meta = self.algo.publish_meta(view)
         self.publisher.publish(self.version, state, meta={**meta, "updates": self.updates})
         self._published_meta = meta
         self._checkpoint()
 
     def achieved_utd(self) -> float | None:
         """Updates per trainable transition so far (the configured ratio is `updates_per_transition`)."""
-        n = self.algo.trainable_transitions(self.replay)
+        n = self.algo.trainable_transitions(self.replay.snapshot())
         return self.updates / n if n else None
 
     def ingest_metrics(self) -> dict[str, float]:
@@ -354,16 +355,17 @@ class Learner:
         """One update if one is owed (UTD x trainable transitions); False when there was nothing to do."""
         if self.training_stopped is not None:
             return False
-        meta = self.algo.publish_meta(self.replay)
+        view = self.replay.snapshot()  # one set of rows for this step: the feeder thread appends meanwhile
+        meta = self.algo.publish_meta(view)
         if meta and meta != self._published_meta:  # e.g. warm-up over: tell the robot at once
-            self.publish()
-        owed = self.updates_per_transition * self.algo.trainable_transitions(self.replay) - self.updates
-        if owed < 1 or not self.algo.ready(self.replay):
+            self.publish(view)
+        owed = self.updates_per_transition * self.algo.trainable_transitions(view) - self.updates
+        if owed < 1 or not self.algo.ready(view):
             return False
-        self.metrics = self.algo.update(self.replay, self.rng)
+        self.metrics = self.algo.update(view, self.rng)
         self.updates += 1
         if self.updates % self.publish_every == 0:
-            self.publish()
+            self.publish(view)
         if self.updates % self.log_every == 0:
             self._log()
         return True

@@ -296,6 +296,11 @@ class ReplayBuffer:
             idx = rng.integers(0, self.size, size=batch_size)
             return {k: self._mem[k][idx] for k in keys}
 
+    def snapshot(self) -> ReplaySnapshot:
+        """The rows held now, as a ReplayView that does not grow while the feeder thread appends."""
+        with self._lock:
+            return ReplaySnapshot(self.size, dict(self._mem))
+
     def seqs_by_stream(self) -> dict[tuple[str, object], np.ndarray]:
         """The stored seqs of each (sender, stream), in storage order."""
         if not self.size:
@@ -317,3 +322,23 @@ class ReplayBuffer:
         with self._lock:
             seq, snd = self._mem[SEQ_KEY][: self.size], self._mem[SENDER_KEY][: self.size]
             return {s: seq[snd == i] for i, s in enumerate(self.senders)}
+
+
+class ReplaySnapshot:
+    """A ReplayView fixed at `size` rows. What the learner hands an algorithm for one update or one publish: every
+    column it reads has the same rows (the replay's feeder thread appends meanwhile; a column read a moment later
+    would be longer, e.g. online BC's labels vs its label mask). Rows below `size` are never rewritten, and a
+    buffer replaced when the replay grows keeps them, so the views stay valid."""
+
+    def __init__(self, size: int, mem: dict[str, np.ndarray]):
+        self.size, self._mem = int(size), mem
+
+    def keys(self) -> list[str]:
+        return sorted(k for k in self._mem if not k.startswith("_"))
+
+    def column(self, key: str) -> np.ndarray:
+        return self._mem[key][: self.size]
+
+    def sample(self, batch_size: int, rng: np.random.Generator, keys: list[str]) -> dict[str, np.ndarray]:
+        idx = rng.integers(0, self.size, size=batch_size)
+        return {k: self._mem[k][idx] for k in keys}
