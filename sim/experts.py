@@ -405,6 +405,22 @@ _EXPERTS: dict[str, type[_WaypointExpert]] = {
 }
 
 
+TUNED_ROBOTS = ("Panda",)  # waypoints, grasp heights and gains were tuned on Panda with its default OSC controller
+
+
+def untuned_robot_warning(robots) -> str | None:
+    """A warning in words when a scripted expert will drive a robot it was not tuned for (it then fails often,
+    e.g. Lift on UR5e fails every episode), else None."""
+    names = [robots] if isinstance(robots, str) else list(robots or [])
+    other = [r for r in names if r not in TUNED_ROBOTS]
+    if not other:
+        return None
+    return (
+        f"the scripted experts are tuned for {', '.join(TUNED_ROBOTS)} only; on {', '.join(other)} expect them to "
+        "fail often (drive yourself with teleop=keyboard / spacemouse, or use robot.robots=Panda)"
+    )
+
+
 def make_expert(env_name: str, **kw) -> Teleop:
     """The scripted expert for a robosuite env name (Panda, default OSC controller). Keyword arguments go to the
     expert: `noise_std`, `seed`, `hesitation`, `failed_grasp`, `quality` (see `QUALITY_PRESETS`), and the

@@ -338,3 +338,19 @@ def test_intervener_in_sim_rescues_a_bad_policy(lift):
             break
     assert ok and iv.n_interventions >= 1
     assert iv.action_feature.names == LiftExpert().action_feature.names
+
+
+def test_an_expert_on_a_robot_it_was_not_tuned_for_is_warned_about():
+    """The scripted experts were tuned on Panda; the Lift expert on UR5e fails every episode: say so at start."""
+    from hydra import compose, initialize_config_module
+
+    from robot_rl.commands.session import preflight_warnings
+    from robot_rl.sim.experts import untuned_robot_warning
+
+    assert untuned_robot_warning("Panda") is None and untuned_robot_warning(["Panda"]) is None
+    assert "tuned for Panda only; on UR5e" in untuned_robot_warning("UR5e")
+    with initialize_config_module("robot_rl.configs", version_base=None):
+        on_ur5e = compose("session", overrides=["robot.robots=UR5e"])
+        no_expert = compose("session", overrides=["robot.robots=UR5e", "teleop=keyboard"])
+    assert any("tuned for Panda only" in w for w in preflight_warnings(on_ur5e))
+    assert not any("tuned for Panda" in w for w in preflight_warnings(no_expert))

@@ -156,6 +156,12 @@ class Recorder:
         self.robot = make_robot(cfg.robot)
         self.teleop = make_teleop(cfg.teleop, self.robot)
         self.policy = self._policy(cfg)
+        if cfg.teleop.get("type") == "scripted" and cfg.robot.get("type") == "robosuite":
+            from robot_rl.sim.experts import untuned_robot_warning
+
+            untuned = untuned_robot_warning(cfg.robot.get("robots"))
+            if untuned:
+                log.warning("%s", untuned)
         if self.teleop is None and self.policy is None:
             raise ConfigError(
                 "record needs someone to act: set teleop= (a device or the scripted expert) and/or "

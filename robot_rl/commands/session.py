@@ -125,6 +125,12 @@ def preflight_warnings(cfg: DictConfig) -> list[str]:
         )
     elif no_teleop and not acts_without:
         warnings.append("teleop=none: until the learner's first weights arrive nobody drives (safe actions)")
+    if cfg.teleop.get("type") == "scripted" and cfg.robot.get("type") == "robosuite":
+        from robot_rl.sim.experts import untuned_robot_warning
+
+        untuned = untuned_robot_warning(cfg.robot.get("robots"))
+        if untuned:
+            warnings.append(untuned)
     return warnings
 
 
