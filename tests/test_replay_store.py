@@ -125,3 +125,19 @@ def test_growth_doubles_up_to_64k_rows_then_steps_by_quarter():
         nxt = next_capacity(cap, cap + 1)
         assert cap < nxt <= cap * 1.25 + 1
         cap = nxt
+
+
+def test_a_snapshot_keeps_its_rows_while_the_replay_grows(tmp_path):
+    """What the learner hands an algorithm for one step: every column the same length, though rows arrive meanwhile
+    (and the memory buffers are reallocated as they grow)."""
+    store = ReplayBuffer(tmp_path / "r.zarr", preallocate_rows=16)
+    store.extend("robot0", *batch(0, 10))
+    view = store.snapshot()
+    for start in range(10, 200, 10):  # past the preallocated rows: buffers replaced
+        store.extend("robot0", *batch(start, 10))
+    assert view.size == 10 and store.size == 200
+    assert len(view.column("obs.x")) == len(view.column("expert_action")) == 10
+    np.testing.assert_array_equal(view.column("obs.x")[:, 0], np.arange(10))
+    assert view.keys() == store.keys()
+    s = view.sample(64, np.random.default_rng(0), ["obs.x"])
+    assert s["obs.x"].shape == (64, 5) and s["obs.x"].max() < 10
