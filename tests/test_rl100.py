@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import TINY_DIFFUSION, hydra_overrides, train_policy
+from builders import TINY_DIFFUSION, TINY_IMAGE, hydra_overrides, train_policy
 from hydra import compose, initialize_config_module
 
 from robot_rl.algos.ope import bootstrap_ci, sharpe_ratio_at_k, spearman
@@ -25,12 +25,17 @@ GAIN = np.array([[0.8, -0.5, 0.3, 0.2], [-0.4, 0.6, 0.2, -0.7]], np.float32)
 STEPS = 16
 
 
-def mixed_store(path: Path, episodes: int = 12, success: bool = True, success_column: bool = True) -> Path:
+def mixed_store(
+    path: Path, episodes: int = 12, success: bool = True, success_column: bool = True, image: bool = False
+) -> Path:
     """A toy task with mixed-quality episodes: even episodes act by the rule tanh(GAIN s) (+ small noise) and
-    succeed at their last step; odd ones act at random and fail. `success=False`: nobody succeeds."""
+    succeed at their last step; odd ones act at random and fail. `success=False`: nobody succeeds. `image`: a
+    16x16 camera showing a dot where the state points."""
     feats = {"obs.state": Feature((4,)), "action": Feature((2,), low=-np.ones(2), high=np.ones(2))}
     if success_column:
         feats["success"] = Feature((), "bool")
+    if image:
+        feats["obs.cam_image"] = Feature((16, 16, 3), "uint8")
     store = EpisodeStore.create(path, feats, fps=10)
     w = store.writer()
     rng = np.random.default_rng(0)
@@ -44,6 +49,9 @@ def mixed_store(path: Path, episodes: int = 12, success: bool = True, success_co
             frame = {"obs.state": s, "action": np.clip(a, -1, 1)}
             if success_column:
                 frame["success"] = np.bool_(success and good and t == STEPS - 1)
+            if image:
+                frame["obs.cam_image"] = np.zeros((16, 16, 3), np.uint8)
+                frame["obs.cam_image"][int(8 + 6 * np.tanh(s[0])), int(8 + 6 * np.tanh(s[1]))] = 255
             w.add(frame)
             s = (0.9 * s + 0.1 * np.concatenate([a, a])).astype(np.float32)
         w.save({"success": bool(success and good)})
@@ -233,6 +241,18 @@ def test_bad_input_is_refused_with_a_clear_message(toy, tmp_path):
         run(bc, store, tmp_path / "e", "rl100.stage=ppo")
     with pytest.raises(ConfigError, match="rl100.algo.ppo.lrr is not a setting"):
         run(bc, store, tmp_path / "f", "+rl100.algo.ppo.lrr=1")
+
+
+def test_a_round_on_camera_observations(tmp_path):
+    """The image path end to end: a policy with a camera encoder, features from uint8 frames, critics, PPO, gate."""
+    store = mixed_store(tmp_path / "data", 6, image=True)
+    bc = train_policy(store, tmp_path / "bc", "train.batch_size=16", "train.steps=20", "train.warmup_steps=2",
+                      *hydra_overrides("policy", {**TINY_DIFFUSION, "image": TINY_IMAGE}))  # fmt: skip
+    assert load_policy(bc, "cpu").image_keys == ["cam_image"]
+    state = run(bc, store, tmp_path / "run", "rl100.algo.ppo.iterations=2", "rl100.iql.steps=50",
+                "rl100.algo.dynamics.steps=20")  # fmt: skip
+    assert list(state["finished"]) == ["r1/collect", "r1/fit", "r1/ppo", "report"]
+    assert len(state["decisions"]) == 1
 
 
 # ------------------------------------------------------------------------------------------------- in sim
