@@ -56,9 +56,38 @@ def select_gl_backend() -> str | None:
     return os.environ["MUJOCO_GL"]
 
 
-def _import_robosuite():
-    import robosuite  # noqa: F401  (heavy: imported lazily so that `import robot_rl.sim...` stays cheap)
+ROBOSUITE_NOISE = (  # robosuite's import-time and per-env messages that mean nothing to a robot_rl user
+    "private macro file",
+    "setup_macros.py",
+    "robosuite_models",
+    "mink-based whole-body IK",
+    "Loading controller configuration",
+)
 
+
+def _quiet(record: logging.LogRecord) -> bool:
+    return not any(n in record.getMessage() for n in ROBOSUITE_NOISE)
+
+
+def _import_robosuite():
+    """robosuite, imported once, without its meaningless warnings (each printed twice: by its own console handler
+    and by the root logger): those are dropped, anything else it logs reaches the root logger once."""
+    if "robosuite" in sys.modules:
+        return sys.modules["robosuite"]
+    import warnings
+
+    logging.getLogger("OpenGL.acceleratesupport").setLevel(logging.WARNING)  # "No OpenGL_accelerate module"
+    rs_log = logging.getLogger("robosuite_logs")
+    if _quiet not in rs_log.filters:
+        rs_log.addFilter(_quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)  # invalid escape sequences in robosuite's docstrings
+        import robosuite  # heavy: imported lazily so that `import robot_rl.sim...` stays cheap
+    for handler in list(rs_log.handlers):  # its console handler: the root logger already prints its records
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            rs_log.removeHandler(handler)
+    if not logging.getLogger().handlers:  # no logging set up (a library user): keep robosuite audible
+        rs_log.addHandler(logging.StreamHandler())
     return robosuite
 
 

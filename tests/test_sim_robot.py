@@ -141,3 +141,20 @@ def test_unknown_camera_raises():
     robot = RobosuiteRobot(env_name="Lift", cameras=["nope_cam"], camera_height=16, camera_width=16)
     with pytest.raises(ValueError, match="agentview"):
         robot.connect()
+
+
+def test_robosuite_says_nothing_meaningless_when_a_robot_is_built(tmp_path):
+    """robosuite's import and env warnings (macro file, robosuite_models, mink IK, controller config; each printed
+    twice before) are not shown; a verb's output starts with what robot_rl has to say."""
+    import subprocess
+    import sys
+
+    code = (
+        "from robot_rl.config import setup_logging; setup_logging()\n"
+        "from robot_rl.sim.robosuite_robot import RobosuiteRobot\n"
+        "r = RobosuiteRobot(env_name='Lift'); r.connect(); r.disconnect(); print('built')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0 and "built" in out.stdout, out.stderr[-2000:]
+    noise = [ln for ln in (out.stdout + out.stderr).splitlines() if "robosuite" in ln or "OpenGL" in ln]
+    assert noise == []
