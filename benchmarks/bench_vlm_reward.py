@@ -201,7 +201,7 @@ def figures(store_path: Path, label_file: Path, rm_dir: Path, progress: np.ndarr
     records = load_labels(label_file)
     rng = np.random.default_rng(0)
     picks = [records[k] for k in rng.choice(len(records), size=min(6, len(records)), replace=False)]
-    fig, axes = plt.subplots(len(picks), 2, figsize=(4.4, 2.3 * len(picks)))
+    fig, axes = plt.subplots(len(picks), 2, figsize=(4.2, 2.2 * len(picks)), gridspec_kw={"hspace": 0.5})
     for row, r in zip(np.atleast_2d(axes), picks):
         for ax, key, side in ((row[0], "i", "Image 1"), (row[1], "j", "Image 2")):
             ax.imshow(images[r[key]])
@@ -209,9 +209,11 @@ def figures(store_path: Path, label_file: Path, rm_dir: Path, progress: np.ndarr
             ax.axis("off")
         answer = {0: "Image 1 better", 1: "Image 2 better", -1: "no preference"}[r["label"]]
         truth = "Image 2" if progress[r["j"]] > progress[r["i"]] else "Image 1"
-        row[0].text(0, -0.35, f"model: {answer} (truth: {truth})", transform=row[0].transAxes, fontsize=7)
+        row[0].text(
+            1.1, -0.12, f"model: {answer}  (truth: {truth})", transform=row[0].transAxes, fontsize=7, ha="center"
+        )
     fig.suptitle("simulated VLM (10 % noise) answers on sample pairs", fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(top=0.95, bottom=0.03, left=0.03, right=0.97)
     fig.savefig(FIGURES / "vlm_pairs.png", dpi=110)
     plt.close(fig)
 
@@ -268,15 +270,34 @@ def main() -> int:
     p.add_argument("--abstain", type=float, default=0.3)
     p.add_argument("--latency", type=float, default=0.05, help="simulated model seconds per request (throughput)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bc-batch", type=int, default=64, help="BC batch size (the encoder is trained here)")
+    p.add_argument(
+        "--encoder",
+        choices=["config", "small"],
+        default="config",
+        help="image encoder: configs/offline_rl.yaml's, or a cheaper 3-layer [16, 32, 32] one for CPU runs",
+    )
     for key in SIZES["full"]:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help="override the size's value")
     args = p.parse_args()
+    from robot_rl.config import setup_logging
+
+    setup_logging()
     size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SIZES[args.size].items()}
     out = args.out / args.size
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     results = {
-        "config": {"size": args.size, **size, "image": args.image, "abstain": args.abstain, "noises": args.noises}
+        "config": {
+            "size": args.size,
+            **size,
+            "image": args.image,
+            "abstain": args.abstain,
+            "noises": args.noises,
+            "bc_batch": args.bc_batch,
+            "encoder": args.encoder,
+            "argv": sys.argv[1:],
+        }
     }
     timing = results.setdefault("wall_s", {})
 
@@ -374,6 +395,12 @@ def main() -> int:
         "offline_rl.bc.tensorboard=false",
         "offline_rl.num_threads=1",
         f"offline_rl.seed={args.seed}",
+        f"offline_rl.bc.batch_size={args.bc_batch}",
+        *(
+            ["offline_rl.image_encoder.channels=[16,32,32]", "offline_rl.image_encoder.strides=[2,2,2]"]
+            if args.encoder == "small"
+            else []
+        ),
     ]
     t = time.monotonic()
     vlm = run_verb("offline_rl", "offline_rl", out / "iql_vlm", [*common, "offline_rl.reward=reward_vlm_n10"])
