@@ -7,6 +7,13 @@ from typing import Any
 from robot_rl.interfaces import Robot, Teleop
 
 
+def is_concatenation(key: str) -> bool:
+    """robosuite's modality observations (`object-state`, `robot0_proprio-state`, any `<...>-state`) concatenate
+    other observation keys: default inputs and LeRobot's observation.state leave them out (no duplicated values);
+    a policy can still name them in its obs_keys. `key` with or without the store's `obs.` prefix."""
+    return key.endswith("-state")
+
+
 def make_sim_robot(**cfg: Any) -> Robot:
     """`RobosuiteRobot(**cfg)`; a `type`/`kind` key (if present) must be "robosuite"."""
     kind = cfg.pop("type", cfg.pop("kind", "robosuite"))

@@ -392,3 +392,24 @@ def test_cli_wiring_in_a_subprocess(tmp_path):
     proc = robot_rl_cli("import", "robomimic", str(tmp_path / "nope.hdf5"), str(tmp_path / "store"), timeout=120)
     assert proc.returncode == 2 and "robot-rl import robomimic:" in proc.stderr and "does not exist" in proc.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_robosuites_concatenated_keys_are_not_duplicated_in_state_or_policy_inputs():
+    """robosuite's object-state and robot0_proprio-state concatenate other keys: LeRobot's observation.state and
+    the MLP's default inputs hold each value once; the concatenations keep their own columns (round trip)."""
+    from robot_rl.policies.mlp import lowdim_keys
+
+    feats = {
+        "obs.cube_pos": Feature((3,)),
+        "obs.robot0_eef_pos": Feature((3,)),
+        "obs.object-state": Feature((3,)),
+        "obs.robot0_proprio-state": Feature((3,)),
+        "action": Feature((2,)),
+    }
+    plan = plan_export(feats)
+    assert [k for k, _ in plan.state_parts] == ["obs.cube_pos", "obs.robot0_eef_pos"]
+    assert plan.features["observation.state"]["shape"] == (6,)
+    assert plan.key_map["obs.object-state"] == "observation.object-state"  # still exported, once
+    robot_feats = {k.removeprefix("obs."): f for k, f in feats.items() if k.startswith("obs.")}
+    assert lowdim_keys(robot_feats) == ["cube_pos", "robot0_eef_pos"]
+    assert lowdim_keys(robot_feats, ["object-state"]) == ["object-state"]  # named on purpose: allowed

@@ -9,7 +9,9 @@ Key mapping (docs/interchange.md has the full tables):
                                                                   bool obs as float32 0/1 (lerobot normalises
                                                                   every observation.* input; import: bool again)
     float obs.* of <= 1 dimension  -> observation.state           float32, concatenated in sorted key order,
-                                                                  names "<name>_<i>"
+                                                                  names "<name>_<i>"; robosuite's concatenations
+                                                                  of other keys (object-state, robot0_proprio-
+                                                                  state) are left out (their own columns only)
     action                         -> action                      names from the store's Feature
     success                        -> next.success                bool; also next.reward = float(success) when the
                                                                   store has no `reward` key
@@ -43,6 +45,7 @@ import numpy as np
 
 from robot_rl.data.episode_store import EpisodeStore, StoreError
 from robot_rl.interfaces import OBS_PREFIX, Feature
+from robot_rl.sim.registry import is_concatenation
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,11 @@ def plan_export(features: dict[str, Feature], use_videos: bool = True) -> Export
             plan.key_map[k] = lr
             plan.image_keys.append(k)
     low_dim = [k for k in obs_keys if k not in plan.key_map]
-    floats = sorted(k for k in low_dim if np.dtype(features[k].dtype).kind == "f" and len(features[k].shape) <= 1)
+    floats = sorted(
+        k
+        for k in low_dim
+        if np.dtype(features[k].dtype).kind == "f" and len(features[k].shape) <= 1 and not is_concatenation(k)
+    )  # robosuite's object-state / robot0_proprio-state repeat other keys: their own columns only
     plan.state_parts = [(k, int(np.prod(features[k].shape, dtype=np.int64))) for k in floats]
     if plan.state_parts:
         used.add(STATE_KEY)

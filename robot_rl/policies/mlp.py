@@ -11,18 +11,20 @@ import torch
 from torch import nn
 
 from robot_rl.interfaces import OBS_PREFIX, Feature, Observation, Policy
+from robot_rl.sim.registry import is_concatenation
 
 ACTION_MARGIN, MIN_ACTION_MARGIN = 0.05, 1e-2  # fit_normalizer: the data's action range, widened by 5 % (>= 0.01)
 
 
 def lowdim_keys(features: dict[str, Feature], keys: list[str] | None = None) -> list[str]:
-    """The observation keys an MLP reads: the configured ones, or every 1-D float key in a stable order."""
+    """The observation keys an MLP reads: the configured ones, or every 1-D float key in a stable order, without
+    robosuite's concatenations of other keys (`object-state`, `robot0_proprio-state`: each value once)."""
     if keys:
         missing = [k for k in keys if k not in features]
         if missing:
             raise ValueError(f"policy.obs_keys {missing} are not observations of this robot; it has {sorted(features)}")
         return list(keys)
-    return sorted(k for k, f in features.items() if not f.is_image and len(f.shape) == 1)
+    return sorted(k for k, f in features.items() if not f.is_image and len(f.shape) == 1 and not is_concatenation(k))
 
 
 class MLPPolicy(nn.Module, Policy):
