@@ -36,6 +36,7 @@ from torch import nn
 from robot_rl.interfaces import OBS_PREFIX, Feature, Observation, Policy
 from robot_rl.policies.encoders import ObsEncoder
 from robot_rl.policies.normalizer import Normalizer
+from robot_rl.sim.registry import is_concatenation
 
 # ------------------------------------------------------------------------------------------------- config
 
@@ -297,11 +298,14 @@ def _strip(key: str) -> str:
 
 
 def default_obs_keys(obs_features: Mapping[str, Feature]) -> list[str]:
-    """Every 1-D float observation, then every camera, each sorted by name."""
+    """Every 1-D float observation (not robosuite's concatenations of others), then every camera, sorted by name."""
     low = sorted(
         k
         for k, f in obs_features.items()
-        if not f.is_image and len(f.shape) == 1 and np.issubdtype(np.dtype(f.dtype), np.floating)
+        if not f.is_image
+        and len(f.shape) == 1
+        and np.issubdtype(np.dtype(f.dtype), np.floating)
+        and not is_concatenation(k)  # robosuite's object-state / robot0_proprio-state repeat other keys
     )
     return low + sorted(k for k, f in obs_features.items() if f.is_image)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from robot_rl.interfaces import Feature, Observation, Policy
 from robot_rl.policies.residual import ActionScaler, Featurizer, LearnerExploration, mlp
+from robot_rl.sim.registry import is_concatenation
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log standard deviation is clamped to this range
 
@@ -54,7 +55,10 @@ class SACModel(nn.Module):
 def default_obs_keys(obs_features: Mapping[str, Feature], cfg: Mapping) -> list[str]:
     """The configured keys, else every 1-D non-image observation."""
     return list(
-        cfg.get("obs_keys") or sorted(k for k, f in obs_features.items() if not f.is_image and len(f.shape) == 1)
+        cfg.get("obs_keys")
+        or sorted(
+            k for k, f in obs_features.items() if not f.is_image and len(f.shape) == 1 and not is_concatenation(k)
+        )
     )
 
 
