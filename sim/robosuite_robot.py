@@ -95,8 +95,57 @@ select_gl_backend()  # at import, before anything imports mujoco: only sets MUJO
 
 
 # ------------------------------------------------------------------------------------------------------ registries
+# Registered robosuite robots that do not build (robosuite 1.5.1, mujoco 3; found by building Lift with each,
+# `probe_robots()`): robot name -> (why, the module whose absence is the cause, or None when nothing fixes it).
+UNBUILDABLE_ROBOTS = {
+    "Sawyer": ("its mesh 'robot0_head_1' is rejected by MuJoCo (mesh volume is too small)", None),
+    "Baxter": ("its mesh 'robot0_H1_1' is rejected by MuJoCo (mesh volume is too small)", None),
+    "GR1FixedLowerBody": ("its default controller (WHOLE_BODY_MINK_IK) needs the mink package", "mink"),
+    "SpotArm": ("its model lives in robosuite_models, which is not installed", "robosuite_models"),
+    "LeggedManipulatorModel": ("an abstract base model, not a robot", None),
+}
+
+
+def buildable_robots(registered) -> list[str]:
+    """The registered robot names that build here: robosuite's registry minus UNBUILDABLE_ROBOTS (unless the
+    missing package that broke one is installed now)."""
+    import importlib.util
+
+    def builds(name: str) -> bool:
+        why = UNBUILDABLE_ROBOTS.get(name)
+        return why is None or (why[1] is not None and importlib.util.find_spec(why[1]) is not None)
+
+    return sorted(r for r in registered if builds(r))
+
+
+def probe_robots(env_name: str = "Lift") -> dict[str, str]:
+    """Build `env_name` with every registered robot: name -> "ok" or the error (slow: seconds per robot; how
+    UNBUILDABLE_ROBOTS was found, rerun it after a robosuite upgrade)."""
+    suite = _import_robosuite()
+    from robosuite.controllers import load_composite_controller_config
+    from robosuite.models.robots.robot_model import REGISTERED_ROBOTS
+
+    out = {}
+    for name in sorted(REGISTERED_ROBOTS):
+        try:
+            suite.make(
+                env_name,
+                robots=name,
+                controller_configs=load_composite_controller_config(controller=None, robot=name),
+                has_renderer=False,
+                has_offscreen_renderer=False,
+                use_camera_obs=False,
+                ignore_done=True,
+            ).close()
+            out[name] = "ok"
+        except Exception as e:  # robosuite raises anything: every failure is the answer here
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
+
+
 def robosuite_choices() -> dict[str, list[str]]:
-    """Valid names for env_name / robots / controller, straight from robosuite's registries."""
+    """Valid names for env_name / robots / controller, straight from robosuite's registries (robots: only those
+    that build, see UNBUILDABLE_ROBOTS)."""
     _import_robosuite()
     from robosuite.controllers.composite.composite_controller import REGISTERED_COMPOSITE_CONTROLLERS_DICT
     from robosuite.environments.base import REGISTERED_ENVS
@@ -104,7 +153,7 @@ def robosuite_choices() -> dict[str, list[str]]:
 
     return {
         "env_name": sorted(REGISTERED_ENVS),
-        "robots": sorted(REGISTERED_ROBOTS),
+        "robots": buildable_robots(REGISTERED_ROBOTS),
         "controller": sorted(REGISTERED_COMPOSITE_CONTROLLERS_DICT),
     }
 
@@ -116,6 +165,11 @@ def _validate(env_name: str, robots: list[str], controller: str | None) -> None:
             f"robot.env_name={env_name!r} is not a robosuite environment; choose one of: {', '.join(ch['env_name'])}"
         )
     for r in robots:
+        if r in UNBUILDABLE_ROBOTS and r not in ch["robots"]:
+            raise ValueError(
+                f"robot.robots={r!r} does not build with this robosuite: {UNBUILDABLE_ROBOTS[r][0]}; choose one "
+                f"of: {', '.join(ch['robots'])}"
+            )
         if r not in ch["robots"]:
             raise ValueError(f"robot.robots={r!r} is not a robosuite robot; choose one of: {', '.join(ch['robots'])}")
     if controller is not None:

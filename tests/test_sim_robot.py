@@ -158,3 +158,19 @@ def test_robosuite_says_nothing_meaningless_when_a_robot_is_built(tmp_path):
     assert out.returncode == 0 and "built" in out.stdout, out.stderr[-2000:]
     noise = [ln for ln in (out.stdout + out.stderr).splitlines() if "robosuite" in ln or "OpenGL" in ln]
     assert noise == []
+
+
+def test_only_robots_that_build_are_offered():
+    """Sawyer is in robosuite's registry but fails inside MuJoCo: it is refused up front with why, and the list
+    offered instead builds (one non-Panda member built here; probe_robots() builds them all, slowly)."""
+    from robot_rl.sim.robosuite_robot import UNBUILDABLE_ROBOTS, robosuite_choices
+
+    offered = robosuite_choices()["robots"]
+    assert "Panda" in offered and "UR5e" in offered and not set(offered) & {"Sawyer", "Baxter", "SpotArm"}
+    with pytest.raises(ValueError, match="robot.robots='Sawyer' does not build .*mesh volume.*choose one of: .*Panda"):
+        RobosuiteRobot(env_name="Lift", robots="Sawyer")
+    assert all(why for why, _ in UNBUILDABLE_ROBOTS.values())
+    robot = RobosuiteRobot(env_name="Lift", robots="Kinova3")
+    robot.connect()
+    assert robot.get_observation()["robot0_eef_pos"].shape == (3,)
+    robot.disconnect()
