@@ -243,6 +243,24 @@ def test_bad_input_is_refused_with_a_clear_message(toy, tmp_path):
         run(bc, store, tmp_path / "f", "+rl100.algo.ppo.lrr=1")
 
 
+def test_versions_after_a_rejected_round(toy, tmp_path, monkeypatch):
+    """Round 1 rejected, round 2 accepted: round 2's candidate becomes v1 and round 3 starts from it."""
+    import robot_rl.commands.rl100 as cmd
+
+    real, calls = cmd.gate, []
+
+    def second_only(new, best, delta, enabled):
+        calls.append(1)
+        return {**real(new, best, delta, enabled), "accepted": len(calls) == 2}
+
+    monkeypatch.setattr(cmd, "gate", second_only)
+    state = run(toy[2], toy[1], tmp_path / "run", "rl100.rounds=3", "rl100.algo.ppo.iterations=1")
+    assert [d["accepted"] for d in state["decisions"]] == [False, True, False]
+    assert [d["best_version"] for d in state["decisions"]] == [0, 0, 1]
+    assert state["accepted"] == {"version": 1, "path": "policies/v1"}
+    assert [c.get("version") for c in state["candidates"]] == [None, None, 1, None]
+
+
 def test_a_round_on_camera_observations(tmp_path):
     """The image path end to end: a policy with a camera encoder, features from uint8 frames, critics, PPO, gate."""
     store = mixed_store(tmp_path / "data", 6, image=True)

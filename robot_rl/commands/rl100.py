@@ -299,7 +299,7 @@ class RL100Run:
         self._write(policy, cand, {"round": r, "from_version": best["version"], "decision": decision})
         version = best["version"]
         if decision["accepted"]:
-            version = max(c.get("version", 0) for c in [best, *self.state["candidates"]]) + 1
+            version = max(c.get("version") or 0 for c in [best, *self.state["candidates"]]) + 1
             self._write(policy, f"policies/v{version}", {"round": r, "version": version, "decision": decision})
             self.state["accepted"] = {"version": version, "path": f"policies/v{version}"}
         log.info(
