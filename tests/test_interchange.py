@@ -299,6 +299,15 @@ def test_import_robomimic(recording, tmp_path):
     store = import_robomimic(tmp_path / "demo.hdf5", tmp_path / "store", flip_images=True)
     assert [m["source"]["demo"] for m in store.episodes] == ["demo_2", "demo_10"]
     assert store.meta["info"]["env_args"]["env_name"] == "Lift" and store.fps == 20
+    # the robot config comes from env_args: replay and eval need no --sim-robot / robot=
+    robot_config = store.meta["info"]["robot_config"]
+    assert (
+        robot_config["type"] == "robosuite" and robot_config["env_name"] == "Lift" and robot_config["robots"] == "Panda"
+    )
+    assert store.meta["info"]["robot"] == "robosuite_Lift_Panda"
+    from robot_rl.commands.replay import replay_robot_config
+
+    assert replay_robot_config(store)["env_name"] == "Lift"
     obs_keys = [k for k in src.features if k.startswith("obs.")]
     assert set(store.features) == {*obs_keys, "action", "reward", "done", "success", "timestamp", "sim_state"}
     assert store.features["obs.agentview_image"] == Feature((H, W, 3), "uint8")

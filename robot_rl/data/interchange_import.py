@@ -440,8 +440,10 @@ def import_robomimic(
         keys = list(obs_keys) if obs_keys is not None else available
         features = _robomimic_features(hdf5_path, data, demos, keys)
         env_name = env_args.get("env_name")
+        robot_config = robot_config_from_env_args(env_args)
         info = {
-            "robot": env_name,
+            "robot": _robot_name(robot_config) if robot_config else env_name,
+            "robot_config": robot_config,
             "task": env_name,
             "env_args": env_args,
             "imported_from": {
@@ -467,6 +469,39 @@ def import_robomimic(
             finally:
                 store.close()
     return EpisodeStore.open(store_path, "r")
+
+
+def _robot_name(config: dict) -> str:
+    robots = config["robots"]
+    return f"robosuite_{config['env_name']}_{'_'.join([robots] if isinstance(robots, str) else robots)}"
+
+
+def robot_config_from_env_args(env_args: dict) -> dict | None:
+    """The robot config (configs/robot/*.yaml's shape) of the robosuite env a robomimic file was recorded in, from
+    its data.attrs env_args, so that replay and eval need no --sim-robot / robot=; None when it names no env.
+    The controller is robosuite's default for the robot (a custom controller_configs is not carried over)."""
+    env_name = env_args.get("env_name")
+    if not env_name:
+        return None
+    kw = env_args.get("env_kwargs") or {}
+    robots = kw.get("robots", "Panda")
+    robots = [robots] if isinstance(robots, str) else list(robots)
+    cameras = list(kw.get("camera_names") or []) if kw.get("use_camera_obs") else []
+    size = kw.get("camera_heights", 84), kw.get("camera_widths", 84)
+    config = {
+        "type": "robosuite",
+        "task": env_name,
+        "env_name": env_name,
+        "robots": robots[0] if len(robots) == 1 else robots,
+        "control_freq": kw.get("control_freq", 20),
+        "cameras": cameras,
+        "camera_height": int(size[0][0] if isinstance(size[0], list) else size[0]),
+        "camera_width": int(size[1][0] if isinstance(size[1], list) else size[1]),
+        "reward_shaping": bool(kw.get("reward_shaping", False)),
+    }
+    if kw.get("horizon"):
+        config["horizon"] = int(kw["horizon"])  # else the robot's default
+    return config
 
 
 def _robomimic_features(path: Path, data, demos: list[str], keys: list[str]) -> dict[str, Feature]:
