@@ -129,3 +129,21 @@ def test_the_smoke_preset_sizes_runs_down_and_the_command_line_still_wins():
     fit_preset("session", cfg, ["+preset=smoke"])
     assert preflight_warnings(cfg) == [] and "learning_starts" not in cfg.algo  # online_bc: nothing of residual's
     assert check_overrides("eval", ["+preset=smoke", "eval.checkpoint=runs/dp"]) is None
+
+
+def test_dataset_stats_is_a_table_by_default_and_json_on_request(tmp_path, capsys):
+    import json
+
+    from builders import toy_store
+
+    store = toy_store(tmp_path / "store", episodes=2, steps=5)
+    assert main(["dataset", "stats", str(store)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "shape", "min", "max", "mean", "std"]
+    assert [ln.split()[0] for ln in lines[2:-1]] == ["obs.state", "action", "success"]
+    assert lines[-1].startswith("3 keys over 10 steps of 2 episodes")
+    assert main(["dataset", "stats", str(store), "--keys", "action"]) == 0
+    assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:-1]] == ["action[a0]", "action[a1]"]
+    assert main(["dataset", "stats", str(store), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert set(stats) == {"obs.state", "action", "success"} and len(stats["action"]["mean"]) == 2

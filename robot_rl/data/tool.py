@@ -2,7 +2,8 @@
 
 list STORE                       one line per episode (length, success, operator, seed, timing health)
 inspect STORE [EPISODE]          the store's keys/shapes, or one episode's metadata and per-key ranges
-stats STORE [--keys K ...]       per-key mean/std/min/max over all steps (JSON)
+stats STORE [--keys K ...]       per-key min/max/mean/std over all steps: a table (one line per key; per entry
+                                 with --keys), --json for every number as JSON
 delete STORE INDICES             drop episodes, e.g. 3  or 0-4,9  (validated first: a bad index changes nothing)
 keep STORE [INDICES] [filters]   keep only matching episodes: --success / --failed / --min-length N /
                                  --max-length N / --operator NAME (filters combine with AND)
@@ -94,6 +95,42 @@ def _inspect(store: EpisodeStore, episode: int | None) -> None:
         print(f"  {k:<32} {str(v.dtype):<8} {str(v.shape):<18}{rng}")
 
 
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def stats_table(stats: dict, store, per_entry: bool = False) -> str:
+    """The stats as a table: one line per key (its entries' smallest min, largest max, and the range of their
+    means and stds), or one line per entry of each key (`per_entry`, named by the feature's names when it has
+    them)."""
+    rows = [("key", "shape", "min", "max", "mean", "std")]
+    for key, st in stats.items():
+        arrays = {k: np.atleast_1d(np.asarray(v, dtype=np.float64)) for k, v in st.items()}
+        feature = store.features.get(key)
+        shape = "x".join(map(str, feature.shape)) if feature is not None and feature.shape else "1"
+        if per_entry:
+            names = list(feature.names) if feature is not None and feature.names else None
+            for i in range(arrays["mean"].size):
+                label = f"{key}[{names[i] if names and i < len(names) else i}]"
+                rows.append((label, "", *(_num(arrays[k].flat[i]) for k in ("min", "max", "mean", "std"))))
+            continue
+        spread = {
+            k: _num(arrays[k].min())
+            if arrays[k].size == 1 or arrays[k].min() == arrays[k].max()
+            else f"{_num(arrays[k].min())}..{_num(arrays[k].max())}"
+            for k in ("mean", "std")
+        }
+        rows.append((key, shape, _num(arrays["min"].min()), _num(arrays["max"].max()), spread["mean"], spread["std"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    steps = sum(m.get("length", 0) for m in store.episodes)
+    lines.append(
+        f"{len(stats)} keys over {steps} steps of {store.num_episodes} episodes; --keys K for each entry, --json for all numbers"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="robot-rl dataset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,7 +142,8 @@ def main(argv: list[str]) -> int:
         if name == "inspect":
             sp.add_argument("episode", nargs="?", type=int)
         if name == "stats":
-            sp.add_argument("--keys", nargs="*")
+            sp.add_argument("--keys", nargs="*", help="only these keys, one line per entry")
+            sp.add_argument("--json", action="store_true", help="every number as JSON instead of a table")
         if name == "delete":
             sp.add_argument("indices")
         if name == "keep":
@@ -124,7 +162,8 @@ def main(argv: list[str]) -> int:
         elif args.cmd == "inspect":
             _inspect(store, args.episode)
         elif args.cmd == "stats":
-            print(json.dumps(store.stats(args.keys), indent=1))
+            stats = store.stats(args.keys)
+            print(json.dumps(stats, indent=1) if args.json else stats_table(stats, store, per_entry=bool(args.keys)))
         elif args.cmd == "delete":
             drop = parse_indices(args.indices, store.num_episodes)
             store.delete_episodes(drop)
