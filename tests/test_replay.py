@@ -79,6 +79,7 @@ def test_state_replay_reproduces_the_recording(recorded, sim):
         # measured on this setup: qpos <= 1.3e-7, positions <= 6e-8 m (float32 rounding of the observations)
         assert r["qpos_err"]["max"] < 1e-6, r["qpos_err"]
         assert r["max_divergence_m"] < 1e-6 and not r["diverged"] and r["first_exceed_step"] is None
+        assert r["divergence_basis"] == "sim_state"  # judged on the recorded state, not the lagging observations
         assert {"cube_pos", "robot0_eef_pos", "gripper_to_cube_pos"} <= set(r["position_keys"])
         assert r["success_recorded"] is True and r["success_replayed"] is True
         assert r["first_success_step_replayed"] == r["first_success_step_recorded"] and r["success_agreement"] == 1
@@ -94,6 +95,15 @@ def test_open_loop_replay_from_the_seed(recorded, sim):
         # robosuite draws Lift's cube size when it builds a model and places the cube with this process's size:
         # the regenerated scene starts up to ~1 mm off (measured 0.76 mm), the actions still lift the cube
         assert r["max_divergence_m"] < 5e-3 and r["pos_err_m"]["final"] < 1e-3, r["pos_err_m"]
+        assert r["warnings"] == []
+
+
+def test_open_loop_replay_without_a_seed_warns_that_the_scene_is_new(recorded, sim):
+    store = EpisodeStore.open(recorded)
+    store.episodes[0]["seed"] = None  # as an imported or hand-made episode without one
+    r = replay_episode(store, 0, mode="open_loop", robot=sim)
+    assert r["seed"] is None
+    assert any("has no seed: its scene cannot be regenerated" in w and "--mode state" in w for w in r["warnings"])
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
