@@ -121,7 +121,7 @@ def test_the_smoke_preset_sizes_runs_down_and_the_command_line_still_wins():
     args = ["+preset=smoke", "algo=residual", "algo.critic_warmup=300"]
     cfg = _composed("session", args)
     fit_preset("session", cfg, args)
-    assert cfg.algo.learning_starts == 200 and cfg.algo.critic_warmup == 300 and cfg.session.episodes == 10
+    assert cfg.algo.learning_starts == 200 and cfg.algo.critic_warmup == 300 and cfg.session.episodes == 16
     from robot_rl.commands.session import preflight_warnings
 
     assert preflight_warnings(cfg) == []  # the smoke budget reaches the residual's first weights
