@@ -155,6 +155,11 @@ def test_policy_rollout_with_simulated_intervener_records_who_acted(tmp_path):
     policy_steps = ~took_over
     np.testing.assert_allclose(ep["action"][policy_steps], np.clip(ep["policy_action"][policy_steps], -1, 1), atol=1e-6)
     assert summary["episodes"][0]["interventions"] == int(took_over.sum())
+    from robot_rl.commands.record import final_line
+
+    line = final_line(summary, 20, tmp_path / "run")  # what `robot-rl record` ends with
+    assert line.startswith("record: 1 episodes saved, success ") and "/20 Hz" in line and " overruns, " in line
+    assert line.endswith(f"-> {tmp_path / 'store'} (run: {tmp_path / 'run' / 'summary.json'})")
     assert store.episodes[0]["task"] == "lift the cube"
 
 

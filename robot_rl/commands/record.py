@@ -456,8 +456,32 @@ def validate_record(cfg: DictConfig) -> None:
         raise ConfigError(f"record.partial must be drop or recover, got {cfg.record.partial!r}")
 
 
+def final_line(summary: dict, fps: float, run_dir: Path) -> str:
+    """What the run did in one line: episodes, success, the rate achieved, overruns, where the files are."""
+    eps = summary["episodes"]
+    rate = summary["success_rate"]
+    hz = [m["achieved_hz"] for m in eps if m.get("achieved_hz")]
+    parts = [
+        f"record: {summary['saved']} episodes saved"
+        + (f", {summary['discarded']} discarded" if summary["discarded"] else "")
+        + (
+            f" (store holds {summary['store_episodes']})"
+            if summary["store_episodes"] not in (None, summary["saved"])
+            else ""
+        ),
+        "success n/a" if rate is None else f"success {rate:.0%}",
+        f"{min(hz):.1f}-{max(hz):.1f}/{fps:g} Hz"
+        if hz and min(hz) < max(hz) - 0.05
+        else f"{hz[0] if hz else 0:.1f}/{fps:g} Hz",
+        f"{sum(int(m.get('overruns', 0)) for m in eps)} overruns, {summary['missed_ticks']} missed ticks"
+        + (f", {summary['dropped_frames']} dropped frames" if summary["dropped_frames"] else ""),
+    ]
+    return ", ".join(parts) + f" -> {summary['path']} (run: {Path(run_dir) / 'summary.json'})"
+
+
 def main(cfg: DictConfig, run_dir: str | Path) -> int:
     """`robot-rl record`: exit 0 when at least one episode was saved or deliberately discarded."""
     validate_record(cfg)
     summary = Recorder(cfg, Path(run_dir)).run()
+    print(final_line(summary, float(cfg.record.fps), Path(run_dir)), flush=True)
     return 0 if summary["saved"] or summary["discarded"] else 1
