@@ -111,7 +111,7 @@ def test_robots_join_late_leave_and_restart_without_touching_the_others(tmp_path
         s = summary["senders"][name]
         assert (s["transitions"], s["unique"], s["min_seq"], s["max_seq"]) == (n, n, 0, n - 1)
     assert all(r["health"] in ("ok", "silent") and r["ack_p99_ms"] is not None for r in robots.values())
-    lines = [json.loads(x) for x in (tmp_path / "learner" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "learner" / "robots.jsonl").read_text().splitlines()]
     seen = [x["robots"] for x in lines if len(x.get("robots", {})) == 3]
     assert seen, "no telemetry line with the three robots"
     assert any(all(r["health"] == "ok" for r in line.values()) for line in seen)

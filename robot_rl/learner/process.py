@@ -133,6 +133,8 @@ class Learner:
         self.metrics: dict[str, float] = {}
         self._published_meta: dict | None = None
         self._telemetry = (self.run_dir / "metrics.jsonl").open("a")
+        self._robots_file = (self.run_dir / "robots.jsonl").open("a")  # per-robot telemetry (a fleet's health)
+        self._robots_last: dict[str, dict] = {}
         self._reserve_space()
         self._rate = (time.monotonic(), 0)  # (t, updates) at the last telemetry line
         self._robot_rate: tuple[float, dict[str, int]] = (time.monotonic(), {})  # (t, received per robot) ditto
@@ -306,6 +308,21 @@ class Learner:
             }
         return out
 
+    def _log_robots(self) -> None:
+        """Per-robot telemetry, every learner_metrics_s from the first transition on (training or not): one line of
+        robots.jsonl, tensorboard robots/<id>/rate_hz|ack_p99_ms, and a status line while nothing trains yet."""
+        robots = self._robots_last = self.robots()
+        line = {"t": time.time(), "updates": self.updates, "replay": self.replay.size, "robots": robots}
+        self._robots_file.write(json.dumps(_finite_or_none(line)) + "\n")
+        self._robots_file.flush()
+        if self.writer is not None:
+            for name, r in robots.items():
+                for k in ("rate_hz", "ack_p99_ms"):
+                    if r[k] is not None and math.isfinite(r[k]):
+                        self.writer.add_scalar(f"robots/{name}/{k}", r[k], self.updates)
+        if not self.metrics:
+            log.info("replay %d, no updates yet%s", self.replay.size, robots_line(robots))
+
     def _log(self) -> None:
         """Telemetry: tensorboard scalars, one JSON line per interval (metrics.jsonl) and a status line."""
         now = time.monotonic()
@@ -313,7 +330,7 @@ class Learner:
         rate = (self.updates - u0) / (now - t0) if now > t0 else 0.0
         self._rate = (now, self.updates)
         ingest = self.ingest_metrics()
-        robots = self.robots()
+        robots = self._robots_last
         self.metrics = scalars(self.metrics)  # an algorithm may return 0-d tensors: read (synced) only here
         row = {
             "t": time.time(),
@@ -323,7 +340,6 @@ class Learner:
             "updates_per_s": rate,
             **ingest,
             **self.metrics,
-            "robots": {n: {k: _finite_or_none(v) for k, v in r.items()} for n, r in robots.items()},
         }
         self._telemetry.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
         self._telemetry.flush()
@@ -332,11 +348,6 @@ class Learner:
                 self.writer.add_scalar(k, v, self.updates)
             self.writer.add_scalar("learner/replay_size", self.replay.size, self.updates)
             self.writer.add_scalar("learner/updates_per_s", rate, self.updates)
-            if len(robots) > 1:
-                for name, r in robots.items():
-                    for k in ("rate_hz", "ack_p99_ms"):
-                        if r[k] is not None and math.isfinite(r[k]):
-                            self.writer.add_scalar(f"robots/{name}/{k}", r[k], self.updates)
         q = self.metrics.get("critic/q_mean")
         log.info(
             "updates %d (%.0f/s, UTD %.2f of %.2f), replay %d, weights v%d, ack p99 %.1f ms%s%s",
@@ -380,7 +391,7 @@ class Learner:
         if self.s.get("learner_nice"):  # this (training) thread only: acks and the robot's loop come first
             os.nice(int(self.s.learner_nice))
         t_start = time.time()
-        last_republish = last_log = 0.0
+        last_republish = last_log = last_robots = 0.0
         log.info(
             "learner ready on %s (weights on %s), device %s",
             self.s.endpoints.bind_transitions,
@@ -390,9 +401,12 @@ class Learner:
         while not self._stop_requested and self.ingest.failure is None:
             try:
                 trained = self._train_step()
-                if (self.metrics or self.replay.size) and time.monotonic() - last_log > self.metrics_every_s:
-                    self._log()  # ingest and per-robot figures between update logs (also before training starts)
+                if self.metrics and time.monotonic() - last_log > self.metrics_every_s:
+                    self._log()  # ingest figures between update logs
                     last_log = time.monotonic()
+                if self.replay.size and time.monotonic() - last_robots > self.metrics_every_s:
+                    self._log_robots()  # per robot, also before training starts
+                    last_robots = time.monotonic()
             except OSError as e:  # a checkpoint or a metrics line hit a full (or failing) disk
                 self.ingest.report(e, "a checkpoint or the metrics")
                 break
@@ -423,10 +437,11 @@ class Learner:
         except OSError as e:
             log.error("could not write %s: %s", self.run_dir / "summary.json", e.strerror or e)
         self.publisher.close()
-        try:
-            self._telemetry.close()
-        except OSError:
-            pass
+        for f in (self._telemetry, self._robots_file):
+            try:
+                f.close()
+            except OSError:
+                pass
         if self.writer is not None:
             self.writer.close()
         if self.exit_code == EXIT_DISK_FULL:
