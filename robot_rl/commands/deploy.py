@@ -158,6 +158,7 @@ class Deployer:
         validate_deploy(cfg)
         self.cfg, self.d = cfg, cfg.deploy
         self.run_dir = Path(run_dir)
+        self.videos = None  # mp4s of the first deploy.video_episodes episodes (made once the robot is connected)
         in_child = self.d.inference == "async" and self.d.executor == "process"
         if policy is None:  # with executor=process the child runs inference; our copy only describes the policy
             policy, policy_info = load_deploy_policy(
@@ -304,6 +305,7 @@ class Deployer:
         writer = None
         t_start = time.time()
         try:
+            self.videos = self._videos()
             has_sim_state = hasattr(self.robot, "get_sim_state")
             if self.d.record_path:
                 writer = self._open_store(has_sim_state).writer()
@@ -343,12 +345,33 @@ class Deployer:
             disconnect_devices(self.robot, self.teleop)
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+            if self.videos is not None:
+                self.videos.close()
             summary = self._summary(time.time() - t_start)
             write_json(self.run_dir / "summary.json", summary)
             write_json(self.run_dir / "chunks.json", {"chunks": list(self.runner.chunk_log)})
             for w in summary["warnings"]:
                 log.warning("%s", w)
         return summary
+
+    def _videos(self):
+        """Like eval's: mp4s of the first deploy.video_episodes episodes, rendered from the sim state."""
+        count = min(int(self.d.get("video_episodes") or 0), int(self.d.episodes))
+        if count <= 0:
+            return None
+        from robot_rl.commands.evaluate import _EpisodeVideos
+
+        try:
+            return _EpisodeVideos(
+                self.robot,
+                self.run_dir / "videos",
+                count,
+                list(self.d.video_cameras),
+                int(self.d.video_size),
+                fps=float(self.d.rate_hz),
+            )
+        except ValueError as e:  # not a MuJoCo robot, or a camera the model does not have
+            raise ConfigError(f"deploy.video_episodes: {e}") from None
 
     def _run_episode(self, episode: int, writer, has_sim_state: bool) -> dict:
         from robot_rl.commands.record import EpisodeRecording
@@ -357,6 +380,9 @@ class Deployer:
         obs = self.rollout.reset(seed)
         self.runner.reset(seed=seed)
         hooks = [self._replan_after_takeover()]
+        if self.videos is not None:
+            self.videos.start(episode)
+            hooks.append(self.videos.step)
         if writer is not None:
             meta = {
                 "task": self.task,
@@ -398,6 +424,8 @@ class Deployer:
             "missed_slots": self.loop.missed_slots - missed0,
             "duration_s": result["duration_s"],
         }
+        if self.videos is not None:
+            self.videos.finish(ep)
         if writer is not None and writer.steps:
             writer.save({**ep, "stopped": self._stop, "length": writer.steps})
         elif writer is not None:
@@ -536,6 +564,7 @@ class Deployer:
             "pacing": pacing,
             "runner": rs,
             "record_path": str(self.d.record_path) if self.d.record_path else None,
+            "videos": list(self.videos.paths) if self.videos is not None else [],
             "sources": list(SOURCES),
             "wall_s": wall_s,
         }
@@ -549,7 +578,10 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
         f"deploy: {summary['episodes']} episodes, success {'n/a' if sr is None else f'{sr:.0%}'}, "
         f"{summary['achieved_rate_hz']:.1f}/{summary['target_rate_hz']:g} Hz, {summary['overruns']} overruns, "
         f"inference p50 {summary['inference_p50_ms'] or 0:.1f} ms (budget {summary['chunk_budget_ms']:.0f} ms), "
-        f"{summary['starvations']} starved ticks -> {Path(run_dir) / 'summary.json'}",
+        f"{summary['starvations']} starved ticks"
+        + (f", {len(summary['videos'])} videos in {Path(run_dir) / 'videos'}" if summary["videos"] else "")
+        + (f", episodes appended to {summary['record_path']}" if summary["record_path"] else "")
+        + f" -> {Path(run_dir) / 'summary.json'}",
         file=sys.stderr,
     )
     if summary["error"]:
