@@ -273,8 +273,8 @@ def check_overrides(verb: str, args: list[str]) -> str | None:
         if old is None or old._is_none() or old._is_interpolation() or OmegaConf.is_config(old):
             continue
         default, value = old._value(), o.value()
-        if isinstance(value, str) and "${" in value:
-            continue
+        if value is None or (isinstance(value, str) and "${" in value):
+            continue  # null: "unset / the default behaviour" for many settings; interpolations resolve later
         numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
         if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{arg}: {key} must be a number (default {default}), got {value!r}"

@@ -72,6 +72,7 @@ def test_good_overrides_pass_and_main_stops_a_bad_one_before_hydra_runs(tmp_path
         is None
     )
     assert check_overrides("eval", ["eval.max_steps=100", "eval.video_cameras=[agentview]"]) is None
+    assert check_overrides("session", ["session.learner_threads=null", "seed=${oc.env:SEED,0}"]) is None
     monkeypatch.chdir(tmp_path)
     assert main(["record", "record.episodes=abc", f"hydra.run.dir={tmp_path / 'run'}"]) == 2
     assert "record.episodes must be a number (default 10), got 'abc'" in capsys.readouterr().err
