@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     problem = check_overrides(verb, rest)
     if problem:
-        print(f"robot-rl {verb}: {problem}", file=sys.stderr)
+        print(f"robot-rl {verb}: config error: {problem}", file=sys.stderr)
         return 2
     sys.argv = [f"robot-rl {verb}", *rest]  # hydra reads its overrides from sys.argv
     hydra.main(config_path="pkg://robot_rl.configs", config_name=VERBS[verb][0], version_base=None)(
