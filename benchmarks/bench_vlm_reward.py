@@ -254,7 +254,8 @@ def figures(store_path: Path, label_file: Path, rm_dir: Path, progress: np.ndarr
     hi = [results["success"][m]["ci95"][1] - results["success"][m]["rate"] for m in names]
     a2.bar(names, rates, yerr=[lo, hi], capsize=4, color=["gray", "tab:red", "tab:green"][: len(names)])
     a2.set_ylim(0, 1)
-    a2.set_ylabel(f"Lift success ({results['config']['eval_episodes']} seeded episodes, Wilson 95 %)")
+    a2.set_ylabel("Lift success (Wilson 95 %)")
+    a2.set_title(f"same {results['config']['eval_episodes']} seeded episodes each", fontsize=8)
     fig.suptitle(f"VLM-feedback offline RL on mixed-quality Lift data ({results['config']['size']} size)", fontsize=9)
     fig.tight_layout()
     fig.savefig(FIGURES / "vlm_benchmark.png", dpi=100)
@@ -270,6 +271,7 @@ def main() -> int:
     p.add_argument("--abstain", type=float, default=0.3)
     p.add_argument("--latency", type=float, default=0.05, help="simulated model seconds per request (throughput)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--figures-only", action="store_true", help="redraw the figures from an earlier run's results")
     p.add_argument("--bc-batch", type=int, default=64, help="BC batch size (the encoder is trained here)")
     p.add_argument(
         "--encoder",
@@ -286,6 +288,13 @@ def main() -> int:
     size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SIZES[args.size].items()}
     out = args.out / args.size
     out.mkdir(parents=True, exist_ok=True)
+    if args.figures_only:
+        from robot_rl.sim.vlm_teacher import store_progress
+
+        results = json.loads((out / "results.json").read_text())
+        progress = store_progress(EpisodeStore.open(out / "store"))
+        figures(out / "store", out / "store" / "labels" / "sim-vlm-n10.jsonl", out / "rm_n10", progress, results)
+        return 0
     t_start = time.monotonic()
     results = {
         "config": {
