@@ -24,7 +24,7 @@ an episode, then the updates it owes at the configured UTD, weights to the polic
   exploration, no takeover, with the cumulative takeovers spent so far. The acting expert alone is measured on the
   same seeds. Success rates with Wilson 95 % intervals.
 
-Writes results.json and docs/figures/rlif_<task>.png (success vs cumulative takeovers; takeover rate vs env steps).
+Writes results.json and docs/figures/rlif_<task>_<experts>.png (success vs cumulative takeovers; takeover rate vs env steps).
 """
 
 from __future__ import annotations
@@ -397,8 +397,11 @@ def main(argv=None) -> int:
     p.add_argument("--figures", default=str(REPO / "docs" / "figures"))
     p.add_argument("--quick", action="store_true", help="the reduced size (see the module doc)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.task, args.experts, args.methods = "lift", "poor", "rlif,hgdagger"
+    if args.quick:  # the task, experts and methods given explicitly are kept
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        args.task = args.task if "--task" in given else "lift"
+        args.experts = args.experts if "--experts" in given else "poor"
+        args.methods = args.methods if "--methods" in given else "rlif,hgdagger"
         args.budget, args.max_steps, args.eval_every, args.eval_episodes = 600, 6000, 1500, 10
         args.horizon, args.bc_steps = 100, 1000
         args.num_critics, args.utd, args.batch_size, args.jobs = 5, 1.0, 128, 3
@@ -426,7 +429,7 @@ def main(argv=None) -> int:
         for q in results["experts"]:  # methods in the order asked for
             r = results["experts"][q]
             r["methods"] = {m: r["methods"][m] for m in args.methods.split(",")}
-        fig = Path(args.figures) / f"rlif_{task}.png"
+        fig = Path(args.figures) / f"rlif_{task}_{'_'.join(args.experts.split(','))}.png"
         plot(results, fig)
         print(f"\n== {task}: results {out / 'results.json'}, figure {fig}")
         for q, r in results["experts"].items():

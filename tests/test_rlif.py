@@ -140,7 +140,7 @@ def test_sampler_batches_carry_takeover_rewards_not_the_task_reward():
         assert keep or not np.isin(x, [3, 4]).any()
 
 
-def test_rlif_learner_update_uses_the_labels(tmp_path):
+def test_rlif_learner_update_uses_the_labels(tmp_path, caplog):
     demos = tmp_path / "demos"
     record_demos(demos, tmp_path / "rec", "robot=lift", "record.episodes=1", "teleop.seed=0", paced=False)
     cfg = algo_config(
@@ -158,7 +158,9 @@ def test_rlif_learner_update_uses_the_labels(tmp_path):
     cols = {**obs, **rows("P" * 10, "P" * 10, "P" * 10), "action": store.array("action")[:30]}
     cols["reward"], cols["success"] = np.zeros(30, np.float32), np.zeros(30, bool)
     replay = Replay(**cols)
-    algo.publish_meta(replay)
+    with caplog.at_level("WARNING", logger="robot_rl.algos.rlif"):
+        algo.publish_meta(replay)
+    assert "reward signal is empty" in caplog.text and "teleop connected" in caplog.text
     assert algo.ready(replay)
     scalars = algo.update(replay, np.random.default_rng(0))
     assert np.isfinite(scalars["critic/loss"]) and scalars["rlif/takeovers"] == 0 and scalars["rlif/empty"] == 1.0
