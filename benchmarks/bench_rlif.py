@@ -159,6 +159,7 @@ class Run:
         self.updates = self.env_steps = self.episode = self.takeovers = 0
         self.episodes: list[dict] = []
         self.evals: list[dict] = []
+        self.last_scalars: dict[str, float] = {}  # the learner's last update (critic loss, Q mean, penalties ...)
         self.wall = {"env": 0.0, "update": 0.0, "eval": 0.0}
         if method == "hgdagger":  # the weak BC start: pre-train on the demos, then go online
             t0 = time.perf_counter()
@@ -245,7 +246,7 @@ class Run:
         owed = int(self.utd * online) - self.updates
         if owed > 0 and self.algo.ready(self.replay):
             for _ in range(owed):
-                self.algo.update(self.replay, self.rng)
+                self.last_scalars = self.algo.update(self.replay, self.rng)
                 self.updates += 1
                 if self.updates % self.args.publish_every == 0:
                     self.sync()
@@ -263,6 +264,7 @@ class Run:
             "success": k / len(res),
             "ci": wilson(k, len(res)),
             "mean_steps": float(np.mean([r["steps"] for r in res])),
+            "learner": {k: float(v) for k, v in self.last_scalars.items()},
         }
         who = f"{self.quality} expert alone" if expert_only else f"{self.quality} {self.method}"
         print(
