@@ -321,16 +321,7 @@ def test_deploy_sim_episode_summary_and_recording(lift_run):
     from robot_rl.commands.deploy import Deployer
 
     run = lift_run / "dep1"
-    d = Deployer(
-        deploy_cfg(
-            lift_run / "run",
-            f"deploy.record_path={lift_run / 'rollouts'}",
-            "deploy.video_episodes=1",
-            "deploy.video_size=64",
-        ),
-        run,
-        robot_given=False,
-    )
+    d = Deployer(deploy_cfg(lift_run / "run", f"deploy.record_path={lift_run / 'rollouts'}"), run, robot_given=False)
     assert d.robot_from == "checkpoint" and d.task == "lift the cube"
     s = d.run()
     assert json.loads((run / "summary.json").read_text())["episodes"] == 1
@@ -355,8 +346,6 @@ def test_deploy_sim_episode_summary_and_recording(lift_run):
     assert s["chunk_budget_ms"] == pytest.approx(4 * 50.0)  # n_action_steps ticks at 20 Hz
     assert s["runner"]["chunks"] >= 2 and s["starvations"] == 0
     assert json.loads((run / "chunks.json").read_text())["chunks"][0]["delay_ticks"] == 0  # the primed chunk
-    [video] = s["videos"]  # like eval: the episode as an mp4, named by seed and outcome
-    assert video == str(run / "videos" / "episode_000_seed0_failure.mp4") and Path(video).stat().st_size > 0
     store = EpisodeStore.open(lift_run / "rollouts")
     assert store.num_episodes == 1 and store.meta["info"]["source"] == "deploy"
     ep = store.episode(0)
@@ -367,11 +356,15 @@ def test_deploy_sim_episode_summary_and_recording(lift_run):
 def test_deploy_nan_policy_is_caught_by_the_safety_filter(lift_run):
     from robot_rl.commands.deploy import Deployer
 
-    d = Deployer(deploy_cfg(lift_run / "run", "deploy.max_episode_steps=6"), lift_run / "dep_nan", robot_given=False)
+    run = lift_run / "dep_nan"
+    cfg = deploy_cfg(lift_run / "run", "deploy.max_episode_steps=6", "deploy.video_episodes=1", "deploy.video_size=64")
+    d = Deployer(cfg, run, robot_given=False)
     real = d.policy.predict_chunk
     d.policy.predict_chunk = lambda *a, **kw: real(*a, **kw) * float("nan")
     s = d.run()
     assert s["safety_events"]["nan"] == 6 and s["steps"] == 6 and s["error"] is None
+    [video] = s["videos"]  # like eval: the episode as an mp4, named by seed and outcome
+    assert video == str(run / "videos" / "episode_000_seed0_failure.mp4") and Path(video).stat().st_size > 0
 
 
 def test_deploy_starved_ticks_send_the_safe_action(lift_run):
