@@ -14,7 +14,7 @@ from robot_rl.algos.base import SENDER_KEY
 from robot_rl.algos.nstep import EpisodeLinks, Pool
 from robot_rl.algos.rlif import InterventionSampler, takeover_problem
 from robot_rl.reward.intervention import episode_takeovers, intervention_rewards, learnable_rows, takeover_starts
-from robot_rl.sim.experts import LiftExpert
+from robot_rl.sim.experts import LiftExpert, make_expert
 from robot_rl.sim.intervener import SimulatedIntervener, value_says_bad
 
 from builders import record_demos, run_cli
@@ -233,6 +233,18 @@ def test_value_intervener_takes_k_step_takeovers_when_the_critic_says_so():
     took = _drive(iv, [good] * 400, obs={"x": 0})
     assert 0 < iv.n_interventions < 40, "false alarms at 1 - beta per policy step"
     assert sum(took) == iv.intervention_steps
+
+
+def test_distance_intervener_hands_back_after_k_steps_and_a_perfect_judge_decides():
+    bad, good = np.ones(7, np.float32), np.zeros(7, np.float32)
+    iv = SimulatedIntervener(FixedExpert(), strategy="distance", threshold=0.5, takeover_steps=3, seed=0)
+    # an always-wrong policy: 3 steps of takeover, then the policy acts one step (to be blamed), then again
+    assert _drive(iv, [bad] * 8, obs={"x": 0}) == [True, True, True, False, True, True, True, False]
+    assert iv.n_interventions == 2
+    assert _drive(iv, [good] * 3, obs={"x": 0}) == [False] * 3
+    poor = make_expert("Lift", quality="poor", seed=0)
+    iv = SimulatedIntervener(poor, strategy="distance", judge="perfect", seed=0)
+    assert iv.judge is not poor and iv.judge.noise_std == 0.0 and poor.noise_std > 0
 
 
 def test_random_intervener_is_seeded_and_needs_nothing_but_p():
