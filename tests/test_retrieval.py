@@ -272,3 +272,15 @@ def test_cli(stores, tmp_path, capsys):
     res = robot_rl_cli("retrieve", f"retrieve.prior={stores / 'prior'}", f"retrieve.target={tmp_path / 'wide'}",
                        f"hydra.run.dir={tmp_path / 'cli'}", timeout=120, threads=1)  # fmt: skip
     assert res.returncode == 2 and "does not match the prior" in res.stderr, res.stderr[-2000:]
+
+
+def test_train_mixes_a_store_and_a_lerobot_dataset(stores, tmp_path):
+    interchange = pytest.importorskip("robot_rl.data.interchange")
+    ds = interchange.export_lerobot(stores / "target", tmp_path / "ds", repo_id="local/target", use_videos=False)
+    mix = f"[{stores / 'prior'},{ds}]"
+    cfg = train_config(mix, "train.data_format=auto", "policy=mlp", "policy.hidden=[16]", "train.weights=[0.25,0.75]",
+                       "train.steps=2", "train.batch_size=8", "train.warmup_steps=1")  # fmt: skip
+    tr = Trainer(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "imported_store_1" / "meta.json").exists()
+    assert tr.sampler.counts(8, np.random.default_rng(0)).tolist() == [2, 6]
+    assert tr.run()["finished"]
