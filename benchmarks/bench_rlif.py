@@ -398,7 +398,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="/tmp/robot_rl_bench/rlif")
     p.add_argument("--figures", default=str(REPO / "docs" / "figures"))
     p.add_argument("--quick", action="store_true", help="the reduced size (see the module doc)")
+    p.add_argument("--merge", nargs="+", default=None, help="results.json files of one task: plot them as one figure")
     args = p.parse_args(argv)
+    if args.merge:
+        merged: dict = {}
+        for path in args.merge:  # later files win for the same (expert, method)
+            r = json.loads(Path(path).read_text())
+            merged = merged or {**r, "experts": {}}
+            for q, e in r["experts"].items():
+                m = merged["experts"].setdefault(q, {"methods": {}})
+                m["expert_alone"] = e.get("expert_alone", m.get("expert_alone"))
+                m["methods"].update(e["methods"])
+        fig = Path(args.figures) / f"rlif_{merged['task']}_{'_'.join(merged['experts'])}.png"
+        plot(merged, fig)
+        print(f"figure {fig}")
+        return 0
     if args.quick:  # the task, experts and methods given explicitly are kept
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         args.task = args.task if "--task" in given else "lift"
