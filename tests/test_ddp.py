@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from robot_rl.training.loop import LoopConfig, TrainingLoop, seed_everything, to_device
+from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, to_device
 
 X = np.random.default_rng(0).normal(size=(512, 3)).astype(np.float32)
 Y = np.tanh(X @ np.array([[1.0], [-2.0], [0.5]], np.float32)).astype(np.float32)
@@ -63,7 +63,17 @@ def regression(run_dir, dropout: float, cfg: LoopConfig | None = None) -> Traini
         err = net(batch["x"]) - batch["y"]
         return (err**2).mean(), {"abs_err": err.detach().abs().mean()}
 
-    return TrainingLoop(run_dir, net, step_fn, batches, cfg, name="fit", weights_file="model.safetensors")
+    def val():  # rank 0 measures for the run; the others go on to the next step's collective and wait there
+        net.eval()
+        with torch.no_grad():
+            mse = float(((net(torch.as_tensor(X)) - torch.as_tensor(Y)) ** 2).mean())
+        net.train()
+        return {"mse": mse}
+
+    loop = TrainingLoop(
+        run_dir, net, step_fn, batches, cfg, name="fit", weights_file="model.safetensors", hooks=[Hook("val", 10, val)]
+    )
+    return loop
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -77,6 +87,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     loop = regression(mine, dropout=0.0)
     result["exact"] = loop.run()
     result["exact_losses"] = loop.losses
+    result["val_steps"] = [step for step, _ in loop.history["val"]]
     result["initial_seed"] = torch.initial_seed()
     # per-rank dropout streams: straight, and killed after the step-20 checkpoint then resumed
     loop = regression(f"{out}/straight", dropout=0.2)
@@ -116,6 +127,8 @@ def test_two_processes_train_what_one_process_trains(two_ranks, tmp_path):
     # the same global batches: every step's loss (averaged over the ranks' halves) is the one-process loss
     np.testing.assert_allclose(ranks[0]["exact_losses"], one.losses, rtol=1e-5, atol=1e-6)
     assert ranks[0]["exact_losses"] == ranks[1]["exact_losses"]  # every rank holds the agreed loss
+    assert ranks[0]["val_steps"] == [10, 20, 30, 40] and ranks[1]["val_steps"] == []  # hooks: rank 0 only
+    assert two["val"]["mse"] == pytest.approx(s["val"]["mse"], rel=1e-4)
     for name in ("model.safetensors", "raw_model.safetensors"):
         a, b = (
             load_file(tmp_path / "one/checkpoints/step_40" / name),
