@@ -254,7 +254,8 @@ def test_versions_after_a_rejected_round(toy, tmp_path, monkeypatch):
         return {**real(new, best, delta, enabled), "accepted": len(calls) == 2}
 
     monkeypatch.setattr(cmd, "gate", second_only)
-    state = run(toy[2], toy[1], tmp_path / "run", "rl100.rounds=3", "rl100.algo.ppo.iterations=1")
+    state = run(toy[2], toy[1], tmp_path / "run", "rl100.rounds=3", "rl100.algo.ppo.iterations=1", "rl100.iql.steps=50",
+                "rl100.algo.dynamics.steps=20")  # fmt: skip
     assert [d["accepted"] for d in state["decisions"]] == [False, True, False]
     assert [d["best_version"] for d in state["decisions"]] == [0, 0, 1]
     assert state["accepted"] == {"version": 1, "path": "policies/v1"}
@@ -276,6 +277,7 @@ def test_a_round_on_camera_observations(tmp_path):
 # ------------------------------------------------------------------------------------------------- in sim
 
 
+@pytest.mark.timeout(900)  # ~75 s with its fixture on a quiet 2-core machine; a loaded shared one is far slower
 def test_a_sim_round_end_to_end(lift_base, tmp_path):
     """Lift: collect with provenance, fit, PPO + gate, the report with true success beside the estimates and
     best-of-N by Q, then the one-step student; every output where the docs say."""
