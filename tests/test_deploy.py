@@ -533,3 +533,13 @@ def test_deploy_single_action_mlp_runs_synchronously(lift_run):
     ).run()
     assert s["policy_type"] == "MLPPolicy" and s["inference"] == "sync" and s["executor"] is None
     assert s["runner"]["mode"] == "sync" and s["runner"]["chunks"] == 4 and s["steps"] == 4 and s["error"] is None
+
+
+def test_deploy_with_rerun_view(lift_run):
+    pytest.importorskip("rerun")
+    from robot_rl.commands.deploy import Deployer
+
+    run = lift_run / "dep_viz"
+    s = Deployer(deploy_cfg(lift_run / "run", "deploy.viz=rerun"), run, robot_given=False).run()
+    assert s["viz"]["error"] is None and s["viz"]["ticks"] == s["steps"] > 0
+    assert (run / "viz.rrd").stat().st_size > 0 and s["viz"]["logged"] + s["viz"]["dropped"] == s["steps"]

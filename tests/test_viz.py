@@ -128,3 +128,20 @@ def test_control_process_with_rerun_view(tmp_path):
     assert viz["ticks"] == 6 and viz["logged"] + viz["dropped"] == 6 and viz["error"] is None
     rows = read_rrd(tmp_path / "control" / "viz.rrd")
     assert len(rows["/obs/state"]) == viz["logged"] and len(rows["/control/forced_safe"]) == viz["logged"]
+
+
+def test_record_with_rerun_view(tmp_path):
+    from builders import record_demos
+
+    summary = record_demos(
+        tmp_path / "store",
+        tmp_path / "run",
+        "record.episodes=1",
+        "record.max_episode_steps=5",
+        "record.viz=rerun",
+        paced=False,
+    )
+    viz = summary["viz"]
+    assert viz["error"] is None and viz["ticks"] == 5 and viz["logged"] + viz["dropped"] == 5
+    rows = read_rrd(tmp_path / "run" / "viz.rrd")
+    assert len(rows["/teleop_action"]) == viz["logged"] and len(rows["/reward"]) == viz["logged"]

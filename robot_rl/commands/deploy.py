@@ -36,6 +36,7 @@ from robot_rl.config import ConfigError, resolve_device, write_json
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import build_safety
 from robot_rl.control.takeover import SOURCES
+from robot_rl.control.viz import make_view
 from robot_rl.factory import make_robot, make_teleop
 from robot_rl.policies.artifact import checkpoint_context
 from robot_rl.policies.chunking import BLENDS, AsyncChunkRunner, ProcessPredictor
@@ -304,6 +305,7 @@ class Deployer:
         connect_devices(self.robot, self.teleop)
         writer = None
         t_start = time.time()
+        self.view = make_view(self.d, self.run_dir)  # deploy.viz=rerun: the live view, never on the loop's path
         try:
             self.videos = self._videos()
             has_sim_state = hasattr(self.robot, "get_sim_state")
@@ -348,6 +350,8 @@ class Deployer:
             if self.videos is not None:
                 self.videos.close()
             summary = self._summary(time.time() - t_start)
+            if self.view is not None:
+                summary["viz"] = self.view.close()
             write_json(self.run_dir / "summary.json", summary)
             write_json(self.run_dir / "chunks.json", {"chunks": list(self.runner.chunk_log)})
             for w in summary["warnings"]:
@@ -380,6 +384,8 @@ class Deployer:
         obs = self.rollout.reset(seed)
         self.runner.reset(seed=seed)
         hooks = [self._replan_after_takeover()]
+        if self.view is not None:
+            hooks.append(lambda step: self.view.log_step(step, episode))
         if self.videos is not None:
             self.videos.start(episode)
             hooks.append(self.videos.step)

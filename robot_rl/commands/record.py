@@ -26,6 +26,7 @@ from robot_rl.config import ConfigError, positive, write_json
 from robot_rl.control.pacing import PacedLoop
 from robot_rl.control.safety import build_safety
 from robot_rl.control.takeover import SOURCES
+from robot_rl.control.viz import make_view
 from robot_rl.data.episode_store import EpisodeStore, StoreError
 from robot_rl.factory import make_policy, make_robot, make_teleop
 from robot_rl.interfaces import OBS_PREFIX, Feature
@@ -232,6 +233,7 @@ class Recorder:
         connect_devices(self.robot, self.teleop)
         store = None
         t_start = time.time()
+        self.view = make_view(self.r, self.run_dir)  # record.viz=rerun: the live view, never on the loop's path
         try:
             has_sim_state = hasattr(self.robot, "get_sim_state")
             features = step_features(self.robot, self.policy is not None, has_sim_state)
@@ -272,6 +274,8 @@ class Recorder:
                 store.close()
             disconnect_devices(self.robot, self.teleop)
             summary = self._summary(time.time() - t_start, store)
+            if self.view is not None:
+                summary["viz"] = self.view.close()
             write_json(self.run_dir / "summary.json", summary)
         return summary
 
@@ -326,7 +330,7 @@ class Recorder:
             self.r.max_episode_steps,
             teleop_drives=self.policy is None,
             before_step=episode_controls,
-            hooks=[recording, report],
+            hooks=[recording, report] + ([lambda step: self.view.log_step(step, len(self.saved))] if self.view else []),
             keep_pacing_stats=bool(self.saved or self.discarded),
         )
         meta.update(

@@ -104,6 +104,7 @@ class RerunView:
     ):
         self.path = Path(path) if path is not None else None
         self.stats_path = (self.path.parent if self.path else Path.cwd()) / "viz_stats.json"
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         self.stats_path.unlink(missing_ok=True)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PUSH)
