@@ -24,7 +24,8 @@ from conftest import REPO
 from test_session import FAST, endpoints
 
 from robot_rl.commands.session import preflight_warnings
-from robot_rl.control.telemetry import learning_curve, read_jsonl
+from robot_rl.commands.session import learning_curve
+from robot_rl.control.telemetry import read_jsonl
 
 
 def start_session(run_dir, ports, *extra, ignore_sigint=False):
