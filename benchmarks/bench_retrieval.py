@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -414,7 +415,10 @@ def plot(results: dict, path: Path, args) -> None:
         ax.plot([p["delta"] for p in pr], [p["precision"] for p in pr], "o-", label="precision")
         ax.plot([p["delta"] for p in pr], [p["recall"] for p in pr], "s-", label="recall")
         ax.axhline(r["chance_precision"], color="0.5", ls=":", label="chance precision")
-        ax.axvline(args.delta, color="k", ls="--", lw=1, label=f"δ used for BC ({args.delta})")
+        used = sorted({float(m.group(1)) for n in results.get("bc", {}) if (m := re.search(r"δ=([0-9.]+)", n))})
+        for d in used or [args.delta]:
+            ax.axvline(d, color="k", ls="--", lw=1)
+        ax.plot([], [], "k--", lw=1, label=f"δ of retrieval BC ({', '.join(f'{d:g}' for d in used or [args.delta])})")
         ax.set(xlabel="δ (score threshold)", ylabel="fraction", ylim=(0, 1.05))
         ax.set_title(f"retrieving {args.target_task} from the mixed prior", fontsize=10)
         ax.legend(fontsize=8)
@@ -425,7 +429,10 @@ def plot(results: dict, path: Path, args) -> None:
         rates = [b[n]["success_rate"] for n in names]
         lo = [b[n]["success_rate"] - b[n]["ci95"][0] for n in names]
         hi = [b[n]["ci95"][1] - b[n]["success_rate"] for n in names]
-        ax.bar(range(len(names)), rates, yerr=[lo, hi], capsize=6, color=["0.6", "tab:orange", "tab:blue"])
+        colors = [
+            "0.6" if n.startswith("target only") else "tab:orange" if "uniform" in n else "tab:blue" for n in names
+        ]
+        ax.bar(range(len(names)), rates, yerr=[lo, hi], capsize=6, color=colors)
         ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
         ax.set(ylabel="success (Wilson 95 %)", ylim=(0, 1.05))
         n = b[names[0]]["n"]
