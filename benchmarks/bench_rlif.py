@@ -143,7 +143,7 @@ class Run:
             extra = (
                 {"learning_starts": 0}
                 if method == "sac"
-                else {"bc_init_steps": args.bc_steps, "critic_warmup": args.critic_warmup}
+                else {"bc_init_steps": args.bc_steps, "critic_warmup": args.critic_warmup, **dict(args.rlif)}
             )
             self.algo = cls(algo_config(name, **common, **extra), {}, device, rundir)
             model = SACModel(self.robot.observation_features, self.algo.obs_keys, feat.shape[0], common)
@@ -377,6 +377,13 @@ def main(argv=None) -> int:
     p.add_argument("--demos", type=int, default=20, help="poor-expert demos: prior data and the weak BC's data")
     p.add_argument("--bc-steps", type=int, default=1000, help="BC pre-training on the demos (HG-DAgger; RLIF's actor)")
     p.add_argument("--critic-warmup", type=int, default=1000, help="RLIF: replay rows before the actor moves")
+    p.add_argument(
+        "--rlif",
+        nargs="*",
+        default=[],
+        type=lambda kv: (kv.split("=")[0], json.loads(kv.split("=", 1)[1])),
+        help="more algo=rlif settings, key=json-value (e.g. actor_lr=1e-4 interventions_to_demos=true)",
+    )
     p.add_argument("--horizon", type=int, default=200)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     p.add_argument("--num-critics", type=int, default=10)
