@@ -152,7 +152,7 @@ def test_rlif_learner_update_uses_the_labels(tmp_path, caplog):
 
     algo = RLIF(cfg, {}, torch.device("cpu"), tmp_path / "learner")
     before = algo.pretrain_actor(1, np.random.default_rng(1))  # after the 30 steps of bc_init_steps
-    assert algo.pretrain_actor(300, np.random.default_rng(2)) < before, "BC pre-training fits the prior actions"
+    assert algo.pretrain_actor(150, np.random.default_rng(2)) < before, "BC pre-training fits the prior actions"
     store = EpisodeStore.open(demos, "r")
     obs = {k: store.array(k)[:30] for k in store.features if k.startswith("obs.")}
     cols = {**obs, **rows("P" * 10, "P" * 10, "P" * 10), "action": store.array("action")[:30]}
