@@ -322,6 +322,7 @@ def test_rlif_session_in_sim_with_a_simulated_intervener(tmp_path, ports):
     episodes = [json.loads(line) for line in (run / "control" / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 3 and sum(e["teleop_steps"] for e in episodes) > 0
     assert all(e["policy_steps"] > 0 for e in episodes), "the policy acts from the first step (no expert episodes)"
+    assert 0 < sum(e["interventions"] for e in episodes) <= sum(e["teleop_steps"] for e in episodes)  # takeovers
 
     from robot_rl.learner.replay_buffer import ReplayBuffer
 

@@ -606,7 +606,7 @@ def learning_curve(
         per_dir.append((run_dir, eps, read_jsonl(run_dir / "evals.jsonl")))
     if not any(eps or evals for _, eps, evals in per_dir):
         return None, "no finished episodes or evaluation blocks to plot"
-    with_interventions = any("interventions" in r for _, eps, _ in per_dir for r in eps)
+    with_interventions = any(r.get("interventions") for _, eps, _ in per_dir for r in eps)  # some takeover
     fig, axes = plt.subplots(
         2 if with_interventions else 1, 1, figsize=(8, 6.5 if with_interventions else 4.5), sharex=True, squeeze=False
     )
@@ -663,7 +663,7 @@ def learning_curve(
         _version_marks(ax, eps)
         if with_interventions:
             bx = axes[1][0]
-            rows = [r for r in eps if "interventions" in r and _who_drove(r) != "expert"]
+            rows = [r for r in eps if r.get("interventions") is not None and _who_drove(r) != "expert"]
             if rows:
                 x, y = [r["env_steps"] for r in rows], [r["interventions"] for r in rows]
                 bx.plot(x, y, "o", color=colour, alpha=0.3, markersize=3)

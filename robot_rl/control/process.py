@@ -404,6 +404,7 @@ class ControlProcess:
         """One episode of the rollout loop; a training episode also takes new weights between ticks, streams its
         transitions and records its ticks. Evaluation episodes measure the policy alone (no teleop)."""
         residual_abs = []
+        takeovers = {"count": 0, "last_source": None}  # a takeover: a teleop tick after a tick that was not one
         self._hold_reasons.clear()
         teleop_drives = episode < self.s.expert_episodes and not evaluating and self.teleop is not None
 
@@ -423,6 +424,8 @@ class ControlProcess:
                 self.view.log_step(step, episode, transition)
             if "residual" in transition and np.isfinite(transition["residual"]).all():
                 residual_abs.append(float(np.abs(transition["residual"]).mean()))
+            takeovers["count"] += step.source == "teleop" and takeovers["last_source"] != "teleop"
+            takeovers["last_source"] = step.source
             if evaluating:
                 return
             if self.sender is not None:
@@ -455,6 +458,7 @@ class ControlProcess:
             "steps": r["steps"],
             "policy_steps": r["policy_steps"],
             "teleop_steps": r["teleop_steps"],
+            "interventions": None if teleop_drives else int(takeovers["count"]),  # takeovers of the policy
             "safe_steps": r["safe_steps"],
             "policy_version": self.policy_version,
             "residual_abs": float(np.mean(residual_abs)) if residual_abs else None,
