@@ -83,7 +83,7 @@ def run_rl100(run_dir: Path, policy: str, data: list[str], size: dict, gated: bo
         f"rl100.algo.dynamics.steps={size['dyn_steps']}",
         f"rl100.report.eval_episodes={size['eval']}",
         f"rl100.report.best_of_n={size['best_of_n'] if gated else 0}",
-        f"rl100.distill.enabled={str(gated).lower()}",
+        f"rl100.distill.enabled={str(gated and size.get('distill', True)).lower()}",
         f"rl100.distill.steps={size['distill_steps']}",
         f"rl100.distill.eval_episodes={size['eval']}",
     ]
@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = run_rl100(run_dir, base["checkpoint"], data, size, gated, args)
     g, u = runs["gated"], runs["ungated"]
     rows = g["report"]["candidates"]
-    final = next(r for r in rows if r["path"] == g["state"]["accepted"]["path"]) if any(
-        r["path"] == g["state"]["accepted"]["path"] for r in rows) else rows[0]  # fmt: skip
+    final = [r for r in rows if r["accepted"]][-1]  # the last accepted candidate is the deployed policy
     bc = rows[0]["sim"]
     accepted = [r for r in rows if r["accepted"]]
     monotone = all(
