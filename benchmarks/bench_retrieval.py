@@ -305,14 +305,14 @@ def train_bc(args, data_list, weights, run_dir: Path, seed: int):
     return tr.model
 
 
-def evaluate_policy(policy, task: str, episodes: int) -> list[bool]:
+def evaluate_policy(policy, task: str, episodes: int, seed: int = EVAL_SEED) -> list[bool]:
     from robot_rl.rollout import Rollout
 
     robot = SharedObsRobot(task)
     robot.connect()
     policy.eval()
     try:
-        res = Rollout(robot, policy).run_episodes(episodes, EVAL_SEED, robot.max_steps)
+        res = Rollout(robot, policy).run_episodes(episodes, seed, robot.max_steps)
     finally:
         robot.disconnect()
     return [bool(r["success"]) for r in res]
@@ -331,11 +331,11 @@ def run_bc(args, data, retrieval, out: Path, partial=None) -> dict:
     for method in args.methods:
         name, datasets, weights = methods[method]
         per_seed = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.monotonic()
             policy = train_bc(args, datasets, weights, out / "bc" / f"{method}_{seed}", seed)
             t1 = time.monotonic()
-            ok = evaluate_policy(policy, args.target_task, args.eval_episodes)
+            ok = evaluate_policy(policy, args.target_task, args.eval_episodes, args.eval_seed)
             per_seed.append(
                 {"seed": seed, "successes": int(sum(ok)), "train_s": t1 - t0, "eval_s": time.monotonic() - t1}
             )
@@ -423,22 +423,28 @@ def plot(results: dict, path: Path, args) -> None:
         ax.set_title(f"retrieving {args.target_task} from the mixed prior", fontsize=10)
         ax.legend(fontsize=8)
     b = results.get("bc")
-    if b:
+    if b:  # retrieval BC's success against δ; the two baselines as bands (all Wilson 95 %, same episodes)
         ax = axes[1]
-        names = list(b)
-        rates = [b[n]["success_rate"] for n in names]
-        lo = [b[n]["success_rate"] - b[n]["ci95"][0] for n in names]
-        hi = [b[n]["ci95"][1] - b[n]["success_rate"] for n in names]
-        colors = [
-            "0.6" if n.startswith("target only") else "tab:orange" if "uniform" in n else "tab:blue" for n in names
-        ]
-        ax.bar(range(len(names)), rates, yerr=[lo, hi], capsize=6, color=colors)
-        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
-        ax.set(ylabel="success (Wilson 95 %)", ylim=(0, 1.05))
-        n = b[names[0]]["n"]
+        pts = sorted((float(m.group(1)), v) for n, v in b.items() if (m := re.search(r"δ=([0-9.]+)", n)))
+        if pts:
+            x = [d for d, _ in pts]
+            y = [v["success_rate"] for _, v in pts]
+            err = [
+                [v["success_rate"] - v["ci95"][0] for _, v in pts],
+                [v["ci95"][1] - v["success_rate"] for _, v in pts],
+            ]
+            ax.errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=5, label="retrieval BC (50/50)")
+        for n, color in (("target only", "0.4"), ("target + whole prior (uniform)", "tab:orange")):
+            if n in b:
+                lo, hi = b[n]["ci95"]
+                ax.axhline(b[n]["success_rate"], color=color, lw=1.5, label=f"{n} {b[n]['success_rate']:.2f}")
+                ax.axhspan(lo, hi, color=color, alpha=0.15)
+        ax.set(xlabel="δ of the retrieval", ylabel="success (Wilson 95 %)", ylim=(0, 1.05))
+        n = next(iter(b.values()))["n"]
         ax.set_title(
             f"MLP BC on {args.target_task}: {args.seeds} seeds x {args.eval_episodes} episodes (n={n})", fontsize=10
         )
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -459,6 +465,8 @@ def main() -> int:
     p.add_argument("--embedder-steps", type=int, default=20000)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--eval-episodes", type=int, default=50)
+    p.add_argument("--first-seed", type=int, default=0, help="training seeds first_seed .. first_seed + seeds - 1")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="evaluation episode i resets with eval_seed + i")
     p.add_argument("--bc-steps", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
