@@ -15,9 +15,16 @@
   robot-rl replay    replay a recorded episode in MuJoCo (divergence report, mp4)
   robot-rl export    episode store -> LeRobotDataset v3
   robot-rl import    LeRobotDataset v3 or robomimic HDF5 -> episode store
+  robot-rl rl100     RL-100: iterative offline RL on a diffusion policy, gated by off-policy evaluation; distil
+  robot-rl label     preference labels for image pairs from any OpenAI-compatible vision-language model
+  robot-rl reward-model   Bradley-Terry reward model (CNN ensemble) from those labels
+  robot-rl relabel   a versioned reward column for every step of a store, from a reward model
+  robot-rl offline-rl     IQL from images + proprioception on a (relabelled) store, compared with BC in sim
+  robot-rl retrieve  behavior retrieval: a few target demos select matching transitions of a large store
 
-hydra verbs (session, control, learner, record, train, eval, distill, deploy, train-classifier) take overrides
-like `robot=stack record.episodes=5`; the others take plain arguments: `robot-rl <verb> --help`.
+hydra verbs (session, control, learner, record, train, eval, distill, deploy, train-classifier, rl100, label,
+reward-model, relabel, offline-rl, retrieve) take overrides like `robot=stack record.episodes=5`; the others take
+plain arguments. `robot-rl <verb> --help` for each.
 """
 
 from __future__ import annotations

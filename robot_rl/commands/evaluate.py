@@ -491,6 +491,8 @@ def training_store(checkpoint: str | os.PathLike) -> Path | None:
     if cfg is None:
         return None
     data = OmegaConf.select(cfg, "train.data") or OmegaConf.select(cfg, "distill.data")
+    if OmegaConf.is_list(data) or isinstance(data, (list, tuple)):  # several datasets: the first is the task's own
+        data = data[0] if len(data) else None
     if OmegaConf.select(cfg, "train.data_format") == "lerobot":
         from robot_rl.policies.checkpoint import find_policy_dir
 
