@@ -11,6 +11,7 @@ import collections
 import ipaddress
 import itertools
 import os
+import time
 import threading
 from dataclasses import dataclass
 
@@ -169,6 +170,29 @@ def _record_denials(auth) -> None:
     auth.handle_zap_message, auth._send_zap_reply = handle_zap_message, send_zap_reply
 
 
+ZAP_REBIND_WAIT_S = 5.0  # how long a new ZAP handler waits for a just-stopped one's inproc endpoint to be released
+
+
+def _start_authenticator(ctx: zmq.Context):
+    """The context's ZAP handler. A handler stopped a moment ago on the same context releases its inproc endpoint
+    only when zmq's reaper closes its socket (later on a busy machine): wait for it rather than fail."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    deadline = time.monotonic() + ZAP_REBIND_WAIT_S
+    while True:
+        auth = ThreadAuthenticator(ctx)
+        _record_denials(auth)
+        try:
+            auth.start()
+            return auth
+        except zmq.ZMQError as e:
+            if getattr(auth, "zap_socket", None) is not None:
+                auth.zap_socket.close(linger=0)
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def setup_server_socket(sock: zmq.Socket, curve: CurveServerKeys | None) -> None:
     if curve is None:
         return
@@ -176,12 +200,7 @@ def setup_server_socket(sock: zmq.Socket, curve: CurveServerKeys | None) -> None
     with _auth_lock:
         entry = _auths.get(id(ctx))
         if entry is None:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            auth = ThreadAuthenticator(ctx)
-            _record_denials(auth)
-            auth.start()
-            entry = _auths[id(ctx)] = [auth, 0]
+            entry = _auths[id(ctx)] = [_start_authenticator(ctx), 0]
         entry[1] += 1
         domain = f"robot_rl-{os.getpid()}-{next(_domain_ids)}"
         location = curve.authorized_clients_dir or zmq.auth.CURVE_ALLOW_ANY
