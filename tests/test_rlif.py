@@ -167,6 +167,8 @@ def test_rlif_learner_update_uses_the_labels(tmp_path, caplog):
     assert "actor/loss" not in scalars, "critic_warmup: the actor waits until the replay has 31 rows"
     signal = json.loads((tmp_path / "learner" / "reward_signal.json").read_text())
     assert signal["empty"] and signal["episodes"] == 3 and signal["episodes_since_takeover"] == 3
+    [warning] = algo.warnings()  # what the learner's summary and the session's final warnings carry
+    assert "reward signal is empty" in warning and "last 3 episodes" in warning
 
 
 def test_hg_dagger_regresses_only_on_takeover_steps():

@@ -85,6 +85,11 @@ class Algorithm(abc.ABC):
         """Transitions that count towards the update budget (updates = UTD x this); warm-up data may not."""
         return replay.size
 
+    def warnings(self) -> list[str]:
+        """What the user should hear at the end of the session (the learner's summary and the session's final
+        warnings), e.g. a reward signal that stayed empty."""
+        return []
+
     def publish_meta(self, replay: ReplayView) -> dict:
         """Travels with the weights (the robot-side policy's `apply_meta` reads it), e.g. how to explore.
         A change publishes at once."""

@@ -180,6 +180,14 @@ class RLIF(SAC):
         log.info("RLIF: actor pre-trained on the prior data for %d steps (BC loss %.3f)", steps, loss.item())
         return loss.item()
 
+    def warnings(self) -> list[str]:
+        if not self.signal.get("empty"):
+            return []
+        return [
+            f"RLIF's reward signal is empty: no takeover in the last {self.signal['episodes_since_takeover']} "
+            f"episodes ({self.signal['takeovers']} in all): nothing to learn from unless the operator takes over"
+        ]
+
     def update(self, replay: ReplayView, rng: np.random.Generator) -> dict[str, float]:
         """SAC/RLPD's update on batches whose rewards are the takeover labels (half prior data, half online)."""
         cfg = self.cfg

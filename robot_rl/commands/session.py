@@ -468,6 +468,7 @@ def truth(
         problems.append(f"{unacked} transitions unacknowledged at exit (kept in the control outboxes)")
     if quarantined:
         warnings = [*warnings, f"{quarantined} transitions quarantined by the learner (non-finite values)"]
+    warnings = [*warnings, *((learner or {}).get("algo_warnings") or [])]  # e.g. RLIF: no takeover, no signal
     if learner_on and learner is None:
         problems.append(f"the learner wrote no summary (exit code {sup.learner_code})")
     if learner_on and sup.learner_code not in (0, None) and not sup.stopped_early:

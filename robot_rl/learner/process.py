@@ -508,6 +508,7 @@ class Learner:
             "training_stopped": self.training_stopped,
             "updates_per_s": self.updates / wall_s if wall_s > 0 else None,
             "last_metrics": scalars(self.metrics),
+            "algo_warnings": list(self.algo.warnings()),
             "exit_code": self.exit_code,
             "disk_full": self.exit_code == EXIT_DISK_FULL,
             "wall_s": wall_s,
