@@ -255,3 +255,31 @@ def base_from_demos(tmp: Path, *train_overrides, demos: int = 3, record_override
     assert summary["saved"] == demos
     train_policy(tmp / "demos", tmp / "base", "train.batch_size=16", *TINY_BASE, *train_overrides)
     return tmp
+
+
+# ------------------------------------------------------------------------------------------ training loop
+def loop_config(**over):
+    """A small, fast TrainingLoop config for tests of the loop itself (`over` wins)."""
+    from robot_rl.training.loop import LoopConfig
+
+    base = dict(
+        steps=40,
+        batch_size=32,
+        lr=3e-2,
+        betas=(0.9, 0.999),
+        weight_decay=1e-4,
+        lr_schedule="cosine",
+        warmup_steps=5,
+        max_grad_norm=1.0,
+        ema=True,
+        ema_power=0.75,
+        ema_max_decay=0.999,
+        ema_decay=None,
+        log_every=5,
+        checkpoint_every=20,
+        keep_last=None,
+        seed=0,
+        progress=False,
+        tensorboard=False,
+    )
+    return LoopConfig(**{**base, **over})

@@ -18,6 +18,8 @@ from torch import nn
 
 from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, to_device
 
+from builders import loop_config
+
 X = np.random.default_rng(0).normal(size=(512, 3)).astype(np.float32)
 Y = np.tanh(X @ np.array([[1.0], [-2.0], [0.5]], np.float32)).astype(np.float32)
 STEPS, BATCH = 40, 32
@@ -26,27 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**over) -> LoopConfig:
-    base = dict(
-        steps=STEPS,
-        batch_size=BATCH,
-        lr=3e-2,
-        betas=(0.9, 0.999),
-        weight_decay=1e-4,
-        lr_schedule="cosine",
-        warmup_steps=5,
-        max_grad_norm=1.0,
-        ema=True,
-        ema_power=0.75,
-        ema_max_decay=0.999,
-        ema_decay=None,
-        log_every=5,
-        checkpoint_every=20,
-        keep_last=None,
-        seed=0,
-        progress=False,
-        tensorboard=False,
-    )
-    return LoopConfig(**{**base, **over})
+    return loop_config(**{"steps": STEPS, "batch_size": BATCH, **over})
 
 
 def regression(run_dir, dropout: float, cfg: LoopConfig | None = None) -> TrainingLoop:

@@ -17,6 +17,8 @@ from torch import nn
 from robot_rl.config import ConfigError
 from robot_rl.training.loop import Hook, LoopConfig, TrainingLoop, seed_everything, to_device
 
+from builders import loop_config
+
 X = np.random.default_rng(0).normal(size=(256, 3)).astype(np.float32)
 Y = np.tanh(X @ np.array([[1.0], [-2.0], [0.5]], np.float32)).astype(np.float32)
 
@@ -24,27 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**over) -> LoopConfig:
-    base = dict(
-        steps=40,
-        batch_size=32,
-        lr=3e-2,
-        betas=(0.9, 0.999),
-        weight_decay=1e-4,
-        lr_schedule="cosine",
-        warmup_steps=5,
-        max_grad_norm=1.0,
-        ema=True,
-        ema_power=0.75,
-        ema_max_decay=0.999,
-        ema_decay=None,
-        log_every=5,
-        checkpoint_every=20,
-        keep_last=None,
-        seed=0,
-        progress=False,
-        tensorboard=False,
-    )
-    return LoopConfig(**{**base, **over})
+    return loop_config(**over)
 
 
 def regression_loop(run_dir, cfg: LoopConfig) -> TrainingLoop:
