@@ -24,7 +24,7 @@ from conftest import REPO
 from test_session import FAST, endpoints
 
 from robot_rl.commands.session import preflight_warnings
-from robot_rl.commands.session import learning_curve
+from robot_rl.control.learning_curve import learning_curve
 from robot_rl.control.telemetry import read_jsonl
 
 

@@ -127,7 +127,7 @@ def test_learning_curve_separates_who_drove_marks_versions_and_counts_interventi
     """Expert episodes, policy episodes and evaluation blocks are separate series (an expert-to-policy hand-over
     does not read as 'learning made it worse'), each new weights version is marked, the run is the title, and a
     panel of interventions per episode appears when episodes.jsonl carries `interventions`."""
-    from robot_rl.commands.session import learning_curve
+    from robot_rl.control.learning_curve import learning_curve
 
     rows = [_row(i, 50, "expert", -1, True) for i in range(3)]
     rows += [_row(i, 50, "policy", i // 2, i % 3 == 0, interventions=i % 2) for i in range(3, 9)]
@@ -149,7 +149,7 @@ def test_learning_curve_separates_who_drove_marks_versions_and_counts_interventi
 def test_learning_curve_with_one_episode_draws_a_point(tmp_path, monkeypatch):
     """A short residual session with one finished episode is still a plot with something on it: the average is
     drawn with a marker, and no interventions panel without `interventions` in the rows."""
-    from robot_rl.commands.session import learning_curve
+    from robot_rl.control.learning_curve import learning_curve
 
     _episodes(tmp_path / "control", [_row(0, 120, "policy", -1, False)])
     drawn = _drawn(monkeypatch)
