@@ -68,6 +68,14 @@ def _version_marks(ax, eps: list[dict], most: int = 8) -> None:
             )
 
 
+def _dots_and_mean(ax, x, y, window: int, colour: str, alpha: float, label: str) -> None:
+    """Each episode a faint dot, and its trailing mean as a line (with markers while it has few points);
+    `label` may name the window as {k}."""
+    ax.plot(x, y, "o", color=colour, alpha=alpha, markersize=3)
+    avg, k = _moving_average(y, window)
+    ax.plot(x, avg, "-o" if len(avg) < 3 else "-", color=colour, markersize=4, label=label.replace("{k}", str(k)))
+
+
 def learning_curve(
     run_dirs: list[Path], out: Path, window: int = 20, title: str | None = None
 ) -> tuple[Path | None, str | None]:
@@ -101,15 +109,8 @@ def learning_curve(
         if policy:
             x = [r["env_steps"] for r in policy]
             y = [float(r["success"]) for r in policy]
-            ax.plot(x, y, "o", color=colour, alpha=0.25, markersize=3)
-            avg, k = _moving_average(y, window)
-            ax.plot(
-                x,
-                avg,
-                "-o" if len(avg) < 3 else "-",
-                color=colour,
-                markersize=4,
-                label=f"{tag}policy-driven episodes (mean of the last {k}, n={len(policy)})",
+            _dots_and_mean(
+                ax, x, y, window, colour, 0.25, f"{tag}policy-driven episodes (mean of the last {{k}}, n={len(policy)})"
             )
         for who, marker, colour2 in (("expert", "x", "tab:gray"), ("nobody", "v", "tab:red")):
             rows = [r for r in eps if _who_drove(r) == who]
@@ -148,15 +149,8 @@ def learning_curve(
             rows = [r for r in eps if r.get("interventions") is not None and _who_drove(r) != "expert"]
             if rows:
                 x, y = [r["env_steps"] for r in rows], [r["interventions"] for r in rows]
-                bx.plot(x, y, "o", color=colour, alpha=0.3, markersize=3)
-                avg, k = _moving_average(y, window)
-                bx.plot(
-                    x,
-                    avg,
-                    "-o" if len(avg) < 3 else "-",
-                    color=colour,
-                    markersize=4,
-                    label=f"{tag}interventions per episode (mean of the last {k})",
+                _dots_and_mean(
+                    bx, x, y, window, colour, 0.3, f"{tag}interventions per episode (mean of the last {{k}})"
                 )
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.05, 1.08)
