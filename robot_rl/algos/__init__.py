@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from robot_rl.algos.base import Algorithm
 from robot_rl.algos.online_bc import OnlineBC, OnlineBCConfig
 from robot_rl.algos.residual import ResidualConfig, ResidualTD3
+from robot_rl.algos.rl100_online import RL100Online, RL100OnlineConfig
 from robot_rl.algos.rlif import RLIF, RLIFConfig
 from robot_rl.algos.sac import SAC, SACConfig
 from robot_rl.interfaces import Policy, Robot
@@ -48,6 +49,7 @@ register("online_bc", OnlineBC, OnlineBCConfig)
 register("residual", ResidualTD3, ResidualConfig)
 register("sac", SAC, SACConfig)
 register("rlif", RLIF, RLIFConfig)
+register("rl100_online", RL100Online, RL100OnlineConfig)
 
 
 def _entry(algo_cfg: dict) -> Entry:
