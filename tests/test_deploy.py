@@ -471,7 +471,7 @@ def test_deploy_teleop_takeover(lift_run):
 def test_process_executor_matches_the_thread_and_reports_load_errors(lift_run):
     from robot_rl.data.episode_store import EpisodeStore
     from robot_rl.commands.deploy import Deployer
-    from robot_rl.policies.chunking import ProcessPredictor, decode_message, encode_message
+    from robot_rl.policies.inference_process import ProcessPredictor, decode_message, encode_message
 
     h, arrays = decode_message(
         encode_message({"op": "x"}, {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros((0,), np.int64)})

@@ -39,7 +39,8 @@ from robot_rl.control.takeover import SOURCES
 from robot_rl.control.viz import make_view
 from robot_rl.factory import make_robot, make_teleop
 from robot_rl.policies.artifact import checkpoint_context
-from robot_rl.policies.chunking import BLENDS, AsyncChunkRunner, ProcessPredictor
+from robot_rl.policies.chunking import BLENDS, AsyncChunkRunner
+from robot_rl.policies.inference_process import ProcessPredictor
 from robot_rl.rollout import Rollout
 
 log = logging.getLogger("robot_rl.commands.deploy")
