@@ -169,6 +169,7 @@ def session_args(base, run, ports, *extra):
         "algo.distill_steps=2",
         "algo.distill_batch=4",
         "algo.critic_warmup_iterations=0",
+        "algo.eval_chain=true",
         "session.max_episode_steps=24",
         "session.rate_hz=60",
         "session.eval_every_episodes=3",
@@ -190,7 +191,7 @@ def test_session_over_zmq_trains_on_policy_and_resumes(lift_base, tmp_path, port
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     episodes = read_jsonl(run / "control" / "episodes.jsonl")
     assert [e["episode"] for e in episodes] == list(range(6))
-    assert [e["mode"] for e in read_jsonl(run / "control" / "evals.jsonl")] == ["policy", "policy"]
+    assert [e["mode"] for e in read_jsonl(run / "control" / "evals.jsonl")] == ["ddim", "chain"] * 2
     replay = ReplayBuffer(run / "learner" / "replay.zarr")
     version = replay.column(CHAIN_VERSION)
     assert np.isfinite(replay.column(CHAIN)[np.isfinite(version)]).all()

@@ -80,6 +80,7 @@ class RL100OnlineConfig:
     distill_batch: int
     distill_lr: float
     distill_init: str
+    eval_chain: bool
 
 
 def load_teacher(checkpoint: str, device) -> DiffusionPolicy:
@@ -206,7 +207,9 @@ class RL100Online(Algorithm):
     def build_robot_policy(cls, cfg: RL100OnlineConfig, policy_cfg: dict, robot: Robot, seed: int):
         """The base diffusion policy (CPU) sampling through the stochastic chain; acts before any weights."""
         teacher = load_teacher(cfg.base_checkpoint, "cpu")
-        return ChainSamplerPolicy(teacher, cfg.chain_steps, cfg.eta, cfg.std_min, cfg.std_max, seed=seed)
+        return ChainSamplerPolicy(
+            teacher, cfg.chain_steps, cfg.eta, cfg.std_min, cfg.std_max, seed=seed, eval_chain=cfg.eval_chain
+        )
 
     def __init__(self, cfg: RL100OnlineConfig, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
         super().__init__(cfg, policy_cfg, device, run_dir)

@@ -7,7 +7,8 @@ it. `transition_extras` sends them with the chunk's first step and NaN on the ot
 
 Weights and their version (the learner's `policy_version` in the weights meta) are staged and applied together at
 the next chunk boundary, so a chunk is always sampled, executed and tagged with one version. Evaluation blocks
-(`evaluating`) sample deterministically (DDIM η = 0 from seeded noise: what a deployed policy does).
+(`evaluating`) sample deterministically (DDIM η = 0 from seeded noise: what a deployed policy does; mode "ddim"), and with
+`eval_chain` also through the η = 1 chain from the same seeds (mode "chain", what PPO trains).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class ChainSamplerPolicy(Policy):
         std_min: float,
         std_max: float | None,
         seed: int = 0,
+        eval_chain: bool = False,
     ):
         self.policy = policy.eval()
+        # evaluation blocks: "ddim" (deterministic, as deployed); "chain" also measures the eta=1 chain PPO trains
+        self.eval_modes = ("ddim", "chain") if eval_chain else ("ddim",)
         self.steps = int(steps or policy.cfg.num_inference_steps or policy.cfg.num_train_timesteps)
         self.eta, self.std_min, self.std_max = float(eta), float(std_min), std_max
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -111,7 +115,9 @@ class ChainSamplerPolicy(Policy):
 
     @contextlib.contextmanager
     def evaluating(self, mode: str):
-        saved, self.deterministic = self.deterministic, True
+        """Mode "ddim": deterministic DDIM (eta 0) from the episode's seeded noise; "chain": the eta=1 chain,
+        seeded the same way (nothing is sent to the learner in either)."""
+        saved, self.deterministic = self.deterministic, mode != "chain"
         try:
             yield
         finally:

@@ -1,0 +1,390 @@
+"""RL-100 online (PPO through the denoising chain, algo=rl100_online) from the weak Lift base of the residual
+benchmark: success vs env steps, the one-step student at the end, and the robot-side cost of sampling the chain
+with log-probs vs plain DDIM.
+
+    python benchmarks/bench_rl100_online.py --steps 50000            # full size: the residual benchmark's budget
+    python benchmarks/bench_rl100_online.py --quick                  # what fits ~25 min of a shared 2-core CPU
+
+What runs: the weak chunked diffusion base from `benchmarks/residual_base.py` (cached in --bases, the one
+bench_residual_learning.py starts from), then one synchronous loop in this process with the parts a session uses —
+MuJoCo robot, SafetyFilter bounds, the robot-side ChainSamplerPolicy (η = 1 chain, extras on the chunk's first
+step), the learner's on-disk ReplayBuffer and the RL100Online learner — minus the ZMQ hop: episodes are collected
+until a rollout batch of the current version is complete, then one PPO iteration runs and its weights reach the
+policy with their version at the next chunk boundary, exactly as over the wire (so nothing is ever stale here).
+
+Every `--eval-every` env steps: `--eval-episodes` seeded episodes (seeds 10000.., as bench_residual_learning.py)
+with deterministic DDIM; the base is the evaluation at 0 env steps. At the end the distilled one-step student is
+evaluated on the same seeds. Success rates carry Wilson 95 % intervals. Writes curves.json and a figure
+(docs/figures/rl100_online_lift.png with --figure), with the residual curve of a bench_residual_learning.py
+curves.json (--residual-curves) on the same axes when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from residual_base import make_weak_base  # noqa: E402
+
+from robot_rl.algos import algo_config  # noqa: E402
+from robot_rl.algos.rl100_online import RL100Online  # noqa: E402
+from robot_rl.control.safety import SafetyFilter  # noqa: E402
+from robot_rl.factory import make_robot  # noqa: E402
+from robot_rl.interfaces import OBS_PREFIX  # noqa: E402
+from robot_rl.learner.replay_buffer import ReplayBuffer  # noqa: E402
+from robot_rl.policies.chain_sampler import ChainSamplerPolicy  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EVAL_SEED = 10_000  # bench_residual_learning.py's evaluation seeds
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [float(max(0.0, c - h)), float(min(1.0, c + h))]
+
+
+def robot_for(task: str):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "robot" / f"{task}.yaml"), resolve=True)
+    return make_robot(cfg)
+
+
+class Run:
+    """Robot-side chain sampler + RL100Online learner + replay, collecting and updating alternately."""
+
+    def __init__(self, args, base: dict, out: Path):
+        self.args = args
+        self.robot = robot_for(args.task)
+        self.robot.connect()
+        feat = self.robot.action_feature
+        self.safety = SafetyFilter(feat.low, feat.high)
+        settings = {
+            "base_checkpoint": base["checkpoint"],
+            "batch_chunks": args.batch_chunks,
+            "minibatch": args.minibatch,
+            "epochs": args.epochs,
+            "actor_lr": args.actor_lr,
+            "clip": args.clip,
+            "std_min": args.std_min,
+            "lr_decay_iterations": args.lr_decay_iterations,
+            "distill_steps": args.distill_steps,
+        }
+        cfg = algo_config("rl100_online", **settings)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        run_dir = out / "learner"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.algo = RL100Online(cfg, {}, device, run_dir)
+        self.policy = RL100Online.build_robot_policy(cfg, {}, self.robot, args.seed)
+        self.replay = ReplayBuffer(out / "replay.zarr")
+        self.rng = np.random.default_rng(args.seed)
+        self.env_steps = self.episode = 0
+        self.train_success: list[tuple[int, bool]] = []
+        self.evals: list[dict] = []
+        self.history: list[dict] = []
+        self.wall = {"env": 0.0, "update": 0.0, "eval": 0.0}
+
+    def sync(self) -> None:
+        self.policy.load_state_dict(self.algo.policy_state())
+        self.policy.apply_meta(self.algo.publish_meta(self.replay))
+
+    def rollout(self, policy, seed: int, record: bool) -> tuple[bool, int, dict]:
+        obs = self.robot.reset(seed=seed)
+        policy.seed_episode(seed)
+        policy.reset()
+        self.safety.reset()
+        rows: dict[str, list] = {}
+        success = False
+        for step in range(self.args.horizon):
+            proposal = policy.select_action(obs)
+            sent, _ = self.safety(proposal)
+            self.robot.send_action(sent)
+            row = {OBS_PREFIX + k: np.asarray(v) for k, v in obs.items()}
+            obs = self.robot.get_observation()
+            success = bool(self.robot.is_success())
+            if record:
+                row.update(
+                    {
+                        "action": sent.astype(np.float32),
+                        "reward": np.float32(success),
+                        "success": np.bool_(success),
+                        "done": np.bool_(success or step == self.args.horizon - 1),
+                        "episode": np.int64(self.episode),
+                        "step": np.int64(step),
+                    }
+                )
+                row.update(policy.transition_extras(acted=True))
+                for k, v in row.items():
+                    rows.setdefault(k, []).append(v)
+            if success:
+                break
+        return success, step + 1, rows
+
+    def train_episode(self) -> None:
+        t0 = time.perf_counter()
+        success, steps, rows = self.rollout(self.policy, self.args.seed * 1_000_003 + self.episode, record=True)
+        seqs = np.arange(self.env_steps, self.env_steps + steps)
+        self.replay.append("robot0", seqs, {k: np.stack(v) for k, v in rows.items()})
+        self.wall["env"] += time.perf_counter() - t0
+        self.env_steps += steps
+        self.episode += 1
+        self.train_success.append((self.env_steps, success))
+        if self.algo.ready(self.replay):
+            t0 = time.perf_counter()
+            m = self.algo.update(self.replay, self.rng)
+            self.wall["update"] += time.perf_counter() - t0
+            self.sync()
+            self.history.append({"env_steps": self.env_steps, **m})
+            print(
+                f"  iteration {int(m['ppo/iteration'])}: batch success {m['batch/success']:.2f} "
+                f"({int(m['batch/episodes'])} episodes), kl {m['ppo/kl']:.4f}, clip {m['ppo/clip_frac']:.2f}, "
+                f"value loss {m['value/loss']:.4f}, distill {m.get('distill/loss', float('nan')):.4f}, "
+                f"{m['ppo/iteration_s']:.1f} s",
+                flush=True,
+            )
+
+    def evaluate(self, policy, label: str, deterministic: bool = True) -> dict:
+        """Seeded episodes: deterministic DDIM (what is deployed), or the η = 1 chain PPO trains (seeded too)."""
+        t0 = time.perf_counter()
+        with policy.evaluating("policy") if deterministic else contextlib.nullcontext():
+            results = [self.rollout(policy, EVAL_SEED + j, record=False) for j in range(self.args.eval_episodes)]
+        self.wall["eval"] += time.perf_counter() - t0
+        k = int(sum(r[0] for r in results))
+        n = len(results)
+        row = {
+            "mode": label,
+            "env_steps": self.env_steps,
+            "iterations": self.algo.iteration,
+            "success": k / n,
+            "ci95": wilson(k, n),
+            "mean_steps": float(np.mean([r[1] for r in results])),
+            "wall_s": sum(self.wall.values()),
+        }
+        print(
+            f"  [{label}] eval after {self.env_steps:6d} env steps, {self.algo.iteration:3d} iterations: success "
+            f"{row['success']:.2f} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]; wall {row['wall_s']:.0f} s",
+            flush=True,
+        )
+        return row
+
+
+class Plain:
+    """A plain diffusion policy in the eval loop's shape (`evaluating`, `seed_episode`): the student."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def seed_episode(self, seed: int) -> None:
+        self.policy.generator = torch.Generator().manual_seed(int(seed))
+
+    def evaluating(self, mode):
+        return contextlib.nullcontext()
+
+
+def latency(policy: ChainSamplerPolicy, replay: ReplayBuffer, n: int = 50) -> dict:
+    """Robot-side time of one chunk, median over the same observation windows, side by side in one loop:
+    the chain with log-probs (what a training episode runs) vs plain DDIM `predict_chunk` (deployment)."""
+    pol = policy.policy
+    to = pol.cfg.obs_horizon
+    rows = np.linspace(to, replay.size - 1, n).astype(int)
+    chain, plain = [], []
+    for i, r in enumerate(rows):
+        window = {k: torch.as_tensor(replay.column(OBS_PREFIX + k)[r - to + 1 : r + 1])[None] for k in pol.obs_keys}
+        for order in (0, 1) if i % 2 else (1, 0):  # alternate which goes first
+            t0 = time.perf_counter()
+            if order == 0:
+                policy.sample(window)
+                chain.append(time.perf_counter() - t0)
+            else:
+                pol.predict_chunk(window, generator=torch.Generator().manual_seed(int(r)))
+                plain.append(time.perf_counter() - t0)
+    return {
+        "chain_logp_ms_p50": float(np.median(chain) * 1e3),
+        "ddim_ms_p50": float(np.median(plain) * 1e3),
+        "ratio": float(np.median(chain) / np.median(plain)),
+        "n": n,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="lift", choices=["lift", "pick_place_can"])
+    p.add_argument("--steps", type=int, default=50_000, help="env-step budget (bench_residual_learning's default)")
+    p.add_argument("--quick", action="store_true", help="15k env steps, batches of 100 chunks")
+    p.add_argument("--bases", default="/tmp/robot_rl_bench/weak_bases", help="cache of the weak bases")
+    p.add_argument("--base-dir", default=None, help="use this make_weak_base output dir as is (no re-make)")
+    p.add_argument("--out", default="/tmp/robot_rl_bench/rl100_online")
+    p.add_argument("--horizon", type=int, default=200)
+    p.add_argument("--batch-chunks", type=int, default=200)
+    p.add_argument("--minibatch", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--actor-lr", type=float, default=1e-5)
+    p.add_argument("--clip", type=float, default=0.2)
+    p.add_argument("--std-min", type=float, default=0.0067)
+    p.add_argument("--lr-decay-iterations", type=int, default=100)
+    p.add_argument("--distill-steps", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=5000)
+    p.add_argument("--eval-episodes", type=int, default=20)
+    p.add_argument("--no-eval-chain", dest="eval_chain", action="store_false", help="skip the eta=1 chain evals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--residual-curves", default=None, help="bench_residual_learning.py curves.json to overlay")
+    p.add_argument("--figure", default=None, help="also write the figure here (e.g. docs/figures/...png)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch_chunks = min(args.steps, 15_000), 100
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    out = Path(args.out) / args.task
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if args.base_dir:
+        base = json.loads((Path(args.base_dir) / "result.json").read_text())
+    else:
+        base = make_weak_base(args.task, Path(args.bases) / args.task)
+    print(f"weak base ({args.task}): success {base['success']:.2f} {base.get('ci')} on its own eval", flush=True)
+    run = Run(args, base, out)
+    curves = {"task": args.task, "args": vars(args), "base": {k: base[k] for k in ("success", "ci", "checkpoint")}}
+    chain_evals: list[dict] = []
+
+    def evaluate() -> None:
+        run.evals.append(run.evaluate(run.policy, "rl100_online"))
+        if args.eval_chain:
+            chain_evals.append(run.evaluate(run.policy, "eta=1 chain", deterministic=False))
+
+    evaluate()
+    t_start = time.perf_counter()
+    next_eval = args.eval_every
+    while run.env_steps < args.steps:
+        run.train_episode()
+        if run.env_steps >= next_eval or run.env_steps >= args.steps:
+            evaluate()
+            next_eval += args.eval_every
+            curves.update(evals=run.evals, chain_evals=chain_evals, history=run.history, partial=True)
+            (out / "curves.json").write_text(json.dumps(curves, indent=1))
+    if run.algo.student is not None:
+        student = Plain(run.algo.student.cpu().eval())
+        curves["student"] = run.evaluate(student, "student (1 step)")
+    curves["latency"] = latency(run.policy, run.replay)
+    hit = next((e["env_steps"] for e in run.evals if e["success"] >= 0.9), None)
+    total = time.perf_counter() - t_start
+    curves.update(
+        evals=run.evals,
+        chain_evals=chain_evals,
+        history=run.history,
+        train_success=run.train_success,
+        wall=run.wall,
+        env_steps_to_90=hit,
+        partial=False,
+        iterations_per_s=run.algo.iteration / run.wall["update"] if run.wall["update"] else None,
+        total_s=total,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+    final, best = run.evals[-1], max(run.evals, key=lambda e: e["success"])
+    lat = curves["latency"]
+    print(f"\n== result ({args.task}, eval seeds {EVAL_SEED}..{EVAL_SEED + args.eval_episodes - 1})")
+    print(f"  base (deterministic DDIM)  : {run.evals[0]['success']:.2f} {run.evals[0]['ci95']}")
+    print(
+        f"  rl100_online final {final['success']:.2f} {final['ci95']} after {final['env_steps']} env steps, "
+        f"{run.algo.iteration} iterations (best {best['success']:.2f} at {best['env_steps']}); first >= 0.90 at "
+        f"{hit or 'never'}"
+    )
+    if chain_evals:
+        c0, c1 = chain_evals[0], chain_evals[-1]
+        print(f"  eta=1 chain (what PPO trains): {c0['success']:.2f} {c0['ci95']} -> {c1['success']:.2f} {c1['ci95']}")
+    if "student" in curves:
+        print(f"  one-step student           : {curves['student']['success']:.2f} {curves['student']['ci95']}")
+    print(
+        f"  wall env {run.wall['env']:.0f} s + updates {run.wall['update']:.0f} s + eval {run.wall['eval']:.0f} s; "
+        f"{curves['iterations_per_s'] or 0:.3f} PPO iterations/s ({curves['device']})"
+    )
+    print(
+        f"  robot-side chunk latency (median, same windows, one loop): chain + log-probs "
+        f"{lat['chain_logp_ms_p50']:.1f} ms vs DDIM predict_chunk {lat['ddim_ms_p50']:.1f} ms (x{lat['ratio']:.2f})"
+    )
+    plot(curves, out / "learning_curve.png", args.residual_curves)
+    if args.figure:
+        plot(curves, Path(args.figure), args.residual_curves)
+    print(f"curves: {out / 'curves.json'}, plot: {out / 'learning_curve.png'}")
+    return 0
+
+
+def plot(curves: dict, path: Path, residual_curves: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [e["env_steps"] for e in curves["evals"]]
+    ys = [e["success"] for e in curves["evals"]]
+    lo = [e["ci95"][0] for e in curves["evals"]]
+    hi = [e["ci95"][1] for e in curves["evals"]]
+    ax.plot(xs, ys, "o-", label="RL-100 online, deterministic DDIM (as deployed)")
+    ax.fill_between(xs, lo, hi, alpha=0.2)
+    if curves.get("chain_evals"):
+        ce = curves["chain_evals"]
+        ax.plot(
+            [e["env_steps"] for e in ce],
+            [e["success"] for e in ce],
+            "o:",
+            color="C1",
+            label="same weights, eta=1 chain (what PPO trains)",
+        )
+    if "student" in curves:
+        s = curves["student"]
+        ax.errorbar(
+            [s["env_steps"]],
+            [s["success"]],
+            yerr=[[s["success"] - s["ci95"][0]], [s["ci95"][1] - s["success"]]],
+            fmt="s",
+            color="C3",
+            label="one-step student (end)",
+        )
+    if residual_curves and Path(residual_curves).exists():
+        r = json.loads(Path(residual_curves).read_text())
+        res = r.get("methods", {}).get("residual")
+        if res:
+            ax.plot(
+                [e["env_steps"] for e in res["evals"]],
+                [e["success"] for e in res["evals"]],
+                "^-",
+                color="C2",
+                label="base + residual (ResFiT)",
+            )
+    ax.axhline(curves["evals"][0]["success"], ls="--", color="gray", label="base (deterministic DDIM)")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(f"success ({curves['args']['eval_episodes']} seeded eval episodes)")
+    ax.set_title(f"{curves['task']}: RL-100 online from the weak base")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
