@@ -187,6 +187,8 @@ def write_policy_atomically(directory: Path, policy, provenance: dict) -> None:
 
 
 class RL100Online(Algorithm):
+    robot_acts_without_weights = True  # the base samples from the first tick (the session's pre-flight reads this)
+
     @classmethod
     def check_config(cls, cfg: RL100OnlineConfig) -> None:
         """Fail before any process starts: a missing base, impossible batch sizes, an unknown phase."""
