@@ -22,7 +22,6 @@ session stopped for a full disk, 1 for anything else).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -35,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.config import ConfigError, positive, resolve_device
 from robot_rl.control.learning_curve import learning_curve
-from robot_rl.control.telemetry import read_jsonl, write_json_safely
+from robot_rl.control.session_summary import final_line, replay_episodes, robots_summary
+from robot_rl.control.telemetry import read_json, read_jsonl, write_json_safely
 
 log = logging.getLogger("robot_rl.commands.session")
 
@@ -176,13 +176,6 @@ def _stop(proc: subprocess.Popen, name: str, wait_s: float) -> int:
 
 def _control_dir(names: list[str], name: str) -> str:
     return "control" if len(names) == 1 else f"control_{name}"
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 class SpaceReserve:
@@ -392,26 +385,6 @@ class Supervisor:
 
 
 # ---------------------------------------------------------------------------------------- the truth at the top
-def replay_episodes(learner_dir: Path) -> dict[str, set[int]] | None:
-    """{sender: episode numbers} over the learner's committed replay (read straight from zarr, int columns only),
-    or None without one."""
-    path = learner_dir / "replay.zarr"
-    commit = _read(path / "commit.json")
-    if not commit or not int(commit.get("rows", 0)):
-        return {} if commit else None
-    try:
-        import numpy as np
-        import zarr
-
-        group = zarr.open_group(zarr.storage.LocalStore(str(path)), mode="r")
-        n = int(commit["rows"])
-        episode, sender = np.asarray(group["episode"][:n]), np.asarray(group["_sender"][:n])
-    except Exception as e:  # noqa: BLE001 - a report, not a failure of the session
-        log.warning("could not read the learner's replay episodes: %s", e)
-        return None
-    return {name: {int(e) for e in np.unique(episode[sender == i])} for i, name in enumerate(commit["senders"])}
-
-
 def truth(
     sup: Supervisor, run_dir: Path, controls: dict[str, dict | None], learner: dict | None, warnings: list[str]
 ) -> dict:
@@ -533,75 +506,6 @@ def truth(
     }
 
 
-def robots_summary(names: list[str], controls: dict[str, dict | None], learner: dict | None) -> dict[str, dict]:
-    """A fleet's robots side by side: each control's episodes, success rate and seed beside what the learner saw
-    of it (stored, rate while it sent, ack p99, health at the end; robot_rl/learner/process.py `robots()`)."""
-    seen = (learner or {}).get("robots") or {}
-    out = {}
-    for name in names:
-        c, r = controls.get(name) or {}, seen.get(name) or {}
-        out[name] = {
-            "episodes": c.get("episodes"),
-            "success_rate": c.get("success_rate"),
-            "seed": c.get("seed"),
-            "sent": (c.get("transitions") or {}).get("stream_sent"),
-            "stored": r.get("stored"),
-            "rate_hz": r.get("rate_hz"),
-            "ack_p99_ms": r.get("ack_p99_ms"),
-            "streams": r.get("streams"),
-            "health": r.get("health", "not seen by the learner" if learner else "no learner"),
-        }
-    return out
-
-
-def _final_line(summary: dict, top: dict) -> str:
-    t = top["transitions"]
-    head = "session done" if top["status"] == "ok" else "session FAILED"
-    if summary.get("interrupted"):
-        head += f" (stopped by {summary['interrupted']})"
-    parts = [f"{head} in {summary['wall_s']:.0f} s: {summary['episodes'] or 0} episodes"]
-    if summary.get("success_rate") is not None:
-        rate = summary["policy_success_rate"]
-        rate = "no policy-driven episodes" if rate is None else f"policy-driven: {rate:.2f}"
-        parts[0] += f", success rate {summary['success_rate']:.2f} ({rate})"
-    if summary.get("robots"):
-        parts.append(
-            "robots "
-            + ", ".join(
-                f"{n} {r['success_rate'] if r['success_rate'] is not None else float('nan'):.2f} {r['health']}"
-                + (f" {r['rate_hz']:.1f} Hz" if r["rate_hz"] else "")
-                for n, r in summary["robots"].items()
-            )
-        )
-    parts.append(
-        f"weights v{summary['final_policy_version']}"
-        + ("" if top["weights_loaded"] else " (the robot never loaded learner weights)")
-        + f", {summary['learner_updates']} learner updates"
-    )
-    parts.append(
-        f"transitions {t['sent']} sent / {t['stored']} stored / {t['unacknowledged']} unacknowledged"
-        + (f" / {t['quarantined']} quarantined" if t["quarantined"] else "")
-        + (f" / {t['lost']} LOST" if t["lost"] else "")
-        + (f" / {t['duplicates']} DUPLICATED" if t["duplicates"] else "")
-    )
-    drains = set(top["drain"].values())
-    parts.append(f"drain {', '.join(sorted(map(str, drains))) or 'n/a'}")
-    restarts = ", ".join(f"{k} {v}" for k, v in top["restarts"].items()) or "none"
-    parts.append(f"restarts {restarts}")
-    parts.append(f"storage errors {top['storage_errors']}")
-    o = top["watchdog_outages"]
-    parts.append(
-        f"watchdog outages {o['count']}"
-        + (f" ({o['total_s']:.1f} s, longest {o['longest_s']:.1f} s)" if o["count"] else "")
-    )
-    line = "; ".join(parts)
-    for w in top["warnings"]:
-        line += f"\n  WARNING: {w}"
-    for p in top["problems"]:
-        line += f"\n  ERROR: {p}"
-    return line + f"\nsummary: {summary['run_dir']}/summary.json (exit code {top['exit_code']})"
-
-
 def set_aside_previous(run_dir: Path) -> Path | None:
     """A new session (not session.resume) in a run dir that holds an earlier one: move the earlier one's outputs
     to previous/<time>/ (never deleted), so that its replay, checkpoints and logs do not mix with this one's."""
@@ -666,8 +570,8 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
             if proc is not None and proc.poll() is None:
                 _stop(proc, "child", 10.0)
     names = sup.names
-    controls = {n: _read(run_dir / _control_dir(names, n) / "summary.json") for n in names}
-    learner_summary = _read(run_dir / "learner" / "summary.json")
+    controls = {n: read_json(run_dir / _control_dir(names, n) / "summary.json") for n in names}
+    learner_summary = read_json(run_dir / "learner" / "summary.json")
     curve, curve_skipped = learning_curve(
         [run_dir / _control_dir(names, n) for n in names],
         run_dir / "learning_curve.png",
@@ -715,5 +619,5 @@ def run_session(cfg: DictConfig, run_dir: Path) -> int:
         if problem:
             log.error("%s", problem)
     reserve.release()
-    print(_final_line(summary, top), flush=True)
+    print(final_line(summary, top), flush=True)
     return top["exit_code"]

@@ -46,6 +46,14 @@ def save_npz_atomic(path: Path, arrays: dict) -> str | None:
     return None
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or torn (a summary read while it is being written)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSON-lines file; a torn last line (crash mid-write) is ignored."""
     rows = []
