@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from robot_rl.data.divergence import Divergence, first_true, has_sim_states, recorded_observations
 from robot_rl.data.episode_store import EpisodeStore, StoreError
-from robot_rl.interfaces import OBS_PREFIX, Feature, Robot
+from robot_rl.interfaces import OBS_PREFIX, Robot
 
 log = logging.getLogger("robot_rl.commands.replay")
 
@@ -131,53 +131,6 @@ def build_replay_robot(store: EpisodeStore, sim_robot: str | dict | None = None)
     return robot
 
 
-# ---------------------------------------------------------------------------------------------- observations
-def _has_states(ep_states: np.ndarray | None) -> bool:
-    return ep_states is not None and len(ep_states) > 0 and bool(np.any(ep_states[0] != 0))
-
-
-def recorded_observations(
-    store: EpisodeStore, ep: dict[str, np.ndarray], sim_features: dict[str, Feature]
-) -> dict[str, np.ndarray]:
-    """The recorded low-dim observations under the sim robot's keys: `obs.<key>` of the same shape, and
-    lerobot-style flat vectors whose entries are named `<key>.<i>` (or `<key>` for a scalar), as the lerobot
-    adapter records a `state` vector. Keys the sim does not have are left out."""
-    out: dict[str, np.ndarray] = {}
-    sim_lowdim = {k: f for k, f in sim_features.items() if not f.is_image}
-    for key, f in store.features.items():
-        k = key[len(OBS_PREFIX) :]
-        if (
-            key.startswith(OBS_PREFIX)
-            and not f.is_image
-            and k in sim_lowdim
-            and tuple(sim_lowdim[k].shape) == tuple(f.shape)
-            and key in ep
-        ):
-            out[k] = np.asarray(ep[key], np.float64)
-    for key, f in store.features.items():
-        if not key.startswith(OBS_PREFIX) or f.is_image or not f.names or len(f.shape) != 1 or key not in ep:
-            continue
-        groups: dict[str, dict[int, int]] = {}
-        for j, name in enumerate(f.names):
-            base, _, idx = name.rpartition(".")
-            if base in sim_lowdim and idx.isdigit():
-                groups.setdefault(base, {})[int(idx)] = j
-            elif name in sim_lowdim and int(np.prod(sim_lowdim[name].shape)) == 1:
-                groups[name] = {0: j}
-        for base, cols in groups.items():
-            shape = tuple(sim_lowdim[base].shape)
-            n = int(np.prod(shape))
-            if base not in out and sorted(cols) == list(range(n)):
-                data = np.asarray(ep[key], np.float64)[:, [cols[i] for i in range(n)]]
-                out[base] = data.reshape(len(data), *shape)
-    return out
-
-
-def _position_keys(keys: Sequence[str], shapes: dict[str, tuple]) -> list[str]:
-    """3-D positions (metres): keys ending in `_pos` with 3 entries (not `robot0_joint_pos`: angles)."""
-    return [k for k in keys if k.endswith("_pos") and tuple(shapes[k]) == (3,)]
-
-
 # --------------------------------------------------------------------------------------------------- cameras
 class SimCameras:
     """Renders named cameras of a robosuite sim robot at its current state (own mujoco.Renderer, so the robot
@@ -248,12 +201,142 @@ def default_cameras(store: EpisodeStore, robot: Robot) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ replay
-def _finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
+def _episode_to_replay(store: EpisodeStore, index, mode: str | None) -> tuple[int, dict, dict, str]:
+    """(index, episode metadata, low-dim columns, mode) after checking the episode can be replayed as asked."""
+    n = store.num_episodes
+    if not isinstance(index, (int, np.integer)) or not -n <= index < n:
+        raise ReplayError(
+            f"episode {index} out of range: {store.path} has {n} episodes" + (f" (0..{n - 1})" if n else "")
+        )
+    index = int(index) % n
+    ep = store.episode(index, [k for k, f in store.features.items() if not f.is_image])
+    if "action" not in ep:
+        raise ReplayError(f"{store.path} has no `action` key: nothing to replay")
+    has_states = has_sim_states(ep.get("sim_state"))
+    mode = mode or ("state" if has_states else "open_loop")
+    if mode not in MODES:
+        raise ReplayError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "state" and not has_states:
+        raise ReplayError(
+            f"episode {index} of {store.path} has no recorded simulator states (sim_state), so it "
+            f"cannot be replayed in state mode: use --mode open_loop"
+        )
+    if len(ep["action"]) == 0:
+        raise ReplayError(f"episode {index} of {store.path} has no steps")
+    return index, store.episodes[index], ep, mode
 
 
-def _first(flags: Sequence[bool]) -> int | None:
-    return next((i for i, f in enumerate(flags) if f), None)
+def _check_actions(store: EpisodeStore, index: int, actions: np.ndarray, robot: Robot, warnings: list[str]) -> None:
+    act_feat = robot.action_feature
+    if actions.shape[1:] != tuple(act_feat.shape):
+        raise ReplayError(
+            f"episode {index} has {actions.shape[1] if actions.ndim > 1 else 1}-entry actions "
+            f"({', '.join(store.features['action'].names or ())}) but the sim robot takes "
+            f"{act_feat.shape[0]} ({', '.join(act_feat.names or ())}): choose a matching "
+            f"--sim-robot"
+        )
+    rec_names = store.features["action"].names
+    if rec_names and act_feat.names and tuple(rec_names) != tuple(act_feat.names):
+        warnings.append(f"action names differ: recorded {list(rec_names)}, sim {list(act_feat.names)}")
+    if not np.all(np.isfinite(actions)):
+        bad = int(np.flatnonzero(~np.all(np.isfinite(actions), axis=1))[0])
+        raise ReplayError(f"episode {index} has non-finite actions (first at step {bad}): cannot replay them")
+
+
+def _start_state(store: EpisodeStore, index: int, meta: dict, ep: dict, mode: str, robot: Robot, warnings) -> dict:
+    """Put the sim robot in the episode's first state (state mode) or its seeded scene (open loop); the first
+    observation."""
+    xml = None
+    if meta.get("model_id"):
+        try:
+            xml = store.model_xml(meta["model_id"])
+        except FileNotFoundError:
+            raise ReplayError(
+                f"{store.path}: the simulator model {meta['model_id']} of episode {index} is "
+                f"missing (models/{meta['model_id']}.xml)"
+            ) from None
+    recorded_cfg = store.meta.get("info", {}).get("robot_config") or {}
+    states = ep.get("sim_state")
+    has_states = has_sim_states(states)
+    if mode == "state":
+        rec_env, sim_env = recorded_cfg.get("env_name"), getattr(robot, "env_name", None)
+        if rec_env and sim_env and rec_env != sim_env:
+            raise ReplayError(
+                f"episode {index} was recorded in {rec_env}, the sim robot is {sim_env}: a state "
+                f"replay needs the recorded scene (drop --sim-robot, or use --mode open_loop)"
+            )
+        return robot.set_sim_state({"model_xml": xml, "states": states[0]})
+    same_scene = recorded_cfg.get("env_name") == getattr(robot, "env_name", None)
+    initial = states[0] if has_states else meta.get("initial_sim_state")
+    if xml is not None and same_scene and initial is not None and hasattr(robot, "set_sim_state"):
+        # the recorded model first: robosuite draws object sizes when it builds a model (not per seed)
+        robot.set_sim_state({"model_xml": xml, "states": np.asarray(initial, np.float64)})
+    seed = meta.get("seed")
+    if seed is None:
+        warnings.append(
+            f"episode {index} has no seed: its scene cannot be regenerated, the actions play from a fresh "
+            "random scene" + (" (use --mode state: the store has its simulator states)" if has_states else "")
+        )
+    return robot.reset(seed=None if seed is None else int(seed))
+
+
+def _divergence(store: EpisodeStore, ep: dict, mode: str, robot: Robot, warnings: list[str]) -> Divergence:
+    sim_feats = robot.observation_features
+    rec_obs = recorded_observations(store, ep, sim_feats)
+    states = ep.get("sim_state")
+    state_robot = robot if has_sim_states(states) and hasattr(robot, "get_sim_state") else None
+    if state_robot is not None and len(robot.get_sim_state()["states"]) != states.shape[1]:
+        if mode == "state":
+            raise ReplayError(
+                f"the recorded simulator states have {states.shape[1]} entries, the replay "
+                f"model {len(robot.get_sim_state()['states'])}: a different scene"
+            )
+        state_robot = None
+        warnings.append("recorded sim states do not fit the replay model: qpos not compared")
+    shapes = {k: tuple(sim_feats[k].shape) for k in rec_obs}
+    return Divergence(rec_obs, shapes, len(ep["action"]), states, state_robot)
+
+
+class _Video:
+    """The replay's mp4: each camera rendered from the sim, beside the recorded frame of the same camera when the
+    store has it ("recorded | replayed", one row per camera)."""
+
+    def __init__(self, path, store, index, robot, cameras, size, render_quality, side_by_side):
+        from robot_rl.video import Mp4Writer
+
+        self.path, self.size = path, size
+        cam_list = list(cameras) if cameras else default_cameras(store, robot)
+        self.cams = SimCameras(robot, cam_list, size[0], size[1], render_quality)
+        rec_keys = [f"{OBS_PREFIX}{c}{_IMAGE_SUFFIX}" for c in cam_list]
+        rec_keys = [k for k in rec_keys if k in store.features and store.features[k].is_image]
+        self.recorded = store.episode(index, rec_keys) if side_by_side and rec_keys else {}
+        self.writer = Mp4Writer(path, fps=store.fps)
+
+    def write(self, t: int) -> None:
+        views = self.cams.render()
+        if not self.recorded:
+            self.writer.write(_tile(views))
+            return
+        cells = []
+        for c, v in zip(self.cams.cameras, views):
+            k = f"{OBS_PREFIX}{c}{_IMAGE_SUFFIX}"
+            rec = self.recorded[k][t] if k in self.recorded else np.zeros_like(v)
+            cells += [_resize(rec, v.shape[0], v.shape[1]), v]
+        self.writer.write(_tile(cells, columns=2, gap=2))
+
+    def close(self) -> None:
+        self.cams.close()
+        self.writer.close()
+
+    def report(self) -> dict:
+        return {
+            "path": str(self.path),
+            "frames": self.writer.frames,
+            "cameras": self.cams.cameras,
+            "size": list(self.size),
+            "codec": self.writer.codec,
+            "recorded_side_by_side": sorted(self.recorded),
+        }
 
 
 def replay_episode(
@@ -275,201 +358,48 @@ def replay_episode(
     `sim_robot` (a config dict or name). video: mp4 path; `cameras` (default: the recorded ones, else agentview)
     rendered at `camera_size` (height, width), beside the recorded frames of the same camera when the store has
     them ("recorded | replayed", one row per camera)."""
-    n = store.num_episodes
-    if not isinstance(index, (int, np.integer)) or not -n <= index < n:
-        raise ReplayError(
-            f"episode {index} out of range: {store.path} has {n} episodes" + (f" (0..{n - 1})" if n else "")
-        )
-    index = int(index) % n
-    meta = store.episodes[index]
-    lowdim_keys = [k for k, f in store.features.items() if not f.is_image]
-    ep = store.episode(index, lowdim_keys)
-    if "action" not in ep:
-        raise ReplayError(f"{store.path} has no `action` key: nothing to replay")
+    index, meta, ep, mode = _episode_to_replay(store, index, mode)
     actions = np.asarray(ep["action"], np.float32)
     steps = len(actions)
-    states = ep.get("sim_state")
-    has_states = _has_states(states)
-    if mode is None:
-        mode = "state" if has_states else "open_loop"
-    if mode not in MODES:
-        raise ReplayError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "state" and not has_states:
-        raise ReplayError(
-            f"episode {index} of {store.path} has no recorded simulator states (sim_state), so it "
-            f"cannot be replayed in state mode: use --mode open_loop"
-        )
-    if steps == 0:
-        raise ReplayError(f"episode {index} of {store.path} has no steps")
-
     own_robot = robot is None
     if own_robot:
         robot = build_replay_robot(store, sim_robot)
     elif not robot.is_connected:
         robot.connect()
-    cams = None
-    writer = None
+    warnings: list[str] = []
+    out = None
     try:
-        act_feat = robot.action_feature
-        if actions.shape[1:] != tuple(act_feat.shape):
-            raise ReplayError(
-                f"episode {index} has {actions.shape[1] if actions.ndim > 1 else 1}-entry actions "
-                f"({', '.join(store.features['action'].names or ())}) but the sim robot takes "
-                f"{act_feat.shape[0]} ({', '.join(act_feat.names or ())}): choose a matching "
-                f"--sim-robot"
-            )
-        warnings = []
-        rec_names = store.features["action"].names
-        if rec_names and act_feat.names and tuple(rec_names) != tuple(act_feat.names):
-            warnings.append(f"action names differ: recorded {list(rec_names)}, sim {list(act_feat.names)}")
-        if not np.all(np.isfinite(actions)):
-            bad = int(np.flatnonzero(~np.all(np.isfinite(actions), axis=1))[0])
-            raise ReplayError(f"episode {index} has non-finite actions (first at step {bad}): cannot replay them")
-
-        # ---- start state
-        xml = None
-        if meta.get("model_id"):
-            try:
-                xml = store.model_xml(meta["model_id"])
-            except FileNotFoundError:
-                raise ReplayError(
-                    f"{store.path}: the simulator model {meta['model_id']} of episode {index} is "
-                    f"missing (models/{meta['model_id']}.xml)"
-                ) from None
-        recorded_cfg = store.meta.get("info", {}).get("robot_config") or {}
-        seed = meta.get("seed")
-        if mode == "state":
-            rec_env, sim_env = recorded_cfg.get("env_name"), getattr(robot, "env_name", None)
-            if rec_env and sim_env and rec_env != sim_env:
-                raise ReplayError(
-                    f"episode {index} was recorded in {rec_env}, the sim robot is {sim_env}: a state "
-                    f"replay needs the recorded scene (drop --sim-robot, or use --mode open_loop)"
-                )
-            obs = robot.set_sim_state({"model_xml": xml, "states": states[0]})
-        else:
-            same_scene = recorded_cfg.get("env_name") == getattr(robot, "env_name", None)
-            initial = states[0] if has_states else meta.get("initial_sim_state")
-            if xml is not None and same_scene and initial is not None and hasattr(robot, "set_sim_state"):
-                # the recorded model first: robosuite draws object sizes when it builds a model (not per seed)
-                robot.set_sim_state({"model_xml": xml, "states": np.asarray(initial, np.float64)})
-            if seed is None:
-                warnings.append(
-                    f"episode {index} has no seed: its scene cannot be regenerated, the actions play from a fresh "
-                    "random scene" + (" (use --mode state: the store has its simulator states)" if has_states else "")
-                )
-            obs = robot.reset(seed=None if seed is None else int(seed))
-
-        sim_feats = robot.observation_features
-        rec_obs = recorded_observations(store, ep, sim_feats)
-        shapes = {k: tuple(sim_feats[k].shape) for k in rec_obs}
-        pos_keys = _position_keys(list(rec_obs), shapes)
-        nq = nv = None
-        compare_states = has_states and hasattr(robot, "get_sim_state")
-        if compare_states:
-            model = robot.env.sim.model
-            nq, nv = int(model.nq), int(model.nv)
-            if len(robot.get_sim_state()["states"]) != states.shape[1]:
-                if mode == "state":
-                    raise ReplayError(
-                        f"the recorded simulator states have {states.shape[1]} entries, the replay "
-                        f"model {len(robot.get_sim_state()['states'])}: a different scene"
-                    )
-                compare_states = False
-                warnings.append("recorded sim states do not fit the replay model: qpos not compared")
-
-        pos_err = {k: np.full(steps, np.nan) for k in pos_keys}
-        obs_err = {k: np.full(steps, np.nan) for k in rec_obs}
-        qpos_err = np.full(steps, np.nan)
-        qvel_err = np.full(steps, np.nan)
-
-        def compare(t: int, o: dict) -> None:
-            for k in rec_obs:
-                d = np.asarray(o[k], np.float64) - rec_obs[k][t]
-                obs_err[k][t] = float(np.max(np.abs(d))) if d.size else 0.0
-                if k in pos_err:
-                    pos_err[k][t] = float(np.linalg.norm(d))
-            if compare_states:
-                s = np.asarray(robot.get_sim_state()["states"], np.float64)
-                qpos_err[t] = float(np.max(np.abs(s[1 : 1 + nq] - states[t, 1 : 1 + nq])))
-                qvel_err[t] = float(np.max(np.abs(s[1 + nq : 1 + nq + nv] - states[t, 1 + nq : 1 + nq + nv])))
-
-        compare(0, obs)
-
-        # ---- video
+        _check_actions(store, index, actions, robot, warnings)
+        obs = _start_state(store, index, meta, ep, mode, robot, warnings)
+        divergence = _divergence(store, ep, mode, robot, warnings)
+        divergence.compare(0, obs)
         if video is not None:
-            from robot_rl.video import Mp4Writer
-
-            rc_quality = (
+            quality = (
                 replay_robot_config(store, sim_robot).get("render_quality", "fast")
                 if own_robot
                 else getattr(robot, "render_quality", "fast")
             )
-            cam_list = list(cameras) if cameras else default_cameras(store, robot)
-            cams = SimCameras(robot, cam_list, camera_size[0], camera_size[1], rc_quality)
-            rec_keys = [f"{OBS_PREFIX}{c}{_IMAGE_SUFFIX}" for c in cam_list]
-            rec_keys = [k for k in rec_keys if k in store.features and store.features[k].is_image]
-            rec_frames = store.episode(index, rec_keys) if side_by_side and rec_keys else {}
-            writer = Mp4Writer(video, fps=store.fps)
+            out = _Video(video, store, index, robot, cameras, camera_size, quality, side_by_side)
 
-        def write_frame(t: int) -> None:
-            views = cams.render()
-            if not rec_frames:
-                writer.write(_tile(views))
-                return
-            cells = []
-            for c, v in zip(cams.cameras, views):
-                k = f"{OBS_PREFIX}{c}{_IMAGE_SUFFIX}"
-                rec = rec_frames[k][t] if k in rec_frames else np.zeros_like(v)
-                cells += [_resize(rec, v.shape[0], v.shape[1]), v]
-            writer.write(_tile(cells, columns=2, gap=2))
-
-        # ---- the replay
-        success = np.zeros(steps, bool)
-        step_s = np.zeros(steps)
+        success, step_s = np.zeros(steps, bool), np.zeros(steps)
         t_start = time.perf_counter()
         for t in range(steps):
-            if writer is not None:
-                write_frame(t)  # the state action t is applied to, as recorded frame t shows
+            if out is not None:
+                out.write(t)  # the state action t is applied to, as recorded frame t shows
             t0 = time.perf_counter()
             robot.send_action(actions[t])
             step_s[t] = time.perf_counter() - t0
             success[t] = bool(robot.is_success())
             if t + 1 < steps:
-                compare(t + 1, robot.get_observation())
+                divergence.compare(t + 1, robot.get_observation())
         wall_s = time.perf_counter() - t_start
     finally:
-        if cams is not None:
-            cams.close()
-        if writer is not None:
-            writer.close()
+        if out is not None:
+            out.close()
         if own_robot:
             robot.disconnect()
 
-    # ---- report
     rec_success = np.asarray(ep["success"], bool) if "success" in ep else None
-    pos_any = np.nanmax(np.stack(list(pos_err.values())), axis=0) if pos_err else None
-    # diverged: the replayed simulator state against the recorded one where the store has it (robosuite's recorded
-    # observations lag the recorded state by one physics substep, up to ~0.8 mm); else the position observations
-    basis = "sim_state" if compare_states and np.any(np.isfinite(qpos_err)) else "observations"
-    if basis == "sim_state":
-        exceed = _first(np.nan_to_num(qpos_err, nan=0.0) > tolerance)
-    else:
-        exceed = _first(pos_any > tolerance) if pos_any is not None else None
-    worst_key = worst_step = None
-    if pos_any is not None:
-        worst_step = int(np.nanargmax(pos_any))
-        worst_key = max(pos_err, key=lambda k: pos_err[k][worst_step])
-
-    def stats(a: np.ndarray | None) -> dict | None:
-        if a is None or not np.any(np.isfinite(a)):
-            return None
-        return {
-            "max": _finite(np.nanmax(a)),
-            "final": _finite(a[-1]),
-            "initial": _finite(a[0]),
-            "per_step": [_finite(x) for x in a],
-        }
-
     period = 1.0 / store.fps
     report: dict[str, Any] = {
         "store": str(store.path),
@@ -480,41 +410,19 @@ def replay_episode(
         "sim": {k: v for k, v in replay_robot_config(store, sim_robot).items() if k in ("env_name", "robots")}
         if own_robot
         else {"env_name": getattr(robot, "env_name", None)},
-        "seed": seed if mode == "open_loop" else None,
+        "seed": meta.get("seed") if mode == "open_loop" else None,
         "tolerance_m": tolerance,
-        "compared_keys": sorted(rec_obs),
-        "position_keys": pos_keys,
-        "pos_err_m": stats(pos_any),  # max over the position keys, per step
-        "pos_err_by_key_m": {k: stats(v) for k, v in pos_err.items()},
-        "obs_err_max_by_key": {k: _finite(np.nanmax(v)) for k, v in obs_err.items()},
-        "qpos_err": stats(qpos_err) if compare_states else None,
-        "qvel_err": stats(qvel_err) if compare_states else None,
-        "max_divergence_m": _finite(np.nanmax(pos_any)) if pos_any is not None else None,
-        "final_divergence_m": _finite(pos_any[-1]) if pos_any is not None else None,
-        "max_divergence_key": worst_key,
-        "max_divergence_step": worst_step,
-        "first_exceed_step": exceed,
-        "diverged": exceed is not None,
-        "divergence_basis": basis,  # sim_state: max |qpos error| (m / rad) vs the tolerance; observations: positions
+        **divergence.report(tolerance),
         "success_recorded": bool(rec_success[-1]) if rec_success is not None else meta.get("success"),
         "success_replayed": bool(success[-1]),
-        "first_success_step_recorded": _first(rec_success) if rec_success is not None else None,
-        "first_success_step_replayed": _first(success),
+        "first_success_step_recorded": first_true(rec_success) if rec_success is not None else None,
+        "first_success_step_replayed": first_true(success),
         "success_agreement": float(np.mean(success == rec_success)) if rec_success is not None else None,
         "step_time_ms": {"mean": 1e3 * float(step_s.mean()), "max": 1e3 * float(step_s.max())},
         "control_period_ms": 1e3 * period,
         "realtime_factor": float(period / step_s.mean()) if step_s.mean() > 0 else None,
         "wall_s": wall_s,
-        "video": None
-        if video is None
-        else {
-            "path": str(video),
-            "frames": writer.frames,
-            "cameras": cams.cameras,
-            "size": list(camera_size),
-            "codec": writer.codec,
-            "recorded_side_by_side": sorted(rec_frames) if rec_frames else [],
-        },
+        "video": None if out is None else out.report(),
         "warnings": warnings,
     }
     report["success_match"] = (
