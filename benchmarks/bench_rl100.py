@@ -94,7 +94,8 @@ def run_rl100(run_dir: Path, policy: str, data: list[str], size: dict, gated: bo
         raise RuntimeError(f"rl100 in {run_dir} exited with {code}")
     state = json.loads((run_dir / STATE).read_text())
     report = json.loads((run_dir / "report" / "report.json").read_text())
-    return {"state": state, "report": report, "wall_s": time.monotonic() - t0}
+    stages_s = sum(float(info["wall_s"]) for info in state["finished"].values())  # also when read back
+    return {"state": state, "report": report, "wall_s": max(stages_s, time.monotonic() - t0)}
 
 
 def round_walls(state: dict) -> dict:
@@ -121,6 +122,9 @@ def plot(task: str, gated: dict, ungated: dict, path: Path) -> None:
         ci = np.array([row["sim"]["success_ci95"] for row in rows])
         axes[0].errorbar(x, sr, yerr=[sr - ci[:, 0], ci[:, 1] - sr], fmt="o-" if k == 0 else "s--", capsize=3,
                          label=f"{name} candidates")  # fmt: skip
+        if all("sim_chain" in row for row in rows):  # the same candidates with the stochastic chain PPO trains
+            sc = np.array([row["sim_chain"]["success_rate"] for row in rows])
+            axes[0].plot(x, sc, ":", marker="^" if k == 0 else "v", alpha=0.7, label=f"{name}, eta=1 chain sampler")
         for xi, si, row in zip(x, sr, rows):
             if not row["accepted"]:
                 axes[0].plot(xi, si, "x", color="red", markersize=10)
@@ -129,7 +133,7 @@ def plot(task: str, gated: dict, ungated: dict, path: Path) -> None:
         axes[1].errorbar(x, est, yerr=[est - eci[:, 0], eci[:, 1] - est], fmt="o-" if k == 0 else "s--", capsize=3,
                          label=name)  # fmt: skip
     axes[0].set_xlabel("round (0 = BC init); red x = rejected by the gate")
-    axes[0].set_ylabel("sim success (Wilson 95 %)")
+    axes[0].set_ylabel("sim success, deterministic DDIM (Wilson 95 %)")
     axes[0].set_ylim(0, 1)
     axes[0].legend()
     axes[0].set_title(f"{task}: true success per candidate")
@@ -155,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         "iterations on Lift: AM-Q 0.641 -> 0.646; RL-100 runs 5000+ steps at 1e-6..1e-5)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=None, help="override the size's number of rounds")
+    ap.add_argument(
+        "--runs",
+        default="gated,ungated",
+        help="which rl100 runs to execute now (gated, ungated); a finished run in --out is read back, so the two "
+        "can run as two processes and a last call with both assembles the result and the figure",
+    )
     ap.add_argument("--fresh", action="store_true", help="drop earlier rl100 runs in --out (the base is kept)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -165,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    size = SIZES["quick" if args.quick else "full"]
+    size = dict(SIZES["quick" if args.quick else "full"])
+    if args.rounds is not None:
+        size["rounds"] = args.rounds
+    wanted = {r.strip() for r in args.runs.split(",") if r.strip()}
     root = Path(args.out) / args.task
     t0 = time.monotonic()
     # the residual benchmark's weak base (cached: `residual_base.py --task <task> --out <out>/<task>_base`)
@@ -176,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name, gated in (("gated", True), ("ungated", False)):
         run_dir = root / f"rl100_{'quick' if args.quick else 'full'}_{name}"
-        if args.fresh:
+        if args.fresh and name in wanted:
             shutil.rmtree(run_dir, ignore_errors=True)
-        runs[name] = run_rl100(run_dir, base["checkpoint"], data, size, gated, args)
+        runs[name] = run_rl100(run_dir, base["checkpoint"], data, size, gated, args) if name in wanted else None
+    if None in runs.values():
+        print(f"ran {sorted(wanted)}; call again with --runs gated,ungated to assemble the result", flush=True)
+        return 0
     g, u = runs["gated"], runs["ungated"]
     rows = g["report"]["candidates"]
     final = [r for r in rows if r["accepted"]][-1]  # the last accepted candidate is the deployed policy
@@ -200,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                   "decisions": [{"round": d["round"], "accepted": d["accepted"], "candidate": d["candidate"]["estimate"],
                                  "best": d["best"]["estimate"]} for d in g["state"]["decisions"]],
                   "candidates": [{"name": r["name"], "accepted": r["accepted"], "success": r["sim"]["success_rate"],
-                                  "ci": r["sim"]["success_ci95"], "am_q": r["ope"]["estimate"], "am_q_ci": r["ope"]["ci95"]}
+                                  "ci": r["sim"]["success_ci95"], "am_q": r["ope"]["estimate"], "am_q_ci": r["ope"]["ci95"],
+                                  "success_chain": (r.get("sim_chain") or {}).get("success_rate"),
+                                  "ci_chain": (r.get("sim_chain") or {}).get("success_ci95")}
                                  for r in rows],
+                  "shift_from_bc": [d.get("shift_from_bc") for d in g["state"]["decisions"]],
                   "rank_correlation": g["report"]["rank_correlation"],
                   "sharpe_ratio_at_k": g["report"]["sharpe_ratio_at_k"],
                   "best_of_n": g["report"]["best_of_n"],

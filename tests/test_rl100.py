@@ -142,6 +142,52 @@ def test_chunk_transitions(toy):
     assert executed_rows(policy) == slice(1, 1 + n)
 
 
+def test_kl_anchor_keeps_ppo_near_the_bc_policy(toy):
+    """A destructive PPO step size: without the KL term the chunks leave the BC policy's; with it they stay near."""
+    import dataclasses
+
+    from robot_rl.algos.rl100 import ddim_chunks, fit_critics, ppo_over_chain
+
+    _, store_path, bc = toy
+    ref = load_policy(bc, "cpu")
+    algo = rl100_config(bc, store_path).rl100
+    cfg = RL100Config.from_dict(dict(algo.algo), dict(algo.iql))
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, lr=1e-3, iterations=4, batch_size=32))
+    data = chunk_transitions([EpisodeStore.open(store_path)], ref, cfg)
+    critics = fit_critics(data, cfg, "cpu")
+    z = torch.as_tensor(data["obs"][:64])
+    base = ddim_chunks(ref, z, torch.Generator().manual_seed(1), cfg.chain.steps)
+    moved = {}
+    for kl in (0.0, 10.0):
+        policy = load_policy(bc, "cpu")
+        c = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, kl_coef=kl))
+        history = ppo_over_chain(policy, critics, torch.as_tensor(data["obs"]), c, reference=ref)
+        assert all(np.isfinite(h["kl"]) for h in history)
+        chunks = ddim_chunks(policy, z, torch.Generator().manual_seed(1), cfg.chain.steps)
+        moved[kl] = float(((chunks - base) ** 2).mean().sqrt())
+    assert moved[10.0] < 0.5 * moved[0.0], moved
+
+
+def test_group_advantage_cancels_the_state_value():
+    """M chunks per state: a critic error shared by a state's chunks (its value) drops out of the advantage."""
+    from robot_rl.algos.rl100 import chunk_advantage
+
+    class Critic:
+        def q_value(self, z, a):
+            return 100.0 * z[:, 0] + a[:, 0]  # a large state term, a small action term
+
+        def v(self, z):
+            return torch.zeros(len(z))
+
+    z = torch.randn(8, 3).repeat_interleave(4, 0)
+    a = torch.randn(32, 2)
+    adv = chunk_advantage(Critic(), z, a, chains_per_state=4)
+    within = a[:, 0] - a[:, 0].view(8, 4).mean(1).repeat_interleave(4)
+    torch.testing.assert_close(adv, (within - within.mean()) / (within.std() + 1e-8))
+    one = chunk_advantage(Critic(), z, a, chains_per_state=1)  # Q - V: ranked by the state term
+    assert torch.corrcoef(torch.stack([one, z[:, 0]]))[0, 1] > 0.99
+
+
 def test_ope_helpers():
     v = np.random.default_rng(0).normal(1.0, 0.5, 400)
     lo, hi = bootstrap_ci(v, 500, 0)
@@ -157,9 +203,11 @@ def test_ope_helpers():
 
 
 def test_gate_rejects_a_destructive_update(toy, tmp_path):
-    """PPO learning rate x100: the candidate's AM-Q falls below the BC init's and the gate keeps the BC init."""
+    """PPO learning rate x100 without the KL anchor: the candidate's AM-Q falls below the BC init's and the gate
+    keeps the BC init. (With the default anchor this step size no longer damages the toy policy.)"""
     _, store, bc = toy
-    state = run(bc, store, tmp_path / "run", "rl100.algo.ppo.lr=1e-3", "rl100.algo.ppo.iterations=10")
+    state = run(bc, store, tmp_path / "run", "rl100.algo.ppo.lr=1e-3", "rl100.algo.ppo.iterations=10",
+                "rl100.algo.ppo.kl_coef=0")  # fmt: skip
     (decision,) = state["decisions"]
     assert not decision["accepted"] and decision["gated"]
     assert decision["candidate"]["estimate"] < decision["best"]["estimate"]
@@ -168,7 +216,7 @@ def test_gate_rejects_a_destructive_update(toy, tmp_path):
     assert not (tmp_path / "run" / "policies" / "v1").exists()
     # the same setting without the gate deploys the damaged candidate
     ungated = run(bc, store, tmp_path / "ungated", "rl100.algo.ppo.lr=1e-3", "rl100.algo.ppo.iterations=10",
-                  "rl100.algo.gate=false")  # fmt: skip
+                  "rl100.algo.ppo.kl_coef=0", "rl100.algo.gate=false")  # fmt: skip
     assert ungated["decisions"][0]["accepted"] and not ungated["decisions"][0]["passed"]
     assert ungated["accepted"]["version"] == 1
 
@@ -185,12 +233,12 @@ def test_resume_after_a_crash_mid_ppo(toy, tmp_path, monkeypatch):
     real = cmd.ppo_over_chain
     calls = {"ppo": 0, "fit": 0}
 
-    def crashing(policy, critics, states, cfg, log=None):
+    def crashing(policy, critics, states, cfg, log=None, **kw):
         calls["ppo"] += 1
         if calls["ppo"] == 2:  # round 2: die after 2 iterations
             real(policy, critics, states, cfg, lambda it, m: (_ for _ in ()).throw(RuntimeError("killed")) if it == 2
-                 else log(it, m))  # fmt: skip
-        return real(policy, critics, states, cfg, log)
+                 else log(it, m), **kw)  # fmt: skip
+        return real(policy, critics, states, cfg, log, **kw)
 
     real_fit = cmd.fit_critics
 

@@ -9,9 +9,12 @@ A diffusion policy cloned from demonstrations is improved between rounds without
 3. **Latent dynamics** (robot_rl/algos/latent_dynamics.py) for the **AM-Q** estimate (robot_rl/algos/ope.py).
 4. **PPO over the denoising chain**: at dataset states, fresh chains x_K..x_0 from π_old (DDIM η=1, σ clipped),
    A = min(Q1,Q2)(z, x_0) − V(z) normalised over the batch, and per denoising step k
-       r_k = exp(Σ_chunk [log π_θ(x_{k−1}|x_k, z) − log π_old(x_{k−1}|x_k, z)])
-       L_k = −mean_B min(r_k A, clip(r_k, 1 − c, 1 + c) A)        one optimiser step per k (RL-100)
-   with a small LR decayed linearly to zero and gradient clipping; only the UNet learns (encoder frozen).
+       r_k  = exp(Σ_chunk [log π_θ(x_{k−1}|x_k, z) − log π_old(x_{k−1}|x_k, z)])
+       KL_k = Σ_chunk (μ_θ(x_k, z) − μ_BC(x_k, z))² / 2σ̃_k²       KL(π_θ || π_BC) of the step (same σ̃_k)
+       L_k  = −mean_B min(r_k A, clip(r_k, 1 − c, 1 + c) A) + β mean_B KL_k      one optimiser step per k (RL-100)
+   with a small LR decayed linearly to zero and gradient clipping; only the UNet learns (encoder frozen). The KL
+   term anchors every round to the BC init: without it PPO walks the chunks off the data, where the critic is
+   wrong and grows with the distance (measured on Lift: docs/rl100.md).
 5. **The gate**: the round's candidate replaces the best policy only if
        AM-Q(candidate) ≥ AM-Q(best) + δ·|AM-Q(best)|
    both estimated with this round's critics and model on the same start states and noise; otherwise the best
@@ -23,6 +26,7 @@ configs/rl100.yaml; docs/rl100.md.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import deque
 from dataclasses import dataclass
@@ -51,11 +55,13 @@ class ChainConfig:
 @dataclass
 class PPOConfig:
     iterations: int
-    batch_size: int
+    batch_size: int  # chains per iteration
     epochs: int
     lr: float
     clip: float
     grad_clip: float
+    chains_per_state: int = 1  # M > 1: A = Q(z, a_i) - mean_j Q(z, a_j) over M chains at the same state
+    kl_coef: float = 0.0  # weight of KL(π_θ || π_ref) per denoising step at the chain's states
 
 
 @dataclass
@@ -252,6 +258,15 @@ def ope_estimate(policy: DiffusionPolicy, critics: IQL, dynamics, z0: torch.Tens
     return {"estimate": float(values.mean()), "ci95": [lo, hi], "n": len(values)}
 
 
+@torch.no_grad()
+def chunk_shift(policy: DiffusionPolicy, reference: DiffusionPolicy, z: torch.Tensor, cfg: RL100Config) -> float:
+    """RMS distance (normalised action units) between the two policies' deterministic executed chunks from the same
+    noise at features z: how far a round moved the policy from the BC init, off the data the critic knows."""
+    a, b = (flat_executed(p, ddim_chunks(p, z, torch.Generator().manual_seed(cfg.ope.seed), cfg.chain.steps))
+            for p in (policy, reference))  # fmt: skip
+    return float(((a - b) ** 2).mean().sqrt())
+
+
 def start_states(data: dict[str, np.ndarray], cfg: RL100Config, device) -> torch.Tensor:
     """The OPE's start features: a fixed seeded draw of dataset states (the same for every candidate of a round)."""
     rng = np.random.default_rng(cfg.ope.seed)
@@ -273,31 +288,40 @@ def ppo_over_chain(
     states: torch.Tensor,
     cfg: RL100Config,
     log: Callable[[int, dict], None] | None = None,
+    *,
+    reference: DiffusionPolicy | None = None,
 ) -> list[dict]:
-    """Train `policy.unet` in place by clipped PPO over the denoising chain at dataset features `states`."""
+    """Train `policy.unet` in place by clipped PPO over the denoising chain at dataset features `states`, with a
+    KL penalty to `reference` (the BC init; default: the policy as it enters the round) at every denoising step."""
     c, p = cfg.chain, cfg.ppo
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    reference = copy.deepcopy(policy) if reference is None else reference
+    reference.requires_grad_(False)
     policy.requires_grad_(False)
     policy.unet.requires_grad_(True)  # the encoder and the normaliser stay frozen
     params = list(policy.unet.parameters())
     opt = torch.optim.Adam(params, lr=p.lr)
+    schedule, rows, m = policy.chain_schedule(c.steps, c.eta), executed_rows(policy), p.chains_per_state
     history = []
     for it in range(p.iterations):
         for group in opt.param_groups:  # linear decay to zero over the round
             group["lr"] = p.lr * (1.0 - it / p.iterations)
-        z = states[torch.as_tensor(rng.integers(0, len(states), p.batch_size), device=states.device)]
+        z = states[torch.as_tensor(rng.integers(0, len(states), max(p.batch_size // m, 1)), device=states.device)]
+        z = z.repeat_interleave(m, 0)  # M chains per state
         chain, lp_old = policy.sample_chain(z, c.steps, c.eta, c.std_min, c.std_max, generator=gen)
         old = chain_logp(policy, lp_old)  # (B, K)
-        with torch.no_grad():
-            adv = critics.advantage(z, flat_executed(policy, chain[:, -1]))
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        stats = {"loss": 0.0, "ratio_dev": 0.0, "clip_frac": 0.0}
+        adv = chunk_advantage(critics, z, flat_executed(policy, chain[:, -1]), m)
+        stats = {"loss": 0.0, "kl": 0.0, "ratio_dev": 0.0, "clip_frac": 0.0}
         for _ in range(p.epochs):
-            for k in range(chain.shape[1] - 1):
-                new = chain_logp(policy, policy.chain_log_prob(z, chain, c.steps, c.eta, c.std_min, c.std_max, k))
+            for k, step in enumerate(schedule):
+                mean, std = policy.chain_step(chain[:, k], z, step, c.std_min, c.std_max)
+                new = chain_logp(policy, torch.distributions.Normal(mean, std).log_prob(chain[:, k + 1]))
                 ratio = torch.exp(new - old[:, k])
-                loss = -torch.min(ratio * adv, ratio.clamp(1 - p.clip, 1 + p.clip) * adv).mean()
+                with torch.no_grad():
+                    ref_mean, _ = reference.chain_step(chain[:, k], z, step, c.std_min, c.std_max)
+                kl = ((mean - ref_mean)[:, rows] ** 2).sum((-2, -1)).mean() / (2 * std**2)  # same σ̃ for both
+                loss = -torch.min(ratio * adv, ratio.clamp(1 - p.clip, 1 + p.clip) * adv).mean() + p.kl_coef * kl
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"PPO loss is {loss.item()} at iteration {it}; lower rl100.algo.ppo.lr")
                 opt.zero_grad(set_to_none=True)
@@ -305,9 +329,10 @@ def ppo_over_chain(
                 torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
                 opt.step()
                 stats["loss"] += loss.item()
+                stats["kl"] += kl.item()
                 stats["ratio_dev"] += (ratio - 1).abs().mean().item()
                 stats["clip_frac"] += ((ratio - 1).abs() > p.clip).float().mean().item()
-        n = p.epochs * (chain.shape[1] - 1)
+        n = p.epochs * len(schedule)
         out = {"iteration": it + 1, "lr": opt.param_groups[0]["lr"], **{k: v / n for k, v in stats.items()}}
         out["q_mean"] = float(critics.q_value(z, flat_executed(policy, chain[:, -1])).mean())
         history.append(out)
@@ -315,6 +340,20 @@ def ppo_over_chain(
             log(it + 1, out)
     policy.requires_grad_(False)
     return history
+
+
+@torch.no_grad()
+def chunk_advantage(critics: IQL, z: torch.Tensor, action: torch.Tensor, chains_per_state: int = 1) -> torch.Tensor:
+    """The PPO advantage of each chain's chunk, normalised over the batch. One chain per state: min(Q1,Q2) − V
+    (RL-100). M > 1 chains per state (consecutive rows): min(Q1,Q2) − the mean over the state's M chunks, so the
+    critic's error in the state's value (the same for its M chunks) cancels and only the chunks' ranking remains."""
+    q = critics.q_value(z, action)
+    if chains_per_state > 1:
+        baseline = q.view(-1, chains_per_state).mean(1).repeat_interleave(chains_per_state)
+    else:
+        baseline = critics.v(z)
+    adv = q - baseline
+    return (adv - adv.mean()) / (adv.std() + 1e-8)
 
 
 # ------------------------------------------------------------------------------------------------ gate

@@ -41,6 +41,7 @@ from robot_rl.algos.rl100 import (
     RL100Config,
     best_of_n_sampler,
     check_teacher,
+    chunk_shift,
     chunk_transitions,
     fit_critics,
     fit_dynamics,
@@ -287,14 +288,16 @@ class RL100Run:
             with open(jsonl, "a") as f:
                 f.write(json.dumps(m) + "\n")
             if it % 10 == 0 or it == self.algo.ppo.iterations:
-                log.info("round %d PPO %d: loss %.4f |r-1| %.4f clip %.3f Q %.4f", r, it, m["loss"], m["ratio_dev"],
-                         m["clip_frac"], m["q_mean"])  # fmt: skip
+                log.info("round %d PPO %d: loss %.4f KL %.3f |r-1| %.4f clip %.3f Q %.4f", r, it, m["loss"], m["kl"],
+                         m["ratio_dev"], m["clip_frac"], m["q_mean"])  # fmt: skip
 
         t0 = time.monotonic()
-        history = ppo_over_chain(policy, critics, states, self.algo, log_it)
+        bc = self.load("policies/v0")  # the KL anchor is the BC init, whichever policy the round starts from
+        history = ppo_over_chain(policy, critics, states, self.algo, log_it, reference=bc)
         ppo_s = time.monotonic() - t0
         est_new = ope_estimate(policy, critics, dynamics, z0, self.algo)
         decision = gate(est_new, est_best, self.algo.gate_delta, self.algo.gate)
+        decision["shift_from_bc"] = chunk_shift(policy, bc, z0, self.algo)  # logged, not a criterion
         cand = f"rounds/r{r}/candidate"
         self._write(policy, cand, {"round": r, "from_version": best["version"], "decision": decision})
         version = best["version"]
@@ -303,9 +306,10 @@ class RL100Run:
             self._write(policy, f"policies/v{version}", {"round": r, "version": version, "decision": decision})
             self.state["accepted"] = {"version": version, "path": f"policies/v{version}"}
         log.info(
-            "round %d gate: %s (AM-Q candidate %.4f [%.4f, %.4f] vs best v%d %.4f [%.4f, %.4f], threshold %.4f)",
+            "round %d gate: %s (AM-Q candidate %.4f [%.4f, %.4f] vs best v%d %.4f [%.4f, %.4f], threshold %.4f; "
+            "chunks moved %.3f from BC)",
             r, "ACCEPT" if decision["accepted"] else "REJECT, keep the best", est_new["estimate"], *est_new["ci95"],
-            best["version"], est_best["estimate"], *est_best["ci95"], decision["threshold"],
+            best["version"], est_best["estimate"], *est_best["ci95"], decision["threshold"], decision["shift_from_bc"],
         )  # fmt: skip
         self.state["decisions"].append({"round": r, "best_version": best["version"], **decision})
         self.state["candidates"] = [c for c in self.state["candidates"] if c["round"] != r]
@@ -351,9 +355,15 @@ class RL100Run:
                 res = evaluate(policy, robot_cfg, int(rep.eval_episodes), int(rep.eval_seed), rep.eval_max_steps,
                                video_dir=None, video_episodes=0)  # fmt: skip
                 row["sim"] = {k: res[k] for k in ("success_rate", "success_ci95", "successes", "episodes")}
+                if rep.chain_eval:  # the sampler PPO optimised and collection uses, on the same seeds
+                    actor = ChunkPolicy(policy, stochastic_sampler(policy, self.algo.chain))
+                    res = evaluate(actor, robot_cfg, int(rep.eval_episodes), int(rep.eval_seed), rep.eval_max_steps,
+                                   video_dir=None, video_episodes=0)  # fmt: skip
+                    row["sim_chain"] = {k: res[k] for k in ("success_rate", "success_ci95", "successes", "episodes")}
             rows.append(row)
-            log.info("report %s: AM-Q %.4f%s", cand["name"], row["ope"]["estimate"],
-                     f", success {row['sim']['success_rate']:.2f}" if sim else "")  # fmt: skip
+            log.info("report %s: AM-Q %.4f%s%s", cand["name"], row["ope"]["estimate"],
+                     f", success {row['sim']['success_rate']:.2f} (DDIM)" if sim else "",
+                     f", {row['sim_chain']['success_rate']:.2f} (chain)" if "sim_chain" in row else "")  # fmt: skip
         final = self.state["accepted"]
         if sim and int(rep.best_of_n) > 0:
             policy = self.load(final["path"])
