@@ -11,7 +11,7 @@ from robot_rl.algos.demos import load_demos, relabel_base_actions
 from robot_rl.algos.ensemble import EnsembleQ
 from robot_rl.algos.nstep import EpisodeLinks, Pool
 from robot_rl.algos import algo_config
-from robot_rl.algos.residual import ResidualTD3
+from robot_rl.algos.residual import ResidualTD3, advantage_lcb, correlation, demo_returns, next_gate
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
 from robot_rl.learner.replay_buffer import ReplayBuffer
@@ -252,6 +252,99 @@ def test_update_learns_and_resumes_exactly(base_run, tmp_path):
     assert isinstance(robot_side, ResidualPolicy) and robot_side.exploration == "none"
     assert robot_side.base is algo.base and robot_side.model is not algo.model
     assert all(torch.equal(v, algo.policy_state()[k]) for k, v in robot_side.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------- trust
+def test_gate_stays_closed_while_the_critic_says_the_residual_is_worse_or_is_unsure():
+    worse = torch.tensor([-0.02, -0.01, -0.03, -0.02])  # every head: the residual loses to the base
+    unsure = torch.tensor([0.3, -0.25, 0.2, -0.15])  # positive on average, but the heads disagree
+    better = torch.tensor([0.05, 0.06, 0.04, 0.05])  # every head agrees it helps
+    gate = 0.0
+    for adv in (worse, unsure) * 5:
+        gate = next_gate(gate, adv, k=1.0, rate=0.25)
+    assert gate == 0.0
+    for expected in (0.25, 0.5, 0.75, 1.0, 1.0):  # opens by `rate` per update, never past the full bound
+        gate = next_gate(gate, better, k=1.0, rate=0.25)
+        assert gate == expected
+    assert next_gate(gate, unsure, k=1.0, rate=0.25) == 0.75  # and closes as soon as the heads stop agreeing
+    assert next_gate(0.5, unsure, k=0.0, rate=0.25) == 0.75  # k = 0: the heads' mean alone decides
+    # the ceiling: how well the critic ranks demo states by their known returns
+    assert next_gate(0.3, better, k=1.0, rate=0.25, ceiling=0.4) == pytest.approx(0.4)
+    assert next_gate(0.9, better, k=1.0, rate=0.25, ceiling=0.4) == pytest.approx(0.65)
+    assert demo_returns(np.array([3, 5]), 0.5).tolist() == [0.25, 0.5, 1.0, 0.5, 1.0]
+    g = torch.tensor([0.25, 0.5, 1.0, 0.5, 1.0])
+    assert correlation(2 * g + 1, g) == pytest.approx(1.0) and correlation(torch.ones(5), g) == 0.0
+    # the bound the actor maximises: mean - k * std over heads, exactly 0 where every head says 0 (no NaN there)
+    adv = torch.zeros(4, 3, requires_grad=True)
+    advantage_lcb(adv, 1.0).sum().backward()
+    assert torch.isfinite(adv.grad).all()
+    assert advantage_lcb(unsure[:, None], 1.0).item() == pytest.approx((unsure.mean() - unsure.std()).item(), abs=1e-5)
+
+
+def _frozen_linear_critic(algo, action_weights: torch.Tensor) -> None:
+    """Q_h(s, a) = w_h . a (no hidden layer, critic_lr 0: it never changes): the heads' view is fixed by the test."""
+    for net in (algo.critic, algo.target_critic):
+        layer = net.net[0]
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.bias.zero_()
+            layer.weight[:, -algo.action_dim :, 0] = action_weights
+
+
+@pytest.mark.parametrize("heads", ["disagree", "agree"])
+def test_the_gate_opens_only_where_the_heads_agree_and_travels_to_the_robot(base_run, tmp_path, heads):
+    common = dict(
+        base_checkpoint=str(base_run / "run"),
+        demos=str(base_run / "store"),
+        batch_size=32,
+        actor_hidden=[32],
+        critic_hidden=[],
+        critic_lr=0.0,
+        num_critics=8,
+        learning_starts=10,
+        critic_warmup=0,
+        actor_every=1,
+        actor_lr=1e-2,
+        calibration_states=0,  # gate ceiling 1 here: the heads' agreement alone decides
+    )
+    cpu = torch.device("cpu")
+    trusted = ResidualTD3(algo_config("residual", **common, trust_k=1.0, gate_init=0.0, gate_rate=0.1), {}, cpu)
+    resfit = ResidualTD3(algo_config("residual", **common, trust_k=0.0, gate_init=1.0, gate_rate=0.0), {}, cpu)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 2, generator=g) if heads == "disagree" else torch.ones(8, 2)
+    w = w - w.mean(dim=0) + torch.tensor([0.3, 0.0]) if heads == "disagree" else w  # mean small, spread large
+    replay = _online_replay(tmp_path / "replay", base_run / "store", load_policy(base_run / "run", "cpu"), 2)
+    for algo in (trusted, resfit):
+        _frozen_linear_critic(algo, w)
+        rng = np.random.default_rng(0)
+        for _ in range(30):
+            algo.update(replay, rng)
+    gate = float(trusted.model.actor.gate)
+    robot = trusted.robot_policy()
+    obs = {"state": torch.randn(4, 4)}
+    if heads == "disagree":
+        assert gate == 0.0 and float(resfit.model.actor.gate) == 1.0  # ResFiT's gate: always fully open
+        assert float(robot.model.actor.gate) == 0.0 and robot.model(obs, torch.zeros(4, 2)).abs().max() == 0.0
+        # ResFiT's objective follows the heads' mean to the bound; the lower bound keeps the residual near zero
+        proposed = {a: a.model.actor.propose(a.model.featurizer(obs), torch.zeros(4, 2)) for a in (trusted, resfit)}
+        assert proposed[resfit][:, 0].mean() > 0.15 and proposed[trusted].abs().mean() < proposed[resfit].abs().mean()
+    else:
+        assert gate == 1.0 and float(trusted.target_actor.gate) == 1.0
+        assert float(robot.model.actor.gate) == 1.0 and robot.model(obs, torch.zeros(4, 2)).min() > 0.1
+        # a critic that does not yet rank the demo states by their returns caps the gate at its calibration
+        trusted.critic_calibration = lambda: 0.3
+        for _ in range(10):
+            m = trusted.update(replay, np.random.default_rng(1))
+        assert m["actor/gate"] == pytest.approx(0.3) and m["actor/critic_calibration"] == 0.3
+    assert torch.equal(trusted.policy_state()["actor.gate"], trusted.model.actor.gate.cpu())
+
+
+def test_weights_without_a_gate_load_fully_open():
+    model = _model()
+    state = {k: v for k, v in model.state_dict().items() if k != "actor.gate"}
+    model.actor.gate.fill_(0.0)
+    model.load_state_dict(state)
+    assert float(model.actor.gate) == 1.0
 
 
 def test_check_config_errors(base_run, tmp_path):

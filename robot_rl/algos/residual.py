@@ -5,6 +5,16 @@ Phases, counted in online transitions (the learner's replay size):
   [0, learning_starts)                      robot runs base + uniform noise; no updates
   [learning_starts, + critic_warmup)        critic-only updates; robot explores with Gaussian noise
   afterwards                                critic every update, actor every `actor_every` updates
+
+Trust (issue 20: the robot must not get worse than its base while the critic is still wrong). The actor maximises
+a lower confidence bound of its advantage over the base, A_h = Q_h(s, b + r) - Q_h(s, b) over the critic heads h:
+mean_h A_h - trust_k * std_h A_h, so it moves away from the base only where the heads agree it helps (trust_k = 0:
+ResFiT's ensemble mean). The robot executes gate * r. The gate moves by at most `gate_rate` per actor update
+towards a ceiling while that bound, averaged over the batch, is positive, and towards 0 otherwise (gate_init 1,
+gate_rate 0: off). The ceiling is how well the critic already ranks the demonstrations' states by their known
+returns (demos end at success, so G_t = gamma^(T-1-t)): the correlation of Q(s_t, a_t) with G_t over
+`calibration_states` demo states, clipped to [0, 1]. A critic still near its random initialisation (it has not yet
+propagated the sparse reward) earns no gate, however sure its heads are about their action gradient.
 Hyper-parameters and the reference's values: configs/algo/residual.yaml and ../shared/reference (ResFiT §1.2-1.3).
 """
 
@@ -21,7 +31,7 @@ import torch.nn.functional as F
 from robot_rl.algos.base import ReplayView
 from robot_rl.algos.demos import cached_base_actions, load_demos
 from robot_rl.algos.ensemble import make_adamw, polyak
-from robot_rl.algos.offpolicy import OffPolicy
+from robot_rl.algos.offpolicy import OffPolicy, to_device
 from robot_rl.interfaces import Robot
 from robot_rl.policies.checkpoint import WEIGHTS, CheckpointError, find_policy_dir, load_policy
 from robot_rl.policies.residual import ResidualModel, ResidualPolicy, residual_obs_keys
@@ -58,6 +68,10 @@ class ResidualConfig:
     noise_clip: float
     min_action_range: float
     min_obs_std: float
+    trust_k: float
+    gate_init: float
+    gate_rate: float
+    calibration_states: int
     interventions_to_demos: bool
     base_device: str
 
@@ -77,6 +91,29 @@ def base_weights_file(checkpoint: str) -> Path:
     written by `robot-rl train` before the one checkpoint format."""
     directory = find_policy_dir(checkpoint)
     return directory / WEIGHTS if (directory / WEIGHTS).exists() else directory / "model.safetensors"
+
+
+def advantage_lcb(adv: torch.Tensor, k: float) -> torch.Tensor:
+    """Lower confidence bound over critic heads (dim 0): mean - k * std (0 where all heads agree on 0)."""
+    return adv.mean(dim=0) - k * adv.var(dim=0).add(1e-12).sqrt()
+
+
+def next_gate(gate: float, adv_heads: torch.Tensor, k: float, rate: float, ceiling: float = 1.0) -> float:
+    """Move the gate by at most `rate` towards `ceiling` while the heads' batch-mean advantages of the residual over
+    the base have a positive lower bound, towards 0 otherwise."""
+    goal = ceiling if advantage_lcb(adv_heads, k).item() > 0 else 0.0
+    return min(1.0, max(0.0, gate + float(np.clip(goal - gate, -rate, rate))))
+
+
+def demo_returns(ends: np.ndarray, gamma: float) -> np.ndarray:
+    """Discounted return of every demo step: each demo ends at its first success (reward 1, terminal)."""
+    lengths = np.diff(np.concatenate([[0], ends]))
+    return np.concatenate([gamma ** np.arange(n - 1, -1, -1) for n in lengths]).astype(np.float32)
+
+
+def correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-12))
 
 
 class ResidualTD3(OffPolicy):
@@ -132,6 +169,23 @@ class ResidualTD3(OffPolicy):
         self.actor_opt = make_adamw(self.model.actor.parameters(), lr=cfg.actor_lr)
         self.critic_opt = make_adamw([*self.critic.parameters(), *self.model.featurizer.parameters()], lr=cfg.critic_lr)
         self._make_sampler(arrays, ends, ["action", "base_action"])
+        # a fixed set of demo states with known returns: how far the critic can be trusted (the gate's ceiling)
+        pick = np.random.default_rng(0).permutation(len(arrays["action"]))[: cfg.calibration_states]
+        self.calibration = {
+            k: to_device(torch.as_tensor(arrays[k][pick]), self.device)
+            for k in ["action", *("obs." + k for k in self.obs_keys)]
+        }
+        self.calibration["return"] = to_device(torch.as_tensor(demo_returns(ends, cfg.gamma)[pick]), self.device)
+
+    @torch.no_grad()
+    def critic_calibration(self) -> float:
+        """Correlation of the heads' mean Q(s, a) with the known return on the fixed demo states (1 if none)."""
+        if not len(self.calibration["return"]):
+            return 1.0
+        c = self.calibration
+        f = self.model.featurizer({k: c["obs." + k] for k in self.obs_keys})
+        q = self.critic(f, self.model.scaler.normalize(c["action"]).clamp(-1, 1)).mean(dim=0)
+        return correlation(q, c["return"])
 
     def robot_policy(self) -> ResidualPolicy:
         policy = ResidualPolicy(
@@ -174,15 +228,31 @@ class ResidualTD3(OffPolicy):
             "critic/target_mean": target.mean().item(),
         }
 
-        # actor: maximise the ensemble-mean Q of base + residual (features detached: the critic owns them)
+        # actor: maximise the heads' lower bound on the advantage of base + residual over the base alone
         actor_phase = replay.size >= cfg.learning_starts + cfg.critic_warmup
         if actor_phase and self.num_updates % cfg.actor_every == 0:
-            residual = self.model.actor(features.detach(), base)
-            q_pi = self.critic(features.detach(), (base + residual).clamp(-1, 1)).mean(dim=0)
-            actor_loss = -q_pi.mean()
+            f = features.detach()  # the critic owns the features
+            residual = self.model.actor.propose(f, base)  # un-gated: what the gate would let through when open
+            adv = self.critic(f, (base + residual).clamp(-1, 1)) - self.critic(f, base).detach()  # (heads, batch)
+            actor_loss = -advantage_lcb(adv, cfg.trust_k).mean()
             self.step(self.actor_opt, actor_loss, cfg.grad_clip)
-            metrics.update({"actor/loss": actor_loss.item(), "actor/residual_abs": residual.abs().mean().item()})
             polyak(self.model.actor, self.target_actor, cfg.tau)
+            trust = self.critic_calibration() if cfg.gate_rate > 0 else 1.0
+            gate = next_gate(
+                float(self.model.actor.gate), adv.detach().mean(dim=1), cfg.trust_k, cfg.gate_rate, max(0.0, trust)
+            )
+            self.model.actor.gate.fill_(gate)
+            self.target_actor.gate.fill_(gate)
+            metrics.update(
+                {
+                    "actor/loss": actor_loss.item(),
+                    "actor/residual_abs": residual.abs().mean().item(),
+                    "actor/advantage": adv.mean().item(),
+                    "actor/advantage_head_std": adv.std(dim=0).mean().item(),
+                    "actor/gate": gate,
+                    "actor/critic_calibration": trust,
+                }
+            )
         polyak(self.critic, self.target_critic, cfg.tau)
         self.num_updates += 1
         metrics["phase"] = 2.0 if actor_phase else 1.0

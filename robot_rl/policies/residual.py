@@ -1,8 +1,11 @@
 """Base + residual: a frozen behaviour-cloning policy plus a small learned correction (ResFiT).
 
-The robot executes `a = denorm(clip(norm(a_base) + r, -1, 1))` with `r = scale * tanh(actor(features, a_base))`.
+The robot executes `a = denorm(clip(norm(a_base) + r, -1, 1))` with `r = gate * scale * tanh(actor(features, a_base))`.
 The actor's last layer starts at zero, so before any RL the robot runs exactly the base policy, and the residual
-can never move an action by more than `scale` normalised units (a hard bound below the learner).
+can never move an action by more than `gate * scale` normalised units (a hard bound below the learner). The gate
+in [0, 1] is set by the learner (it opens only while its critic ensemble agrees the residual beats the base,
+`robot_rl/algos/residual.py`) and travels inside the weights, so a robot, a checkpoint and an evaluation always
+run the residual with the bound the learner trusted when it published them.
 
 Normalised action units (`ActionScaler`): per dimension, the demonstrations' [min, max] with each half-range
 widened by (1 + scale), so the base lies within +-1/(1+scale) and base + residual still fits in [-1, 1].
@@ -94,17 +97,28 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
 
 
 class ResidualActor(nn.Module):
-    """(features, normalised base action) -> residual in [-scale, scale]; zero output at initialisation."""
+    """(features, normalised base action) -> residual in [-gate * scale, gate * scale]; zero at initialisation.
 
-    def __init__(self, feature_dim: int, action_dim: int, hidden: list[int], scale: float):
+    `propose` is the un-gated residual the learner improves; `forward` is what the robot executes. The gate is a
+    buffer (it travels with the weights); weights saved before it existed load as fully open (gate 1)."""
+
+    def __init__(self, feature_dim: int, action_dim: int, hidden: list[int], scale: float, gate: float = 1.0):
         super().__init__()
         self.net = mlp(feature_dim + action_dim, hidden, action_dim)
         nn.init.zeros_(self.net[-1].weight)  # start exactly at the base policy
         nn.init.zeros_(self.net[-1].bias)
         self.scale = float(scale)
+        self.register_buffer("gate", torch.full((1,), float(gate)))
+
+    def propose(self, features: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.tanh(self.net(torch.cat([features, base_norm], dim=-1)))
 
     def forward(self, features: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
-        return self.scale * torch.tanh(self.net(torch.cat([features, base_norm], dim=-1)))
+        return self.gate * self.propose(features, base_norm)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "gate", torch.ones(1))  # older weights: no gate, the full bound
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ResidualModel(nn.Module):
@@ -119,7 +133,8 @@ class ResidualModel(nn.Module):
         images = {k: tuple(obs_features[k].shape) for k in obs_keys if obs_features[k].is_image}
         self.scaler = ActionScaler(action_dim)
         self.featurizer = Featurizer(lowdim, images, dict(cfg.get("image_encoder") or {}))
-        self.actor = ResidualActor(self.featurizer.out_dim, action_dim, list(cfg["actor_hidden"]), cfg["scale"])
+        gate = cfg.get("gate_init", 1.0)  # the learner's starting gate; a checkpoint's own value comes in its weights
+        self.actor = ResidualActor(self.featurizer.out_dim, action_dim, list(cfg["actor_hidden"]), cfg["scale"], gate)
         self.obs_keys = list(obs_keys)
         # what a checkpoint needs to rebuild this module (robot_rl/policies/checkpoint.py)
         self.config = {
@@ -210,7 +225,7 @@ class ResidualPolicy(LearnerExploration, Policy):
         self.rng = np.random.default_rng(seed)
         self._pending: dict | None = None
         self.last_base: np.ndarray | None = None
-        self.last_residual: np.ndarray | None = None  # actor output (normalised units), before noise
+        self.last_residual: np.ndarray | None = None  # executed (gated) actor output, normalised units, before noise
 
     # --- weights ----------------------------------------------------------------------------------------
     def load_state_dict(self, state: dict) -> None:
