@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -123,6 +124,7 @@ class Run:
             self.algo = SAC(algo_config("sac", **cfg), {}, device, out / "cache")
             model = SACModel(self.robot.observation_features, self.algo.obs_keys, feat.shape[0], cfg)
             self.policy = SACPolicy(model, seed=args.seed)
+        shutil.rmtree(out / method, ignore_errors=True)  # a fresh replay: never the rows of an earlier (killed) run
         self.replay = ReplayBuffer(out / method / "replay.zarr")
         self.rng = np.random.default_rng(args.seed)
         self.updates = self.env_steps = self.episode = 0
