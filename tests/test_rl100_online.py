@@ -3,6 +3,7 @@ and one short real session over ZMQ on Lift (control process and learner as proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,7 +19,7 @@ from robot_rl.factory import make_robot
 from robot_rl.interfaces import OBS_PREFIX
 from robot_rl.learner.replay_buffer import ReplayBuffer
 from robot_rl.policies.chain_sampler import CHAIN, CHAIN_VERSION, CHUNK_INDEX
-from robot_rl.policies.checkpoint import load_policy
+from robot_rl.policies.checkpoint import MANIFEST, load_policy, write_policy
 
 from builders import run_cli
 from conftest import REPO
@@ -147,6 +148,43 @@ def test_robot_chain_rescores_on_learner_and_stale_versions_stay_out(lift_base, 
         assert torch.equal(v, again.policy.state_dict()[k])
 
 
+def test_a_checkpoint_carries_its_sampler(lift_base, lift_robot, tmp_path):
+    """The published teacher deploys the chain PPO trained: written by write_policy with eta > 0, load_policy's
+    predict_chunk samples that chain (seeded-reproducible, the robot's chunk for the same seed), unlike eta 0;
+    a manifest from before the sampler fields loads as eta 0."""
+    cfg = small_cfg(lift_base)
+    algo = RL100Online(cfg, {}, torch.device("cpu"), None)
+    write_policy(tmp_path / "chain", algo.robot_policy())
+    policy = load_policy(tmp_path / "chain", device="cpu")
+    assert (policy.cfg.eta, policy.cfg.std_min, policy.cfg.std_max) == (cfg.eta, cfg.std_min, cfg.std_max)
+    obs = lift_robot.reset(seed=0)
+    window = {
+        k: torch.as_tensor(np.asarray(obs[k]))[None, None].repeat(1, policy.cfg.obs_horizon, 1) for k in policy.obs_keys
+    }
+
+    def chunk(pol, seed):
+        return pol.predict_chunk(window, generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = chunk(policy, 3), chunk(policy, 3), chunk(policy, 4)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    sampler = RL100Online.build_robot_policy(cfg, {}, lift_robot, seed=0)
+    sampler.seed_episode(3)
+    with sampler.evaluating("chain"):
+        robot_chunk = sampler.policy.normalizer.unnormalize("action", sampler.sample(window)[0][None])
+    torch.testing.assert_close(first, robot_chunk)
+    ddim = load_policy(tmp_path / "chain", device="cpu")
+    ddim.cfg = dataclasses.replace(ddim.cfg, eta=0.0)
+    assert torch.equal(chunk(ddim, 3), chunk(ddim, 3)) and not torch.allclose(chunk(ddim, 3), first)
+
+    manifest = json.loads((tmp_path / "chain" / MANIFEST).read_text())
+    for key in ("eta", "std_min", "std_max"):
+        del manifest["config"][key]
+    (tmp_path / "chain" / MANIFEST).write_text(json.dumps(manifest))
+    old = load_policy(tmp_path / "chain", device="cpu")
+    assert old.cfg.eta == 0.0
+    torch.testing.assert_close(chunk(old, 3), chunk(ddim, 3))
+
+
 def test_chunks_of_an_episode_still_running_wait(lift_base, lift_robot, tmp_path):
     algo = RL100Online(small_cfg(lift_base), {}, torch.device("cpu"), None)
     policy = RL100Online.build_robot_policy(algo.cfg, {}, lift_robot, seed=0)
@@ -191,7 +229,8 @@ def test_session_over_zmq_trains_on_policy_and_resumes(lift_base, tmp_path, port
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     episodes = read_jsonl(run / "control" / "episodes.jsonl")
     assert [e["episode"] for e in episodes] == list(range(6))
-    assert [e["mode"] for e in read_jsonl(run / "control" / "evals.jsonl")] == ["ddim", "chain"] * 2
+    # the deployed sampler (algo.deploy_sampling: chain) first, the other one beside it (eval_chain)
+    assert [e["mode"] for e in read_jsonl(run / "control" / "evals.jsonl")] == ["chain", "ddim"] * 2
     replay = ReplayBuffer(run / "learner" / "replay.zarr")
     version = replay.column(CHAIN_VERSION)
     assert np.isfinite(replay.column(CHAIN)[np.isfinite(version)]).all()
@@ -203,7 +242,8 @@ def test_session_over_zmq_trains_on_policy_and_resumes(lift_base, tmp_path, port
     assert np.nanmax(version) >= 1, "the robot sampled with the learner's new versions"
     ckpt, ckpt_dir = learner_checkpoint(run / "learner")
     assert ckpt["updates"] == iterations and (ckpt_dir / "algo_state.pt").exists()
-    assert load_policy(ckpt_dir).cfg.num_inference_steps > 1  # the teacher, as deployed (DDIM)
+    deployed = load_policy(ckpt_dir).cfg  # the teacher, as deployed: the eta=1 chain PPO trained
+    assert deployed.num_inference_steps > 1 and deployed.eta == 1.0
     student = load_policy(run / "learner" / "student")  # what robot-rl eval / deploy open after the session
     assert student.cfg.num_inference_steps == 1 and student.cfg.prediction_type == "sample"
 

@@ -31,6 +31,7 @@ Settings and defaults: configs/algo/rl100_online.yaml; docs/rl100_online.md.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -81,6 +82,7 @@ class RL100OnlineConfig:
     distill_lr: float
     distill_init: str
     eval_chain: bool
+    deploy_sampling: str
 
 
 def load_teacher(checkpoint: str, device) -> DiffusionPolicy:
@@ -183,6 +185,15 @@ def write_policy_atomically(directory: Path, policy, provenance: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def with_sampler(policy: DiffusionPolicy, cfg: RL100OnlineConfig, steps: int) -> DiffusionPolicy:
+    """`policy` with the robot's chain as its sampler (written into its config, so a checkpoint carries it)."""
+    policy.cfg = dataclasses.replace(
+        policy.cfg, eta=cfg.eta, std_min=cfg.std_min, std_max=cfg.std_max, num_inference_steps=steps
+    )
+    policy.cfg.validate()
+    return policy
+
+
 # ------------------------------------------------------------------------------------------ the algorithm
 
 
@@ -202,6 +213,8 @@ class RL100Online(Algorithm):
             raise ValueError(f"algo.distill_phase must be online or none, got {cfg.distill_phase!r}")
         if cfg.distill_init not in ("teacher", "random"):
             raise ValueError(f"algo.distill_init must be teacher or random, got {cfg.distill_init!r}")
+        if cfg.deploy_sampling not in ("chain", "ddim"):
+            raise ValueError(f"algo.deploy_sampling must be chain or ddim, got {cfg.deploy_sampling!r}")
         if not 1 <= cfg.minibatch <= cfg.batch_chunks:
             raise ValueError(f"algo.minibatch ({cfg.minibatch}) must be in 1..algo.batch_chunks ({cfg.batch_chunks})")
 
@@ -210,7 +223,14 @@ class RL100Online(Algorithm):
         """The base diffusion policy (CPU) sampling through the stochastic chain; acts before any weights."""
         teacher = load_teacher(cfg.base_checkpoint, "cpu")
         return ChainSamplerPolicy(
-            teacher, cfg.chain_steps, cfg.eta, cfg.std_min, cfg.std_max, seed=seed, eval_chain=cfg.eval_chain
+            teacher,
+            cfg.chain_steps,
+            cfg.eta,
+            cfg.std_min,
+            cfg.std_max,
+            seed=seed,
+            deploy_sampling=cfg.deploy_sampling,
+            eval_chain=cfg.eval_chain,
         )
 
     def __init__(self, cfg: RL100OnlineConfig, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
@@ -244,8 +264,10 @@ class RL100Online(Algorithm):
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     def robot_policy(self) -> DiffusionPolicy:
-        """The teacher as deployed: deterministic DDIM (its own config), on the CPU."""
-        return copy.deepcopy(self.policy).cpu().eval()
+        """The teacher as deployed, on the CPU, carrying its sampler: `deploy_sampling` chain = the η chain PPO
+        trains (eta, std clip, K steps in its config; `predict_chunk` then samples it), ddim = deterministic DDIM."""
+        policy = copy.deepcopy(self.policy).cpu().eval()
+        return with_sampler(policy, self.cfg, self.steps) if self.cfg.deploy_sampling == "chain" else policy
 
     def on_publish(self, replay: ReplayView) -> None:
         if self.student is not None and self.run_dir is not None:

@@ -7,8 +7,9 @@ it. `transition_extras` sends them with the chunk's first step and NaN on the ot
 
 Weights and their version (the learner's `policy_version` in the weights meta) are staged and applied together at
 the next chunk boundary, so a chunk is always sampled, executed and tagged with one version. Evaluation blocks
-(`evaluating`) sample deterministically (DDIM η = 0 from seeded noise: what a deployed policy does; mode "ddim"), and with
-`eval_chain` also through the η = 1 chain from the same seeds (mode "chain", what PPO trains).
+(`evaluating`) run the sampler the learner's checkpoints deploy (`deploy_sampling`): mode "chain" (the η chain
+PPO trains, seeded per episode) or mode "ddim" (deterministic DDIM η = 0 from the same seeded noise); with
+`eval_chain` the other one too, as a second mode.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ class ChainSamplerPolicy(Policy):
         eta: float,
         std_min: float,
         std_max: float | None,
-        seed: int = 0,
-        eval_chain: bool = False,
+        seed: int,
+        deploy_sampling: str,
+        eval_chain: bool,
     ):
         self.policy = policy.eval()
-        # evaluation blocks: "ddim" (deterministic, as deployed); "chain" also measures the eta=1 chain PPO trains
-        self.eval_modes = ("ddim", "chain") if eval_chain else ("ddim",)
+        # evaluation blocks: the deployed sampler first; eval_chain adds the other one
+        other = {"chain": "ddim", "ddim": "chain"}[deploy_sampling]
+        self.eval_modes = (deploy_sampling, other) if eval_chain else (deploy_sampling,)
         self.steps = int(steps or policy.cfg.num_inference_steps or policy.cfg.num_train_timesteps)
         self.eta, self.std_min, self.std_max = float(eta), float(std_min), std_max
         self.generator = torch.Generator().manual_seed(int(seed))
