@@ -73,6 +73,12 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"  # epsilon | sample
     inference_scheduler: str = "ddim"  # ddim | ddpm
     num_inference_steps: int | None = 10  # null = num_train_timesteps
+    # deployed sampler (the chain RL trained, RL-100 online): eta 0 = deterministic DDIM from the seeded x_T; eta > 0
+    # = the stochastic DDIM chain with per-step std clipped to [std_min, std_max]. These defaults only keep
+    # manifests written before the fields existed loading as they were (eta 0); configs set them in YAML.
+    eta: float = 0.0
+    std_min: float = 0.0
+    std_max: float | None = None
     # normalisation / encoders
     lowdim_norm: str = "minmax"  # minmax | meanstd (actions are always minmax)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -125,6 +131,13 @@ class DiffusionConfig:
         n = self.num_inference_steps
         if n is not None and not 1 <= n <= self.num_train_timesteps:
             raise ValueError(f"policy.num_inference_steps must be in 1..num_train_timesteps, got {n}")
+        if not self.eta >= 0 or not self.std_min >= 0 or (self.std_max is not None and not self.std_max > 0):
+            raise ValueError(
+                f"policy.eta ({self.eta}) and policy.std_min ({self.std_min}) must be >= 0 and policy.std_max "
+                f"({self.std_max}) > 0 or null"
+            )
+        if self.eta > 0 and self.inference_scheduler != "ddim":
+            raise ValueError("policy.eta > 0 (the stochastic DDIM chain) needs policy.inference_scheduler ddim")
 
 
 # --------------------------------------------------------------------------------------------------- UNet
@@ -482,9 +495,14 @@ class DiffusionPolicy(nn.Module, Policy):
 
         `init_noise` (B, Ha, A), in the normalised action space, fixes the starting sample x_T (DDIM is then
         deterministic); otherwise it is drawn from `generator` (or torch's global RNG). `scheduler` (ddim | ddpm)
-        and `num_inference_steps` override the config.
+        and `num_inference_steps` override the config. With `cfg.eta` > 0 (and no `scheduler` override) the chunk
+        is the last element of the stochastic chain `sample_chain` draws from `generator`: the deployed sampler.
         """
         cond = self.encode_obs(obs_window)
+        if self.cfg.eta > 0 and scheduler is None:
+            c = self.cfg
+            chain, _ = self.sample_chain(cond, num_inference_steps, c.eta, c.std_min, c.std_max, generator, init_noise)
+            return self.normalizer.unnormalize("action", chain[:, -1])
         b = cond.shape[0]
         shape = (b, self.cfg.action_horizon, self.action_dim)
         if init_noise is not None:
