@@ -13,8 +13,12 @@ until a rollout batch of the current version is complete, then one PPO iteration
 policy with their version at the next chunk boundary, exactly as over the wire (so nothing is ever stale here).
 
 Every `--eval-every` env steps: `--eval-episodes` seeded episodes (seeds 10000.., as bench_residual_learning.py)
-with deterministic DDIM; the base is the evaluation at 0 env steps. At the end the distilled one-step student is
-evaluated on the same seeds. Success rates carry Wilson 95 % intervals. Writes curves.json and a figure
+with the sampler the checkpoints deploy (algo.deploy_sampling: the η chain by default) and, unless
+--no-eval-chain, the other one (deterministic DDIM); the base is the evaluation at 0 env steps. At the end the final
+teacher (carrying its sampler) and the one-step student are written with `write_policy` under --out
+(teacher/, student/), loaded back with `load_policy` as `robot-rl eval` would, and evaluated on the same
+`--final-eval-episodes` seeds: the teacher with both samplers (its η chain; DDIM η = 0) and the student.
+Success rates carry Wilson 95 % intervals. Writes curves.json and a figure
 (docs/figures/rl100_online_lift.png with --figure), with the residual curve of a bench_residual_learning.py
 curves.json (--residual-curves) on the same axes when given.
 """
@@ -39,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from residual_base import make_weak_base  # noqa: E402
 
 from robot_rl.algos import algo_config  # noqa: E402
-from robot_rl.algos.rl100_online import RL100Online  # noqa: E402
+from robot_rl.algos.rl100_online import RL100Online, with_sampler  # noqa: E402
 from robot_rl.control.safety import SafetyFilter  # noqa: E402
 from robot_rl.factory import make_robot  # noqa: E402
 from robot_rl.interfaces import OBS_PREFIX  # noqa: E402
 from robot_rl.learner.replay_buffer import ReplayBuffer  # noqa: E402
 from robot_rl.policies.chain_sampler import ChainSamplerPolicy  # noqa: E402
+from robot_rl.policies.checkpoint import load_policy, write_policy  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EVAL_SEED = 10_000  # bench_residual_learning.py's evaluation seeds
@@ -85,6 +90,8 @@ class Run:
             "lr_decay_iterations": args.lr_decay_iterations,
             "distill_steps": args.distill_steps,
         }
+        if args.deploy_sampling:
+            settings["deploy_sampling"] = args.deploy_sampling
         cfg = algo_config("rl100_online", **settings)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         run_dir = out / "learner"
@@ -158,11 +165,12 @@ class Run:
                 flush=True,
             )
 
-    def evaluate(self, policy, label: str, deterministic: bool = True) -> dict:
-        """Seeded episodes: deterministic DDIM (what is deployed), or the η = 1 chain PPO trains (seeded too)."""
+    def evaluate(self, policy, label: str, mode: str = "policy", episodes: int | None = None) -> dict:
+        """Seeded episodes in evaluation mode `mode`: "ddim" deterministic DDIM, "chain" the η chain PPO trains."""
         t0 = time.perf_counter()
-        with policy.evaluating("policy") if deterministic else contextlib.nullcontext():
-            results = [self.rollout(policy, EVAL_SEED + j, record=False) for j in range(self.args.eval_episodes)]
+        with policy.evaluating(mode):
+            n_eps = episodes or self.args.eval_episodes
+            results = [self.rollout(policy, EVAL_SEED + j, record=False) for j in range(n_eps)]
         self.wall["eval"] += time.perf_counter() - t0
         k = int(sum(r[0] for r in results))
         n = len(results)
@@ -173,6 +181,7 @@ class Run:
             "success": k / n,
             "ci95": wilson(k, n),
             "mean_steps": float(np.mean([r[1] for r in results])),
+            "per_seed": [bool(r[0]) for r in results],
             "wall_s": sum(self.wall.values()),
         }
         print(
@@ -225,6 +234,29 @@ def latency(policy: ChainSamplerPolicy, replay: ReplayBuffer, n: int = 50) -> di
     }
 
 
+def final_evaluation(run: Run, out: Path, episodes: int) -> dict:
+    """Write the final teacher (with the sampler its checkpoints deploy) and the student with `write_policy`, load
+    them back with `load_policy` (as `robot-rl eval`/`deploy` do) and evaluate each on the same seeded episodes:
+    the teacher's η chain, the same weights with deterministic DDIM (η = 0), the one-step student."""
+    import dataclasses
+
+    prov = {"source": "bench_rl100_online", "teacher_version": run.algo.iteration}
+    write_policy(out / "teacher", run.algo.robot_policy(), provenance=prov)
+    teacher_chain = load_policy(out / "teacher", device="cpu")
+    if run.algo.cfg.deploy_sampling != "chain":  # ddim deployed: the chain of the same weights for the comparison
+        teacher_chain = with_sampler(teacher_chain, run.algo.cfg, run.algo.steps)
+    teacher_ddim = load_policy(out / "teacher", device="cpu")
+    teacher_ddim.cfg = dataclasses.replace(teacher_ddim.cfg, eta=0.0)
+    results = {
+        f"teacher, eta={teacher_chain.cfg.eta:g} chain ({teacher_chain.cfg.num_inference_steps} steps)": teacher_chain,
+        f"teacher, DDIM eta=0 ({teacher_ddim.cfg.num_inference_steps} steps)": teacher_ddim,
+    }
+    if run.algo.student is not None:
+        write_policy(out / "student", run.algo.student.cpu().eval(), provenance={**prov, "distilled": True})
+        results["student"] = load_policy(out / "student", device="cpu")
+    return {name: run.evaluate(Plain(pol.eval()), name, episodes=episodes) for name, pol in results.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="lift", choices=["lift", "pick_place_can"])
@@ -244,7 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--distill-steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--eval-episodes", type=int, default=20)
-    p.add_argument("--no-eval-chain", dest="eval_chain", action="store_false", help="skip the eta=1 chain evals")
+    p.add_argument("--no-eval-chain", dest="eval_chain", action="store_false", help="skip the other sampler's evals")
+    p.add_argument("--deploy-sampling", choices=["chain", "ddim"], default=None, help="default: the algo YAML's")
+    p.add_argument("--final-eval-episodes", type=int, default=50, help="final teacher (both samplers) + student")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--residual-curves", default=None, help="bench_residual_learning.py curves.json to overlay")
     p.add_argument("--figure", default=None, help="also write the figure here (e.g. docs/figures/...png)")
@@ -266,12 +300,15 @@ def main(argv=None) -> int:
     print(f"weak base ({args.task}): success {base['success']:.2f} {base.get('ci')} on its own eval", flush=True)
     run = Run(args, base, out)
     curves = {"task": args.task, "args": vars(args), "base": {k: base[k] for k in ("success", "ci", "checkpoint")}}
-    chain_evals: list[dict] = []
+    chain_evals: list[dict] = []  # the other sampler's evaluations (ddim when the chain is deployed)
+    deployed = run.algo.cfg.deploy_sampling
+    other = {"chain": "ddim", "ddim": "chain"}[deployed]
+    curves["deploy_sampling"] = deployed
 
     def evaluate() -> None:
-        run.evals.append(run.evaluate(run.policy, "rl100_online"))
+        run.evals.append(run.evaluate(run.policy, f"deployed: {deployed}", mode=deployed))
         if args.eval_chain:
-            chain_evals.append(run.evaluate(run.policy, "eta=1 chain", deterministic=False))
+            chain_evals.append(run.evaluate(run.policy, f"other: {other}", mode=other))
 
     evaluate()
     t_start = time.perf_counter()
@@ -283,9 +320,9 @@ def main(argv=None) -> int:
             next_eval += args.eval_every
             curves.update(evals=run.evals, chain_evals=chain_evals, history=run.history, partial=True)
             (out / "curves.json").write_text(json.dumps(curves, indent=1))
-    if run.algo.student is not None:
-        student = Plain(run.algo.student.cpu().eval())
-        curves["student"] = run.evaluate(student, "student (1 step)")
+    curves["final"] = final_evaluation(run, out, args.final_eval_episodes)
+    if "student" in curves["final"]:
+        curves["student"] = curves["final"]["student"]
     curves["latency"] = latency(run.policy, run.replay)
     hit = next((e["env_steps"] for e in run.evals if e["success"] >= 0.9), None)
     total = time.perf_counter() - t_start
@@ -305,17 +342,19 @@ def main(argv=None) -> int:
     final, best = run.evals[-1], max(run.evals, key=lambda e: e["success"])
     lat = curves["latency"]
     print(f"\n== result ({args.task}, eval seeds {EVAL_SEED}..{EVAL_SEED + args.eval_episodes - 1})")
-    print(f"  base (deterministic DDIM)  : {run.evals[0]['success']:.2f} {run.evals[0]['ci95']}")
+    print(f"  base ({deployed})  : {run.evals[0]['success']:.2f} {run.evals[0]['ci95']}")
     print(
-        f"  rl100_online final {final['success']:.2f} {final['ci95']} after {final['env_steps']} env steps, "
+        f"  rl100_online ({deployed}) final {final['success']:.2f} {final['ci95']} after {final['env_steps']} env steps, "
         f"{run.algo.iteration} iterations (best {best['success']:.2f} at {best['env_steps']}); first >= 0.90 at "
         f"{hit or 'never'}"
     )
     if chain_evals:
         c0, c1 = chain_evals[0], chain_evals[-1]
-        print(f"  eta=1 chain (what PPO trains): {c0['success']:.2f} {c0['ci95']} -> {c1['success']:.2f} {c1['ci95']}")
-    if "student" in curves:
-        print(f"  one-step student           : {curves['student']['success']:.2f} {curves['student']['ci95']}")
+        print(f"  other sampler ({other}): {c0['success']:.2f} {c0['ci95']} -> {c1['success']:.2f} {c1['ci95']}")
+    n_final = args.final_eval_episodes
+    print(f"  final checkpoints via load_policy, seeds {EVAL_SEED}..{EVAL_SEED + n_final - 1}:")
+    for name, row in curves["final"].items():
+        print(f"    {name:28s}: {row['success']:.2f} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}] (n={n_final})")
     print(
         f"  wall env {run.wall['env']:.0f} s + updates {run.wall['update']:.0f} s + eval {run.wall['eval']:.0f} s; "
         f"{curves['iterations_per_s'] or 0:.3f} PPO iterations/s ({curves['device']})"
@@ -342,7 +381,9 @@ def plot(curves: dict, path: Path, residual_curves: str | None = None) -> None:
     ys = [e["success"] for e in curves["evals"]]
     lo = [e["ci95"][0] for e in curves["evals"]]
     hi = [e["ci95"][1] for e in curves["evals"]]
-    ax.plot(xs, ys, "o-", label="RL-100 online, deterministic DDIM (as deployed)")
+    deployed = curves.get("deploy_sampling", "ddim")
+    names = {"chain": "eta chain (what PPO trains)", "ddim": "deterministic DDIM"}
+    ax.plot(xs, ys, "o-", label=f"RL-100 online, deployed sampler: {names[deployed]}")
     ax.fill_between(xs, lo, hi, alpha=0.2)
     if curves.get("chain_evals"):
         ce = curves["chain_evals"]
@@ -351,17 +392,17 @@ def plot(curves: dict, path: Path, residual_curves: str | None = None) -> None:
             [e["success"] for e in ce],
             "o:",
             color="C1",
-            label="same weights, eta=1 chain (what PPO trains)",
+            label=f"same weights, {names['ddim' if deployed == 'chain' else 'chain']}",
         )
-    if "student" in curves:
-        s = curves["student"]
+    for i, (name, s) in enumerate((curves.get("final") or {}).items()):
         ax.errorbar(
-            [s["env_steps"]],
+            [s["env_steps"] * (1.01 + 0.015 * i)],
             [s["success"]],
             yerr=[[s["success"] - s["ci95"][0]], [s["ci95"][1] - s["success"]]],
-            fmt="s",
-            color="C3",
-            label="one-step student (end)",
+            fmt="sDv"[i % 3],
+            color=f"C{3 + i}",
+            capsize=3,
+            label=f"final {name} (n={curves['args']['final_eval_episodes']})",
         )
     if residual_curves and Path(residual_curves).exists():
         r = json.loads(Path(residual_curves).read_text())
@@ -374,7 +415,7 @@ def plot(curves: dict, path: Path, residual_curves: str | None = None) -> None:
                 color="C2",
                 label="base + residual (ResFiT)",
             )
-    ax.axhline(curves["evals"][0]["success"], ls="--", color="gray", label="base (deterministic DDIM)")
+    ax.axhline(curves["evals"][0]["success"], ls="--", color="gray", label=f"base ({names[deployed]})")
     ax.set_xlabel("environment steps")
     ax.set_ylabel(f"success ({curves['args']['eval_episodes']} seeded eval episodes)")
     ax.set_title(f"{curves['task']}: RL-100 online from the weak base")
