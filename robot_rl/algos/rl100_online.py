@@ -155,7 +155,7 @@ def make_student(teacher: DiffusionPolicy, init: str) -> DiffusionPolicy:
     """A one-step policy of the teacher's shape (sample prediction, DDIM 1 step) with the teacher's normaliser and
     encoder (robot-rl distill's student); `init` teacher copies the UNet too, random leaves it fresh."""
     cfg = {**teacher.cfg.to_dict(), "obs_keys": list(teacher.obs_keys)}
-    cfg.update(prediction_type="sample", inference_scheduler="ddim", num_inference_steps=1)
+    cfg.update(prediction_type="sample", inference_scheduler="ddim", num_inference_steps=1, eta=0.0)
     student = DiffusionPolicy(DiffusionConfig.from_dict(cfg), teacher.obs_features, teacher.action_feature)
     student = student.to(teacher.device)
     if init == "teacher":

@@ -495,11 +495,11 @@ class DiffusionPolicy(nn.Module, Policy):
 
         `init_noise` (B, Ha, A), in the normalised action space, fixes the starting sample x_T (DDIM is then
         deterministic); otherwise it is drawn from `generator` (or torch's global RNG). `scheduler` (ddim | ddpm)
-        and `num_inference_steps` override the config. With `cfg.eta` > 0 (and no `scheduler` override) the chunk
+        and `num_inference_steps` override the config. With `cfg.eta` > 0 (and the ddim scheduler) the chunk
         is the last element of the stochastic chain `sample_chain` draws from `generator`: the deployed sampler.
         """
         cond = self.encode_obs(obs_window)
-        if self.cfg.eta > 0 and scheduler is None:
+        if self.cfg.eta > 0 and (scheduler or self.cfg.inference_scheduler) == "ddim":
             c = self.cfg
             chain, _ = self.sample_chain(cond, num_inference_steps, c.eta, c.std_min, c.std_max, generator, init_noise)
             return self.normalizer.unnormalize("action", chain[:, -1])
