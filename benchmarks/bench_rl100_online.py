@@ -238,15 +238,13 @@ def final_evaluation(run: Run, out: Path, episodes: int) -> dict:
     """Write the final teacher (with the sampler its checkpoints deploy) and the student with `write_policy`, load
     them back with `load_policy` (as `robot-rl eval`/`deploy` do) and evaluate each on the same seeded episodes:
     the teacher's η chain, the same weights with deterministic DDIM (η = 0), the one-step student."""
-    import dataclasses
-
     prov = {"source": "bench_rl100_online", "teacher_version": run.algo.iteration}
     write_policy(out / "teacher", run.algo.robot_policy(), provenance=prov)
-    teacher_chain = load_policy(out / "teacher", device="cpu")
-    if run.algo.cfg.deploy_sampling != "chain":  # ddim deployed: the chain of the same weights for the comparison
-        teacher_chain = with_sampler(teacher_chain, run.algo.cfg, run.algo.steps)
-    teacher_ddim = load_policy(out / "teacher", device="cpu")
-    teacher_ddim.cfg = dataclasses.replace(teacher_ddim.cfg, eta=0.0)
+    cfg, steps = run.algo.cfg, run.algo.steps
+    teacher_chain = with_sampler(load_policy(out / "teacher", device="cpu"), cfg, steps, "chain")
+    teacher_ddim = with_sampler(load_policy(out / "teacher", device="cpu"), cfg, steps, "ddim")
+    deployed = load_policy(out / "teacher", device="cpu").cfg
+    assert deployed == (teacher_chain if cfg.deploy_sampling == "chain" else teacher_ddim).cfg, "sampler not saved"
     results = {
         f"teacher, eta={teacher_chain.cfg.eta:g} chain ({teacher_chain.cfg.num_inference_steps} steps)": teacher_chain,
         f"teacher, DDIM eta=0 ({teacher_ddim.cfg.num_inference_steps} steps)": teacher_ddim,

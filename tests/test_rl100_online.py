@@ -176,6 +176,11 @@ def test_a_checkpoint_carries_its_sampler(lift_base, lift_robot, tmp_path):
     ddim.cfg = dataclasses.replace(ddim.cfg, eta=0.0)
     assert torch.equal(chunk(ddim, 3), chunk(ddim, 3)) and not torch.allclose(chunk(ddim, 3), first)
 
+    # deploy_sampling ddim publishes eta 0: the deterministic chunk of the same weights
+    ddim_algo = RL100Online(small_cfg(lift_base, deploy_sampling="ddim"), {}, torch.device("cpu"), None)
+    assert ddim_algo.robot_policy().cfg.eta == 0.0
+    torch.testing.assert_close(chunk(ddim_algo.robot_policy(), 3), chunk(ddim, 3))
+
     manifest = json.loads((tmp_path / "chain" / MANIFEST).read_text())
     for key in ("eta", "std_min", "std_max"):
         del manifest["config"][key]

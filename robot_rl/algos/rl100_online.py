@@ -185,10 +185,16 @@ def write_policy_atomically(directory: Path, policy, provenance: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def with_sampler(policy: DiffusionPolicy, cfg: RL100OnlineConfig, steps: int) -> DiffusionPolicy:
-    """`policy` with the robot's chain as its sampler (written into its config, so a checkpoint carries it)."""
+def with_sampler(policy: DiffusionPolicy, cfg: RL100OnlineConfig, steps: int, sampling: str) -> DiffusionPolicy:
+    """`policy` with a K-step sampler written into its config, so a checkpoint carries it: `chain` = the robot's
+    η chain (eta, std clip), `ddim` = deterministic DDIM (η 0, whatever the base checkpoint carried)."""
+    chain = sampling == "chain"
     policy.cfg = dataclasses.replace(
-        policy.cfg, eta=cfg.eta, std_min=cfg.std_min, std_max=cfg.std_max, num_inference_steps=steps
+        policy.cfg,
+        eta=cfg.eta if chain else 0.0,
+        std_min=cfg.std_min if chain else 0.0,
+        std_max=cfg.std_max if chain else None,
+        num_inference_steps=steps,
     )
     policy.cfg.validate()
     return policy
@@ -266,8 +272,7 @@ class RL100Online(Algorithm):
     def robot_policy(self) -> DiffusionPolicy:
         """The teacher as deployed, on the CPU, carrying its sampler: `deploy_sampling` chain = the η chain PPO
         trains (eta, std clip, K steps in its config; `predict_chunk` then samples it), ddim = deterministic DDIM."""
-        policy = copy.deepcopy(self.policy).cpu().eval()
-        return with_sampler(policy, self.cfg, self.steps) if self.cfg.deploy_sampling == "chain" else policy
+        return with_sampler(copy.deepcopy(self.policy).cpu().eval(), self.cfg, self.steps, self.cfg.deploy_sampling)
 
     def on_publish(self, replay: ReplayView) -> None:
         if self.student is not None and self.run_dir is not None:
