@@ -532,7 +532,8 @@ def plot_diagnostics(curves: dict, path: Path) -> Path:
         )
         axes[2].plot(x, d["online_overestimation"], "o-", color=line.get_color(), label=method)
         axes[3].plot(x, d["gate"], "o-", color=line.get_color(), label=f"{method}: gate")
-        axes[3].plot(x, d["critic_calibration"], "x--", color=line.get_color(), label=f"{method}: corr(Q, G) demos")
+        if "critic_calibration" in d:  # (runs before the calibration existed lack it)
+            axes[3].plot(x, d["critic_calibration"], "x--", color=line.get_color(), label=f"{method}: corr(Q, G) demos")
         for ax in axes:
             for k, v in (r.get("phases") or {}).items():
                 ax.axvline(v, color=line.get_color(), ls=":", alpha=0.5)
