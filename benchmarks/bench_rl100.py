@@ -4,6 +4,9 @@ student, per-round wall clock.
     python benchmarks/bench_rl100.py --task lift                 # full size (the issue's targets)
     python benchmarks/bench_rl100.py --task lift --quick         # the reduced size that fits ~25 min on 2 CPUs
     python benchmarks/bench_rl100.py --task pick_place_can [--quick]
+    python benchmarks/bench_rl100.py --task lift --quick --rounds 2 --runs gated     # } two processes side by side,
+    python benchmarks/bench_rl100.py --task lift --quick --rounds 2 --runs ungated   # } then one call without --runs
+    python benchmarks/bench_rl100.py --task lift --quick --rounds 2                  #   assembles result + figure
 
 What runs (everything through `robot-rl rl100`'s own code, in this process, one CPU thread):
 1. the weak BC init of `benchmarks/residual_base.py` (its poor / under-trained chunked diffusion policy, cached
