@@ -237,7 +237,8 @@ def latency(policy: ChainSamplerPolicy, replay: ReplayBuffer, n: int = 50) -> di
 def final_evaluation(run: Run, out: Path, episodes: int) -> dict:
     """Write the final teacher (with the sampler its checkpoints deploy) and the student with `write_policy`, load
     them back with `load_policy` (as `robot-rl eval`/`deploy` do) and evaluate each on the same seeded episodes:
-    the teacher's η chain, the same weights with deterministic DDIM (η = 0), the one-step student."""
+    the teacher's η chain, the same weights with deterministic DDIM (η = 0), the one-step student, and the base
+    checkpoint with both samplers (the baseline on the same seeds)."""
     prov = {"source": "bench_rl100_online", "teacher_version": run.algo.iteration}
     write_policy(out / "teacher", run.algo.robot_policy(), provenance=prov)
     cfg, steps = run.algo.cfg, run.algo.steps
@@ -252,7 +253,18 @@ def final_evaluation(run: Run, out: Path, episodes: int) -> dict:
     if run.algo.student is not None:
         write_policy(out / "student", run.algo.student.cpu().eval(), provenance={**prov, "distilled": True})
         results["student"] = load_policy(out / "student", device="cpu")
-    return {name: run.evaluate(Plain(pol.eval()), name, episodes=episodes) for name, pol in results.items()}
+    rows = {name: run.evaluate(Plain(pol.eval()), name, episodes=episodes) for name, pol in results.items()}
+    return {**rows, **evaluate_base(run, episodes)}
+
+
+def evaluate_base(run: Run, episodes: int) -> dict:
+    """The base checkpoint (what PPO started from) with the η chain and with deterministic DDIM."""
+    cfg, steps = run.algo.cfg, run.algo.steps
+    out = {}
+    for sampling, name in (("chain", f"base, eta={cfg.eta:g} chain"), ("ddim", "base, DDIM eta=0")):
+        pol = with_sampler(load_policy(cfg.base_checkpoint, device="cpu"), cfg, steps, sampling)
+        out[name] = run.evaluate(Plain(pol.eval()), name, episodes=episodes)
+    return out
 
 
 def main(argv=None) -> int:
@@ -392,15 +404,18 @@ def plot(curves: dict, path: Path, residual_curves: str | None = None) -> None:
             color="C1",
             label=f"same weights, {names['ddim' if deployed == 'chain' else 'chain']}",
         )
-    for i, (name, s) in enumerate((curves.get("final") or {}).items()):
+    finals = [(n, s) for n, s in (curves.get("final") or {}).items() if not n.startswith("base")]
+    finals += [(n, s) for n, s in (curves.get("final") or {}).items() if n.startswith("base")]
+    end = curves["evals"][-1]["env_steps"]
+    for i, (name, s) in enumerate(finals):
         ax.errorbar(
-            [s["env_steps"] * (1.01 + 0.015 * i)],
+            [end * (1.01 + 0.015 * i) if not name.startswith("base") else end * (0.01 + 0.015 * (i - 3))],
             [s["success"]],
             yerr=[[s["success"] - s["ci95"][0]], [s["ci95"][1] - s["success"]]],
             fmt="sDv"[i % 3],
             color=f"C{3 + i}",
             capsize=3,
-            label=f"final {name} (n={curves['args']['final_eval_episodes']})",
+            label=f"{'' if name.startswith('base') else 'final '}{name} (n={curves['args']['final_eval_episodes']})",
         )
     if residual_curves and Path(residual_curves).exists():
         r = json.loads(Path(residual_curves).read_text())
