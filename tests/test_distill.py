@@ -157,6 +157,16 @@ def test_warm_start_copies_the_teacher_and_ddim_chunk_matches_predict_chunk(teac
     )
 
 
+def test_student_of_a_chain_teacher_is_deterministic(teacher_run):
+    """A teacher that deploys the stochastic DDIM chain (eta > 0, RL-100) still gets a one-step student that maps
+    x_T to one chunk: the student never inherits the teacher's sampler noise."""
+    teacher = load_policy(teacher_run)
+    teacher.cfg.eta, teacher.cfg.std_min = 1.0, 0.05
+    student = make_student(teacher)
+    assert student.cfg.eta == 0.0 and set_sampler(student) == "one-step"
+    assert set_sampler(teacher) == f"ddim-{teacher.cfg.num_inference_steps} eta=1"
+
+
 def test_resume_repeats_the_uninterrupted_run(teacher_run, tmp_path):
     over = ["distill.steps=8", "distill.checkpoint_every=4", "distill.tensorboard=false", "distill.val_every=0"]
     straight = Distiller(distill_cfg(teacher_run, *over), tmp_path / "a")

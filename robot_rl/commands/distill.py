@@ -77,6 +77,7 @@ def make_student(teacher: DiffusionPolicy, init: str = "teacher") -> DiffusionPo
             "prediction_type": "sample",
             "inference_scheduler": "ddim",
             "num_inference_steps": 1,
+            "eta": 0.0,  # the student maps x_T to the teacher's deterministic chunk, whatever sampler the teacher deploys
         }
     )
     student = DiffusionPolicy(cfg, teacher.obs_features, teacher.action_feature).to(teacher.device)

@@ -121,7 +121,7 @@ def is_one_step(policy) -> bool:
 
 def set_sampler(policy, scheduler: str | None = None, num_inference_steps: int | None = None) -> str:
     """Choose how a diffusion policy samples its chunks in `select_action` (None keeps the checkpoint's choice);
-    returns a description (`ddim-10`, `ddpm-100`, `one-step`, `mlp`). A distilled one-step student has no other
+    returns a description (`ddim-10`, `ddim-10 eta=1`, `ddpm-100`, `one-step`, `mlp`). A distilled one-step student has no other
     sampler, and DDPM always runs the full chain of num_train_timesteps steps."""
     from robot_rl.policies.diffusion import DiffusionPolicy
 
@@ -156,7 +156,8 @@ def set_sampler(policy, scheduler: str | None = None, num_inference_steps: int |
         c.num_inference_steps = n
     if c.inference_scheduler == "ddpm":
         return f"ddpm-{c.num_train_timesteps}"
-    return f"ddim-{c.num_inference_steps or c.num_train_timesteps}"
+    chain = f" eta={c.eta:g}" if getattr(c, "eta", 0.0) > 0 else ""  # the stochastic DDIM chain (RL-100's sampler)
+    return f"ddim-{c.num_inference_steps or c.num_train_timesteps}{chain}"
 
 
 # ---------------------------------------------------------------------------------------------------- video
