@@ -362,7 +362,10 @@ def test_deploy_nan_policy_is_caught_by_the_safety_filter(lift_run):
     real = d.policy.predict_chunk
     d.policy.predict_chunk = lambda *a, **kw: real(*a, **kw) * float("nan")
     s = d.run()
-    assert s["safety_events"]["nan"] == 6 and s["steps"] == 6 and s["error"] is None
+    assert s["steps"] == 6 and s["error"] is None
+    # every tick is caught: a NaN chunk by the safety filter, or (a loaded CPU delaying the next chunk) no chunk at
+    # all, which sends the safe action too; the primed first chunk makes tick 0 a NaN one
+    assert s["safety_events"]["nan"] >= 1 and s["safety_events"]["nan"] + s["starvations"] == 6, s["safety_events"]
     [video] = s["videos"]  # like eval: the episode as an mp4, named by seed and outcome
     assert video == str(run / "videos" / "episode_000_seed0_failure.mp4") and Path(video).stat().st_size > 0
 
