@@ -78,7 +78,16 @@ def test_crashed_learner_is_restarted_and_resumes(lift_base, tmp_path, ports):
             sys.executable,
             "-m",
             "robot_rl.cli",
-            *session_args(lift_base, run, ports, "session.episodes=8", "session.restart_crashed=1"),
+            *session_args(
+                lift_base,
+                run,
+                ports,
+                "session.episodes=8",
+                "session.restart_crashed=1",
+                # the robot may finish its 8 short episodes while the learner restarts: its drain waits for the
+                # restarted learner's acks, however long a loaded machine takes to start it
+                "session.drain_timeout_s=150",
+            ),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
