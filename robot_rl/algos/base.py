@@ -46,6 +46,8 @@ class Algorithm(abc.ABC):
     Robot side, in the control process: `build_robot_policy` (a class method: no learner state there).
     """
 
+    robot_acts_without_weights = False  # True: the robot policy acts before the first weights (a frozen base)
+
     def __init__(self, cfg, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
         """The one constructor signature: the algorithm's config (its dataclass), the session's `policy:` group,
         the training device, and the learner's run directory for caches (None: no cache)."""

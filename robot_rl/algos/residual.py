@@ -118,6 +118,7 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> float:
 
 class ResidualTD3(OffPolicy):
     saved = (*OffPolicy.saved, "target_actor")  # resumed with the model, critics and optimisers
+    robot_acts_without_weights = True  # the frozen base drives from the first tick
 
     @classmethod
     def check_config(cls, cfg: ResidualConfig) -> None:

@@ -204,7 +204,7 @@ def with_sampler(policy: DiffusionPolicy, cfg: RL100OnlineConfig, steps: int, sa
 
 
 class RL100Online(Algorithm):
-    robot_acts_without_weights = True  # the base samples from the first tick (the session's pre-flight reads this)
+    robot_acts_without_weights = True  # the base samples from the first tick
 
     @classmethod
     def check_config(cls, cfg: RL100OnlineConfig) -> None:

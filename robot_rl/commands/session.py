@@ -116,9 +116,7 @@ def preflight_warnings(cfg: DictConfig) -> list[str]:
             f"{first_weights} ({first} before the first update + publish_every_updates "
             f"{algo.get('publish_every_updates')} at {utd:g} updates per transition)"
         )
-    acts_without = (
-        bool(getattr(entry.algorithm, "robot_acts_without_weights", algo.get("name") == "residual")) if entry else False
-    )
+    acts_without = entry is not None and entry.algorithm.robot_acts_without_weights
     if no_teleop and not acts_without and (s.learner == "none" or warnings):
         warnings.append(
             "no actor at all: teleop=none and the policy acts only with learner weights, which will not "
