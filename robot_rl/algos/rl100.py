@@ -60,8 +60,8 @@ class PPOConfig:
     lr: float
     clip: float
     grad_clip: float
-    chains_per_state: int = 1  # M > 1: A = Q(z, a_i) - mean_j Q(z, a_j) over M chains at the same state
-    kl_coef: float = 0.0  # weight of KL(π_θ || π_ref) per denoising step at the chain's states
+    chains_per_state: int  # M > 1: A = Q(z, a_i) - mean_j Q(z, a_j) over M chains at the same state
+    kl_coef: float  # weight of KL(π_θ || π_ref) per denoising step at the chain's states
 
 
 @dataclass
@@ -262,8 +262,10 @@ def ope_estimate(policy: DiffusionPolicy, critics: IQL, dynamics, z0: torch.Tens
 def chunk_shift(policy: DiffusionPolicy, reference: DiffusionPolicy, z: torch.Tensor, cfg: RL100Config) -> float:
     """RMS distance (normalised action units) between the two policies' deterministic executed chunks from the same
     noise at features z: how far a round moved the policy from the BC init, off the data the critic knows."""
-    a, b = (flat_executed(p, ddim_chunks(p, z, torch.Generator().manual_seed(cfg.ope.seed), cfg.chain.steps))
-            for p in (policy, reference))  # fmt: skip
+    a, b = (
+        flat_executed(p, ddim_chunks(p, z, torch.Generator().manual_seed(cfg.ope.seed), cfg.chain.steps))
+        for p in (policy, reference)
+    )
     return float(((a - b) ** 2).mean().sqrt())
 
 
