@@ -13,7 +13,7 @@ from builders import TINY_DIFFUSION, TINY_IMAGE, hydra_overrides, train_policy
 from hydra import compose, initialize_config_module
 
 from robot_rl.algos.ope import bootstrap_ci, sharpe_ratio_at_k, spearman
-from robot_rl.algos.rl100 import RL100Config, chunk_transitions, executed_rows
+from robot_rl.algos.rl100 import RL100Config, chunk_transitions
 from robot_rl.config import ConfigError
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
@@ -139,7 +139,7 @@ def test_chunk_transitions(toy):
     np.testing.assert_allclose(ep[-n:], g ** np.arange(n)[::-1], rtol=1e-6)
     assert not ep[:-n].any() and data["done"][:STEPS][-n:].all() and not data["done"][:STEPS][:-n].any()
     assert not data["reward"][STEPS : 2 * STEPS].any()  # a failed one: no reward, its end still terminal
-    assert executed_rows(policy) == slice(1, 1 + n)
+    assert policy.executed_rows() == slice(1, 1 + n)
 
 
 def test_kl_anchor_keeps_ppo_near_the_bc_policy(toy):

@@ -108,15 +108,9 @@ class RL100Config:
 # -------------------------------------------------------------------------------- chunk-level transitions
 
 
-def executed_rows(policy: DiffusionPolicy) -> slice:
-    """The chunk rows a robot executes (the chunk starts at the oldest observation)."""
-    start = policy.cfg.obs_horizon - 1
-    return slice(start, start + policy.cfg.n_action_steps)
-
-
 def flat_executed(policy: DiffusionPolicy, chunk: torch.Tensor) -> torch.Tensor:
     """(B, Ha, A) normalised chunk -> (B, n * A): the critic's action."""
-    return chunk[:, executed_rows(policy)].flatten(1)
+    return chunk[:, policy.executed_rows()].flatten(1)
 
 
 def episode_rewards(store, reward_key: str | None) -> list[tuple[int, int, np.ndarray]]:
@@ -281,7 +275,7 @@ def start_states(data: dict[str, np.ndarray], cfg: RL100Config, device) -> torch
 
 def chain_logp(policy: DiffusionPolicy, lp: torch.Tensor) -> torch.Tensor:
     """Per-element log-probs (..., Ha, A) summed over the executed chunk (the chunk is one MDP action)."""
-    return lp[..., executed_rows(policy), :].sum((-2, -1))
+    return lp[..., policy.executed_rows(), :].sum((-2, -1))
 
 
 def ppo_over_chain(
@@ -304,7 +298,7 @@ def ppo_over_chain(
     policy.unet.requires_grad_(True)  # the encoder and the normaliser stay frozen
     params = list(policy.unet.parameters())
     opt = torch.optim.Adam(params, lr=p.lr)
-    schedule, rows, m = policy.chain_schedule(c.steps, c.eta), executed_rows(policy), p.chains_per_state
+    schedule, rows, m = policy.chain_schedule(c.steps, c.eta), policy.executed_rows(), p.chains_per_state
     history = []
     for it in range(p.iterations):
         for group in opt.param_groups:  # linear decay to zero over the round
@@ -417,7 +411,7 @@ class ChunkPolicy(Policy):
             window = {k: torch.stack([o[k] for o in self._obs])[None] for k in pol.obs_keys}
             z = pol.encode_obs(window)
             chunk = pol.normalizer.unnormalize("action", self.sample(z, self.generator))[0].cpu().numpy()
-            self._actions.extend(chunk[executed_rows(pol)].astype(np.float32))
+            self._actions.extend(chunk[pol.executed_rows()].astype(np.float32))
             self.num_predictions += 1
         return self._actions.popleft()
 

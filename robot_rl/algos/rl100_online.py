@@ -46,7 +46,7 @@ from torch import nn
 
 from robot_rl.algos.base import SENDER_KEY, Algorithm, ReplayView
 from robot_rl.algos.ensemble import make_adam
-from robot_rl.algos.rl100 import chain_logp, check_teacher, executed_rows
+from robot_rl.algos.rl100 import chain_logp, check_teacher
 from robot_rl.interfaces import OBS_PREFIX, Robot
 from robot_rl.policies.chain_sampler import CHAIN, CHAIN_LOGP, CHAIN_VERSION, ChainSamplerPolicy
 from robot_rl.policies.checkpoint import CheckpointError, find_policy_dir, load_policy, write_policy
@@ -389,7 +389,7 @@ class RL100Online(Algorithm):
         x_t = torch.randn(shape, device=self.device)
         target = ddim_mean_chunk(self.policy, x_t, cond, self.steps)
         pred = self.student.unet(x_t, self.t_student.expand(shape[0]), cond)
-        rows = executed_rows(self.policy)
+        rows = self.policy.executed_rows()
         loss = F.mse_loss(pred[:, rows], target[:, rows])
         self.student_opt.zero_grad(set_to_none=True)
         loss.backward()

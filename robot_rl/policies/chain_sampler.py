@@ -27,12 +27,6 @@ from robot_rl.policies.diffusion import DiffusionPolicy
 CHAIN, CHAIN_LOGP, CHUNK_INDEX, CHAIN_VERSION = "chain", "chain_logp", "chunk_index", "chain_version"
 
 
-def executed_slice(policy: DiffusionPolicy) -> slice:
-    """The rows of a chunk the robot executes (the chunk starts at the oldest observation of the window)."""
-    start = policy.cfg.obs_horizon - 1
-    return slice(start, start + policy.cfg.n_action_steps)
-
-
 class ChainSamplerPolicy(Policy):
     """Samples each chunk through the stochastic chain and reports it. Acts from the first tick (the base)."""
 
@@ -139,7 +133,7 @@ class ChainSamplerPolicy(Policy):
                 x, _ = pol.chain_step(x, cond, step, 0.0, 0.0)
             return x[0], None, x
         chain, lp = pol.sample_chain(cond, self.steps, self.eta, self.std_min, self.std_max, generator=self.generator)
-        return chain[0, -1], lp[0, :, executed_slice(pol)].sum((-2, -1)), chain[0]
+        return chain[0, -1], lp[0, :, pol.executed_rows()].sum((-2, -1)), chain[0]
 
     @torch.no_grad()
     def select_action(self, observation: Observation) -> np.ndarray:
@@ -150,7 +144,7 @@ class ChainSamplerPolicy(Policy):
             self._apply_at_boundary()
             window = {k: torch.stack([o[k] for o in self._obs])[None] for k in pol.obs_keys}
             chunk, logp, chain = self.sample(window)
-            actions = pol.normalizer.unnormalize("action", chunk[None])[0, executed_slice(pol)]
+            actions = pol.normalizer.unnormalize("action", chunk[None])[0, pol.executed_rows()]
             self._actions.extend(actions.cpu().numpy().astype(np.float32))
             self._chunk_index += 1
             if logp is not None:

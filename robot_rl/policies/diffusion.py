@@ -620,6 +620,11 @@ class DiffusionPolicy(nn.Module, Policy):
         """Actions of the current chunk still queued (0: the next `select_action` predicts a new chunk)."""
         return len(self._action_queue)
 
+    def executed_rows(self) -> slice:
+        """The chunk rows a robot executes: the chunk starts at the oldest observation of the window."""
+        start = self.cfg.obs_horizon - 1
+        return slice(start, start + self.cfg.n_action_steps)
+
     @torch.no_grad()
     def select_action(self, observation: Observation) -> np.ndarray:
         """Next action (A,): predicts a chunk from the last To observations whenever the queue is empty."""
@@ -636,8 +641,7 @@ class DiffusionPolicy(nn.Module, Policy):
                 chunk = self.predict_chunk(window, generator=self.generator)[0].cpu().numpy()
             finally:
                 self.train(was_training)
-            start = self.cfg.obs_horizon - 1
-            self._action_queue.extend(chunk[start : start + self.cfg.n_action_steps].astype(np.float32))
+            self._action_queue.extend(chunk[self.executed_rows()].astype(np.float32))
             self.num_predictions += 1
         return self._action_queue.popleft()
 
