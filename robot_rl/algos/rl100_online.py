@@ -50,7 +50,8 @@ from robot_rl.algos.rl100 import chain_logp, check_teacher
 from robot_rl.interfaces import OBS_PREFIX, Robot
 from robot_rl.policies.chain_sampler import CHAIN, CHAIN_LOGP, CHAIN_VERSION, ChainSamplerPolicy
 from robot_rl.policies.checkpoint import CheckpointError, find_policy_dir, load_policy, write_policy
-from robot_rl.policies.diffusion import DiffusionConfig, DiffusionPolicy
+from robot_rl.policies.diffusion import DiffusionPolicy
+from robot_rl.policies.one_step import make_student, one_step_timestep
 from robot_rl.policies.residual import mlp
 
 
@@ -151,21 +152,6 @@ class ValueNet(nn.Module):
 # ------------------------------------------------------------------------------------------ the student
 
 
-def make_student(teacher: DiffusionPolicy, init: str) -> DiffusionPolicy:
-    """A one-step policy of the teacher's shape (sample prediction, DDIM 1 step) with the teacher's normaliser and
-    encoder (robot-rl distill's student); `init` teacher copies the UNet too, random leaves it fresh."""
-    cfg = {**teacher.cfg.to_dict(), "obs_keys": list(teacher.obs_keys)}
-    cfg.update(prediction_type="sample", inference_scheduler="ddim", num_inference_steps=1, eta=0.0)
-    student = DiffusionPolicy(DiffusionConfig.from_dict(cfg), teacher.obs_features, teacher.action_feature)
-    student = student.to(teacher.device)
-    if init == "teacher":
-        student.load_state_dict(teacher.state_dict())
-    else:
-        student.normalizer.load_state_dict(teacher.normalizer.state_dict())
-        student.obs_encoder.load_state_dict(teacher.obs_encoder.state_dict())
-    return student.eval()
-
-
 @torch.no_grad()
 def ddim_mean_chunk(policy: DiffusionPolicy, x: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
     """The deterministic DDIM-K chunk (η = 0) from x_T, normalised: the student's target (RL-100's distill2mean)."""
@@ -249,12 +235,10 @@ class RL100Online(Algorithm):
         self.critic_opt = make_adam(self.value.net.parameters(), lr=cfg.critic_lr)
         self.student = self.student_opt = None
         if cfg.distill_phase == "online":
-            self.student = make_student(self.policy, cfg.distill_init).requires_grad_(False)
+            self.student = make_student(self.policy, cfg.distill_init).eval().requires_grad_(False)
             self.student.unet.requires_grad_(True)
             self.student_opt = make_adam(self.student.unet.parameters(), lr=cfg.distill_lr)
-            sched = self.student.schedulers["ddim"]
-            sched.set_timesteps(1)
-            self.t_student = sched.timesteps[0].clone().to(device)
+            self.t_student = one_step_timestep(self.student)
         self.iteration = 0  # PPO iterations done = the version the robots must sample with
         self.stale_dropped = 0  # chunks of older versions that arrived and were never trained on
         self.rows_seen = 0  # replay rows looked at by the previous iteration
