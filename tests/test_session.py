@@ -216,6 +216,8 @@ def test_learner_killed_and_restarted(tmp_path, ports):
         f"while the learner is dead every tick must be safe (killed at +0, children gone at "
         f"+{dead_time - kill_time:.2f} s, first safe tick at +{first_safe - kill_time:.2f} s)"
     )
+    # and the robot knew why: it had not heard the learner for longer than the watchdog's timeout at each of them
+    assert (ticks["contact_age"][dead] > 0.045).all(), ticks["contact_age"][dead].min()
     later = ticks["t"] > back_time
     assert later.any() and not ticks["forced_safe"][later].all(), "the policy should drive again after the restart"
 

@@ -132,7 +132,9 @@ class ControlProcess:
         self._hold_reasons: collections.Counter = collections.Counter()
         self.episodes: list[dict] = []
         self.weight_updates: list[dict] = []
-        self.ticks = {k: [] for k in ("t", "lateness", "episode", "source", "forced_safe", "policy_version")}
+        self.ticks = {
+            k: [] for k in ("t", "lateness", "episode", "source", "forced_safe", "policy_version", "contact_age")
+        }
         self.view = make_view(self.s, self.run_dir)  # session.viz=rerun: a live view that never holds up the loop
 
     def _make_policy(self) -> Policy:
@@ -194,6 +196,11 @@ class ControlProcess:
         """The policy acts once weights arrived, or from the first tick if it needs none (a frozen base)."""
         can_act = self.policy_version >= 0 or self.policy.acts_without_weights
         return self.policy.select_action(obs) if can_act else None
+
+    def _contact_age(self) -> float:
+        """Seconds since the learner was last heard from (NaN without a learner or before first contact)."""
+        last = None if self.sender is None else self.sender.last_contact
+        return float("nan") if last is None else time.monotonic() - last
 
     def _feed_watchdog(self) -> None:
         if self.sender is not None and self.sender.last_contact is not None:
@@ -437,6 +444,7 @@ class ControlProcess:
                 ("source", SOURCES.index(step.source)),
                 ("forced_safe", step.forced_safe),
                 ("policy_version", self.policy_version),
+                ("contact_age", self._contact_age()),
             ):
                 self.ticks[key].append(value)
 
