@@ -53,9 +53,12 @@ TASKS = {  # name -> (robosuite env, object key, episode cap in steps)
     "pick_place_can": ("PickPlaceCan", "Can_pos", 300),
 }
 QUALITIES = ("expert", "mediocre", "poor", "failed")
+# --prior-mix anchor: the target task's prior is "paired" (BR's Square): from each initial state one expert episode
+# and two failed attempts, the expert letting go of every grasp (fumble) and the poor preset doing the same (failed)
+PAIRED = ("expert", "fumble", "failed")
 PROPRIO = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "robot0_gripper_qvel")
 SHARED = (*PROPRIO, "object_pos", "goal_pos")
-METHODS = ("target", "uniform", "retrieval")
+METHODS = ("target", "uniform", "balanced", "retrieval")
 TASK_SEED = {"lift": 0, "stack": 1, "pick_place_can": 2}
 
 
@@ -125,14 +128,24 @@ class SharedObsRobot:
 def expert_for(robot: SharedObsRobot, quality: str, seed: int):
     from robot_rl.sim.experts import PickPlaceCanExpert, make_expert
 
-    kw = {"quality": "poor", "failed_grasp": 1.0} if quality == "failed" else {"quality": quality}
+    kw = {
+        "failed": {"quality": "poor", "failed_grasp": 1.0},
+        "fumble": {"quality": "expert", "failed_grasp": 1.0},
+    }.get(quality, {"quality": quality})
     if robot.task == "pick_place_can":
         return PickPlaceCanExpert.for_env(robot.inner, seed=seed, **kw)
     return make_expert(TASKS[robot.task][0], seed=seed, **kw)
 
 
-def record(store, robot: SharedObsRobot, quality: str, seeds, label: dict) -> list[bool]:
-    """Episodes of one task and quality into `store`: stop 5 steps after success or at the task's cap."""
+def perturbed(expert, before: tuple[int, int]) -> bool:
+    """Was the expert's last action a failed-grasp drop step or a hesitation pause (not its decision rule's own)?
+    `before` = (drop steps left, pause steps left) before the call."""
+    return before[0] > 0 or before[1] > 0 or expert._drop_left > 0 or expert._pause_left > 0 or expert.mode == "drop"
+
+
+def record(store, robot: SharedObsRobot, quality: str, seeds, label: dict, steps_out: list) -> list[bool]:
+    """Episodes of one task and quality into `store`: stop 5 steps after success or at the task's cap. Appends one
+    flag per step to `steps_out`: the step was the expert's decision rule (not a drop step or a pause)."""
     w, out = store.writer(), []
     expert = expert_for(robot, quality, seed=int(seeds[0]))
     for seed in seeds:
@@ -141,7 +154,9 @@ def record(store, robot: SharedObsRobot, quality: str, seeds, label: dict) -> li
         w.begin({"seed": int(seed)})
         after = 0
         for _ in range(robot.max_steps):
+            before = (expert._drop_left, expert._pause_left)
             action = expert.get_action(robot.raw)
+            steps_out.append(not perturbed(expert, before))
             w.add({**{f"obs.{k}": v for k, v in obs.items()}, "action": np.asarray(action, np.float32)})
             robot.send_action(action)
             obs = robot.get_observation()
@@ -157,7 +172,10 @@ def record(store, robot: SharedObsRobot, quality: str, seeds, label: dict) -> li
 def build_data(args, data: Path) -> dict:
     from robot_rl.data.episode_store import EpisodeStore
 
-    prior_path, target_path = data / "prior", data / f"target_{args.target_task}_{args.target_demos}"
+    anchor = args.prior_mix == "anchor"
+    prior_path = data / ("prior_anchor" if anchor else "prior")
+    target_path = data / f"target_{args.target_task}_{args.target_demos}"
+    steps_path = prior_path.with_name(prior_path.name + "_steps.npy")  # per-step flags, kept beside the store
     robots = {}
 
     def robot(task):
@@ -171,24 +189,33 @@ def build_data(args, data: Path) -> dict:
     if not (prior_path / "commit.json").exists() or EpisodeStore.open(prior_path).num_episodes == 0:
         feats = {**{f"obs.{k}": f for k, f in robot("lift").observation_features.items()}}
         feats["action"] = robot("lift").action_feature
-        store = EpisodeStore.create(prior_path, feats, fps=20, info={"note": "retrieval benchmark prior"})
+        store = EpisodeStore.create(
+            prior_path, feats, fps=20, info={"note": f"retrieval benchmark prior ({args.prior_mix})"}
+        )
+        flags: list[bool] = []
         for task in TASKS:
-            for qi, quality in enumerate(QUALITIES):
-                seeds = 1000 * (10 * TASK_SEED[task] + qi) + np.arange(args.per_cell)
-                ok = record(store, robot(task), quality, seeds, {"task": task})
+            paired = anchor and task == args.target_task
+            for qi, quality in enumerate(PAIRED if paired else QUALITIES):
+                if paired:  # every quality from the same initial states
+                    seeds = 1000 * (10 * TASK_SEED[task] + 9) + np.arange(args.paired_seeds)
+                else:
+                    seeds = 1000 * (10 * TASK_SEED[task] + qi) + np.arange(args.per_cell)
+                ok = record(store, robot(task), quality, seeds, {"task": task}, flags)
                 stats[f"{task}/{quality}"] = float(np.mean(ok))
                 print(f"  prior {task:15s} {quality:9s}: {len(ok)} episodes, success {np.mean(ok):.2f}", flush=True)
         store.close()
+        np.save(steps_path, np.asarray(flags, bool))
     if not (target_path / "commit.json").exists():
         r = robot(args.target_task)
         feats = {**{f"obs.{k}": f for k, f in r.observation_features.items()}, "action": r.action_feature}
         store = EpisodeStore.create(target_path, feats, fps=20, info={"note": "retrieval benchmark target"})
         seeds = 500_000 + np.arange(args.target_demos)
-        record(store, r, "expert", seeds, {"task": args.target_task})
+        record(store, r, "expert", seeds, {"task": args.target_task}, [])
         store.close()
     for r in robots.values():
         r.disconnect()
-    return {"prior": prior_path, "target": target_path, "build_s": time.monotonic() - t0, "prior_success": stats}
+    return {"prior": prior_path, "target": target_path, "steps": steps_path, "build_s": time.monotonic() - t0,
+            "prior_success": stats}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- retrieval
@@ -241,10 +268,17 @@ def run_retrieval(args, data, out: Path) -> dict:
     lengths = np.diff(np.concatenate([[0], prior.episode_ends]))
     task = np.repeat([e["task"] for e in prior.episodes], lengths)
     quality = np.repeat([e["quality"] for e in prior.episodes], lengths)
+    success = np.repeat([bool(e["success"]) for e in prior.episodes], lengths)
     scores = np.zeros(prior.num_steps, np.float32)
     scores[sel.rows(prior)] = sel.score
-    relevant = task == args.target_task
     deltas = np.round(np.arange(0.0, 1.0001, 0.05), 2)
+    same_task = task == args.target_task
+    labels = {"task": same_task}  # hidden labels: which prior transitions the target task wants
+    if args.prior_mix == "anchor":  # the target task's good behaviour: successful episodes / the rule's own steps
+        labels["good"] = same_task & success
+        if Path(data["steps"]).exists():
+            labels["good_step"] = same_task & np.load(data["steps"])
+    relevant = labels["good" if args.prior_mix == "anchor" else "task"]
     pr = precision_recall(scores, relevant, deltas)
     t0 = time.monotonic()
     rep = retrieve(
@@ -255,13 +289,18 @@ def run_retrieval(args, data, out: Path) -> dict:
     kept = scores >= args.delta
     by_cell = {}
     for t in TASKS:
-        for q in QUALITIES:
+        for q in PAIRED if args.prior_mix == "anchor" and t == args.target_task else QUALITIES:
             m = (task == t) & (quality == q)
             by_cell[f"{t}/{q}"] = {"steps": int(m.sum()), "kept": int((kept & m).sum())}
     return {
+        "relevant": "good" if args.prior_mix == "anchor" else "task",
         "chance_precision": float(relevant.mean()),
         "pr_curve": pr,
+        "pr_by_label": {
+            k: {"chance": float(v.mean()), "curve": precision_recall(scores, v, deltas)} for k, v in labels.items()
+        },  # fmt: skip
         "at_delta": precision_recall(scores, relevant, [args.delta])[0],
+        "at_delta_by_label": {k: precision_recall(scores, v, [args.delta])[0] for k, v in labels.items()},
         "kept_by_task_quality": by_cell,
         "first_run_s": first_s,
         "second_run_s": second_s,
@@ -270,6 +309,7 @@ def run_retrieval(args, data, out: Path) -> dict:
         "score_s": rep["timing_s"]["score"],
         "fingerprint_s": rep["timing_s"]["fingerprint"],
         "selection": str(out / "selection"),
+        "all": str(out / "all"),
         "scores_hist": np.histogram(scores, bins=20, range=(0, 1))[0].tolist(),
     }
 
@@ -318,6 +358,21 @@ def evaluate_policy(policy, task: str, episodes: int, seed: int = EVAL_SEED) -> 
     return [bool(r["success"]) for r in res]
 
 
+def pool(a: dict, b: dict, episodes: int) -> dict:
+    """BC results of two runs merged per method: the training seeds of both (same evaluation episodes), one Wilson
+    interval over all of them (a seed run twice counts once, the later run's)."""
+    from robot_rl.commands.evaluate import wilson_interval
+
+    out = dict(a)
+    for name, res in b.items():
+        seeds = {s["seed"]: s for s in a.get(name, {}).get("per_seed", [])}
+        seeds.update({s["seed"]: s for s in res["per_seed"]})
+        per_seed = [seeds[k] for k in sorted(seeds)]
+        k, n = sum(s["successes"] for s in per_seed), len(per_seed) * episodes
+        out[name] = {"success_rate": k / n, "ci95": list(wilson_interval(k, n)), "n": n, "per_seed": per_seed}
+    return out
+
+
 def run_bc(args, data, retrieval, out: Path, partial=None) -> dict:
     """Train and evaluate each method on --seeds seeds; `partial(results)` after each method (kept on disk)."""
     from robot_rl.commands.evaluate import wilson_interval
@@ -325,6 +380,7 @@ def run_bc(args, data, retrieval, out: Path, partial=None) -> dict:
     methods = {  # id (for --methods) -> (label, datasets, mixing weights)
         "target": ("target only", [data["target"]], None),
         "uniform": ("target + whole prior (uniform)", [data["target"], data["prior"]], None),
+        "balanced": ("target + whole prior (50/50, no selection)", [data["target"], retrieval["all"]], [0.5, 0.5]),
         "retrieval": (f"retrieval BC (δ={args.delta}, 50/50)", [data["target"], retrieval["selection"]], [0.5, 0.5]),
     }
     results = {}
@@ -410,18 +466,26 @@ def plot(results: dict, path: Path, args) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     r = results.get("retrieval")
     if r:
-        pr = r["pr_curve"]
         ax = axes[0]
-        ax.plot([p["delta"] for p in pr], [p["precision"] for p in pr], "o-", label="precision")
-        ax.plot([p["delta"] for p in pr], [p["recall"] for p in pr], "s-", label="recall")
-        ax.axhline(r["chance_precision"], color="0.5", ls=":", label="chance precision")
+        names = {"task": f"same task ({args.target_task})", "good": "same task, successful episode",
+                 "good_step": "same task, expert's own step"}  # fmt: skip
+        curves = r.get("pr_by_label") or {"task": {"chance": r["chance_precision"], "curve": r["pr_curve"]}}
+        if args.prior_mix == "anchor":
+            curves = {k: v for k, v in curves.items() if k != "task"}
+        for (label, c), color in zip(curves.items(), ("tab:blue", "tab:green", "tab:purple")):
+            pr, tag = c["curve"], names[label]
+            ax.plot(
+                [p["delta"] for p in pr], [p["precision"] for p in pr], "o-", color=color, label=f"precision: {tag}"
+            )
+            ax.plot([p["delta"] for p in pr], [p["recall"] for p in pr], "s--", color=color, label=f"recall: {tag}")
+            ax.axhline(c["chance"], color=color, ls=":", lw=1, label=f"chance precision {c['chance']:.2f}")
         used = sorted({float(m.group(1)) for n in results.get("bc", {}) if (m := re.search(r"δ=([0-9.]+)", n))})
         for d in used or [args.delta]:
             ax.axvline(d, color="k", ls="--", lw=1)
         ax.plot([], [], "k--", lw=1, label=f"δ of retrieval BC ({', '.join(f'{d:g}' for d in used or [args.delta])})")
         ax.set(xlabel="δ (score threshold)", ylabel="fraction", ylim=(0, 1.05))
-        ax.set_title(f"retrieving {args.target_task} from the mixed prior", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.set_title(f"retrieving {args.target_task} from the {args.prior_mix} prior", fontsize=10)
+        ax.legend(fontsize=7)
     b = results.get("bc")
     if b:  # retrieval BC's success against δ; the two baselines as bands (all Wilson 95 %, same episodes)
         ax = axes[1]
@@ -434,15 +498,19 @@ def plot(results: dict, path: Path, args) -> None:
                 [v["ci95"][1] - v["success_rate"] for _, v in pts],
             ]
             ax.errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=5, label="retrieval BC (50/50)")
-        for n, color in (("target only", "0.4"), ("target + whole prior (uniform)", "tab:orange")):
+        bands = (("target only", "0.4"), ("target + whole prior (uniform)", "tab:orange"),
+                 ("target + whole prior (50/50, no selection)", "tab:red"))  # fmt: skip
+        for n, color in bands:
             if n in b:
                 lo, hi = b[n]["ci95"]
                 ax.axhline(b[n]["success_rate"], color=color, lw=1.5, label=f"{n} {b[n]['success_rate']:.2f}")
                 ax.axhspan(lo, hi, color=color, alpha=0.15)
         ax.set(xlabel="δ of the retrieval", ylabel="success (Wilson 95 %)", ylim=(0, 1.05))
-        n = next(iter(b.values()))["n"]
+        n, seeds = next(iter(b.values()))["n"], len(next(iter(b.values()))["per_seed"])
         ax.set_title(
-            f"MLP BC on {args.target_task}: {args.seeds} seeds x {args.eval_episodes} episodes (n={n})", fontsize=10
+            f"MLP BC on {args.target_task} ({args.prior_mix} prior): {seeds} seeds x {args.eval_episodes} "
+            f"episodes (n={n})",
+            fontsize=10,
         )
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -460,7 +528,11 @@ def main() -> int:
     p.add_argument("--only", choices=["retrieval", "bc", "scoring"], action="append")
     p.add_argument("--target-task", default="stack", choices=list(TASKS))
     p.add_argument("--target-demos", type=int, default=10)
+    p.add_argument("--prior-mix", choices=["cross_task", "anchor"], default="cross_task",
+                   help="cross_task: every task at every quality; anchor: the target task paired (expert, fumble, "
+                   "failed from the same seeds), the other tasks as distractors (docs/behavior_retrieval.md)")  # fmt: skip
     p.add_argument("--per-cell", type=int, default=25, help="prior episodes per task x quality (12 cells)")
+    p.add_argument("--paired-seeds", type=int, default=20, help="--prior-mix anchor: initial states of the target task")
     p.add_argument("--delta", type=float, default=0.8)
     p.add_argument("--embedder-steps", type=int, default=20000)
     p.add_argument("--seeds", type=int, default=5)
@@ -472,14 +544,31 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="BC methods to run; results of others already in --out/results.json are kept")  # fmt: skip
+                   help="BC methods to run; results already in --out/results.json are kept (other seeds pooled)")  # fmt: skip
     p.add_argument("--scoring-prior", type=int, default=1_000_000)
     p.add_argument("--scoring-target", type=int, default=1000)
     p.add_argument("--scoring-threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_retrieval")
+    p.add_argument("--out", type=Path, default=None, help="default outputs/bench_retrieval[_anchor]")
     p.add_argument("--data", type=Path, default=None, help="where the prior/target stores are built (default out/data)")
-    p.add_argument("--figure", type=Path, default=REPO / "docs" / "figures" / "retrieval_benchmark.png")
+    p.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help="default docs/figures/retrieval_benchmark.png (cross_task) / retrieval_anchor.png (anchor)",
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="results.json files of parallel runs (other --out, same --data): their BC results are merged",
+    )
     args = p.parse_args()
+    anchor = args.prior_mix == "anchor"
+    args.out = args.out or REPO / "outputs" / ("bench_retrieval_anchor" if anchor else "bench_retrieval")
+    args.figure = args.figure or REPO / "docs" / "figures" / (
+        "retrieval_anchor.png" if anchor else "retrieval_benchmark.png"
+    )
     if args.quick:
         for k, v in {"target_demos": 5, "per_cell": 10, "embedder_steps": 3000, "seeds": 3, "eval_episodes": 20,
                      "bc_steps": 3000}.items():  # fmt: skip
@@ -490,6 +579,8 @@ def main() -> int:
     torch.set_num_threads(1)
     results: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     earlier = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
+    for other in args.merge:
+        earlier["bc"] = pool(earlier.get("bc", {}), json.loads(other.read_text()).get("bc", {}), args.eval_episodes)
     t_start = time.monotonic()
     if only & {"retrieval", "bc"}:
         print("building data ...", flush=True)
@@ -503,14 +594,19 @@ def main() -> int:
             f"{r['at_delta']['precision']:.2f}, recall {r['at_delta']['recall']:.2f}, kept {r['at_delta']['kept']}",
             flush=True,
         )
+        for label, at in r["at_delta_by_label"].items():
+            print(f"  label {label:9s}: chance {r['pr_by_label'][label]['chance']:.3f}, at δ={args.delta} precision "
+                  f"{at['precision']:.2f}, recall {at['recall']:.2f}", flush=True)  # fmt: skip
+        if "bc" not in only and earlier.get("bc"):
+            results["bc"] = earlier["bc"]
         if "bc" in only:
             print("BC ...", flush=True)
 
             def partial(bc):  # methods run in an earlier invocation are kept
-                merged = {**results, "bc": {**earlier.get("bc", {}), **bc}}
+                merged = {**results, "bc": pool(earlier.get("bc", {}), bc, args.eval_episodes)}
                 (args.out / "results.json").write_text(json.dumps(merged, indent=1, default=float))
 
-            results["bc"] = {**earlier.get("bc", {}), **run_bc(args, data, r, args.out, partial)}
+            results["bc"] = pool(earlier.get("bc", {}), run_bc(args, data, r, args.out, partial), args.eval_episodes)
     if "scoring" in only:
         print(f"scoring {args.scoring_prior} x {args.scoring_target} ...", flush=True)
         results["scoring"] = run_scoring(args)
