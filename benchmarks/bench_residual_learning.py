@@ -1,13 +1,16 @@
-"""Residual RL (ResFiT) from a weak BC base vs the trust-gated residual vs SAC/RLPD from scratch, same budget.
+"""Residual RL (ResFiT) from a weak BC base vs the trust- and outcome-gated residuals vs SAC/RLPD, same budget.
 
-    python benchmarks/bench_residual_learning.py --task lift --steps 50000 --methods residual,residual_trust,sac
+    python benchmarks/bench_residual_learning.py --task lift --steps 50000 --methods residual,residual_outcome,sac
     python benchmarks/bench_residual_learning.py --task pick_place_can --steps 50000
     python benchmarks/bench_residual_learning.py --task lift --plot-only   # redraw from curves_<method>.json
 
 Methods: `residual` is ResFiT's update (actor maximises the heads' mean Q, full residual bound from the first actor
-update: trust_k 0, gate_init 1, gate_rate 0); `residual_trust` is configs/algo/residual.yaml's default (actor
+update: trust_k 0, gate_init 1, gate_rate 0, outcome_levels 0); `residual_trust` is the critic-side gate (actor
 maximises a lower bound on the advantage over the base, robot residual behind a gate that opens only while the
-heads agree the residual is better); `sac` is SAC with RLPD's recipe and the same demos, no base.
+heads agree the residual is better, capped by the critic's calibration; outcome_levels 0); `residual_outcome` is
+configs/algo/residual.yaml's default (the same actor objective; the executed gate opens in steps while the robot's
+own training episodes are not significantly worse than the base's, and closes, restoring the actor that passed the
+step below, when they are); `sac` is SAC with RLPD's recipe and the same demos, no base.
 
 What runs: the weak chunked diffusion base from `benchmarks/residual_base.py` (recorded poor-expert demos, small
 UNet, deliberately under-trained; cached in --bases), then for each method one synchronous loop in this process
@@ -61,10 +64,11 @@ from robot_rl.policies.sac import SACModel, SACPolicy  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EVAL_SEED = 10_000
-RESIDUAL = ("residual", "residual_trust")
+RESIDUAL = ("residual", "residual_trust", "residual_outcome")
 LABELS = {
     "residual": "base + residual (ResFiT update)",
-    "residual_trust": "base + trust-gated residual (new default)",
+    "residual_trust": "base + trust-gated residual (critic-side gate)",
+    "residual_outcome": "base + outcome-gated residual (default)",
     "sac": "SAC/RLPD, no base",
 }
 
@@ -95,8 +99,16 @@ def algo_cfg(method: str, args, base: dict) -> dict:
             "actor_every": args.actor_every,
         }
         if method == "residual":  # ResFiT's update: no lower bound, no gate
-            return cfg | {"trust_k": 0.0, "gate_init": 1.0, "gate_rate": 0.0}
+            return cfg | {"trust_k": 0.0, "gate_init": 1.0, "gate_rate": 0.0, "outcome_levels": 0}
         given = {"trust_k": args.trust_k, "gate_init": args.gate_init, "gate_rate": args.gate_rate}
+        if method == "residual_trust":  # the critic-side gate alone
+            given["outcome_levels"] = 0
+        else:
+            given |= {
+                "outcome_levels": args.outcome_levels,
+                "outcome_episodes": args.outcome_episodes,
+                "outcome_z": args.outcome_z,
+            }
         return cfg | {k: v for k, v in given.items() if v is not None}  # else configs/algo/residual.yaml
     return common
 
@@ -168,6 +180,7 @@ class Run:
                         "intervention": np.bool_(False),
                         "episode": np.int64(self.episode),
                         "step": np.int64(step),
+                        "done": np.bool_(success or step == self.args.horizon - 1),
                     }
                 )
                 row.update(self.policy.transition_extras(acted=True))  # residual: base_action for the critic
@@ -243,6 +256,13 @@ class Run:
         algo, actor = self.algo, self.algo.model.actor
         gate = float(actor.gate)
         out = {"gate": gate, "replay": float(self.replay.size), "critic_calibration": algo.critic_calibration()}
+        if algo.cfg.outcome_levels:  # the outcome gate's books: the base's reference, the current level, closes
+            g = algo.outcome
+            out |= {
+                "outcome_reference": g.reference[0] / max(g.reference[1], 1),
+                "outcome_reference_episodes": g.reference[1],
+            }
+            out |= {"outcome_level_episodes": g.current[1], "outcome_closes": g.closes, "outcome_epoch": g.epoch}
         if self.replay.size == 0:
             return out
         norm = algo.model.scaler.normalize
@@ -348,6 +368,9 @@ def main(argv=None) -> int:
     p.add_argument("--trust-k", type=float, default=None, help="residual_trust: else configs/algo/residual.yaml")
     p.add_argument("--gate-init", type=float, default=None, help="residual_trust: else configs/algo/residual.yaml")
     p.add_argument("--gate-rate", type=float, default=None, help="residual_trust: else configs/algo/residual.yaml")
+    p.add_argument("--outcome-levels", type=int, default=None, help="residual_outcome: else the YAML")
+    p.add_argument("--outcome-episodes", type=int, default=None, help="residual_outcome: else the YAML")
+    p.add_argument("--outcome-z", type=float, default=None, help="residual_outcome: else the YAML")
     p.add_argument("--diag-episodes", type=int, default=10, help="training episodes behind the online diagnostics")
     p.add_argument(
         "--stop-at",

@@ -11,7 +11,15 @@ from robot_rl.algos.demos import load_demos, relabel_base_actions
 from robot_rl.algos.ensemble import EnsembleQ
 from robot_rl.algos.nstep import EpisodeLinks, Pool
 from robot_rl.algos import algo_config
-from robot_rl.algos.residual import ResidualTD3, advantage_lcb, correlation, demo_returns, next_gate
+from robot_rl.algos.residual import (
+    OutcomeGate,
+    ResidualTD3,
+    advantage_lcb,
+    correlation,
+    demo_returns,
+    next_gate,
+    wilson_upper,
+)
 from robot_rl.data.episode_store import EpisodeStore
 from robot_rl.interfaces import Feature
 from robot_rl.learner.replay_buffer import ReplayBuffer
@@ -176,19 +184,22 @@ def test_residual_policy_is_the_base_before_learning_and_swaps_weights_at_chunk_
         assert policy.exploration == "none" and policy.select_action(obs).tolist() == [0.0, 0.0]
     assert policy.exploration == "gaussian" and policy.use_residual
     extras = policy.transition_extras(acted=True)
-    assert extras["base_action"].tolist() == [0.0, 0.0] and set(extras) == {"base_action", "residual"}
+    assert extras["base_action"].tolist() == [0.0, 0.0] and set(extras) == {"base_action", "residual", "gate_epoch"}
+    assert extras["gate_epoch"] == int(model.actor.epoch), "the gate setting the step ran under"
     assert np.isnan(policy.transition_extras(acted=False)["residual"]).all()
+    assert policy.transition_extras(acted=False)["gate_epoch"] == -1
     policy.apply_meta({"exploration": "warmup"})
     assert policy.exploration == "warmup" and policy.acts_without_weights and not policy.probe_after_load
 
 
 # -------------------------------------------------------------------------------------------------- update
-def _online_replay(path, store_path, base, episodes=4):
-    """Online rows as the control process sends them (episodes of the toy store, base actions attached)."""
-    replay = ReplayBuffer(path)
+def _online_replay(path, store_path, base, episodes=4, epoch=None, success=True, replay=None):
+    """Online rows as the control process sends them (episodes of the toy store, base actions attached); with
+    `epoch`: the gate epoch and `done` too, appended to `replay` if given, failed episodes if not `success`."""
+    replay = replay if replay is not None else ReplayBuffer(path)
     store = EpisodeStore.open(store_path)
-    seq = 0
-    for e in range(episodes):
+    seq, first = replay.size, int(replay.column("episode")[-1]) + 1 if replay.size else 0
+    for e in range(first, first + episodes):
         a, b = store.episode_bounds(e % store.num_episodes)
         base.reset()
         n = b - a
@@ -197,12 +208,14 @@ def _online_replay(path, store_path, base, episodes=4):
             "obs.state": states,
             "action": store.array("action")[a:b],
             "base_action": np.stack([base.select_action({"state": s}) for s in states]),
-            "reward": store.array("success")[a:b].astype(np.float32),
-            "success": store.array("success")[a:b],
+            "reward": store.array("success")[a:b].astype(np.float32) * success,
+            "success": store.array("success")[a:b] & success,
             "intervention": np.zeros(n, bool),
             "episode": np.full(n, e, np.int64),
             "step": np.arange(n, dtype=np.int64),
         }
+        if epoch is not None:
+            arrays |= {"gate_epoch": np.full(n, epoch, np.int64), "done": np.arange(n) == n - 1}
         replay.append("robot0", np.arange(seq, seq + n), arrays)
         seq += n
     return replay
@@ -255,6 +268,46 @@ def test_update_learns_and_resumes_exactly(base_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- trust
+def test_the_update_opens_the_outcome_gate_and_closing_restores_the_actor_that_passed(base_run, tmp_path):
+    cfg = algo_config(
+        "residual",
+        base_checkpoint=str(base_run / "run"),
+        demos=str(base_run / "store"),
+        batch_size=32,
+        actor_hidden=[32],
+        critic_hidden=[32, 32],
+        num_critics=4,
+        learning_starts=40,
+        critic_warmup=0,
+        actor_every=1,
+        actor_lr=1e-2,
+        outcome_levels=2,
+        outcome_episodes=3,
+    )
+    algo = ResidualTD3(cfg, {}, torch.device("cpu"), tmp_path / "learner")
+    base, rng = load_policy(base_run / "run", "cpu"), np.random.default_rng(0)
+    replay = _online_replay(tmp_path / "replay", base_run / "store", base, 3, epoch=0)  # the base: 3 of 3
+    m = algo.update(replay, rng)
+    assert m["actor/gate"] == 0.5 and algo.outcome.level == 1, "3 base episodes and the actor learns: one step"
+    assert int(algo.policy_state()["actor.epoch"]) == 1 and float(algo.policy_state()["actor.gate"]) == 0.5
+    passed = algo.outcome.validated[0]
+    for _ in range(5):
+        algo.update(replay, rng)
+    moved = algo.model.actor.state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in passed["actor"].items() if k not in ("gate", "epoch"))
+    _online_replay(None, base_run / "store", base, 1, epoch=0, success=False, replay=replay)
+    assert algo.update(replay, rng)["actor/gate"] == 0.5, "a base episode (epoch 0): the reference, 3 of 4"
+    _online_replay(None, base_run / "store", base, 1, epoch=1, success=False, replay=replay)
+    m = algo.update(replay, rng)  # 0 of 1: upper bound 0.73 < 0.75: back to the base, the actor that passed it
+    assert m["actor/gate"] == 0.0 and m["outcome/closes"] == 1 and int(algo.model.actor.epoch) == 2
+    for net, saved in ((algo.model.actor, passed["actor"]), (algo.target_actor, passed["target"])):
+        now = net.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in saved.items() if k not in ("gate", "epoch"))
+    assert algo.robot_policy().model({"state": torch.randn(3, 4)}, torch.zeros(3, 2)).abs().max() == 0.0, (
+        "the robot runs the base again"
+    )
+
+
 def test_gate_stays_closed_while_the_critic_says_the_residual_is_worse_or_is_unsure():
     worse = torch.tensor([-0.02, -0.01, -0.03, -0.02])  # every head: the residual loses to the base
     unsure = torch.tensor([0.3, -0.25, 0.2, -0.15])  # positive on average, but the heads disagree
@@ -306,6 +359,7 @@ def test_the_gate_opens_only_where_the_heads_agree_and_travels_to_the_robot(base
         actor_every=1,
         actor_lr=1e-2,
         calibration_states=0,  # gate ceiling 1 here: the heads' agreement alone decides
+        outcome_levels=0,  # the critic-side gate
     )
     cpu = torch.device("cpu")
     trusted = ResidualTD3(algo_config("residual", **common, trust_k=1.0, gate_init=0.0, gate_rate=0.1), {}, cpu)
@@ -337,6 +391,78 @@ def test_the_gate_opens_only_where_the_heads_agree_and_travels_to_the_robot(base
             m = trusted.update(replay, np.random.default_rng(1))
         assert m["actor/gate"] == pytest.approx(0.3) and m["actor/critic_calibration"] == 0.3
     assert torch.equal(trusted.policy_state()["actor.gate"], trusted.model.actor.gate.cpu())
+
+
+def _episodes(replay, sender, episodes, length=3):
+    """Append whole episodes (episode id, gate epoch, success, takeover) as the robot sends them: `done` on the last
+    row; epoch a pair (first row's, the rest's) for an episode whose weights changed midway."""
+    for episode, epoch, success, took_over in episodes:
+        first, rest = epoch if isinstance(epoch, tuple) else (epoch, epoch)
+        last = np.arange(length) == length - 1
+        seq = replay.seqs_by_sender().get(sender, np.array([-1]))[-1] + 1
+        replay.append(
+            sender,
+            np.arange(seq, seq + length),
+            {
+                "episode": np.full(length, episode, np.int64),
+                "step": np.arange(length, dtype=np.int64),
+                "gate_epoch": np.where(np.arange(length) == 0, first, rest).astype(np.int64),
+                "success": last & bool(success),
+                "done": last,
+                "intervention": np.full(length, bool(took_over)),
+            },
+        )
+
+
+def test_outcome_gate_opens_on_base_level_success_closes_on_failures_and_resumes(tmp_path):
+    assert wilson_upper(0, 3, 1.645) == pytest.approx(1.645**2 / (3 + 1.645**2)) and wilson_upper(0, 0, 1.0) == 1.0
+    replay = ReplayBuffer(tmp_path / "replay")
+    g = OutcomeGate(levels=4, episodes=3, z=1.645)
+    _episodes(replay, "robot0", [(0, 0, 1, 0), (1, 0, 0, 0), (2, 0, 1, 0), (3, 0, 0, 0)])  # the base: 2 of 4
+    g.observe(replay)
+    assert g.reference == [2, 4] and g.decide() == "open"
+    g.open({"actor": torch.zeros(1)})
+    assert (g.level, g.epoch, g.gate) == (1, 1, 0.25)
+    # not counted: an episode whose weights changed midway, one with a takeover, one still running; two robots
+    _episodes(replay, "robot0", [(4, (0, 1), 0, 0), (5, 1, 0, 1), (6, 1, 1, 0)])
+    _episodes(replay, "robot1", [(0, 1, 0, 0)])
+    replay.append("robot1", np.arange(3, 5), {**_row(1, 1), "done": np.zeros(2, bool)})
+    g.observe(replay)
+    assert g.current == [1, 2] and g.decide() is None, "1 of 2: not significantly below 0.5, not enough to open"
+    replay.append("robot1", np.arange(5, 6), {**_row(1, 1, n=1, success=True), "done": np.ones(1, bool)})
+    g.observe(replay)  # the running episode finished: success, counted
+    assert g.current == [2, 3] and g.decide() == "open"
+    g.open({"actor": torch.ones(1)})
+    state = g.state_dict()
+    torch.save(state, tmp_path / "state.pt")  # as the learner checkpoints it
+    twin = OutcomeGate(levels=4, episodes=3, z=1.645)
+    twin.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    # a run of failures at level 2 closes it, back to level 1 and the actor that passed level 1
+    _episodes(replay, "robot0", [(7, 2, 0, 0), (8, 2, 0, 0)])
+    for gate in (g, twin):
+        gate.observe(replay)
+        assert gate.current == [0, 2] and gate.decide() is None  # 0 of 2: upper bound 0.57 >= 0.5
+    _episodes(replay, "robot0", [(9, 2, 0, 0)])
+    for gate in (g, twin):
+        gate.observe(replay)
+        assert gate.decide() == "close"  # 0 of 3: upper bound 0.47 < 0.5
+        assert torch.equal(gate.close()["actor"], torch.ones(1))
+        assert (gate.level, gate.epoch, gate.closes, gate.current) == (1, 3, 1, [0, 0])
+    assert g.state_dict().keys() == twin.state_dict().keys()
+    assert all(str(g.state_dict()[k]) == str(twin.state_dict()[k]) for k in g.state_dict())
+    # episodes at the gate-0 base join the reference, whatever their epoch; unknown (newer) epochs are ignored
+    g.record(0, True), g.record(17, True)
+    assert g.reference == [3, 5]
+
+
+def _row(episode, epoch, n=2, success=False):
+    return {
+        "episode": np.full(n, episode, np.int64),
+        "step": np.arange(3, 3 + n, dtype=np.int64),
+        "gate_epoch": np.full(n, epoch, np.int64),
+        "success": np.full(n, success),
+        "intervention": np.zeros(n, bool),
+    }
 
 
 def test_weights_without_a_gate_load_fully_open():

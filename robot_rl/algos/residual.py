@@ -15,12 +15,18 @@ gate_rate 0: off). The ceiling is how well the critic already ranks the demonstr
 returns (demos end at success, so G_t = gamma^(T-1-t)): the correlation of Q(s_t, a_t) with G_t over
 `calibration_states` demo states, clipped to [0, 1]. A critic still near its random initialisation (it has not yet
 propagated the sparse reward) earns no gate, however sure its heads are about their action gradient.
+That critic-side gate only delayed the collapse on PickPlaceCan (a calibrated critic, unanimous and wrong), so the
+default gate reads the robot's own outcomes instead (`OutcomeGate`, outcome_levels > 0): the gate moves in steps
+of 1/outcome_levels, opens a step after `outcome_episodes` episodes at the current step that were not
+significantly worse than the base's own episodes (gate 0), and closes a step, restoring the actor that passed
+there, as soon as the robot's success at a step is significantly below the base's.
 Hyper-parameters and the reference's values: configs/algo/residual.yaml and ../shared/reference (ResFiT §1.2-1.3).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robot_rl.algos.base import ReplayView
+from robot_rl.algos.base import SENDER_KEY, ReplayView
 from robot_rl.algos.demos import cached_base_actions, load_demos
 from robot_rl.algos.ensemble import make_adamw, polyak
 from robot_rl.algos.offpolicy import OffPolicy, to_device
@@ -72,6 +78,9 @@ class ResidualConfig:
     gate_init: float
     gate_rate: float
     calibration_states: int
+    outcome_levels: int
+    outcome_episodes: int
+    outcome_z: float
     interventions_to_demos: bool
     base_device: str
 
@@ -105,6 +114,106 @@ def next_gate(gate: float, adv_heads: torch.Tensor, k: float, rate: float, ceili
     return min(1.0, max(0.0, gate + float(np.clip(goal - gate, -rate, rate))))
 
 
+def wilson_upper(k: int, n: int, z: float) -> float:
+    """One-sided Wilson upper bound of a success rate from k successes in n episodes (1 with no episodes)."""
+    if n == 0:
+        return 1.0
+    p, d = k / n, 1.0 + z * z / n
+    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / d
+
+
+class OutcomeGate:
+    """The executed gate in steps of 1/levels, set by the robot's own episodes (issue 20), not by the critic.
+
+    Level 0 runs the base alone: its episodes (warm-up included) are the reference. At a level > 0 the gate closes
+    as soon as the level's success is significantly below the reference (one-sided Wilson upper bound at `z` below
+    the reference rate) and the learner restores the actor validated at the level below; after `episodes`
+    episodes at a level that were not significantly worse, it opens one step (once `may_open`: the actor is
+    learning: it is asked only in the actor phase) and keeps the actor that passed as that level's snapshot. Each change starts a new epoch: the robot
+    reports the epoch its steps ran under, and only episodes run entirely in the current epoch (without takeover)
+    count for it. Episodes end at a `done` row; rows are read once, in order, from the replay's cursor.
+    """
+
+    columns = ("episode", "gate_epoch", "success", "done", "intervention")
+
+    def __init__(self, levels: int, episodes: int, z: float):
+        self.levels, self.episodes, self.z = levels, episodes, z
+        self.epoch_levels = [0]  # the level of every epoch so far; the current epoch is the last
+        self.reference = [0, 0]  # successes, episodes at level 0 (the base)
+        self.current = [0, 0]  # successes, episodes in the current epoch
+        self.cursor = 0  # replay rows read
+        self.pending: dict[int, list[int]] = {}  # sender -> [episode, epoch (-1: mixed), success, took over]
+        self.validated: dict[int, dict] = {}  # level -> the actor's state when it passed that level
+        self.closes = 0
+
+    @property
+    def level(self) -> int:
+        return self.epoch_levels[-1]
+
+    @property
+    def epoch(self) -> int:
+        return len(self.epoch_levels) - 1
+
+    @property
+    def gate(self) -> float:
+        return self.level / self.levels
+
+    def observe(self, replay: ReplayView) -> None:
+        """Count the episodes finished in the rows added since the last call."""
+        if replay.size <= self.cursor or not set(self.columns) <= {*replay.keys()}:
+            return
+        cols = [replay.column(k)[self.cursor : replay.size] for k in (SENDER_KEY, *self.columns)]
+        self.cursor = replay.size
+        for sender, episode, epoch, success, done, took_over in zip(*cols):
+            ep = self.pending.pop(int(sender), None)
+            if ep is None or ep[0] != episode:  # a new episode (an unfinished one, e.g. of a crashed robot, is lost)
+                ep = [int(episode), int(epoch), 0, 0]
+            ep[1] = ep[1] if ep[1] == epoch else -1
+            ep[2], ep[3] = ep[2] | int(success), ep[3] | int(took_over)
+            if not done:
+                self.pending[int(sender)] = ep
+            elif ep[1] >= 0 and not ep[3]:
+                self.record(ep[1], bool(ep[2]))
+
+    def record(self, epoch: int, success: bool) -> None:
+        if epoch >= len(self.epoch_levels):  # weights newer than this learner's state (it resumed from older)
+            return
+        if self.epoch_levels[epoch] == 0:
+            self.reference = [self.reference[0] + success, self.reference[1] + 1]
+        if epoch == self.epoch:
+            self.current = [self.current[0] + success, self.current[1] + 1]
+
+    def decide(self) -> str | None:
+        """ "close" when the current level is significantly worse than the base, "open" when it passed, else None."""
+        (k, n), (k_ref, n_ref) = self.current, self.reference
+        worse = self.level > 0 and n > 0 and wilson_upper(k, n, self.z) < k_ref / max(n_ref, 1)
+        if worse:
+            return "close"
+        return "open" if self.level < self.levels and n >= self.episodes else None
+
+    def open(self, snapshot: dict) -> None:
+        self.validated[self.level] = snapshot
+        self._new_epoch(self.level + 1)
+
+    def close(self) -> dict:
+        """Back one level; returns the actor state that passed there."""
+        self.closes += 1
+        self._new_epoch(self.level - 1)
+        return self.validated[self.level]
+
+    def _new_epoch(self, level: int) -> None:
+        self.epoch_levels.append(level)
+        self.current = [0, 0]
+
+    def state_dict(self) -> dict:
+        keys = ("epoch_levels", "reference", "current", "cursor", "pending", "validated", "closes")
+        return copy.deepcopy({k: getattr(self, k) for k in keys})
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in copy.deepcopy(state).items():
+            setattr(self, k, v)
+
+
 def demo_returns(ends: np.ndarray, gamma: float) -> np.ndarray:
     """Discounted return of every demo step: each demo ends at its first success (reward 1, terminal)."""
     lengths = np.diff(np.concatenate([[0], ends]))
@@ -117,7 +226,7 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class ResidualTD3(OffPolicy):
-    saved = (*OffPolicy.saved, "target_actor")  # resumed with the model, critics and optimisers
+    saved = (*OffPolicy.saved, "target_actor", "outcome")  # resumed with the model, critics and optimisers
     robot_acts_without_weights = True  # the frozen base drives from the first tick
 
     @classmethod
@@ -132,6 +241,10 @@ class ResidualTD3(OffPolicy):
             find_policy_dir(cfg.base_checkpoint)
         except (FileNotFoundError, CheckpointError) as e:
             raise ValueError(f"algo.base_checkpoint: {e}") from None
+        if cfg.outcome_levels and cfg.gate_init != 0:
+            raise ValueError("algo.outcome_levels > 0 starts the robot at the base (gate 0): set algo.gate_init=0")
+        if cfg.outcome_levels < 0 or (cfg.outcome_levels and (cfg.outcome_episodes < 1 or cfg.outcome_z <= 0)):
+            raise ValueError("algo: need outcome_levels >= 0 and, when > 0, outcome_episodes >= 1, outcome_z > 0")
         super().check_config(cfg)
 
     @classmethod
@@ -170,6 +283,7 @@ class ResidualTD3(OffPolicy):
         self.actor_opt = make_adamw(self.model.actor.parameters(), lr=cfg.actor_lr)
         self.critic_opt = make_adamw([*self.critic.parameters(), *self.model.featurizer.parameters()], lr=cfg.critic_lr)
         self._make_sampler(arrays, ends, ["action", "base_action"])
+        self.outcome = OutcomeGate(cfg.outcome_levels, cfg.outcome_episodes, cfg.outcome_z)
         # a fixed set of demo states with known returns: how far the critic can be trusted (the gate's ceiling)
         pick = np.random.default_rng(0).permutation(len(arrays["action"]))[: cfg.calibration_states]
         self.calibration = {
@@ -187,6 +301,22 @@ class ResidualTD3(OffPolicy):
         f = self.model.featurizer({k: c["obs." + k] for k in self.obs_keys})
         q = self.critic(f, self.model.scaler.normalize(c["action"]).clamp(-1, 1)).mean(dim=0)
         return correlation(q, c["return"])
+
+    def follow_outcomes(self, replay: ReplayView) -> float:
+        """The outcome gate's level after the robot's latest episodes. Opening keeps the actor that passed the level;
+        closing restores the one that passed the level below (and its target and optimiser), so the residual does
+        not keep walking in the direction the robot's outcomes refuted."""
+        g, actor = self.outcome, {"actor": self.model.actor, "target": self.target_actor, "opt": self.actor_opt}
+        g.observe(replay)
+        decision = g.decide()
+        if decision == "open":
+            g.open({name: copy.deepcopy(part.state_dict()) for name, part in actor.items()})
+        elif decision == "close":
+            for name, state in g.close().items():
+                actor[name].load_state_dict(state)
+        for net in (self.model.actor, self.target_actor):
+            net.epoch.fill_(g.epoch)
+        return g.gate
 
     def robot_policy(self) -> ResidualPolicy:
         policy = ResidualPolicy(
@@ -238,10 +368,12 @@ class ResidualTD3(OffPolicy):
             actor_loss = -advantage_lcb(adv, cfg.trust_k).mean()
             self.step(self.actor_opt, actor_loss, cfg.grad_clip)
             polyak(self.model.actor, self.target_actor, cfg.tau)
-            trust = self.critic_calibration() if cfg.gate_rate > 0 else 1.0
-            gate = next_gate(
-                float(self.model.actor.gate), adv.detach().mean(dim=1), cfg.trust_k, cfg.gate_rate, max(0.0, trust)
-            )
+            if cfg.outcome_levels:  # the robot's own episodes set the gate (and may restore an earlier actor)
+                trust, gate = self.critic_calibration(), self.follow_outcomes(replay)  # calibration: logged only
+            else:  # the critic's lower bound and calibration set it
+                trust = self.critic_calibration() if cfg.gate_rate > 0 else 1.0
+                lcb = adv.detach().mean(dim=1)
+                gate = next_gate(float(self.model.actor.gate), lcb, cfg.trust_k, cfg.gate_rate, max(0.0, trust))
             self.model.actor.gate.fill_(gate)
             self.target_actor.gate.fill_(gate)
             metrics.update(
@@ -252,6 +384,9 @@ class ResidualTD3(OffPolicy):
                     "actor/advantage_head_std": adv.std(dim=0).mean().item(),
                     "actor/gate": gate,
                     "actor/critic_calibration": trust,
+                    "outcome/level_success": self.outcome.current[0] / max(self.outcome.current[1], 1),
+                    "outcome/reference": self.outcome.reference[0] / max(self.outcome.reference[1], 1),
+                    "outcome/closes": self.outcome.closes,
                 }
             )
         polyak(self.critic, self.target_critic, cfg.tau)

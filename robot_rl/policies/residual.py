@@ -3,8 +3,8 @@
 The robot executes `a = denorm(clip(norm(a_base) + r, -1, 1))` with `r = gate * scale * tanh(actor(features, a_base))`.
 The actor's last layer starts at zero, so before any RL the robot runs exactly the base policy, and the residual
 can never move an action by more than `gate * scale` normalised units (a hard bound below the learner). The gate
-in [0, 1] is set by the learner (it opens only while its critic ensemble agrees the residual beats the base,
-`robot_rl/algos/residual.py`) and travels inside the weights, so a robot, a checkpoint and an evaluation always
+in [0, 1] is set by the learner (by default it opens step by step while the robot's own episodes are not
+worse than the base's, `robot_rl/algos/residual.py`) and travels inside the weights, so a robot, a checkpoint and an evaluation always
 run the residual with the bound the learner trusted when it published them.
 
 Normalised action units (`ActionScaler`): per dimension, the demonstrations' [min, max] with each half-range
@@ -100,7 +100,9 @@ class ResidualActor(nn.Module):
     """(features, normalised base action) -> residual in [-gate * scale, gate * scale]; zero at initialisation.
 
     `propose` is the un-gated residual the learner improves; `forward` is what the robot executes. The gate is a
-    buffer (it travels with the weights); weights saved before it existed load as fully open (gate 1)."""
+    buffer (it travels with the weights); weights saved before it existed load as fully open (gate 1). `epoch`
+    numbers the learner's gate settings (the outcome gate's levels): the robot reports it with every step, so the
+    learner knows which setting each episode's outcome belongs to (weights without it: epoch 0)."""
 
     def __init__(self, feature_dim: int, action_dim: int, hidden: list[int], scale: float, gate: float = 1.0):
         super().__init__()
@@ -109,6 +111,7 @@ class ResidualActor(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
         self.scale = float(scale)
         self.register_buffer("gate", torch.full((1,), float(gate)))
+        self.register_buffer("epoch", torch.zeros(1, dtype=torch.int64))
 
     def propose(self, features: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
         return self.scale * torch.tanh(self.net(torch.cat([features, base_norm], dim=-1)))
@@ -118,6 +121,7 @@ class ResidualActor(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "gate", torch.ones(1))  # older weights: no gate, the full bound
+        state_dict.setdefault(prefix + "epoch", torch.zeros(1, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -226,6 +230,7 @@ class ResidualPolicy(LearnerExploration, Policy):
         self._pending: dict | None = None
         self.last_base: np.ndarray | None = None
         self.last_residual: np.ndarray | None = None  # executed (gated) actor output, normalised units, before noise
+        self.last_epoch = np.int64(-1)  # the gate setting (learner's epoch) the last action ran under
 
     # --- weights ----------------------------------------------------------------------------------------
     def load_state_dict(self, state: dict) -> None:
@@ -244,11 +249,12 @@ class ResidualPolicy(LearnerExploration, Policy):
 
     # --- control-process interface ----------------------------------------------------------------------
     def transition_extras(self, acted: bool) -> dict[str, np.ndarray]:
-        """The critic needs the base action at every state; the residual (before noise) is logged."""
+        """The critic needs the base action at every state; the residual (before noise) is logged; the gate's epoch
+        tells the learner which gate setting the step ran under (-1: the policy did not act)."""
         if not acted:
             nan = np.full(self.model.scaler.center.shape[0], np.nan, dtype=np.float32)
-            return {"base_action": nan, "residual": nan}
-        return {"base_action": self.last_base, "residual": self.last_residual}
+            return {"base_action": nan, "residual": nan, "gate_epoch": np.int64(-1)}
+        return {"base_action": self.last_base, "residual": self.last_residual, "gate_epoch": self.last_epoch}
 
     @contextlib.contextmanager
     def evaluating(self, mode: str):
@@ -279,6 +285,7 @@ class ResidualPolicy(LearnerExploration, Policy):
             self._apply_pending()
         base = np.asarray(self.base.select_action(observation), dtype=np.float32)
         self.last_base = base
+        self.last_epoch = np.int64(self.model.actor.epoch.item())
         scaler = self.model.scaler
         base_norm = scaler.normalize(torch.as_tensor(base)).unsqueeze(0)
         if not self.use_residual:
