@@ -89,6 +89,9 @@ class Run:
             "std_min": args.std_min,
             "lr_decay_iterations": args.lr_decay_iterations,
             "distill_steps": args.distill_steps,
+            "denoise_gamma": args.denoise_gamma,
+            "target_kl": args.target_kl,
+            "distill_target": args.distill_target,
         }
         if args.deploy_sampling:
             settings["deploy_sampling"] = args.deploy_sampling
@@ -254,7 +257,7 @@ def final_evaluation(run: Run, out: Path, episodes: int) -> dict:
         write_policy(out / "student", run.algo.student.cpu().eval(), provenance={**prov, "distilled": True})
         results["student"] = load_policy(out / "student", device="cpu")
     rows = {name: run.evaluate(Plain(pol.eval()), name, episodes=episodes) for name, pol in results.items()}
-    return {**rows, **evaluate_base(run, episodes)}
+    return {**rows, **(evaluate_base(run, episodes) if run.args.final_base else {})}
 
 
 def evaluate_base(run: Run, episodes: int) -> dict:
@@ -284,11 +287,20 @@ def main(argv=None) -> int:
     p.add_argument("--std-min", type=float, default=0.0067)
     p.add_argument("--lr-decay-iterations", type=int, default=100)
     p.add_argument("--distill-steps", type=int, default=20)
+    p.add_argument("--distill-target", choices=["ddim", "chain"], default="ddim", help="the student's target")
+    p.add_argument("--denoise-gamma", type=float, default=1.0, help="DPPO's denoising discount (1 = off)")
+    p.add_argument("--target-kl", type=float, default=0.05, help="KL early stop of an iteration's epochs")
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--eval-episodes", type=int, default=20)
     p.add_argument("--no-eval-chain", dest="eval_chain", action="store_false", help="skip the other sampler's evals")
     p.add_argument("--deploy-sampling", choices=["chain", "ddim"], default=None, help="default: the algo YAML's")
     p.add_argument("--final-eval-episodes", type=int, default=50, help="final teacher (both samplers) + student")
+    p.add_argument(
+        "--no-final-base",
+        dest="final_base",
+        action="store_false",
+        help="skip the base's final rows (deterministic: the same numbers as any earlier run on the same seeds)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--residual-curves", default=None, help="bench_residual_learning.py curves.json to overlay")
     p.add_argument("--figure", default=None, help="also write the figure here (e.g. docs/figures/...png)")

@@ -90,6 +90,40 @@ def test_gae_matches_a_hand_computed_episode():
     a2, a1 = d2, d1 + 0.9 * lam * d2
     expected = [d0 + 0.9 * lam * a1, a1, a2]
     np.testing.assert_allclose(gae(r, v, d, lam), expected, rtol=1e-6)
+    # the same episode cut by the time limit (no reward at its end): V(o_last) = 0.4 bootstraps the last chunk
+    r = np.array([0.0, 0.0, 0.0])
+    d2 = 0.0 + 0.8 * 0.4 - 0.7
+    d1 = 0.0 + 0.9 * 0.7 - 0.6
+    a2, a1 = d2, d1 + 0.9 * lam * d2
+    expected = [d0 + 0.9 * lam * a1, a1, a2]
+    np.testing.assert_allclose(gae(r, v, d, lam, bootstrap=0.4), expected, rtol=1e-6)
+
+
+def test_a_success_end_is_terminal_and_a_time_limit_end_bootstraps(lift_base, lift_robot, tmp_path):
+    """Episode 0 ends in its success (terminal: nothing after it), episode 1 at the time limit (truncated: the
+    last chunk's target is its reward plus γ^L V(o_last), o_last the window ending at the episode's last row)."""
+    cfg = small_cfg(lift_base, batch_chunks=2, gamma=0.9)
+    algo = RL100Online(cfg, {}, torch.device("cpu"), None)
+    rows = collect(RL100Online.build_robot_policy(cfg, {}, lift_robot, seed=0), lift_robot, episodes=2)
+    rows["reward"][:] = 0.0
+    end0 = np.flatnonzero(rows["episode"] == 0)[-1]
+    rows["reward"][end0], rows["success"][end0] = 1.0, True
+    replay = ReplayBuffer(tmp_path / "replay.zarr")
+    replay.append("robot0", np.arange(len(rows["step"])), rows)
+    b = algo.rollout(replay)
+    assert b["stats"]["batch/truncated"] == 1 and b["stats"]["batch/success"] == 0.5
+    with torch.no_grad():
+        values = algo.value(b["window"]).numpy()
+        to = algo.policy.cfg.obs_horizon
+        end1 = np.flatnonzero(rows["episode"] == 1)[-1]
+        o_last = {k: torch.as_tensor(rows[OBS_PREFIX + k][end1 - to + 1 : end1 + 1])[None] for k in algo.value.keys}
+        v_last = algo.value(o_last).item()
+    starts = np.flatnonzero(np.isfinite(rows[CHAIN_VERSION]))
+    last0, last1 = np.flatnonzero(starts <= end0)[-1], len(starts) - 1  # the last chunk of each episode
+    len0, len1 = end0 + 1 - starts[last0], end1 + 1 - starts[last1]
+    adv = b["adv"].numpy()
+    np.testing.assert_allclose(adv[last0], 0.9 ** (len0 - 1) - values[last0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adv[last1], 0.9**len1 * v_last - values[last1], rtol=1e-5, atol=1e-6)
 
 
 def test_robot_chain_rescores_on_learner_and_stale_versions_stay_out(lift_base, lift_robot, tmp_path):
@@ -188,6 +222,24 @@ def test_a_checkpoint_carries_its_sampler(lift_base, lift_robot, tmp_path):
     old = load_policy(tmp_path / "chain", device="cpu")
     assert old.cfg.eta == 0.0
     torch.testing.assert_close(chunk(old, 3), chunk(ddim, 3))
+
+
+def test_chain_distillation_and_denoising_discount_run_and_bad_settings_are_refused(lift_base, lift_robot, tmp_path):
+    """distill_target chain (the student regresses on the deployed eta chain's x_0 from its own x_T) and DPPO's
+    denoising discount train; an unknown target or a discount outside (0, 1] is refused before anything starts."""
+    for over, match in (({"distill_target": "mean"}, "distill_target"), ({"denoise_gamma": 0.0}, "denoise_gamma")):
+        with pytest.raises(ValueError, match=match):
+            RL100Online.check_config(small_cfg(lift_base, **over))
+    cfg = small_cfg(lift_base, distill_target="chain", denoise_gamma=0.5)
+    RL100Online.check_config(cfg)
+    algo = RL100Online(cfg, {}, torch.device("cpu"), tmp_path / "learner")
+    rows = collect(RL100Online.build_robot_policy(cfg, {}, lift_robot, seed=0), lift_robot, episodes=2)
+    replay = ReplayBuffer(tmp_path / "replay.zarr")
+    replay.append("robot0", np.arange(len(rows["step"])), rows)
+    before = [p.clone() for p in algo.student.unet.parameters()]
+    m = algo.update(replay, np.random.default_rng(0))
+    assert np.isfinite(m["distill/loss"]) and np.isfinite(m["ppo/kl"]) and m["ppo/clip_frac"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, algo.student.unet.parameters()))
 
 
 def test_chunks_of_an_episode_still_running_wait(lift_base, lift_robot, tmp_path):

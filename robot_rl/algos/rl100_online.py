@@ -10,19 +10,25 @@ Learner side, one `update` = one PPO iteration on one on-policy rollout batch:
    any number of robots). Chunks of older versions are never trained on (dropped; counted in `batch/stale_dropped`):
    no importance correction, the batch is strictly on-policy.
 2. **Chunk MDP**: chunk j of an episode covers its rows until the next chunk starts; R_j = Σ_i γ^i r_i, discount
-   γ^L_j (L_j its rows, n_action_steps normally); the episode's end is terminal (success or time limit).
+   γ^L_j (L_j its rows, n_action_steps normally). An episode whose last row is a success ended in a terminal
+   state; any other end (the time limit, an operator's stop: `done` without `success`) is a truncation.
 3. **GAE** over chunk steps with the value network V (own MLP on the normalised observation window):
-       δ_j = R_j + γ^L_j V_{j+1} − V_j   (V after the last chunk = 0),   A_j = δ_j + γ^L_j λ A_{j+1},   R̂_j = A_j + V_j
+       δ_j = R_j + γ^L_j V_{j+1} − V_j,   A_j = δ_j + γ^L_j λ A_{j+1},   R̂_j = A_j + V_j
+   V after the last chunk: 0 after a terminal success; V(o_last) after a truncation (the task would go on; the
+   window ending at the episode's last stored observation, the replay keeps no observation after it).
 4. **PPO** for `epochs` passes over shuffled minibatches, A normalised over the batch; per minibatch
        value:  L_V = mean (V(o) − R̂)²                                          one Adam step
        actor, for each denoising step k (one Adam step each, as RL-100 and part 1):
                r_k = exp(Σ_executed [log π_θ(x_{k−1} | x_k, o) − log π_old(x_{k−1} | x_k, o)])
-               L_k = −mean min(r_k A, clip(r_k, 1 − c, 1 + c) A)
+               A_k = γ_d^(k_last − k) A   (DPPO's denoising discount: the noisiest steps weigh least; γ_d 1 = off)
+               L_k = −mean min(r_k A_k, clip(r_k, 1 − c, 1 + c) A_k)
    gradient-norm clipping, LR decayed linearly over `lr_decay_iterations`, and an epoch loop that stops early once
    the approximate KL (mean (r − 1) − log r) passes `target_kl`. Only the UNet learns (encoder, normaliser frozen).
    The first `critic_warmup_iterations` batches fit V alone.
 5. **Distil** (`distill_phase: online`): `distill_steps` steps of the one-step student per iteration on the
-   batch's observations: x_T ~ N(0, I), target = the current teacher's deterministic DDIM-K chunk from x_T,
+   batch's observations: x_T ~ N(0, I), target (`distill_target`) = the current teacher's chunk from x_T, either
+   its deterministic DDIM-K chunk (`ddim`, RL-100's distill2mean) or the last element of the deployed η chain
+   started at x_T (`chain`: a one-step map regressed on it learns E[x_0 | x_T, o] of the chain the robot runs),
    student = one UNet pass (sample prediction), MSE over the executed rows (robot-rl distill's loss). The student is
    written to `<learner>/student/` at every publish: `robot-rl eval eval.checkpoint=<run>/learner/student`.
 Settings and defaults: configs/algo/rl100_online.yaml; docs/rl100_online.md.
@@ -73,6 +79,7 @@ class RL100OnlineConfig:
     lr_decay_iterations: int | None
     target_kl: float | None
     clip: float
+    denoise_gamma: float
     grad_clip: float
     critic_lr: float
     value_hidden: list
@@ -82,6 +89,7 @@ class RL100OnlineConfig:
     distill_batch: int
     distill_lr: float
     distill_init: str
+    distill_target: str
     eval_chain: bool
     deploy_sampling: str
 
@@ -100,10 +108,13 @@ def load_teacher(checkpoint: str, device) -> DiffusionPolicy:
 # ------------------------------------------------------------------------------------------- chunk MDP
 
 
-def gae(rewards: np.ndarray, values: np.ndarray, discounts: np.ndarray, lam: float) -> np.ndarray:
-    """GAE over the chunks of one episode whose end is terminal: `discounts[j]` = γ^L_j of chunk j."""
+def gae(
+    rewards: np.ndarray, values: np.ndarray, discounts: np.ndarray, lam: float, bootstrap: float = 0.0
+) -> np.ndarray:
+    """GAE over the chunks of one episode: `discounts[j]` = γ^L_j of chunk j; `bootstrap` = V after the last chunk
+    (0 when the episode ended in a terminal state, V(o_last) when the time limit cut it)."""
     adv = np.zeros(len(rewards), np.float64)
-    nxt_v, nxt_a = 0.0, 0.0
+    nxt_v, nxt_a = float(bootstrap), 0.0
     for j in reversed(range(len(rewards))):
         delta = rewards[j] + discounts[j] * nxt_v - values[j]
         nxt_a = adv[j] = delta + discounts[j] * lam * nxt_a
@@ -207,6 +218,12 @@ class RL100Online(Algorithm):
             raise ValueError(f"algo.distill_init must be teacher or random, got {cfg.distill_init!r}")
         if cfg.deploy_sampling not in ("chain", "ddim"):
             raise ValueError(f"algo.deploy_sampling must be chain or ddim, got {cfg.deploy_sampling!r}")
+        if cfg.distill_target not in ("chain", "ddim"):
+            raise ValueError(f"algo.distill_target must be chain or ddim, got {cfg.distill_target!r}")
+        if not 0 < cfg.denoise_gamma <= 1:
+            raise ValueError(
+                f"algo.denoise_gamma must be in (0, 1] (1 = no denoising discount), got {cfg.denoise_gamma}"
+            )
         if not 1 <= cfg.minibatch <= cfg.batch_chunks:
             raise ValueError(f"algo.minibatch ({cfg.minibatch}) must be in 1..algo.batch_chunks ({cfg.batch_chunks})")
 
@@ -297,6 +314,10 @@ class RL100Online(Algorithm):
         stale = int((version[self.rows_seen :] < self.iteration).sum())
         obs_cols = {k: replay.column(OBS_PREFIX + k) for k in self.policy.obs_keys}
         windows, chunk_rows, current, rewards, discounts, bounds, successes = [], [], [], [], [], [], []
+        terminals, last_windows = (
+            [],
+            [],
+        )  # per episode: the window ending at its last row (V(o_last) bootstraps a truncation)
         for key in wanted:
             rows = np.flatnonzero(keys == key)
             rows = rows[np.argsort(step[rows], kind="stable")]
@@ -310,14 +331,20 @@ class RL100Online(Algorithm):
                 chunk_rows.append(rows[s])
                 current.append(version[rows[s]] == self.iteration)
             bounds.append((first, len(chunk_rows)))
+            last_windows.append(rows[np.maximum(np.arange(len(rows) - to, len(rows)), 0)])
             successes.append(bool(replay.column("success")[rows].any()))
+            terminals.append(bool(replay.column("success")[rows[-1]]))  # ended by its success: terminal
         idx = np.stack(windows)  # (chunks, To) row indices of every chunk's observation window
         window = {k: torch.as_tensor(np.asarray(v[idx]), device=self.device) for k, v in obs_cols.items()}
+        last = {
+            k: torch.as_tensor(np.asarray(v[np.stack(last_windows)]), device=self.device) for k, v in obs_cols.items()
+        }
         with torch.no_grad():
-            values = self.value(window).cpu().numpy()
+            values, last_values = self.value(window).cpu().numpy(), self.value(last).cpu().numpy()
         adv = np.zeros(len(chunk_rows), np.float32)
-        for a, b in bounds:
-            adv[a:b] = gae(np.array(rewards[a:b]), values[a:b], np.array(discounts[a:b]), cfg.gae_lambda)
+        for (a, b), terminal, v_last in zip(bounds, terminals, last_values):
+            boot = 0.0 if terminal else float(v_last)
+            adv[a:b] = gae(np.array(rewards[a:b]), values[a:b], np.array(discounts[a:b]), cfg.gae_lambda, boot)
         cur = np.flatnonzero(current)
         stale += int((version == self.iteration).sum()) - len(cur)
         rows = np.asarray(chunk_rows)[cur]
@@ -333,6 +360,7 @@ class RL100Online(Algorithm):
                 "batch/chunks": float(len(cur)),
                 "batch/episodes": float(len(wanted)),
                 "batch/success": float(np.mean(successes)),
+                "batch/truncated": float(len(terminals) - sum(terminals)),
                 "batch/stale_dropped": float(stale),
                 "batch/value_mean": float(values[cur].mean()),
             },
@@ -354,7 +382,8 @@ class RL100Online(Algorithm):
             lp = p.chain_log_prob(cond, chain, self.steps, c.eta, c.std_min, c.std_max, step_index=k)
             log_ratio = chain_logp(p, lp) - old[:, k]
             ratio = log_ratio.exp()
-            loss = -torch.min(ratio * adv, ratio.clamp(1 - c.clip, 1 + c.clip) * adv).mean()
+            adv_k = adv * c.denoise_gamma ** (self.steps - 1 - k)  # k = 0 is the noisiest step
+            loss = -torch.min(ratio * adv_k, ratio.clamp(1 - c.clip, 1 + c.clip) * adv_k).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"PPO loss {loss.item()} at iteration {self.iteration}: lower algo.actor_lr")
             self.actor_opt.zero_grad(set_to_none=True)
@@ -368,10 +397,17 @@ class RL100Online(Algorithm):
         return out
 
     def _update_student(self, cond: torch.Tensor) -> float:
-        """Consistency distillation, same noise for teacher and student, executed rows only."""
-        shape = (cond.shape[0], self.policy.cfg.action_horizon, self.policy.action_dim)
+        """Consistency distillation, same noise x_T for teacher and student, executed rows only; the target is the
+        teacher's deterministic DDIM chunk or its deployed η chain's last element (`distill_target`)."""
+        c, shape = self.cfg, (cond.shape[0], self.policy.cfg.action_horizon, self.policy.action_dim)
         x_t = torch.randn(shape, device=self.device)
-        target = ddim_mean_chunk(self.policy, x_t, cond, self.steps)
+        if c.distill_target == "chain":
+            with torch.no_grad():
+                target = self.policy.sample_chain(cond, self.steps, c.eta, c.std_min, c.std_max, init_noise=x_t)[0][
+                    :, -1
+                ]
+        else:
+            target = ddim_mean_chunk(self.policy, x_t, cond, self.steps)
         pred = self.student.unet(x_t, self.t_student.expand(shape[0]), cond)
         rows = self.policy.executed_rows()
         loss = F.mse_loss(pred[:, rows], target[:, rows])
