@@ -58,7 +58,7 @@ QUALITIES = ("expert", "mediocre", "poor", "failed")
 PAIRED = ("expert", "fumble", "failed")
 PROPRIO = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "robot0_gripper_qvel")
 SHARED = (*PROPRIO, "object_pos", "goal_pos")
-METHODS = ("target", "uniform", "balanced", "retrieval")
+METHODS = ("target", "uniform", "balanced", "retrieval", "oracle")
 TASK_SEED = {"lift": 0, "stack": 1, "pick_place_can": 2}
 
 
@@ -256,7 +256,7 @@ def precision_recall(scores: np.ndarray, relevant: np.ndarray, deltas) -> list[d
 def run_retrieval(args, data, out: Path) -> dict:
     from robot_rl.commands.retrieve import retrieve
     from robot_rl.data.episode_store import EpisodeStore
-    from robot_rl.data.selection import read_selection
+    from robot_rl.data.selection import read_selection, store_fingerprint, write_selection
 
     prior = EpisodeStore.open(data["prior"])
     t0 = time.monotonic()
@@ -279,6 +279,11 @@ def run_retrieval(args, data, out: Path) -> dict:
         if Path(data["steps"]).exists():
             labels["good_step"] = same_task & np.load(data["steps"])
     relevant = labels["good" if args.prior_mix == "anchor" else "task"]
+    rows = np.flatnonzero(relevant)  # BR's "oracle selection" baseline: exactly the relevant transitions
+    ep = np.searchsorted(prior.episode_ends, rows, side="right")
+    starts = np.concatenate([[0], prior.episode_ends[:-1]])
+    write_selection(out / "oracle", prior, store_fingerprint(prior), ep, rows - starts[ep], np.ones(len(rows)),
+                    {"rule": "oracle: the hidden label"})  # fmt: skip
     pr = precision_recall(scores, relevant, deltas)
     t0 = time.monotonic()
     rep = retrieve(
@@ -310,6 +315,7 @@ def run_retrieval(args, data, out: Path) -> dict:
         "fingerprint_s": rep["timing_s"]["fingerprint"],
         "selection": str(out / "selection"),
         "all": str(out / "all"),
+        "oracle": str(out / "oracle"),
         "scores_hist": np.histogram(scores, bins=20, range=(0, 1))[0].tolist(),
     }
 
@@ -382,6 +388,7 @@ def run_bc(args, data, retrieval, out: Path, partial=None) -> dict:
         "uniform": ("target + whole prior (uniform)", [data["target"], data["prior"]], None),
         "balanced": ("target + whole prior (50/50, no selection)", [data["target"], retrieval["all"]], [0.5, 0.5]),
         "retrieval": (f"retrieval BC (δ={args.delta}, 50/50)", [data["target"], retrieval["selection"]], [0.5, 0.5]),
+        "oracle": ("oracle selection (hidden label), 50/50", [data["target"], retrieval["oracle"]], [0.5, 0.5]),
     }
     results = {}
     for method in args.methods:
