@@ -297,6 +297,11 @@ def run_retrieval(args, data, out: Path) -> dict:
         for q in PAIRED if args.prior_mix == "anchor" and t == args.target_task else QUALITIES:
             m = (task == t) & (quality == q)
             by_cell[f"{t}/{q}"] = {"steps": int(m.sum()), "kept": int((kept & m).sum())}
+            if "good_step" in labels and t == args.target_task:  # the expert's own steps vs drop / pause steps
+                own = np.load(data["steps"])
+                for kind, mk in (("own", m & own), ("drop_or_pause", m & ~own)):
+                    by_cell[f"{t}/{q}"][kind] = {"steps": int(mk.sum()), "kept": int((kept & mk).sum()),
+                                                 "median_score": float(np.median(scores[mk])) if mk.any() else None}  # fmt: skip
     return {
         "relevant": "good" if args.prior_mix == "anchor" else "task",
         "chance_precision": float(relevant.mean()),
@@ -506,7 +511,8 @@ def plot(results: dict, path: Path, args) -> None:
             ]
             ax.errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=5, label="retrieval BC (50/50)")
         bands = (("target only", "0.4"), ("target + whole prior (uniform)", "tab:orange"),
-                 ("target + whole prior (50/50, no selection)", "tab:red"))  # fmt: skip
+                 ("target + whole prior (50/50, no selection)", "tab:red"),
+                 ("oracle selection (hidden label), 50/50", "tab:green"))  # fmt: skip
         for n, color in bands:
             if n in b:
                 lo, hi = b[n]["ci95"]
