@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,27 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak_session import BUSY, free_port, tree  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-BUSY = "import numpy as np\na = np.random.rand(300, 300)\nwhile True:\n    a = a @ a; a /= np.abs(a).max() + 1e-9\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
-            try:
-                kids = [int(k) for k in task.read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -112,7 +94,7 @@ def one_kill(args, root: Path) -> dict:
     try:
         wait_for(lambda: learner_version(run / "learner") >= 2, 300, "weights v2")
         time.sleep(2.0)  # the weights reached the robot: the policy drives
-        helpers = children(learner.pid)
+        helpers = tree(learner.pid)[1:]  # its ingest process sends the heartbeats
         kill_t = time.time()
         learner.send_signal(signal.SIGKILL)
         learner.wait()
