@@ -21,6 +21,10 @@ teacher (carrying its sampler) and the one-step student are written with `write_
 Success rates carry Wilson 95 % intervals. Writes curves.json and a figure
 (docs/figures/rl100_online_lift.png with --figure), with the residual curve of a bench_residual_learning.py
 curves.json (--residual-curves) on the same axes when given.
+
+Two post-hoc modes (no training): `--student-ab RUN` distils two fresh one-step students from RUN's final teacher
+(target: deterministic DDIM vs the deployed η chain's x_0) and evaluates both on the final seeds; `--compare
+LABEL=curves.json ...  --figure F` draws several runs side by side (docs/figures/rl100_online_h19c.png).
 """
 
 from __future__ import annotations
@@ -260,6 +264,64 @@ def final_evaluation(run: Run, out: Path, episodes: int) -> dict:
     return {**rows, **(evaluate_base(run, episodes) if run.args.final_base else {})}
 
 
+def student_ab(args) -> int:
+    """The student's target compared on one teacher: a finished run's final teacher (written with its deployed
+    sampler), two fresh one-step students (distill_init random) trained with RL100Online's own distillation step on
+    observation windows of the run's replay, one towards the teacher's deterministic DDIM chunk, one towards the
+    deployed η chain's x_0 from the same x_T; both and the teacher's chain evaluated on the same seeds."""
+    import dataclasses
+
+    from robot_rl.algos.ensemble import make_adam
+    from robot_rl.policies.one_step import make_student, one_step_timestep
+
+    run_dir = Path(args.student_ab) / args.task
+    curves = json.loads((run_dir / "curves.json").read_text())
+    cfg = algo_config("rl100_online", **{"base_checkpoint": str(run_dir / "teacher"), "std_min": args.std_min})
+    algo = RL100Online(cfg, {}, torch.device("cpu"), None)  # the final teacher as its policy
+    replay = ReplayBuffer(run_dir / "replay.zarr")
+    to, rng = algo.policy.cfg.obs_horizon, np.random.default_rng(args.seed)
+    rows = np.flatnonzero(replay.column("step") >= to - 1)
+    columns = {k: np.asarray(replay.column(OBS_PREFIX + k)) for k in algo.policy.obs_keys}
+    eval_run = Run.__new__(Run)  # the evaluation loop only: robot, safety filter, wall clock
+    eval_run.args, eval_run.robot = args, robot_for(args.task)
+    eval_run.robot.connect()
+    feat = eval_run.robot.action_feature
+    eval_run.safety, eval_run.env_steps, eval_run.algo = SafetyFilter(feat.low, feat.high), 0, algo
+    eval_run.wall = {"env": 0.0, "update": 0.0, "eval": 0.0}
+    results = {}
+    for target in ("ddim", "chain"):
+        torch.manual_seed(args.seed)
+        algo.cfg = dataclasses.replace(cfg, distill_target=target)
+        algo.student = make_student(algo.policy, "random").eval().requires_grad_(False)
+        algo.student.unet.requires_grad_(True)
+        algo.student_opt = make_adam(algo.student.unet.parameters(), lr=cfg.distill_lr)
+        algo.t_student = one_step_timestep(algo.student)
+        t0, losses = time.perf_counter(), []
+        for _ in range(args.ab_steps):
+            idx = rng.choice(rows, cfg.distill_batch)[:, None] + np.arange(-to + 1, 1)
+            with torch.no_grad():
+                cond = algo.policy.encode_obs({k: torch.as_tensor(v[idx]) for k, v in columns.items()})
+            losses.append(algo._update_student(cond))
+        print(
+            f"  student towards {target}: {args.ab_steps} steps, last-50 loss {np.mean(losses[-50:]):.4f}, "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        write_policy(run_dir / f"student_{target}", algo.student.cpu().eval(), provenance={"distill_target": target})
+        student = load_policy(run_dir / f"student_{target}", device="cpu")
+        row = eval_run.evaluate(Plain(student.eval()), f"student ({target} target)", episodes=args.final_eval_episodes)
+        results[target] = {**row, "loss_last50": float(np.mean(losses[-50:])), "steps": args.ab_steps}
+    teacher = next((r for n, r in curves["final"].items() if n.startswith("teacher, eta")), None)
+    out = {"teacher_chain": teacher, "students": results, "run": str(run_dir)}
+    (run_dir / "student_ab.json").write_text(json.dumps(out, indent=1))
+    n = args.final_eval_episodes
+    if teacher:
+        print(f"  teacher (deployed chain): {teacher['success']:.2f} {teacher['ci95']} (n={n}, from the run)")
+    for target, row in results.items():
+        print(f"  student, {target} target: {row['success']:.2f} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}] (n={n})")
+    return 0
+
+
 def evaluate_base(run: Run, episodes: int) -> dict:
     """The base checkpoint (what PPO started from) with the η chain and with deterministic DDIM."""
     cfg, steps = run.algo.cfg, run.algo.steps
@@ -304,7 +366,29 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--residual-curves", default=None, help="bench_residual_learning.py curves.json to overlay")
     p.add_argument("--figure", default=None, help="also write the figure here (e.g. docs/figures/...png)")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="LABEL=CURVES",
+        default=None,
+        help="only plot: several runs' curves.json side by side into --figure (no training)",
+    )
+    p.add_argument(
+        "--student-ab",
+        default=None,
+        metavar="RUN",
+        help="only distil: two fresh one-step students from a finished run's final teacher (RUN/<task>/teacher) on its "
+        "replay's observations, target ddim vs chain, --ab-steps steps each, evaluated on --final-eval-episodes seeds",
+    )
+    p.add_argument("--ab-steps", type=int, default=500)
     args = p.parse_args(argv)
+    if args.student_ab:
+        torch.set_num_threads(1)
+        return student_ab(args)
+    if args.compare:
+        runs = {label: json.loads(Path(path).read_text()) for label, path in (c.split("=", 1) for c in args.compare)}
+        plot_compare(runs, Path(args.figure or "rl100_online_compare.png"))
+        return 0
     if args.quick:
         args.steps, args.batch_chunks = min(args.steps, 15_000), 100
     torch.set_num_threads(1)
@@ -390,6 +474,49 @@ def main(argv=None) -> int:
         plot(curves, Path(args.figure), args.residual_curves)
     print(f"curves: {out / 'curves.json'}, plot: {out / 'learning_curve.png'}")
     return 0
+
+
+def plot_compare(runs: dict[str, dict], path: Path) -> None:
+    """Several runs on one figure: the deployed sampler's in-loop evaluations (left) and the final checkpoints on
+    the 50 shared seeds with Wilson intervals (right: teacher chain, teacher DDIM, student per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    for i, (label, c) in enumerate(runs.items()):
+        xs = [e["env_steps"] for e in c["evals"]]
+        ax.plot(xs, [e["success"] for e in c["evals"]], "o-", color=f"C{i}", label=label)
+        ts = c.get("train_success") or []
+        if ts:  # training episodes (the eta chain), mean over a 5k-step window
+            steps, ok = np.array([t[0] for t in ts]), np.array([t[1] for t in ts], float)
+            grid = np.arange(5000, steps[-1] + 1, 2500)
+            ax.plot(grid, [ok[(steps > g - 5000) & (steps <= g)].mean() for g in grid], ":", color=f"C{i}", alpha=0.7)
+        for j, key in enumerate(("teacher, eta", "teacher, DDIM", "student", "base, eta", "base, DDIM")):
+            row = next((r for n, r in (c.get("final") or {}).items() if n.startswith(key)), None)
+            if row is None:
+                continue
+            x = j + (i - (len(runs) - 1) / 2) * 0.8 / len(runs)
+            err = [[row["success"] - row["ci95"][0]], [row["ci95"][1] - row["success"]]]
+            bx.errorbar([x], [row["success"]], yerr=err, fmt="o", color=f"C{i}", capsize=3)
+    ax.axhline(0.9, ls="--", color="gray", lw=0.8)
+    bx.axhline(0.9, ls="--", color="gray", lw=0.8)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("success (deployed chain, 20 seeds)")
+    ax.set_title("evaluations; dotted: training episodes (5k window)", fontsize=9)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    names = ["teacher\neta chain\n(deployed)", "teacher\nDDIM", "one-step\nstudent", "base\neta chain", "base\nDDIM"]
+    bx.set_xticks(range(5), names)
+    bx.set_ylabel("final success, 50 seeds, Wilson 95 %")
+    bx.set_ylim(-0.02, 1.02)
+    bx.grid(alpha=0.3, axis="y")
+    fig.suptitle("Lift, RL-100 online from the weak base, 30k env steps, one seed per setting")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def plot(curves: dict, path: Path, residual_curves: str | None = None) -> None:
