@@ -32,12 +32,20 @@ from soak_session import BUSY, free_port, tree  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
     end = time.time() + timeout_s
     while not predicate():
         if time.time() > end:
             raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(poll_s)
+
+
+def dead(pid: int) -> bool:
+    """Exited: gone from /proc, or a zombie (it no longer runs; nobody has reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def config(run: Path, args) -> Path:
@@ -97,9 +105,9 @@ def one_kill(args, root: Path) -> dict:
         helpers = tree(learner.pid)[1:]  # its ingest process sends the heartbeats
         kill_t = time.time()
         learner.send_signal(signal.SIGKILL)
-        learner.wait()
-        wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in helpers), 30, "the learner's children to exit")
+        wait_for(lambda: all(dead(p) for p in helpers), 30, "the learner's children to exit", poll_s=0.002)
         gone_t = time.time()
+        learner.wait()
         time.sleep(1.5)
     finally:
         control.send_signal(signal.SIGINT)
@@ -115,8 +123,12 @@ def one_kill(args, root: Path) -> dict:
     if safe[after].any():
         i = after[np.flatnonzero(safe[after])[0]]
         last_heard = t[i] - age[i]
+    # before the kill, with the policy driving: how stale contact gets in normal operation, and spurious holds
+    before = (t < kill_t) & (ticks["source"] == 1) & np.isfinite(age)
     shutil.rmtree(run, ignore_errors=True)
     return {
+        "normal_contact_age_p99_ms": float(np.percentile(age[before], 99) * 1e3),
+        "normal_held_ticks": int(safe[before].sum()),
         "children_gone_s": gone_t - kill_t,
         "last_heard_s": last_heard - kill_t,
         "first_safe_s": first_safe - kill_t,

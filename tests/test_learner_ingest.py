@@ -304,3 +304,20 @@ def test_log_append_error_is_raised_after_cutting_the_partial_record(tmp_path, m
     monkeypatch.undo()
     ilog.close()
     assert [r.lsn for r in IngestLog(tmp_path / "log").records()] == [0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_exiting_tells_a_running_process_from_an_exited_one():
+    """The ingest process leaves as soon as its learner begins to exit (not when the kernel's parent-death signal
+    comes, after the dead learner's memory is torn down): `exiting` is the check it makes every heartbeat."""
+    from robot_rl.learner.ingest_process import exiting
+
+    assert not exiting(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    assert exiting(child.pid)
+    child.wait()
+    assert exiting(child.pid)  # reaped: gone from /proc

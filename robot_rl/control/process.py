@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import shutil
 import signal
@@ -132,6 +133,7 @@ class ControlProcess:
         self._hold_reasons: collections.Counter = collections.Counter()
         self.episodes: list[dict] = []
         self.weight_updates: list[dict] = []
+        self._contact_age = math.nan  # seconds since the learner was last heard, at the current tick's start
         self.ticks = {
             k: [] for k in ("t", "lateness", "episode", "source", "forced_safe", "policy_version", "contact_age")
         }
@@ -197,14 +199,12 @@ class ControlProcess:
         can_act = self.policy_version >= 0 or self.policy.acts_without_weights
         return self.policy.select_action(obs) if can_act else None
 
-    def _contact_age(self) -> float:
-        """Seconds since the learner was last heard from (NaN without a learner or before first contact)."""
-        last = None if self.sender is None else self.sender.last_contact
-        return float("nan") if last is None else time.monotonic() - last
-
     def _feed_watchdog(self) -> None:
+        """Also keeps, for ticks.npz, the silence the watchdog sees at this tick's start (NaN: no learner or never
+        heard), so a held tick can be traced to when the learner was last heard."""
         if self.sender is not None and self.sender.last_contact is not None:
             self.watchdog.feed(self.sender.last_contact)
+        self._contact_age = self.watchdog.silence_s() if self.sender is not None else math.nan
 
     def _must_hold(self, source: str) -> bool:
         """The safe action despite a proposal: the learner went silent while the policy drives, or we stop."""
@@ -444,7 +444,7 @@ class ControlProcess:
                 ("source", SOURCES.index(step.source)),
                 ("forced_safe", step.forced_safe),
                 ("policy_version", self.policy_version),
-                ("contact_age", self._contact_age()),
+                ("contact_age", self._contact_age if math.isfinite(self._contact_age) else math.nan),
             ):
                 self.ticks[key].append(value)
 
