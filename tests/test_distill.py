@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from robot_rl.config import ConfigError
 from robot_rl.data.episode_store import EpisodeStore
-from robot_rl.commands.distill import Distiller, ddim_chunk, main, make_student, one_step_timestep
+from robot_rl.commands.distill import Distiller, main, make_student, one_step_timestep
 from robot_rl.commands.evaluate import is_one_step, set_sampler
 from robot_rl.interfaces import Feature
 from robot_rl.policies.diffusion import DiffusionPolicy
@@ -151,7 +151,7 @@ def test_warm_start_copies_the_teacher_and_ddim_chunk_matches_predict_chunk(teac
     assert not torch.equal(fresh.unet.final[1].weight, teacher.unet.final[1].weight)
     window = _window(teacher_run.parent / "store", 4)
     x = torch.randn(4, 8, 2)
-    ours = teacher.normalizer.unnormalize("action", ddim_chunk(teacher, x, teacher.encode_obs(window), 5))
+    ours = teacher.normalizer.unnormalize("action", teacher.denoise(x, teacher.encode_obs(window), 5))
     assert torch.allclose(
         ours, teacher.predict_chunk(window, init_noise=x, num_inference_steps=5, scheduler="ddim"), atol=1e-6
     )

@@ -229,13 +229,12 @@ def fit_dynamics(data: dict[str, np.ndarray], cfg: RL100Config, device, log=None
 
 
 @torch.no_grad()
-def ddim_chunks(policy: DiffusionPolicy, z: torch.Tensor, generator: torch.Generator, steps: int) -> torch.Tensor:
+def ddim_chunks(
+    policy: DiffusionPolicy, z: torch.Tensor, generator: torch.Generator, steps: int | None
+) -> torch.Tensor:
     """Deterministic DDIM (η = 0) chunks from seeded noise: what a deployed policy does. (B, Ha, A) normalised."""
     shape = (z.shape[0], policy.cfg.action_horizon, policy.action_dim)
-    x = torch.randn(shape, generator=generator).to(z.device)
-    for step in policy.chain_schedule(steps, eta=0.0):
-        x, _ = policy.chain_step(x, z, step, 0.0, 0.0)
-    return x
+    return policy.denoise(torch.randn(shape, generator=generator).to(z.device), z, steps, "ddim")
 
 
 def ope_estimate(policy: DiffusionPolicy, critics: IQL, dynamics, z0: torch.Tensor, cfg: RL100Config) -> dict:

@@ -65,19 +65,6 @@ from robot_rl.training.loop import Hook, LoopConfig, LoopUser, TrainingLoop, see
 log = logging.getLogger("robot_rl.commands.distill")
 
 
-# ------------------------------------------------------------------------------------------ student / sampling
-
-
-@torch.no_grad()
-def ddim_chunk(policy: DiffusionPolicy, x: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
-    """DDIM_K(x_T, c) in the normalised action space: `predict_chunk`'s loop without the encode / unnormalise."""
-    sched = policy.schedulers["ddim"]
-    sched.set_timesteps(int(steps), device=x.device)
-    for t in sched.timesteps:
-        x = sched.step(policy.unet(x, t.expand(x.shape[0]), cond), t, x).prev_sample
-    return x
-
-
 # ------------------------------------------------------------------------------------------------- config
 
 
@@ -233,7 +220,7 @@ class Distiller(LoopUser):
         with torch.no_grad():
             cond = teacher.encode_obs(batch)  # c: the teacher's (frozen) observation features
             x_T = torch.randn(b, ha, a, device=self.device)  # the same noise for teacher and student
-            a_teacher = ddim_chunk(teacher, x_T, cond, int(d.teacher_steps))  # sg[DDIM_K(x_T, c)], in [-1, 1]
+            a_teacher = teacher.denoise(x_T, cond, int(d.teacher_steps))  # sg[DDIM_K(x_T, c)], in [-1, 1]
         s_cond = student.encode_obs(batch) if d.train_encoder else cond
         a_student = student.unet(x_T, self.t_student.expand(b), s_cond)  # one forward pass, sample prediction
         return F.mse_loss(a_student[:, self.rows], a_teacher[:, self.rows]), {}
@@ -252,7 +239,7 @@ class Distiller(LoopUser):
                 x_T = torch.randn(
                     cond.shape[0], self.teacher.cfg.action_horizon, self.teacher.action_dim, device=self.device
                 )
-                self._probe = (batch, x_T, ddim_chunk(self.teacher, x_T, cond, int(self.d.teacher_steps)))
+                self._probe = (batch, x_T, self.teacher.denoise(x_T, cond, int(self.d.teacher_steps)))
         batch, x_T, target = self._probe
         model = self.model if model is None else model
         was = model.training

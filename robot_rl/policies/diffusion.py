@@ -513,17 +513,25 @@ class DiffusionPolicy(nn.Module, Policy):
             gen_device = generator.device if generator is not None else cond.device
             x = torch.randn(shape, generator=generator, device=gen_device).to(cond.device)
         kind = scheduler or self.cfg.inference_scheduler
-        if kind not in self.schedulers:
-            raise ValueError(f"scheduler must be ddim or ddpm, got {kind!r}")
-        sched = self.schedulers[kind]
         steps = num_inference_steps or self.cfg.num_inference_steps or self.cfg.num_train_timesteps
         if kind == "ddpm" and num_inference_steps is None:
             steps = self.cfg.num_train_timesteps  # DDPM: the full chain unless asked otherwise
-        sched.set_timesteps(int(steps), device=cond.device)
+        return self.normalizer.unnormalize("action", self.denoise(x, cond, int(steps), kind, generator))
+
+    def denoise(
+        self, x: torch.Tensor, cond: torch.Tensor, steps: int | None = None, scheduler: str = "ddim", generator=None
+    ) -> torch.Tensor:
+        """x_T -> x_0 in the normalised action space with the scheduler's loop (DDIM: deterministic) over `steps`
+        (None: the config's). The one definition of the chunk a deployed η = 0 policy acts on: distillation
+        targets and RL-100's OPE use it."""
+        if scheduler not in self.schedulers:
+            raise ValueError(f"scheduler must be ddim or ddpm, got {scheduler!r}")
+        sched = self.schedulers[scheduler]
+        sched.set_timesteps(int(steps or self.cfg.num_inference_steps or self.cfg.num_train_timesteps), device=x.device)
         for t in sched.timesteps:
-            eps = self.unet(x, t.expand(b), cond)
+            eps = self.unet(x, t.expand(x.shape[0]), cond)
             x = sched.step(eps, t, x, generator=generator).prev_sample
-        return self.normalizer.unnormalize("action", x)
+        return x
 
     # ------------------------------------------------------------------- the denoising chain as a policy (RL)
     # RL over the chain (RL-100 §1.3, DPPO): each DDIM step x_k -> x_{k-1} is a Gaussian N(mu_k, sigma~_k^2 I)
