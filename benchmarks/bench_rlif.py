@@ -132,7 +132,8 @@ class Run:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         rundir = out / f"{expert_quality}_{method}"
         # a fresh replay: ReplayBuffer opens an existing store to append (a learner resuming), so a rerun into the
-        # same --out started from the earlier run's rows (likely why HG-DAgger started at 0.50 in one run, 1.00 in another)
+        # same --out started from the earlier run's rows (likely why HG-DAgger started at 0.50 in one run and at
+        # 1.00 in another)
         shutil.rmtree(rundir, ignore_errors=True)
         self.replay = ReplayBuffer(rundir / "replay.zarr")
         common = {
