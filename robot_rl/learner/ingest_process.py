@@ -10,7 +10,8 @@ training, zarr or a growing replay do.
            `durable` lsn (shared value) ----------------> writer: every flush_s zarr append + commit, trim the log
 
 The ingest process ignores Ctrl-C (the learner coordinates the drain) and leaves on its own as soon as the learner
-process begins to exit (a dead learner must not be heartbeated for). It reports its counters every `STATS_S` and at once on a storage failure.
+process begins to exit (a dead learner must not be heartbeated for). It reports its counters every `STATS_S` and
+at once on a storage failure.
 """
 
 from __future__ import annotations
