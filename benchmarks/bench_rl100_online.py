@@ -95,8 +95,9 @@ class Run:
             "distill_steps": args.distill_steps,
             "denoise_gamma": args.denoise_gamma,
             "target_kl": args.target_kl,
-            "distill_target": args.distill_target,
         }
+        if args.distill_target:
+            settings["distill_target"] = args.distill_target
         if args.deploy_sampling:
             settings["deploy_sampling"] = args.deploy_sampling
         cfg = algo_config("rl100_online", **settings)
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
     p.add_argument("--std-min", type=float, default=0.0067)
     p.add_argument("--lr-decay-iterations", type=int, default=100)
     p.add_argument("--distill-steps", type=int, default=20)
-    p.add_argument("--distill-target", choices=["ddim", "chain"], default="ddim", help="the student's target")
+    p.add_argument("--distill-target", choices=["ddim", "chain"], default=None, help="default: the algo YAML's")
     p.add_argument("--denoise-gamma", type=float, default=1.0, help="DPPO's denoising discount (1 = off)")
     p.add_argument("--target-kl", type=float, default=0.05, help="KL early stop of an iteration's epochs")
     p.add_argument("--eval-every", type=int, default=5000)
