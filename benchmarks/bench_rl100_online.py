@@ -388,6 +388,10 @@ def main(argv=None) -> int:
         return student_ab(args)
     if args.compare:
         runs = {label: json.loads(Path(path).read_text()) for label, path in (c.split("=", 1) for c in args.compare)}
+        for label, path in (c.split("=", 1) for c in args.compare):  # a --student-ab result beside it, if any
+            ab = Path(path).with_name("student_ab.json")
+            if ab.exists():
+                runs[label]["student_ab"] = json.loads(ab.read_text())["students"]
         plot_compare(runs, Path(args.figure or "rl100_online_compare.png"))
         return 0
     if args.quick:
@@ -485,7 +489,7 @@ def plot_compare(runs: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 1.2]})
     for i, (label, c) in enumerate(runs.items()):
         xs = [e["env_steps"] for e in c["evals"]]
         ax.plot(xs, [e["success"] for e in c["evals"]], "o-", color=f"C{i}", label=label)
@@ -494,8 +498,11 @@ def plot_compare(runs: dict[str, dict], path: Path) -> None:
             steps, ok = np.array([t[0] for t in ts]), np.array([t[1] for t in ts], float)
             grid = np.arange(5000, steps[-1] + 1, 2500)
             ax.plot(grid, [ok[(steps > g - 5000) & (steps <= g)].mean() for g in grid], ":", color=f"C{i}", alpha=0.7)
-        for j, key in enumerate(("teacher, eta", "teacher, DDIM", "student", "base, eta", "base, DDIM")):
-            row = next((r for n, r in (c.get("final") or {}).items() if n.startswith(key)), None)
+        rows = dict(c.get("final") or {})
+        rows.update({f"ab {t}": r for t, r in (c.get("student_ab") or {}).items()})
+        keys = ("teacher, eta", "teacher, DDIM", "student", "ab chain", "ab ddim", "base, eta", "base, DDIM")
+        for j, key in enumerate(keys):
+            row = next((r for n, r in rows.items() if n.startswith(key)), None)
             if row is None:
                 continue
             x = j + (i - (len(runs) - 1) / 2) * 0.8 / len(runs)
@@ -509,8 +516,14 @@ def plot_compare(runs: dict[str, dict], path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    names = ["teacher\neta chain\n(deployed)", "teacher\nDDIM", "one-step\nstudent", "base\neta chain", "base\nDDIM"]
-    bx.set_xticks(range(5), names)
+    names = [
+        "teacher\nchain\n(deployed)",
+        "teacher\nDDIM",
+        "student\n(online)",
+        "student\nfinal,\nchain",
+        "student\nfinal,\nDDIM",
+    ]
+    bx.set_xticks(range(7), names + ["base\nchain", "base\nDDIM"])
     bx.set_ylabel("final success, 50 seeds, Wilson 95 %")
     bx.set_ylim(-0.02, 1.02)
     bx.grid(alpha=0.3, axis="y")
