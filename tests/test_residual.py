@@ -432,6 +432,9 @@ def test_outcome_gate_opens_on_base_level_success_closes_on_failures_and_resumes
     replay.append("robot1", np.arange(5, 6), {**_row(1, 1, n=1, success=True), "done": np.ones(1, bool)})
     g.observe(replay)  # the running episode finished: success, counted
     assert g.current == [2, 3] and g.decide() == "open"
+    staying = OutcomeGate(levels=4, episodes=3, z=1.645)
+    staying.load_state_dict({**g.state_dict(), "current": [1, 3]})
+    assert staying.decide() is None, "1 of 3 < the base's 0.5, but not significantly: stay and keep counting"
     g.open({"actor": torch.ones(1)})
     state = g.state_dict()
     torch.save(state, tmp_path / "state.pt")  # as the learner checkpoints it

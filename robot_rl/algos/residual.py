@@ -17,9 +17,9 @@ returns (demos end at success, so G_t = gamma^(T-1-t)): the correlation of Q(s_t
 propagated the sparse reward) earns no gate, however sure its heads are about their action gradient.
 That critic-side gate only delayed the collapse on PickPlaceCan (a calibrated critic, unanimous and wrong), so the
 default gate reads the robot's own outcomes instead (`OutcomeGate`, outcome_levels > 0): the gate moves in steps
-of 1/outcome_levels, opens a step after `outcome_episodes` episodes at the current step that were not
-significantly worse than the base's own episodes (gate 0), and closes a step, restoring the actor that passed
-there, as soon as the robot's success at a step is significantly below the base's.
+of 1/outcome_levels, opens a step once at least `outcome_episodes` episodes at the current step succeeded at least
+as often as the base's own episodes (gate 0), and closes a step, restoring the actor that passed there, as soon as
+the robot's success at a step is significantly below the base's.
 Hyper-parameters and the reference's values: configs/algo/residual.yaml and ../shared/reference (ResFiT §1.2-1.3).
 """
 
@@ -127,9 +127,9 @@ class OutcomeGate:
 
     Level 0 runs the base alone: its episodes (warm-up included) are the reference. At a level > 0 the gate closes
     as soon as the level's success is significantly below the reference (one-sided Wilson upper bound at `z` below
-    the reference rate) and the learner restores the actor validated at the level below; after `episodes`
-    episodes at a level that were not significantly worse, it opens one step (once `may_open`: the actor is
-    learning: it is asked only in the actor phase) and keeps the actor that passed as that level's snapshot. Each change starts a new epoch: the robot
+    the reference rate) and the learner restores the actor validated at the level below; once a level has at least
+    `episodes` episodes and a success rate at least the reference's, it opens one step (asked only in the actor
+    phase) and keeps the actor that passed as that level's snapshot; in between it stays and keeps counting. Each change starts a new epoch: the robot
     reports the epoch its steps ran under, and only episodes run entirely in the current epoch (without takeover)
     count for it. Episodes end at a `done` row; rows are read once, in order, from the replay's cursor.
     """
@@ -189,7 +189,8 @@ class OutcomeGate:
         worse = self.level > 0 and n > 0 and wilson_upper(k, n, self.z) < k_ref / max(n_ref, 1)
         if worse:
             return "close"
-        return "open" if self.level < self.levels and n >= self.episodes else None
+        as_good = self.level == 0 or k * n_ref >= k_ref * n  # at least the base's rate (level 0 is the base)
+        return "open" if self.level < self.levels and n >= self.episodes and as_good else None
 
     def open(self, snapshot: dict) -> None:
         self.validated[self.level] = snapshot
