@@ -510,6 +510,10 @@ def plot(results: dict, path: Path, args) -> None:
                 [v["ci95"][1] - v["success_rate"] for _, v in pts],
             ]
             ax.errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=5, label="retrieval BC (50/50)")
+            for d, v in pts:  # the δ fixed before the run (--delta) vs the points of a later sweep
+                tag = "chosen in advance" if abs(d - args.delta) < 1e-9 else "sweep"
+                ax.annotate(f"{tag}, n={v['n']}", (d, v["ci95"][1]), textcoords="offset points", xytext=(0, 4),
+                            ha="center", fontsize=7)  # fmt: skip
         bands = (("target only", "0.4"), ("target + whole prior (uniform)", "tab:orange"),
                  ("target + whole prior (50/50, no selection)", "tab:red"),
                  ("oracle selection (hidden label), 50/50", "tab:green"))  # fmt: skip
@@ -590,7 +594,7 @@ def main() -> int:
     only = set(args.only or ["retrieval", "bc", "scoring"])
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    results: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    results: dict = {"args": json.loads(json.dumps(vars(args), default=str))}
     earlier = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
     for other in args.merge:
         earlier["bc"] = pool(earlier.get("bc", {}), json.loads(other.read_text()).get("bc", {}), args.eval_episodes)
