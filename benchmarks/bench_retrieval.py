@@ -4,6 +4,7 @@ target alone and the target plus the whole prior?
     python benchmarks/bench_retrieval.py                       # full size (hours on a 2-core CPU)
     python benchmarks/bench_retrieval.py --quick               # the reduced size that fits ~25 min here
     python benchmarks/bench_retrieval.py --only scoring        # 1M prior x 1k target scoring time + peak RSS
+    python benchmarks/bench_retrieval.py --quick --prior-mix anchor --per-cell 5   # the anchor's setting (below)
 
 Data (built once, kept in --out/data): a prior store of unlabelled episodes mixing Lift, Stack and PickPlaceCan
 from the scripted experts (sim/experts.py) at every quality preset (expert, mediocre, poor) plus failed episodes
@@ -14,13 +15,20 @@ finger positions and velocities) plus two task slots, `object_pos` (the object t
 and `goal_pos` (where it should go: 10 cm above the cube's start, cubeB, the can's bin). The labels (task,
 quality, success) ride in each episode's metadata; retrieval never reads them, the benchmark scores with them.
 
+Two priors (--prior-mix). cross_task: every task at every quality, `--per-cell` each. anchor (BR's Square setting:
+mixed-quality demos of the target task from the same initial states): the target task is "paired", from each of
+`--paired-seeds` seeds one expert episode, one fumble (the expert letting go of every grasp) and one failed (the
+poor preset doing the same), the other tasks at every quality as distractors; "relevant" is then "target task AND
+a successful episode", and a step-level label (the expert's own step, not a drop or a pause) is kept beside the store.
+
 Measured:
 1. retrieval precision / recall of the target task's transitions in the prior as δ varies (chance = the task's
    share of the prior), from one `robot-rl retrieve` run (the real command, its cache reused by the second run);
-2. success of MLP BC (`robot-rl train`'s Trainer) on target only, target + whole prior (uniform over windows) and
-   retrieval BC (target + selection at δ=--delta, 50/50 per batch), --seeds training seeds each, every policy
-   evaluated on the same --eval-episodes seeded episodes (seeds 10000..), Wilson 95 % intervals per method
-   (pooled over seeds);
+2. success of MLP BC (`robot-rl train`'s Trainer) on target only, target + whole prior (uniform over windows),
+   target + whole prior at 50/50 without selection (BR's δ = 0), retrieval BC (target + selection at δ=--delta,
+   50/50 per batch) and the oracle selection (target + exactly the relevant transitions, 50/50), --seeds training
+   seeds each, every policy evaluated on the same --eval-episodes seeded episodes (seeds 10000..), Wilson 95 %
+   intervals per method (pooled over seeds);
 3. scoring time and peak RSS for a synthetic 1M-transition prior against 1k target transitions (child process,
    so its RSS is its own), plus embedding time for those 1M transitions through the default-size embedder.
 
