@@ -69,6 +69,9 @@ LABELS = {
     "residual": "base + residual (ResFiT update)",
     "residual_trust": "base + trust-gated residual (critic-side gate)",
     "residual_outcome": "base + outcome-gated residual (default)",
+    # earlier runs kept for the figure (curves renamed by hand; docs/residual_rl.md says which rule made them)
+    "residual_outcome_v1": "outcome gate, first rule (opens when not significantly worse)",
+    "residual_outcome_v1_k0": "outcome gate, first rule, actor on the heads' mean (trust_k 0)",
     "sac": "SAC/RLPD, no base",
 }
 
@@ -534,7 +537,7 @@ def plot_diagnostics(curves: dict, path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for method, r in curves.items():
-        if method not in RESIDUAL:
+        if not method.startswith(RESIDUAL):
             continue
         pts = [e for e in r["evals"] if "diag" in e and "batch_adv_exec" in e["diag"]]
         x = np.array([e["env_steps"] for e in pts])
