@@ -323,6 +323,38 @@ def student_ab(args) -> int:
     return 0
 
 
+def evaluate_checkpoint(args) -> int:
+    """One policy on `--final-eval-episodes` seeds from `--eval-seed`: is the benchmark's seed set representative?"""
+    import dataclasses
+
+    policy = load_policy(args.eval_checkpoint, device="cpu").eval()
+    if args.as_chain:  # the robot's chain: eta 1, sigma >= std_min, the policy's K steps
+        policy.cfg = dataclasses.replace(policy.cfg, eta=1.0, std_min=args.std_min, std_max=None)
+    robot = robot_for(args.task)
+    robot.connect()
+    feat = robot.action_feature
+    safety = SafetyFilter(feat.low, feat.high)
+    wins = 0
+    for j in range(args.final_eval_episodes):
+        seed = args.eval_seed + j
+        obs = robot.reset(seed=seed)
+        policy.generator = torch.Generator().manual_seed(seed)
+        policy.reset()
+        safety.reset()
+        for _ in range(args.horizon):
+            robot.send_action(safety(policy.select_action(obs))[0])
+            obs = robot.get_observation()
+            if robot.is_success():
+                wins += 1
+                break
+    n = args.final_eval_episodes
+    print(
+        f"{args.eval_checkpoint} (eta {policy.cfg.eta:g}), seeds {args.eval_seed}..{args.eval_seed + n - 1}: "
+        f"{wins}/{n} = {wins / n:.2f} {[round(x, 2) for x in wilson(wins, n)]}"
+    )
+    return 0
+
+
 def evaluate_base(run: Run, episodes: int) -> dict:
     """The base checkpoint (what PPO started from) with the η chain and with deterministic DDIM."""
     cfg, steps = run.algo.cfg, run.algo.steps
@@ -382,7 +414,19 @@ def main(argv=None) -> int:
         "replay's observations, target ddim vs chain, --ab-steps steps each, evaluated on --final-eval-episodes seeds",
     )
     p.add_argument("--ab-steps", type=int, default=500)
+    p.add_argument(
+        "--eval-checkpoint",
+        default=None,
+        metavar="POLICY",
+        help="only evaluate: a policy dir (its own sampler; with --std-min > 0 and a base, the eta chain) on "
+        "--final-eval-episodes seeds from --eval-seed (other seed sets than the benchmark's 10000..)",
+    )
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED)
+    p.add_argument("--as-chain", action="store_true", help="--eval-checkpoint: sample the eta=1 chain (a base)")
     args = p.parse_args(argv)
+    if args.eval_checkpoint:
+        torch.set_num_threads(1)
+        return evaluate_checkpoint(args)
     if args.student_ab:
         torch.set_num_threads(1)
         return student_ab(args)
