@@ -571,7 +571,7 @@ def plot_compare(runs: dict[str, dict], path: Path) -> None:
     bx.set_ylabel("final success, 50 seeds, Wilson 95 %")
     bx.set_ylim(-0.02, 1.02)
     bx.grid(alpha=0.3, axis="y")
-    fig.suptitle("Lift, RL-100 online from the weak base, 30k env steps, one seed per setting")
+    fig.suptitle("Lift, RL-100 online from the weak base, 30k env steps, one training seed per run")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
