@@ -20,7 +20,7 @@ Learner side, one `update` = one PPO iteration on one on-policy rollout batch:
        value:  L_V = mean (V(o) − R̂)²                                          one Adam step
        actor, for each denoising step k (one Adam step each, as RL-100 and part 1):
                r_k = exp(Σ_executed [log π_θ(x_{k−1} | x_k, o) − log π_old(x_{k−1} | x_k, o)])
-               A_k = γ_d^(k_last − k) A   (DPPO's denoising discount: the noisiest steps weigh least; γ_d 1 = off)
+               A_k = γ_d^(k − 1) A   (DPPO's denoising discount, k = K the noisiest step weighs least; γ_d 1 = off)
                L_k = −mean min(r_k A_k, clip(r_k, 1 − c, 1 + c) A_k)
    gradient-norm clipping, LR decayed linearly over `lr_decay_iterations`, and an epoch loop that stops early once
    the approximate KL (mean (r − 1) − log r) passes `target_kl`. Only the UNet learns (encoder, normaliser frozen).
