@@ -111,6 +111,7 @@ def algo_cfg(method: str, args, base: dict) -> dict:
                 "outcome_levels": args.outcome_levels,
                 "outcome_episodes": args.outcome_episodes,
                 "outcome_z": args.outcome_z,
+                "outcome_test_every": args.outcome_test_every,
             }
         return cfg | {k: v for k, v in given.items() if v is not None}  # else configs/algo/residual.yaml
     return common
@@ -133,7 +134,11 @@ class Run:
                 self.robot.observation_features, self.algo.obs_keys, feat.shape[0], vars(self.algo.cfg)
             )
             self.policy = ResidualPolicy(
-                load_base(base["checkpoint"]), model, seed=args.seed, explore_std=args.explore_std
+                load_base(base["checkpoint"]),
+                model,
+                seed=args.seed,
+                explore_std=args.explore_std,
+                test_every=self.algo.cfg.outcome_test_every if self.algo.cfg.outcome_levels else 0,
             )
         else:
             self.algo = SAC(algo_config("sac", **cfg), {}, device, out / "cache")
@@ -374,6 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--outcome-levels", type=int, default=None, help="residual_outcome: else the YAML")
     p.add_argument("--outcome-episodes", type=int, default=None, help="residual_outcome: else the YAML")
     p.add_argument("--outcome-z", type=float, default=None, help="residual_outcome: else the YAML")
+    p.add_argument("--outcome-test-every", type=int, default=None, help="residual_outcome: else the YAML")
     p.add_argument("--diag-episodes", type=int, default=10, help="training episodes behind the online diagnostics")
     p.add_argument(
         "--stop-at",

@@ -184,7 +184,8 @@ def test_residual_policy_is_the_base_before_learning_and_swaps_weights_at_chunk_
         assert policy.exploration == "none" and policy.select_action(obs).tolist() == [0.0, 0.0]
     assert policy.exploration == "gaussian" and policy.use_residual
     extras = policy.transition_extras(acted=True)
-    assert extras["base_action"].tolist() == [0.0, 0.0] and set(extras) == {"base_action", "residual", "gate_epoch"}
+    assert extras["base_action"].tolist() == [0.0, 0.0]
+    assert set(extras) == {"base_action", "residual", "gate_epoch", "gate_test"} and not extras["gate_test"]
     assert extras["gate_epoch"] == int(model.actor.epoch), "the gate setting the step ran under"
     assert np.isnan(policy.transition_extras(acted=False)["residual"]).all()
     assert policy.transition_extras(acted=False)["gate_epoch"] == -1
@@ -456,6 +457,26 @@ def test_outcome_gate_opens_on_base_level_success_closes_on_failures_and_resumes
     # episodes at the gate-0 base join the reference, whatever their epoch; unknown (newer) epochs are ignored
     g.record(0, True), g.record(17, True)
     assert g.reference == [3, 5]
+
+
+def test_outcome_gate_can_count_only_the_robots_noise_free_test_episodes(tmp_path):
+    policy = ResidualPolicy(CountingChunkedBase(chunk=4), _model(), seed=0, explore_std=0.5, test_every=2)
+    policy.exploration = "gaussian"
+    obs = {"state": np.zeros(4, np.float32)}
+    for episode in range(4):
+        policy.reset()
+        action = policy.select_action(obs)
+        assert policy.transition_extras(acted=True)["gate_test"] == (episode % 2 == 1)
+        assert (action.tolist() == [0.0, 0.0]) == (episode % 2 == 1), "test episodes: the base exactly, no noise"
+    replay = ReplayBuffer(tmp_path / "replay")
+    _episodes(replay, "robot0", [(0, 0, 1, 0), (1, 0, 0, 0), (2, 0, 1, 0), (3, 0, 0, 0)])
+    n = replay.size
+    replay2 = ReplayBuffer(tmp_path / "replay2")
+    tested = np.arange(n) // 3 % 2 == 1  # episodes 1 and 3 (3 rows each) were tests: both failed
+    replay2.append("robot0", np.arange(n), {**{k: replay.column(k) for k in replay.keys()}, "gate_test": tested})
+    g = OutcomeGate(levels=4, episodes=3, z=1.645, tests_only=True)
+    g.observe(replay2)
+    assert g.reference == [0, 2]
 
 
 def _row(episode, epoch, n=2, success=False):

@@ -81,6 +81,7 @@ class ResidualConfig:
     outcome_levels: int
     outcome_episodes: int
     outcome_z: float
+    outcome_test_every: int
     interventions_to_demos: bool
     base_device: str
 
@@ -134,10 +135,11 @@ class OutcomeGate:
     count for it. Episodes end at a `done` row; rows are read once, in order, from the replay's cursor.
     """
 
-    columns = ("episode", "gate_epoch", "success", "done", "intervention")
+    columns = ("episode", "gate_epoch", "success", "done", "intervention", "gate_test")
 
-    def __init__(self, levels: int, episodes: int, z: float):
+    def __init__(self, levels: int, episodes: int, z: float, tests_only: bool = False):
         self.levels, self.episodes, self.z = levels, episodes, z
+        self.tests_only = tests_only  # count only the robot's noise-free test episodes (`gate_test`)
         self.epoch_levels = [0]  # the level of every epoch so far; the current epoch is the last
         self.reference = [0, 0]  # successes, episodes at level 0 (the base)
         self.current = [0, 0]  # successes, episodes in the current epoch
@@ -160,11 +162,15 @@ class OutcomeGate:
 
     def observe(self, replay: ReplayView) -> None:
         """Count the episodes finished in the rows added since the last call."""
-        if replay.size <= self.cursor or not set(self.columns) <= {*replay.keys()}:
+        keys = self.columns if self.tests_only else self.columns[:-1]
+        if replay.size <= self.cursor or not set(keys) <= {*replay.keys()}:
             return
-        cols = [replay.column(k)[self.cursor : replay.size] for k in (SENDER_KEY, *self.columns)]
+        cols = [replay.column(k)[self.cursor : replay.size] for k in (SENDER_KEY, *keys)]
+        if not self.tests_only:
+            cols.append(np.ones(replay.size - self.cursor, bool))
         self.cursor = replay.size
-        for sender, episode, epoch, success, done, took_over in zip(*cols):
+        for sender, episode, epoch, success, done, took_over, test in zip(*cols):
+            took_over = took_over or not test  # an exploring episode, when only tests count: not counted
             ep = self.pending.pop(int(sender), None)
             if ep is None or ep[0] != episode:  # a new episode (an unfinished one, e.g. of a crashed robot, is lost)
                 ep = [int(episode), int(epoch), 0, 0]
@@ -263,6 +269,7 @@ class ResidualTD3(OffPolicy):
             warmup_noise=cfg.warmup_noise,
             explore_std=cfg.explore_std,
             noise_clip=cfg.noise_clip,
+            test_every=cfg.outcome_test_every,
         )
 
     def __init__(self, cfg: ResidualConfig, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
@@ -284,7 +291,7 @@ class ResidualTD3(OffPolicy):
         self.actor_opt = make_adamw(self.model.actor.parameters(), lr=cfg.actor_lr)
         self.critic_opt = make_adamw([*self.critic.parameters(), *self.model.featurizer.parameters()], lr=cfg.critic_lr)
         self._make_sampler(arrays, ends, ["action", "base_action"])
-        self.outcome = OutcomeGate(cfg.outcome_levels, cfg.outcome_episodes, cfg.outcome_z)
+        self.outcome = OutcomeGate(cfg.outcome_levels, cfg.outcome_episodes, cfg.outcome_z, cfg.outcome_test_every > 0)
         # a fixed set of demo states with known returns: how far the critic can be trusted (the gate's ceiling)
         pick = np.random.default_rng(0).permutation(len(arrays["action"]))[: cfg.calibration_states]
         self.calibration = {

@@ -221,9 +221,12 @@ class ResidualPolicy(LearnerExploration, Policy):
         warmup_noise: float = 0.2,
         explore_std: float = 0.05,
         noise_clip: float = 0.3,
+        test_every: int = 0,
     ):
         self.base, self.model = base, model.eval()
         self.warmup_noise, self.explore_std, self.noise_clip = warmup_noise, explore_std, noise_clip
+        # every `test_every`-th episode runs without exploration noise (the outcome gate's test episodes; 0: none)
+        self.test_every, self.episodes, self.testing = int(test_every), 0, False
         self.exploration = "warmup"  # until the learner says otherwise (weights meta)
         self.use_residual = True  # False: the base alone (evaluation of the base)
         self.rng = np.random.default_rng(seed)
@@ -250,11 +253,18 @@ class ResidualPolicy(LearnerExploration, Policy):
     # --- control-process interface ----------------------------------------------------------------------
     def transition_extras(self, acted: bool) -> dict[str, np.ndarray]:
         """The critic needs the base action at every state; the residual (before noise) is logged; the gate's epoch
-        tells the learner which gate setting the step ran under (-1: the policy did not act)."""
+        tells the learner which gate setting the step ran under (-1: the policy did not act), `gate_test` whether
+        it was a noise-free test episode."""
+        test = np.bool_(self.testing)
         if not acted:
             nan = np.full(self.model.scaler.center.shape[0], np.nan, dtype=np.float32)
-            return {"base_action": nan, "residual": nan, "gate_epoch": np.int64(-1)}
-        return {"base_action": self.last_base, "residual": self.last_residual, "gate_epoch": self.last_epoch}
+            return {"base_action": nan, "residual": nan, "gate_epoch": np.int64(-1), "gate_test": test}
+        return {
+            "base_action": self.last_base,
+            "residual": self.last_residual,
+            "gate_epoch": self.last_epoch,
+            "gate_test": test,
+        }
 
     @contextlib.contextmanager
     def evaluating(self, mode: str):
@@ -278,6 +288,8 @@ class ResidualPolicy(LearnerExploration, Policy):
     def reset(self) -> None:
         self.base.reset()  # a chunked base must not carry a queue across episodes (ResFiT issue #5)
         self._apply_pending()
+        self.testing = self.test_every > 0 and self.episodes % self.test_every == self.test_every - 1
+        self.episodes += 1
 
     @torch.no_grad()
     def select_action(self, observation: Observation) -> np.ndarray:
@@ -294,9 +306,10 @@ class ResidualPolicy(LearnerExploration, Policy):
         obs = {k: torch.as_tensor(np.asarray(observation[k])).unsqueeze(0) for k in self.model.obs_keys}
         residual = self.model(obs, base_norm)[0].numpy()
         self.last_residual = residual.astype(np.float32)
-        if self.exploration == "warmup":
+        explore = "none" if self.testing else self.exploration  # a test episode: the policy as deployed
+        if explore == "warmup":
             residual = residual + self.rng.uniform(-self.warmup_noise, self.warmup_noise, residual.shape)
-        elif self.exploration == "gaussian":
+        elif explore == "gaussian":
             noise = np.clip(self.rng.normal(0.0, self.explore_std, residual.shape), -self.noise_clip, self.noise_clip)
             residual = residual + noise
         total = torch.clamp(base_norm[0] + torch.as_tensor(residual, dtype=torch.float32), -1.0, 1.0)
