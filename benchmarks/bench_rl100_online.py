@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--actor-lr", type=float, default=1e-5)
     p.add_argument("--clip", type=float, default=0.2)
-    p.add_argument("--std-min", type=float, default=0.0067)
+    p.add_argument("--std-min", type=float, default=None, help="default: the algo YAML's")
     p.add_argument("--lr-decay-iterations", type=int, default=100)
     p.add_argument("--distill-steps", type=int, default=20)
     p.add_argument("--distill-target", choices=["ddim", "chain"], default=None, help="default: the algo YAML's")
@@ -424,6 +424,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     p.add_argument("--as-chain", action="store_true", help="--eval-checkpoint: sample the eta=1 chain (a base)")
     args = p.parse_args(argv)
+    if args.std_min is None:
+        args.std_min = algo_config("rl100_online").std_min
     if args.eval_checkpoint:
         torch.set_num_threads(1)
         return evaluate_checkpoint(args)
