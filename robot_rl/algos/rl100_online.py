@@ -163,14 +163,6 @@ class ValueNet(nn.Module):
 # ------------------------------------------------------------------------------------------ the student
 
 
-@torch.no_grad()
-def ddim_mean_chunk(policy: DiffusionPolicy, x: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
-    """The deterministic DDIM-K chunk (η = 0) from x_T, normalised: the student's target (RL-100's distill2mean)."""
-    for step in policy.chain_schedule(steps, eta=0.0):
-        x, _ = policy.chain_step(x, cond, step, 0.0, 0.0)
-    return x
-
-
 def write_policy_atomically(directory: Path, policy, provenance: dict) -> None:
     """A policy directory replaced as a whole (tmp dir + rename): a reader never sees half a student."""
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
@@ -406,8 +398,9 @@ class RL100Online(Algorithm):
                 target = self.policy.sample_chain(cond, self.steps, c.eta, c.std_min, c.std_max, init_noise=x_t)[0][
                     :, -1
                 ]
-        else:
-            target = ddim_mean_chunk(self.policy, x_t, cond, self.steps)
+        else:  # deterministic DDIM-K from the same x_T (RL-100's distill2mean)
+            with torch.no_grad():
+                target = self.policy.denoise(x_t, cond, self.steps)
         pred = self.student.unet(x_t, self.t_student.expand(shape[0]), cond)
         rows = self.policy.executed_rows()
         loss = F.mse_loss(pred[:, rows], target[:, rows])
