@@ -72,6 +72,7 @@ LABELS = {
     # earlier runs kept for the figure (curves renamed by hand; docs/residual_rl.md says which rule made them)
     "residual_outcome_v1": "outcome gate, first rule (opens when not significantly worse)",
     "residual_outcome_v1_k0": "outcome gate, first rule, actor on the heads' mean (trust_k 0)",
+    "residual_outcome_tests": "outcome gate counting noise-free test episodes (outcome_test_every 2)",
     "sac": "SAC/RLPD, no base",
 }
 
