@@ -377,11 +377,12 @@ class ResidualTD3(OffPolicy):
             self.step(self.actor_opt, actor_loss, cfg.grad_clip)
             polyak(self.model.actor, self.target_actor, cfg.tau)
             if cfg.outcome_levels:  # the robot's own episodes set the gate (and may restore an earlier actor)
-                trust, gate = self.critic_calibration(), self.follow_outcomes(replay)  # calibration: logged only
+                gate = self.follow_outcomes(replay)
             else:  # the critic's lower bound and calibration set it
                 trust = self.critic_calibration() if cfg.gate_rate > 0 else 1.0
                 lcb = adv.detach().mean(dim=1)
                 gate = next_gate(float(self.model.actor.gate), lcb, cfg.trust_k, cfg.gate_rate, max(0.0, trust))
+                metrics["actor/critic_calibration"] = trust
             self.model.actor.gate.fill_(gate)
             self.target_actor.gate.fill_(gate)
             metrics.update(
@@ -391,7 +392,6 @@ class ResidualTD3(OffPolicy):
                     "actor/advantage": adv.mean().item(),
                     "actor/advantage_head_std": adv.std(dim=0).mean().item(),
                     "actor/gate": gate,
-                    "actor/critic_calibration": trust,
                     "outcome/level_success": self.outcome.current[0] / max(self.outcome.current[1], 1),
                     "outcome/reference": self.outcome.reference[0] / max(self.outcome.reference[1], 1),
                     "outcome/closes": self.outcome.closes,
