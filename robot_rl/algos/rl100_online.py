@@ -306,10 +306,9 @@ class RL100Online(Algorithm):
         stale = int((version[self.rows_seen :] < self.iteration).sum())
         obs_cols = {k: replay.column(OBS_PREFIX + k) for k in self.policy.obs_keys}
         windows, chunk_rows, current, rewards, discounts, bounds, successes = [], [], [], [], [], [], []
-        terminals, last_windows = (
-            [],
-            [],
-        )  # per episode: the window ending at its last row (V(o_last) bootstraps a truncation)
+        # per episode: ended by its success (terminal)? and the window ending at its last row (V(o_last) bootstraps
+        # a truncation)
+        terminals, last_windows = [], []
         for key in wanted:
             rows = np.flatnonzero(keys == key)
             rows = rows[np.argsort(step[rows], kind="stable")]
