@@ -112,6 +112,8 @@ def algo_cfg(method: str, args, base: dict) -> dict:
                 "outcome_levels": args.outcome_levels,
                 "outcome_episodes": args.outcome_episodes,
                 "outcome_z": args.outcome_z,
+                "outcome_early_episodes": args.outcome_early_episodes,
+                "outcome_margin": args.outcome_margin,
                 "outcome_test_every": args.outcome_test_every,
             }
         return cfg | {k: v for k, v in given.items() if v is not None}  # else configs/algo/residual.yaml
@@ -380,6 +382,8 @@ def main(argv=None) -> int:
     p.add_argument("--outcome-levels", type=int, default=None, help="residual_outcome: else the YAML")
     p.add_argument("--outcome-episodes", type=int, default=None, help="residual_outcome: else the YAML")
     p.add_argument("--outcome-z", type=float, default=None, help="residual_outcome: else the YAML")
+    p.add_argument("--outcome-early-episodes", type=int, default=None, help="residual_outcome: else the YAML")
+    p.add_argument("--outcome-margin", type=float, default=None, help="residual_outcome: else the YAML")
     p.add_argument("--outcome-test-every", type=int, default=None, help="residual_outcome: else the YAML")
     p.add_argument("--diag-episodes", type=int, default=10, help="training episodes behind the online diagnostics")
     p.add_argument(

@@ -18,6 +18,7 @@ from robot_rl.algos.residual import (
     correlation,
     demo_returns,
     next_gate,
+    wilson_lower,
     wilson_upper,
 )
 from robot_rl.data.episode_store import EpisodeStore
@@ -477,6 +478,40 @@ def test_outcome_gate_can_count_only_the_robots_noise_free_test_episodes(tmp_pat
     g = OutcomeGate(levels=4, episodes=3, z=1.645, tests_only=True)
     g.observe(replay2)
     assert g.reference == [0, 2]
+
+
+def _one_level(gate: OutcomeGate, p: float, rng: np.random.Generator, cap: int = 40) -> tuple[str | None, int]:
+    """Feed a level episodes that succeed with probability p until the gate decides (or `cap` episodes)."""
+    gate.epoch_levels, gate.current = [0, 1], [0, 0]
+    for n in range(1, cap + 1):
+        gate.record(1, bool(rng.random() < p))
+        if decision := gate.decide():
+            return decision, n
+    return None, cap
+
+
+def test_outcome_gate_opens_good_levels_early_and_bad_ones_no_more_often_than_without_the_early_rule():
+    """Simulated Bernoulli levels against a base at 0.45 (9 of 20): how often a level of true success p opens, and
+    after how many counted episodes, with the early rule (3 episodes, margin 0.1) and without it."""
+    assert wilson_lower(3, 3, 1.645) == pytest.approx(0.526, abs=1e-3) and wilson_lower(0, 0, 1.0) == 0.0
+    assert wilson_lower(9, 20, 1.645) < 9 / 20 < wilson_upper(9, 20, 1.645)
+
+    def opens(p, **early):
+        gate, rng = OutcomeGate(levels=4, episodes=6, z=1.645, **early), np.random.default_rng(0)
+        gate.reference = [9, 20]
+        runs = [_one_level(gate, p, rng) for _ in range(600)]
+        return np.mean([d == "open" for d, _ in runs]), np.mean([n for d, n in runs if d == "open"] or [np.nan])
+
+    for p, most in ((0.10, 0.05), (0.24, 0.30)):  # clearly worse levels: rarely opened, early rule or not
+        assert opens(p, early=3, margin=0.1)[0] <= most and opens(p)[0] <= most
+        assert opens(p, early=3, margin=0.1)[0] <= opens(p)[0] + 0.03
+    assert opens(0.45, early=3, margin=0.1)[0] >= 0.7, "a level as good as the base opens most of the time"
+    good, good_without = opens(0.75, early=3, margin=0.1), opens(0.75)
+    assert good[0] >= 0.99 and good_without[0] >= 0.99
+    assert good[1] <= 4.5 < 6 <= good_without[1], "a good level opens after ~4 counted episodes instead of 6"
+    gate = OutcomeGate(levels=4, episodes=6, z=1.645, early=3, margin=0.1)
+    gate.reference, gate.current = [9, 20], [3, 3]
+    assert gate.decide() is None, "level 0 (the base) never opens early: it waits for `episodes`"
 
 
 def _row(episode, epoch, n=2, success=False):

@@ -81,6 +81,8 @@ class ResidualConfig:
     outcome_levels: int
     outcome_episodes: int
     outcome_z: float
+    outcome_early_episodes: int
+    outcome_margin: float
     outcome_test_every: int
     interventions_to_demos: bool
     base_device: str
@@ -123,22 +125,35 @@ def wilson_upper(k: int, n: int, z: float) -> float:
     return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / d
 
 
+def wilson_lower(k: int, n: int, z: float) -> float:
+    """One-sided Wilson lower bound of a success rate from k successes in n episodes (0 with no episodes)."""
+    if n == 0:
+        return 0.0
+    p, d = k / n, 1.0 + z * z / n
+    return (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / d
+
+
 class OutcomeGate:
     """The executed gate in steps of 1/levels, set by the robot's own episodes (issue 20), not by the critic.
 
     Level 0 runs the base alone: its episodes (warm-up included) are the reference. At a level > 0 the gate closes
     as soon as the level's success is significantly below the reference (one-sided Wilson upper bound at `z` below
-    the reference rate) and the learner restores the actor validated at the level below; once a level has at least
-    `episodes` episodes and a success rate at least the reference's, it opens one step (asked only in the actor
-    phase) and keeps the actor that passed as that level's snapshot; in between it stays and keeps counting. Each change starts a new epoch: the robot
+    the reference rate) and the learner restores the actor validated at the level below. It opens one step (asked
+    only in the actor phase), keeping the actor that passed as that level's snapshot, once the level has either
+    `episodes` episodes and a success rate at least the reference's, or (early) at least `early` episodes and a
+    one-sided Wilson lower bound at least the reference minus `margin` (a level clearly not worse need not wait for
+    `episodes`); in between it stays and keeps counting. Each change starts a new epoch: the robot
     reports the epoch its steps ran under, and only episodes run entirely in the current epoch (without takeover)
     count for it. Episodes end at a `done` row; rows are read once, in order, from the replay's cursor.
     """
 
     columns = ("episode", "gate_epoch", "success", "done", "intervention", "gate_test")
 
-    def __init__(self, levels: int, episodes: int, z: float, tests_only: bool = False):
+    def __init__(
+        self, levels: int, episodes: int, z: float, tests_only: bool = False, early: int = 0, margin: float = 0.0
+    ):
         self.levels, self.episodes, self.z = levels, episodes, z
+        self.early, self.margin = early, margin  # early: 0 = off (open only after `episodes`)
         self.tests_only = tests_only  # count only the robot's noise-free test episodes (`gate_test`)
         self.epoch_levels = [0]  # the level of every epoch so far; the current epoch is the last
         self.reference = [0, 0]  # successes, episodes at level 0 (the base)
@@ -192,11 +207,13 @@ class OutcomeGate:
     def decide(self) -> str | None:
         """ "close" when the current level is significantly worse than the base, "open" when it passed, else None."""
         (k, n), (k_ref, n_ref) = self.current, self.reference
-        worse = self.level > 0 and n > 0 and wilson_upper(k, n, self.z) < k_ref / max(n_ref, 1)
-        if worse:
+        ref = k_ref / max(n_ref, 1)
+        if self.level > 0 and n > 0 and wilson_upper(k, n, self.z) < ref:
             return "close"
         as_good = self.level == 0 or k * n_ref >= k_ref * n  # at least the base's rate (level 0 is the base)
-        return "open" if self.level < self.levels and n >= self.episodes and as_good else None
+        passed = n >= self.episodes and as_good
+        early = self.level > 0 and 0 < self.early <= n and wilson_lower(k, n, self.z) >= ref - self.margin
+        return "open" if self.level < self.levels and (passed or early) else None
 
     def open(self, snapshot: dict) -> None:
         self.validated[self.level] = snapshot
@@ -252,6 +269,8 @@ class ResidualTD3(OffPolicy):
             raise ValueError("algo.outcome_levels > 0 starts the robot at the base (gate 0): set algo.gate_init=0")
         if cfg.outcome_levels < 0 or (cfg.outcome_levels and (cfg.outcome_episodes < 1 or cfg.outcome_z <= 0)):
             raise ValueError("algo: need outcome_levels >= 0 and, when > 0, outcome_episodes >= 1, outcome_z > 0")
+        if cfg.outcome_early_episodes < 0 or not 0 <= cfg.outcome_margin < 1:
+            raise ValueError("algo: need outcome_early_episodes >= 0 (0 = off) and 0 <= outcome_margin < 1")
         super().check_config(cfg)
 
     @classmethod
@@ -291,7 +310,14 @@ class ResidualTD3(OffPolicy):
         self.actor_opt = make_adamw(self.model.actor.parameters(), lr=cfg.actor_lr)
         self.critic_opt = make_adamw([*self.critic.parameters(), *self.model.featurizer.parameters()], lr=cfg.critic_lr)
         self._make_sampler(arrays, ends, ["action", "base_action"])
-        self.outcome = OutcomeGate(cfg.outcome_levels, cfg.outcome_episodes, cfg.outcome_z, cfg.outcome_test_every > 0)
+        self.outcome = OutcomeGate(
+            cfg.outcome_levels,
+            cfg.outcome_episodes,
+            cfg.outcome_z,
+            cfg.outcome_test_every > 0,
+            cfg.outcome_early_episodes,
+            cfg.outcome_margin,
+        )
         # a fixed set of demo states with known returns: how far the critic can be trusted (the gate's ceiling)
         pick = np.random.default_rng(0).permutation(len(arrays["action"]))[: cfg.calibration_states]
         self.calibration = {
