@@ -66,7 +66,7 @@ QUALITIES = ("expert", "mediocre", "poor", "failed")
 PAIRED = ("expert", "fumble", "failed")
 PROPRIO = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "robot0_gripper_qvel")
 SHARED = (*PROPRIO, "object_pos", "goal_pos")
-METHODS = ("target", "uniform", "balanced", "retrieval", "oracle")
+METHODS = ("target", "uniform", "balanced", "retrieval", "retrieval_tq", "oracle")
 TASK_SEED = {"lift": 0, "stack": 1, "pick_place_can": 2}
 
 
@@ -261,6 +261,12 @@ def precision_recall(scores: np.ndarray, relevant: np.ndarray, deltas) -> list[d
     return out
 
 
+def pr_mask(kept: np.ndarray, relevant: np.ndarray) -> dict:
+    tp = int((kept & relevant).sum())
+    return {"kept": int(kept.sum()), "precision": tp / max(int(kept.sum()), 1),
+            "recall": tp / max(int(relevant.sum()), 1)}  # fmt: skip
+
+
 def run_retrieval(args, data, out: Path) -> dict:
     from robot_rl.commands.retrieve import retrieve
     from robot_rl.data.episode_store import EpisodeStore
@@ -268,8 +274,10 @@ def run_retrieval(args, data, out: Path) -> dict:
 
     prior = EpisodeStore.open(data["prior"])
     t0 = time.monotonic()
+    thr = "retrieve.select.rule=threshold"
     all_rep = retrieve(
-        retrieve_cfg(args, data["prior"], data["target"], out / "all", "retrieve.select.threshold=0"), out / "ret_all"
+        retrieve_cfg(args, data["prior"], data["target"], out / "all", thr, "retrieve.select.threshold=0"),
+        out / "ret_all",
     )
     first_s = time.monotonic() - t0
     sel, _ = read_selection(out / "all")
@@ -295,21 +303,45 @@ def run_retrieval(args, data, out: Path) -> dict:
     pr = precision_recall(scores, relevant, deltas)
     t0 = time.monotonic()
     rep = retrieve(
-        retrieve_cfg(args, data["prior"], data["target"], out / "selection", f"retrieve.select.threshold={args.delta}"),
+        retrieve_cfg(
+            args, data["prior"], data["target"], out / "selection", thr, f"retrieve.select.threshold={args.delta}"
+        ),
         out / "ret",
     )
     second_s = time.monotonic() - t0
+    # rule=target_quantile (the YAML's q unless --target-quantile): the radius calibrated on the target alone
+    q = [] if args.target_quantile is None else [f"retrieve.select.target_quantile={args.target_quantile}"]
+    tq_rep = retrieve(
+        retrieve_cfg(args, data["prior"], data["target"], out / "selection_tq", "retrieve.select.rule=target_quantile",
+                     *q), out / "ret_tq")  # fmt: skip
+    tq_sel, _ = read_selection(out / "selection_tq")
+    tq_kept = np.zeros(prior.num_steps, bool)
+    tq_kept[tq_sel.rows(prior)] = True
+    cal = tq_rep["target_calibration"]
+    d_lo, d_hi = all_rep["distance_range"]
+    tq = {
+        "q": cal["q"],
+        "radius": cal["radius"],
+        "score_equivalent": (d_hi - cal["radius"]) / (d_hi - d_lo),  # the δ this radius amounts to on this prior
+        "kept": int(tq_kept.sum()),
+        "calibration": cal,
+        "by_label": {k: pr_mask(tq_kept, v) for k, v in labels.items()},
+        "selection": str(out / "selection_tq"),
+    }
     kept = scores >= args.delta
-    by_cell = {}
+    by_cell, by_cell_tq = {}, {}
     for t in TASKS:
-        for q in PAIRED if args.prior_mix == "anchor" and t == args.target_task else QUALITIES:
-            m = (task == t) & (quality == q)
-            by_cell[f"{t}/{q}"] = {"steps": int(m.sum()), "kept": int((kept & m).sum())}
+        for qual in PAIRED if args.prior_mix == "anchor" and t == args.target_task else QUALITIES:
+            m = (task == t) & (quality == qual)
+            by_cell[f"{t}/{qual}"] = {"steps": int(m.sum()), "kept": int((kept & m).sum())}
+            by_cell_tq[f"{t}/{qual}"] = {"steps": int(m.sum()), "kept": int((tq_kept & m).sum())}
             if "good_step" in labels and t == args.target_task:  # the expert's own steps vs drop / pause steps
                 own = np.load(data["steps"])
                 for kind, mk in (("own", m & own), ("drop_or_pause", m & ~own)):
-                    by_cell[f"{t}/{q}"][kind] = {"steps": int(mk.sum()), "kept": int((kept & mk).sum()),
-                                                 "median_score": float(np.median(scores[mk])) if mk.any() else None}  # fmt: skip
+                    by_cell[f"{t}/{qual}"][kind] = {"steps": int(mk.sum()), "kept": int((kept & mk).sum()),
+                                                    "median_score": float(np.median(scores[mk])) if mk.any() else None}  # fmt: skip
+                    by_cell_tq[f"{t}/{qual}"][kind] = {"steps": int(mk.sum()), "kept": int((tq_kept & mk).sum())}
+    tq["kept_by_task_quality"] = by_cell_tq
     return {
         "relevant": "good" if args.prior_mix == "anchor" else "task",
         "chance_precision": float(relevant.mean()),
@@ -320,6 +352,7 @@ def run_retrieval(args, data, out: Path) -> dict:
         "at_delta": precision_recall(scores, relevant, [args.delta])[0],
         "at_delta_by_label": {k: precision_recall(scores, v, [args.delta])[0] for k, v in labels.items()},
         "kept_by_task_quality": by_cell,
+        "target_quantile": tq,
         "first_run_s": first_s,
         "second_run_s": second_s,
         "second_run_reused_cache": rep["embedder"]["reused"],
@@ -402,6 +435,11 @@ def run_bc(args, data, retrieval, out: Path, partial=None) -> dict:
         "balanced": ("target + whole prior (50/50, no selection)", [data["target"], retrieval["all"]], [0.5, 0.5]),
         "retrieval": (f"retrieval BC (δ={args.delta}, 50/50)", [data["target"], retrieval["selection"]], [0.5, 0.5]),
         "oracle": ("oracle selection (hidden label), 50/50", [data["target"], retrieval["oracle"]], [0.5, 0.5]),
+        "retrieval_tq": (
+            f"retrieval BC (target_quantile q={retrieval['target_quantile']['q']:g}, 50/50)",
+            [data["target"], retrieval["target_quantile"]["selection"]],
+            [0.5, 0.5],
+        ),
     }
     results = {}
     for method in args.methods:
@@ -502,6 +540,10 @@ def plot(results: dict, path: Path, args) -> None:
         used = sorted({float(m.group(1)) for n in results.get("bc", {}) if (m := re.search(r"δ=([0-9.]+)", n))})
         for d in used or [args.delta]:
             ax.axvline(d, color="k", ls="--", lw=1)
+        if r.get("target_quantile"):  # where the calibrated radius lands on this prior's δ axis
+            tq = r["target_quantile"]
+            ax.axvline(tq["score_equivalent"], color="tab:purple", ls="-.", lw=1.2,
+                       label=f"target_quantile q={tq['q']:g}: radius {tq['radius']:.2f} (≡ δ {tq['score_equivalent']:.3f})")  # fmt: skip
         ax.plot([], [], "k--", lw=1, label=f"δ of retrieval BC ({', '.join(f'{d:g}' for d in used or [args.delta])})")
         ax.set(xlabel="δ (score threshold)", ylabel="fraction", ylim=(0, 1.05))
         ax.set_title(f"retrieving {args.target_task} from the {args.prior_mix} prior", fontsize=10)
@@ -525,12 +567,13 @@ def plot(results: dict, path: Path, args) -> None:
         bands = (("target only", "0.4"), ("target + whole prior (uniform)", "tab:orange"),
                  ("target + whole prior (50/50, no selection)", "tab:red"),
                  ("oracle selection (hidden label), 50/50", "tab:green"))  # fmt: skip
+        bands += tuple((n, "tab:purple") for n in b if n.startswith("retrieval BC (target_quantile"))
         for n, color in bands:
             if n in b:
                 lo, hi = b[n]["ci95"]
                 ax.axhline(b[n]["success_rate"], color=color, lw=1.5, label=f"{n} {b[n]['success_rate']:.2f}")
                 ax.axhspan(lo, hi, color=color, alpha=0.15)
-        ax.set(xlabel="δ of the retrieval", ylabel="success (Wilson 95 %)", ylim=(0, 1.05))
+        ax.set(xlabel="δ of the retrieval (min-max score)", ylabel="success (Wilson 95 %)", ylim=(0, 1.05))
         n, seeds = next(iter(b.values()))["n"], len(next(iter(b.values()))["per_seed"])
         ax.set_title(
             f"MLP BC on {args.target_task} ({args.prior_mix} prior): {seeds} seeds x {args.eval_episodes} "
@@ -559,6 +602,8 @@ def main() -> int:
     p.add_argument("--per-cell", type=int, default=25, help="prior episodes per task x quality (12 cells)")
     p.add_argument("--paired-seeds", type=int, default=20, help="--prior-mix anchor: initial states of the target task")
     p.add_argument("--delta", type=float, default=0.8)
+    p.add_argument("--target-quantile", type=float, default=None,
+                   help="q of rule=target_quantile (method retrieval_tq); default: configs/retrieve.yaml")  # fmt: skip
     p.add_argument("--embedder-steps", type=int, default=20000)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--eval-episodes", type=int, default=50)
@@ -622,6 +667,10 @@ def main() -> int:
         for label, at in r["at_delta_by_label"].items():
             print(f"  label {label:9s}: chance {r['pr_by_label'][label]['chance']:.3f}, at δ={args.delta} precision "
                   f"{at['precision']:.2f}, recall {at['recall']:.2f}", flush=True)  # fmt: skip
+        tq = r["target_quantile"]
+        print(f"  target_quantile q={tq['q']:g}: radius {tq['radius']:.4f} (≡ δ {tq['score_equivalent']:.3f}), kept "
+              f"{tq['kept']}; " + "; ".join(f"{k} P {v['precision']:.2f} R {v['recall']:.2f}"
+                                           for k, v in tq["by_label"].items()), flush=True)  # fmt: skip
         if "bc" not in only and earlier.get("bc"):
             results["bc"] = earlier["bc"]
         if "bc" in only:

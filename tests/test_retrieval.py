@@ -4,6 +4,7 @@ training on target + selection at 50/50, the embeddings cache (reuse, a changed 
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from robot_rl.algos.retrieval import (
     nearest_distance,
     scores_from_distances,
     select,
+    target_radius,
     vae_loss,
 )
 from robot_rl.commands.retrieve import main, retrieve
@@ -116,17 +118,49 @@ def test_scores_and_selection_rules():
     np.testing.assert_allclose(s, [1.0, 0.75, 0.5, 0.0, 0.25])
     base = dict(latent_dim=1, hidden=[1], kl_weight=0.0, recon_image_size=1, image={}, chunk_size=1)
     rule = lambda **kw: RetrievalConfig(**{**base, "rule": "threshold", "threshold": 0.8, "top_k": 2,  # noqa: E731
-                                            "top_fraction": 0.4, "radius": 1.5, **kw})  # fmt: skip
+                                            "top_fraction": 0.4, "radius": 1.5, "target_quantile": 0.5,
+                                            **kw})  # fmt: skip
     assert select(s, d, rule()).tolist() == [0]
     assert select(s, d, rule(threshold=0.5)).tolist() == [0, 1, 2]
     assert select(s, d, rule(rule="top_k")).tolist() == [0, 1]
     assert select(s, d, rule(rule="top_fraction")).tolist() == [0, 1]
     assert select(s, d, rule(rule="radius")).tolist() == [0, 1]
     assert select(s, d, rule(threshold=1.5)).tolist() == []
+    assert select(s, d, rule(rule="target_quantile"), calibrated_radius=2.5).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="calibrated"):
+        select(s, d, rule(rule="target_quantile"))
+
+
+def test_target_quantile_radius_is_leave_one_episode_out():
+    """Three 1-d target episodes; each transition's distance to the nearest transition of the OTHER episodes, by
+    hand: ep0 {0, 1} -> 2, 1 (nearest 2.0 in ep1); ep1 {2, 2.5} -> 1, 1.5; ep2 {6} -> 3.5. Sorted: 1, 1, 1.5, 2,
+    3.5: median 1.5, q = 1 -> 3.5. The radius keeps exactly the prior rows within it, chunked or not."""
+    target = np.array([[0.0], [1.0], [2.0], [2.5], [6.0]], np.float32)
+    ends = np.array([2, 4, 5])
+    cpu = torch.device("cpu")
+    for chunk in (1, 2, 100):
+        r, loo = target_radius(target, ends, 0.5, chunk, cpu)
+        np.testing.assert_allclose(loo, [2.0, 1.0, 1.0, 1.5, 3.5], atol=1e-6)
+        assert r == pytest.approx(1.5)
+    assert target_radius(target, ends, 1.0, 2, cpu)[0] == pytest.approx(3.5)
+    assert target_radius(target, ends, 0.0, 2, cpu)[0] == pytest.approx(1.0)
+    prior = np.array([[-1.4], [-1.6], [4.0], [4.1], [7.4], [10.0]], np.float32)
+    d = nearest_distance(prior, target, 4, cpu)  # 1.4, 1.6, 1.5, 1.6, 1.4, 4.0
+    base = dict(latent_dim=1, hidden=[1], kl_weight=0.0, recon_image_size=1, image={}, chunk_size=4, threshold=0.8,
+                top_k=1, top_fraction=0.1, radius=1.0)  # fmt: skip
+    cfg = RetrievalConfig(rule="target_quantile", target_quantile=0.5, **base)
+    assert select(scores_from_distances(d), d, cfg, r).tolist() == [0, 2, 4]
+    # a prior that gains a far-away distractor changes every min-max score, not the calibrated radius or selection
+    far = np.concatenate([prior, [[1000.0]]]).astype(np.float32)
+    d_far = nearest_distance(far, target, 4, cpu)
+    assert select(scores_from_distances(d_far), d_far, cfg, r).tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match="at least 2 target episodes"):
+        target_radius(target, np.array([5]), 0.5, 2, cpu)
 
 
 def test_vae_embedding_is_mean_plus_raw_action_and_loss_is_finite():
-    base = dict(rule="threshold", threshold=0.8, top_k=1, top_fraction=0.1, radius=1.0, chunk_size=8)
+    base = dict(rule="threshold", threshold=0.8, top_k=1, top_fraction=0.1, radius=1.0, target_quantile=0.5,
+                chunk_size=8)  # fmt: skip
     cfg = RetrievalConfig(latent_dim=3, hidden=[16], kl_weight=1e-4, recon_image_size=4,
                           image={"channels": [4], "strides": [2], "feature_dim": 4, "num_keypoints": 2, "n_groups": 2},
                           **base)  # fmt: skip
@@ -202,7 +236,8 @@ def test_mixture_shares_and_uniform_concatenation():
 def test_cache_is_reused_until_the_prior_changes(tmp_path, caplog):
     two_task_store(tmp_path / "prior", episodes=3, seed=0)
     two_task_store(tmp_path / "target", tasks=("push",), episodes=1, seed=1)
-    cfg = retrieve_cfg(tmp_path / "prior", tmp_path / "target", "retrieve.select.threshold=0.7")
+    cfg = retrieve_cfg(tmp_path / "prior", tmp_path / "target", "retrieve.select.rule=threshold",
+                       "retrieve.select.threshold=0.7")  # fmt: skip
     first = retrieve(cfg, tmp_path / "r1")
     assert first["embedder"]["reused"] is False and list((tmp_path / "prior" / "retrieval_cache").glob("vae_*"))
     second = retrieve(cfg, tmp_path / "r2")
@@ -214,7 +249,8 @@ def test_cache_is_reused_until_the_prior_changes(tmp_path, caplog):
         w.add({"obs.state": np.full(4, t, np.float32), "action": np.zeros(2, np.float32)})
     w.save()
     store.close()
-    stale = retrieve_cfg(tmp_path / "prior", tmp_path / "target", "retrieve.on_stale=error")
+    stale = retrieve_cfg(tmp_path / "prior", tmp_path / "target", "retrieve.on_stale=error",
+                         "retrieve.select.rule=threshold")  # fmt: skip
     with pytest.raises(ConfigError, match="changed since its embeddings were cached"):
         retrieve(stale, tmp_path / "r3")
     assert not (tmp_path / "r3" / "selection").exists()
@@ -235,7 +271,8 @@ def test_image_observations(tmp_path):
     two_task_store(tmp_path / "prior", episodes=2, steps=10, image=True)
     two_task_store(tmp_path / "target", tasks=("reach",), episodes=1, steps=10, seed=1, image=True)
     rep = retrieve(retrieve_cfg(tmp_path / "prior", tmp_path / "target", "retrieve.embedder.steps=5",
-                                "retrieve.embedder.latent_dim=8"), tmp_path / "run")  # fmt: skip
+                                "retrieve.embedder.latent_dim=8", "retrieve.select.rule=threshold"),
+                   tmp_path / "run")  # fmt: skip
     assert rep["embedding_dim"] == 8 + 2 and rep["kept"] >= 1
 
 
@@ -251,13 +288,24 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(stores, tmp_path):
     with pytest.raises(ConfigError, match="obs.state is missing"):
         retrieve(retrieve_cfg(stores / "prior", tmp_path / "other_keys"), tmp_path / "r2")
     with pytest.raises(ConfigError, match="empty selection.*δ=1.5.*Nothing was written"):
-        retrieve(retrieve_cfg(stores / "prior", stores / "target", "retrieve.select.threshold=1.5",
-                              f"retrieve.output={tmp_path / 'sel'}"), tmp_path / "r3")  # fmt: skip
+        retrieve(retrieve_cfg(stores / "prior", stores / "target", "retrieve.select.rule=threshold",
+                              "retrieve.select.threshold=1.5", f"retrieve.output={tmp_path / 'sel'}"),
+                 tmp_path / "r3")  # fmt: skip
     with pytest.raises(ConfigError, match="within radius 0"):
         retrieve(retrieve_cfg(stores / "prior", stores / "target", "retrieve.select.rule=radius",
                               "retrieve.select.radius=0"), tmp_path / "r4")  # fmt: skip
+    two_task_store(tmp_path / "push_only", tasks=("push",), episodes=2, seed=3)  # far from the reach demos
+    with pytest.raises(ConfigError, match="within the calibrated radius.*q=0.5"):
+        retrieve(retrieve_cfg(tmp_path / "push_only", stores / "target", "retrieve.select.chunk_size=7"),
+                 tmp_path / "r6")  # fmt: skip
+    # target_quantile on a one-episode target: refused before anything is fitted
+    two_task_store(tmp_path / "one_demo", tasks=("reach",), episodes=1, seed=1)
+    with pytest.raises(ConfigError, match="at least 2 demos"):
+        retrieve(retrieve_cfg(stores / "prior", tmp_path / "one_demo", f"retrieve.cache_dir={tmp_path / 'c7'}"),
+                 tmp_path / "r7")  # fmt: skip
+    assert not (tmp_path / "c7").exists()
     assert not (tmp_path / "sel").exists()
-    for run in ("r1", "r2", "r3", "r4"):
+    for run in ("r1", "r2", "r3", "r4", "r6", "r7"):
         assert not (tmp_path / run / "selection").exists() and not (tmp_path / run / "retrieve_report.json").exists()
     with pytest.raises(ConfigError, match="retrieve.target is empty"):
         retrieve(retrieve_cfg(stores / "prior", ""), tmp_path / "r5")
@@ -267,6 +315,15 @@ def test_cli(stores, tmp_path, capsys):
     assert main(retrieve_cfg(stores / "prior", stores / "target"), tmp_path / "run") == 0
     line = capsys.readouterr().out
     assert "prior transitions" in line and "reach:" in line and (tmp_path / "run" / "selection").is_dir()
+    # the default rule, target_quantile: the report says the calibrated radius, q and what it kept
+    rep = json.loads((tmp_path / "run" / "retrieve_report.json").read_text())
+    cal = rep["target_calibration"]
+    assert rep["rule"] == "target_quantile" and cal["q"] == 0.5 and "q 0.5" in line
+    assert cal["radius"] == pytest.approx(cal["radius_at_q"]["0.5"]) and cal["kept_at_q"]["0.5"] == rep["kept"]
+    assert (
+        json.loads((tmp_path / "run" / "selection" / "selection.json").read_text())["calibrated_radius"]
+        == (cal["radius"])
+    )
     # the installed verb: a config error is exit 2 with the message, before anything is trained
     two_task_store(tmp_path / "wide", tasks=("reach",), episodes=1, action_dim=3)
     res = robot_rl_cli("retrieve", f"retrieve.prior={stores / 'prior'}", f"retrieve.target={tmp_path / 'wide'}",

@@ -8,7 +8,12 @@ like them out of a large unlabelled "prior" store; a policy then trains on both 
     2. embedding  e(s, a) = μ(s, a) ⊕ a           (the encoder mean and the raw action, as BR's compute_embeddings)
     3. distance   d(x) = min over target transitions t of ‖e(x) − e(t)‖₂, computed block by block on the device
     4. score      (max d − d) / (max d − min d) over the prior: 1 = the closest prior transition, 0 = the farthest
-    5. selection  score ≥ δ (BR: 0.75-0.85), or the top_k, or the top_fraction highest scores, or d ≤ radius
+    5. selection  score ≥ δ (BR: 0.75-0.85), or the top_k, or the top_fraction highest scores, or d ≤ radius,
+                  or (rule=target_quantile, the default) d ≤ r_q, a radius calibrated on the target alone:
+                      ℓ(t) = min over transitions u of the OTHER target episodes of ‖e(t) − e(u)‖₂  (leave one out)
+                      r_q  = the q-quantile of ℓ over the target's transitions
+                  "as close to the demos as the demos are to each other": a new demo of the same behaviour would
+                  have about a share q of its transitions kept, whatever else the prior holds
     6. training   `robot-rl train train.data=[target,selection] train.weights=[0.5,0.5]` (data/mixture.py)
 
 The caller (robot_rl/commands/retrieve.py) fits `StateActionVAE` with `vae_loss` on the offline training loop,
@@ -28,7 +33,7 @@ from torch import nn
 from robot_rl.interfaces import OBS_PREFIX, Feature
 from robot_rl.policies.encoders import ObsEncoder
 
-RULES = ("threshold", "top_k", "top_fraction", "radius")
+RULES = ("threshold", "top_k", "top_fraction", "radius", "target_quantile")
 MIN_STD = 1e-2  # normaliser floor: constant observation entries are not blown up
 
 
@@ -41,11 +46,12 @@ class RetrievalConfig:
     kl_weight: float  # β; BR: 1e-4
     recon_image_size: int  # images are reconstructed average-pooled to this many pixels a side
     image: dict  # ObsEncoder settings for the cameras (feature_dim, channels, strides, ...)
-    rule: str  # threshold | top_k | top_fraction | radius
+    rule: str  # threshold | top_k | top_fraction | radius | target_quantile
     threshold: float  # δ for rule=threshold, on the [0, 1] score
     top_k: int
     top_fraction: float
     radius: float  # rule=radius: the distance d itself (not min-max scaled, so no outlier moves it)
+    target_quantile: float  # rule=target_quantile: q of the target's leave-one-episode-out distances
     chunk_size: int  # prior rows per distance block on the device
 
     @classmethod
@@ -201,12 +207,35 @@ def scores_from_distances(d: np.ndarray) -> np.ndarray:
     return np.ones_like(d) if hi - lo <= 0 else ((hi - d) / (hi - lo)).astype(np.float32)
 
 
-def select(scores: np.ndarray, distances: np.ndarray, cfg: RetrievalConfig) -> np.ndarray:
-    """Indices (ascending) of the kept prior transitions under cfg.rule; may be empty (δ above 1, a small radius)."""
+def target_radius(
+    target: np.ndarray, episode_ends: np.ndarray, q: float, chunk_size: int, device: torch.device
+) -> tuple[float, np.ndarray]:
+    """(r_q, ℓ): ℓ(t) = distance of each target transition to the nearest transition of the other target episodes
+    (leave one episode out, chunked like the prior's scoring), r_q = their q-quantile. Needs >= 2 episodes."""
+    ends = np.asarray(episode_ends, np.int64)
+    if len(ends) < 2:
+        raise ValueError(f"a radius calibrated on the target needs at least 2 target episodes, got {len(ends)}")
+    starts = np.concatenate([[0], ends[:-1]])
+    loo = [
+        nearest_distance(target[a:b], np.concatenate([target[:a], target[b:]]), chunk_size, device)
+        for a, b in zip(starts, ends)
+    ]
+    loo = np.concatenate(loo)
+    return float(np.quantile(loo, q)), loo
+
+
+def select(
+    scores: np.ndarray, distances: np.ndarray, cfg: RetrievalConfig, calibrated_radius: float | None = None
+) -> np.ndarray:
+    """Indices (ascending) of the kept prior transitions under cfg.rule; may be empty (δ above 1, a small radius).
+    rule=target_quantile keeps d <= `calibrated_radius` (from `target_radius`)."""
     if cfg.rule == "threshold":
         return np.flatnonzero(scores >= cfg.threshold)
-    if cfg.rule == "radius":
-        return np.flatnonzero(distances <= cfg.radius)
+    if cfg.rule in ("radius", "target_quantile"):
+        r = cfg.radius if cfg.rule == "radius" else calibrated_radius
+        if r is None:
+            raise ValueError("rule=target_quantile needs the radius calibrated on the target (target_radius)")
+        return np.flatnonzero(distances <= r)
     k = int(cfg.top_k) if cfg.rule == "top_k" else int(np.ceil(float(cfg.top_fraction) * len(scores)))
     k = min(max(k, 0), len(scores))
     if k == 0:

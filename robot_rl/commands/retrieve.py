@@ -41,6 +41,7 @@ from robot_rl.algos.retrieval import (
     pca_2d,
     scores_from_distances,
     select,
+    target_radius,
     transition_keys,
     vae_loss,
 )
@@ -61,6 +62,7 @@ log = logging.getLogger("robot_rl.commands.retrieve")
 
 CACHE_META, CACHE_WEIGHTS, CACHE_EMBEDDINGS = "cache.json", "embedder.safetensors", "embeddings.npy"
 REPORT_DELTAS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # the report says how much each δ would keep
+REPORT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # ... and each q of rule=target_quantile
 BLOCK_ROWS = 8192  # image stores are read and embedded this many rows at a time
 
 
@@ -85,6 +87,7 @@ def validate(cfg: DictConfig) -> tuple[RetrievalConfig, LoopConfig]:
         "select.chunk_size": int(algo.chunk_size) >= 1,
         "select.threshold": np.isfinite(float(algo.threshold)),
         "select.radius": np.isfinite(float(algo.radius)) and float(algo.radius) >= 0,
+        "select.target_quantile": 0 <= float(algo.target_quantile) <= 1,
         "embedder.latent_dim": int(algo.latent_dim) >= 1,
         "embedder.kl_weight": float(algo.kl_weight) >= 0,
         "embed_batch": int(r.embed_batch) >= 1,
@@ -266,6 +269,20 @@ def episode_task(store: EpisodeStore, i: int) -> str | None:
     return store.episodes[i].get("task") or info.get("task")
 
 
+def calibration_report(loo: np.ndarray, distances: np.ndarray, algo, radius: float | None) -> dict | None:
+    """What the target's leave-one-episode-out distances say: the radius each q gives and how much it keeps."""
+    if loo is None:
+        return None
+    radii = {str(q): float(np.quantile(loo, q)) for q in REPORT_QUANTILES}
+    return {
+        "q": float(algo.target_quantile) if algo.rule == "target_quantile" else None,
+        "radius": radius,
+        "target_transitions": int(len(loo)),
+        "radius_at_q": radii,
+        "kept_at_q": {q: int((distances <= r).sum()) for q, r in radii.items()},
+    }
+
+
 def build_report(prior, keep, scores, distances, ep, algo, extra) -> dict:
     lengths = np.diff(np.concatenate([[0], prior.episode_ends]))
     kept = np.bincount(ep, minlength=prior.num_episodes)
@@ -288,6 +305,7 @@ def build_report(prior, keep, scores, distances, ep, algo, extra) -> dict:
         "top_k": algo.top_k if algo.rule == "top_k" else None,
         "top_fraction": algo.top_fraction if algo.rule == "top_fraction" else None,
         "radius": algo.radius if algo.rule == "radius" else None,
+        "target_quantile": algo.target_quantile if algo.rule == "target_quantile" else None,
         "prior_steps": int(len(scores)),
         "kept": int(len(keep)),
         "kept_fraction": float(len(keep) / len(scores)),
@@ -301,7 +319,7 @@ def build_report(prior, keep, scores, distances, ep, algo, extra) -> dict:
     }
 
 
-def plot_report(run_dir: Path, scores, keep, prior_emb, target_emb, r, algo) -> list[str]:
+def plot_report(run_dir: Path, scores, keep, prior_emb, target_emb, r, algo, cut: float | None) -> list[str]:
     """retrieval_scores.png (histogram with the cut) and retrieval_projection.png (PCA: prior, retrieved, target)."""
     import matplotlib
 
@@ -314,8 +332,9 @@ def plot_report(run_dir: Path, scores, keep, prior_emb, target_emb, r, algo) -> 
     bins = np.linspace(0, 1, int(r.histogram_bins) + 1)
     ax.hist(scores[~kept], bins=bins, color="0.6", label="not retrieved")
     ax.hist(scores[kept], bins=bins, color="tab:blue", label=f"retrieved ({kept.sum()})")
-    if algo.rule == "threshold":
-        ax.axvline(algo.threshold, color="k", ls="--", lw=1, label=f"δ = {algo.threshold:g}")
+    if cut is not None:  # δ, or a radius in score units
+        label = f"δ = {algo.threshold:g}" if algo.rule == "threshold" else f"{algo.rule} (score {cut:.3f})"
+        ax.axvline(cut, color="k", ls="--", lw=1, label=label)
     ax.set(xlabel="score (1 = nearest to the target)", ylabel="prior transitions", yscale="log")
     ax.set_title(f"retrieval scores: {kept.sum()} of {len(scores)} kept ({algo.rule})", fontsize=10)
     ax.legend(fontsize=8)
@@ -353,6 +372,12 @@ def retrieve(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     seed_everything(int(r.embedder.seed), r.get("num_threads"))
     prior, target = open_store(r.prior, "prior"), open_store(r.target, "target")
     obs = embedded_features(prior, target, r.obs_keys)
+    if algo.rule == "target_quantile" and target.num_episodes < 2:
+        raise ConfigError(
+            f"retrieve.select.rule=target_quantile calibrates its radius on how far each target episode is from the "
+            f"others, and retrieve.target={target.path} has {target.num_episodes} episode; record at least 2 demos, "
+            f"or use rule=radius / threshold. Nothing was written"
+        )
     keys = transition_keys(obs)
 
     t0 = time.monotonic()
@@ -367,13 +392,19 @@ def retrieve(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     distances = nearest_distance(prior_emb, target_emb, algo.chunk_size, device)
     scores = scores_from_distances(distances)
     score_s = time.monotonic() - t0
-    keep = select(scores, distances, algo)
+    radius, loo = None, None
+    if target.num_episodes >= 2:  # the target's own spread: the radius of rule=target_quantile (reported always)
+        radius, loo = target_radius(target_emb, target.episode_ends, algo.target_quantile, algo.chunk_size, device)
+    keep = select(scores, distances, algo, radius)
     if len(keep) == 0:
         what = {
             "threshold": f"scores >= δ={algo.threshold:g} (scores lie in [0, 1]; {int((scores >= 0.8).sum())} "
             f"reach 0.8); lower retrieve.select.threshold",
             "radius": f"lies within radius {algo.radius:g} of a target transition (the nearest is at "
             f"{distances.min():.4g}); raise retrieve.select.radius or use rule=threshold",
+            "target_quantile": f"lies within the calibrated radius {radius if radius is not None else 0:.4g} "
+            f"(q={algo.target_quantile:g} of the target's leave-one-episode-out distances; the nearest prior "
+            f"transition is at {distances.min():.4g}); raise retrieve.select.target_quantile",
         }.get(algo.rule, "was selected")
         raise ConfigError(f"empty selection: no prior transition {what}. Nothing was written")
 
@@ -382,6 +413,8 @@ def retrieve(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     step = keep - starts[ep]
     out = Path(str(r.output)).expanduser() if r.get("output") else run_dir / "selection"
     rule_info = {"rule": algo.rule, "select": OmegaConf.to_container(r.select, resolve=True)}
+    if algo.rule == "target_quantile":
+        rule_info["calibrated_radius"] = radius
     write_selection(out, prior, fingerprint, ep, step, scores[keep], {**rule_info, "target": str(target.path)})
     extra = {
         "prior": str(prior.path),
@@ -391,11 +424,17 @@ def retrieve(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         "embedding_dim": int(prior_emb.shape[1]),
         "embedder": origin,
         "timing_s": {"fingerprint": fingerprint_s, "score": score_s},
+        "target_episodes": int(target.num_episodes),
+        "target_calibration": calibration_report(loo, distances, algo, radius),
         "device": str(device),
         "git": git_hash(),
     }
     report = build_report(prior, keep, scores, distances, ep, algo, extra)
-    report["figures"] = plot_report(run_dir, scores, keep, prior_emb, target_emb, r, algo)
+    lo, hi = float(distances.min()), float(distances.max())
+    cut = {"threshold": algo.threshold, "radius": algo.radius, "target_quantile": radius}.get(algo.rule)
+    if cut is not None and algo.rule != "threshold":
+        cut = float(np.clip((hi - cut) / (hi - lo), 0, 1)) if hi > lo else 1.0
+    report["figures"] = plot_report(run_dir, scores, keep, prior_emb, target_emb, r, algo, cut)
     if r.get("copy_to"):
         sel, _ = read_selection(out, check_store=False)
         report["copy"] = str(copy_selection(sel, prior, Path(str(r.copy_to)).expanduser()).path)
@@ -415,6 +454,9 @@ def main(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
         f"kept {report['kept']} of {report['prior_steps']} prior transitions ({100 * report['kept_fraction']:.1f} %) "
         f"from {report['episodes_touched']} episodes [{tasks}] -> {report['selection']}"
     )
+    if report["rule"] == "target_quantile":
+        cal = report["target_calibration"]
+        line += f" (radius {cal['radius']:.4g} = q {cal['q']:g} of the target's leave-one-episode-out distances)"
     log.info(line)
     print(line)
     return 0
