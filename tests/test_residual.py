@@ -269,6 +269,27 @@ def test_update_learns_and_resumes_exactly(base_run, tmp_path):
     assert all(torch.equal(v, algo.policy_state()[k]) for k, v in robot_side.state_dict().items())
 
 
+def test_the_learner_starts_identically_whether_the_demo_relabelling_is_cached_or_not(base_run, tmp_path):
+    """The diffusion base samples while it relabels the demos; that must not consume torch's global RNG, or the
+    networks built after it start differently on a run that finds the cache (a benchmark was not reproducible)."""
+    cfg = algo_config(
+        "residual",
+        base_checkpoint=str(base_run / "run"),
+        demos=str(base_run / "store"),
+        actor_hidden=[32],
+        critic_hidden=[32, 32],
+        num_critics=2,
+    )
+    learners = []
+    for _ in range(2):  # the first builds the cache in tmp_path, the second reads it
+        torch.manual_seed(0)
+        learners.append(ResidualTD3(cfg, {}, torch.device("cpu"), tmp_path))
+    assert len(list(tmp_path.glob("demo_base_actions_*.npy"))) == 1
+    first, second = (learner.critic.state_dict() for learner in learners)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(torch.equal(a, b) for a, b in zip(learners[0].model.parameters(), learners[1].model.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------------- trust
 def test_the_update_opens_the_outcome_gate_and_closing_restores_the_actor_that_passed(base_run, tmp_path):
     cfg = algo_config(

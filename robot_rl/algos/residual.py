@@ -296,8 +296,12 @@ class ResidualTD3(OffPolicy):
         self.base = load_base(cfg.base_checkpoint, cfg.base_device)
         self.obs_keys = residual_obs_keys(self.obs_features, self.base, vars(cfg))
 
-        # demos: cut at success, base-relabelled, as a pool of n-step transitions
+        # demos: cut at success, base-relabelled, as a pool of n-step transitions. A sampling base draws from its own
+        # seeded generator here, not torch's global RNG: the networks below start the same whether or not the
+        # relabelled actions came from the cache
         arrays, ends = load_demos(cfg.demos, self.obs_keys, cfg.demo_episodes)
+        if hasattr(self.base, "generator"):
+            self.base.generator = torch.Generator().manual_seed(0)
         arrays["base_action"] = cached_base_actions(
             run_dir, cfg.demos, base_weights_file(cfg.base_checkpoint), self.base, arrays, ends, self.obs_keys
         )
