@@ -68,11 +68,12 @@ RESIDUAL = ("residual", "residual_trust", "residual_outcome")
 LABELS = {
     "residual": "base + residual (ResFiT update)",
     "residual_trust": "base + trust-gated residual (critic-side gate)",
-    "residual_outcome": "base + outcome-gated residual (default)",
+    "residual_outcome": "base + outcome-gated residual (default: test episodes, early opening)",
     # earlier runs kept for the figure (curves renamed by hand; docs/residual_rl.md says which rule made them)
     "residual_outcome_v1": "outcome gate, first rule (opens when not significantly worse)",
     "residual_outcome_v1_k0": "outcome gate, first rule, actor on the heads' mean (trust_k 0)",
-    "residual_outcome_tests": "outcome gate counting noise-free test episodes (outcome_test_every 2)",
+    "residual_outcome_v2": "outcome gate, second rule, counting training episodes (with exploration noise)",
+    "residual_outcome_tests": "outcome gate, second rule, counting noise-free test episodes (no early opening)",
     "sac": "SAC/RLPD, no base",
 }
 
@@ -342,7 +343,10 @@ def targets(r: dict, base: dict) -> dict:
         if first is not None
         else []
     )
+    gates = [e["diag"]["gate"] if "diag" in e else None for e in evals]  # the executed fraction of the bound
     return {
+        "gate_at_each_eval": gates,
+        "env_steps_gate_fully_open": next((e["env_steps"] for e, g in zip(evals, gates) if g == 1.0), None),
         "evals_whose_interval_is_below_the_base": below,
         "env_steps_to_90": evals[first]["env_steps"] if first is not None else None,
         "largest_drop_after_90": max(drops, default=0.0),
@@ -489,7 +493,10 @@ def report(out: Path, args) -> int:
         w = r["wall"]
         print(
             f"  {method:15s} "
-            + "  ".join(f"{e['env_steps'] // 1000}k {e['success']:.2f}" for e in r["evals"])
+            + "  ".join(
+                f"{e['env_steps'] // 1000}k {e['success']:.2f}" + (f" (gate {g:.2f})" if g is not None else "")
+                for e, g in zip(r["evals"], t["gate_at_each_eval"])
+            )
             + f"{' (partial)' if r.get('partial') else ''}\n"
             f"  {'':15s} below the base (interval's top < base): {t['evals_whose_interval_is_below_the_base'] or 'none'}"
             f"; first >= 0.90 at {t['env_steps_to_90'] or 'never'}; largest drop after it {t['largest_drop_after_90']:.2f}"
@@ -519,7 +526,7 @@ def _plt():
 
 def plot(curves: dict, base: dict, path: Path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, (ax, gax) = plt.subplots(2, 1, figsize=(7.5, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.axhspan(*base["ci"], color="gray", alpha=0.2, label=f"base alone, 95 % interval ({base['episodes']} episodes)")
     ax.axhline(base["success"], ls="--", color="gray")
     for method, r in curves.items():
@@ -527,10 +534,16 @@ def plot(curves: dict, base: dict, path: Path) -> Path:
         y = [e["success"] for e in r["evals"]]
         lo = [e["success"] - e["ci"][0] for e in r["evals"]]
         hi = [e["ci"][1] - e["success"] for e in r["evals"]]
-        ax.errorbar(x, y, yerr=[lo, hi], fmt="o-", capsize=3, label=LABELS.get(method, method))
+        line = ax.errorbar(x, y, yerr=[lo, hi], fmt="o-", capsize=3, label=LABELS.get(method, method))
+        gated = [(e["env_steps"], e["diag"]["gate"]) for e in r["evals"] if "diag" in e]
+        if gated:  # residual methods: the executed fraction of the bound (1 throughout for ResFiT's update)
+            gax.plot(*zip(*gated), "o-", color=line[0].get_color())
+    gax.set_ylabel("gate at the eval")
+    gax.set_ylim(-0.05, 1.05)
+    gax.grid(alpha=0.3)
+    gax.set_xlabel("environment steps")
     task = next(iter(curves.values()))["task"]
     a = next(iter(curves.values()))["args"]
-    ax.set_xlabel("environment steps")
     ax.set_ylabel(f"success ({a['eval_episodes']} seeded episodes, {a['final_eval_episodes']} at the end)")
     ax.set_title(f"{task}: weak diffusion base + RL (Wilson 95 % intervals, same seeds)")
     ax.set_ylim(-0.02, 1.02)
