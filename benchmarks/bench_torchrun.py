@@ -37,7 +37,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+BIN = Path(sys.executable).parent  # the venv's scripts; else the PATH's (a python whose scripts live elsewhere)
+
+
+def script(name: str) -> str:
+    return str(BIN / name) if (BIN / name).exists() else shutil.which(name) or str(BIN / name)
+
+
 S, A = 19, 7  # Lift-sized low-dim state and action
 CONFIGS = (("1 proc x 1 thread", 1, 1), ("1 proc x 2 threads", 1, 2), ("2 procs x 1 thread", 2, 1))
 SMOOTH, TAIL = 25, 50
@@ -81,11 +87,11 @@ def run_one(store: Path, run_dir: Path, nproc: int, threads: int, args) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cmd = [
-        str(BIN / "torchrun"),
+        script("torchrun"),
         "--standalone",
         f"--nproc_per_node={nproc}",
         "--no-python",
-        str(BIN / "robot-rl"),
+        script("robot-rl"),
         "train",
         f"train.data={store}",
         f"hydra.run.dir={run_dir}",

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Issue 14's GPU checks as one short script (about 8 minutes), for a session that has a CUDA machine. Not run yet:
-# the session that wrote it had no GPU. From the repository root:
+# The GPU checks (issue 14's, and issue 15's wall clock per RL-100 round) as one short script, about 5-9 minutes on
+# a CUDA machine. From the repository root:
 #   bash benchmarks/gpu_check.sh            (OUT=outputs/gpu_check, PYTHON=.venv/bin/python or python3)
-# 1. learner critic updates/s on the GPU: batched ensemble vs a per-head loop, widths 256 and 1024
-# 2. robot-rl train (diffusion policy) samples/s on 1 GPU, and 3. torchrun on every GPU (NCCL) at the same global
-#    batch, loss curves overlaid ($OUT/bench_torchrun_gpu.png)
-# 4. a short sim session with the learner on CUDA: its device, updates/s, weights on the robot, transitions lost
+# 1. a short sim session with the learner on CUDA: its device, updates/s, weights on the robot, transitions lost
+# 2. learner critic updates/s on the GPU: batched ensemble vs a per-head loop, widths 256 and 1024
+# 3. one RL-100 round's learning stages (fit + PPO + gate): quick size on the CPU and the GPU side by side, then
+#    the full size on the GPU (RL100_POLICY / RL100_DATA: a diffusion checkpoint and stores, else made in place)
+# 4. robot-rl train (diffusion policy) samples/s on 1 GPU vs torchrun on every GPU (NCCL) at the same global batch,
+#    loss curves overlaid ($OUT/bench_torchrun_gpu.png)
 # Every step has its own timeout and the script goes on after a failure; the last lines say what passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_check}
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-RRL=${ROBOT_RL:-$([ -x .venv/bin/robot-rl ] && echo .venv/bin/robot-rl || echo robot-rl)}
+if [ -x .venv/bin/robot-rl ]; then RRL=(.venv/bin/robot-rl); else RRL=("$PY" -m robot_rl.cli); fi
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} MUJOCO_GL=${MUJOCO_GL:-egl}
 status=()
@@ -25,12 +27,8 @@ step() {  # step <name> <timeout s> <command...>: run, keep its output, record p
 nvidia-smi -L || { echo "no GPU visible: nothing to check" >&2; exit 1; }
 "$PY" -c "import torch; assert torch.cuda.is_available(); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" || exit 1
 
-step learner_throughput 150 "$PY" benchmarks/bench_learner_throughput.py --device cuda --widths 256,256 1024,1024 \
-  --repeats 3 --block-s 1.0
-step train_torchrun 240 "$PY" benchmarks/bench_torchrun.py --device cuda --steps 300 --batch 256 --repeats 1 \
-  --down-dims 256 512 1024 --work "$OUT/torchrun" --figure "$OUT/bench_torchrun_gpu.png"
 rm -rf "$OUT/session"
-step session_cuda 240 "$RRL" session device=cuda session.episodes=6 session.expert_episodes=2 \
+step session_cuda 100 "${RRL[@]}" session device=cuda session.episodes=6 session.expert_episodes=2 \
   session.max_episode_steps=100 tensorboard=false hydra.run.dir="$OUT/session"
 "$PY" - "$OUT/session" <<'PY' || status+=("session_cuda summary: FAILED")
 import json, sys
@@ -42,5 +40,14 @@ print(f"session: status {top.get('status')}, learner device {learner['device']},
       f"{top.get('weights_loaded')}, transitions {top.get('transitions')}")
 assert learner["device"].startswith("cuda"), "the learner did not run on CUDA"
 PY
+step learner_throughput 60 "$PY" benchmarks/bench_learner_throughput.py --device cuda --widths 256,256 1024,1024 \
+  --repeats 3 --block-s 1.0
+ROUND=(--mixed 5 --out "$OUT/rl100_round")
+[ -n "${RL100_POLICY:-}" ] && ROUND+=(--policy "$RL100_POLICY")
+[ -n "${RL100_DATA:-}" ] && ROUND+=(--data $RL100_DATA)
+step rl100_round_quick 150 "$PY" benchmarks/bench_rl100_round.py --size quick --devices cpu,cuda "${ROUND[@]}"
+step rl100_round_full 150 "$PY" benchmarks/bench_rl100_round.py --size full --devices cuda "${ROUND[@]}"
+step train_torchrun 90 "$PY" benchmarks/bench_torchrun.py --device cuda --steps 300 --batch 256 --repeats 1 \
+  --down-dims 256 512 1024 --work "$OUT/torchrun" --figure "$OUT/bench_torchrun_gpu.png"
 echo "== results"
 printf '%s\n' "${status[@]}"
