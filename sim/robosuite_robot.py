@@ -80,9 +80,17 @@ def _import_robosuite():
     rs_log = logging.getLogger("robosuite_logs")
     if _quiet not in rs_log.filters:
         rs_log.addFilter(_quiet)
+    chosen = os.environ.get("MUJOCO_GL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SyntaxWarning)  # invalid escape sequences in robosuite's docstrings
         import robosuite  # heavy: imported lazily so that `import robot_rl.sim...` stays cheap
+    # robosuite's MUJOCO_GPU_RENDERING macro rewrites MUJOCO_GL to egl at import (for its own renderer); put the
+    # choice back so that processes started from here (a session's control processes) import mujoco with it: on a
+    # machine without libEGL, MUJOCO_GL=egl makes `import mujoco` itself fail
+    if chosen is None:
+        os.environ.pop("MUJOCO_GL", None)
+    else:
+        os.environ["MUJOCO_GL"] = chosen
     for handler in list(rs_log.handlers):  # its console handler: the root logger already prints its records
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             rs_log.removeHandler(handler)

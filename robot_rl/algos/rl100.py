@@ -176,7 +176,8 @@ def chunk_transitions(stores: list, policy: DiffusionPolicy, cfg: RL100Config) -
     parts: dict[str, list] = {k: [] for k in ("obs", "action", "reward", "next_obs", "done", "discount")}
     for store in stores:
         z = encode_store(policy, store).cpu().numpy()
-        actions = policy.normalizer.normalize("action", torch.as_tensor(store.array("action"))).numpy()
+        raw = torch.as_tensor(store.array("action"), device=policy.device)
+        actions = policy.normalizer.normalize("action", raw).cpu().numpy()
         for a, b, r in episode_rewards(store, cfg.reward_key):
             t = np.arange(a, b)
             steps = t[:, None] + np.arange(n)[None]  # the chunk's rows, the last row repeated past the end
