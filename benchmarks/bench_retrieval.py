@@ -326,6 +326,11 @@ def run_retrieval(args, data, out: Path) -> dict:
         "kept": int(tq_kept.sum()),
         "calibration": cal,
         "by_label": {k: pr_mask(tq_kept, v) for k, v in labels.items()},
+        # reported only (a user has no labels): what other q would have kept, from the same distances
+        "by_q": {
+            qq: {k: pr_mask(d_hi - scores * (d_hi - d_lo) <= rq + 1e-6, v) for k, v in labels.items()}
+            for qq, rq in cal["radius_at_q"].items()
+        },
         "selection": str(out / "selection_tq"),
     }
     kept = scores >= args.delta
@@ -560,14 +565,20 @@ def plot(results: dict, path: Path, args) -> None:
                 [v["ci95"][1] - v["success_rate"] for _, v in pts],
             ]
             ax.errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=5, label="retrieval BC (50/50)")
+            fixed_rule = any(n.startswith("retrieval BC (target_quantile") for n in b)
             for d, v in pts:  # the δ fixed before the run (--delta) vs the points of a later sweep
-                tag = "chosen in advance" if abs(d - args.delta) < 1e-9 else "sweep"
+                tag = "min-max δ" if fixed_rule else "chosen in advance" if abs(d - args.delta) < 1e-9 else "sweep"
                 ax.annotate(f"{tag}, n={v['n']}", (d, v["ci95"][1]), textcoords="offset points", xytext=(0, 4),
                             ha="center", fontsize=7)  # fmt: skip
         bands = (("target only", "0.4"), ("target + whole prior (uniform)", "tab:orange"),
                  ("target + whole prior (50/50, no selection)", "tab:red"),
                  ("oracle selection (hidden label), 50/50", "tab:green"))  # fmt: skip
-        bands += tuple((n, "tab:purple") for n in b if n.startswith("retrieval BC (target_quantile"))
+        tq = (r or {}).get("target_quantile")
+        for n in [n for n in b if n.startswith("retrieval BC (target_quantile")]:  # at the δ its radius amounts to
+            v = b[n]
+            x = tq["score_equivalent"] if tq else 1.0
+            ax.errorbar([x], [v["success_rate"]], yerr=[[v["success_rate"] - v["ci95"][0]], [v["ci95"][1] - v["success_rate"]]],
+                        fmt="D", color="tab:purple", capsize=5, label=f"{n} {v['success_rate']:.2f} (fixed in advance)")  # fmt: skip
         for n, color in bands:
             if n in b:
                 lo, hi = b[n]["ci95"]
