@@ -174,3 +174,24 @@ def test_only_robots_that_build_are_offered():
     robot.connect()
     assert robot.get_observation()["robot0_eef_pos"].shape == (3,)
     robot.disconnect()
+
+
+@pytest.mark.parametrize("chosen", ["disable", None])
+def test_importing_robosuite_keeps_the_users_mujoco_gl(chosen):
+    """robosuite's import rewrites MUJOCO_GL to egl; a session's control processes inherit the environment, and on a
+    machine without libEGL `import mujoco` fails with egl. The choice (or its absence) must survive the import."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    if chosen is not None:
+        env["MUJOCO_GL"] = chosen
+    code = (
+        "import os, robot_rl.sim.robosuite_robot as r; before = os.environ.get('MUJOCO_GL'); r._import_robosuite(); "
+        "print(before, os.environ.get('MUJOCO_GL'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = out.stdout.split()[-2:]
+    assert after == before, f"MUJOCO_GL was {before!r} before importing robosuite and {after!r} after"
