@@ -10,13 +10,18 @@ the learner's on-disk ReplayBuffer, the registered algorithm classes and the rob
 an episode, then the updates it owes at the configured UTD, weights to the policy every `publish_every` updates.
 
 - Prior data: `--demos` episodes of the scripted expert at quality "poor" (recorded once, `residual_base.record_demos`),
-  the same store for every method: RLIF's / RLPD's prior half of each batch, and the weak BC start: HG-DAgger's MLP
-  and RLIF's actor are both pre-trained `--bc-steps` steps on them (RLIF: `algo.bc_init_steps`, then
-  `algo.critic_warmup` rows before its actor moves). RLPD with the task reward starts from scratch (as released).
+  the same store for every method: RLIF's / RLPD's prior half of each batch, and the weak BC start. `--start shared`
+  (default): one MLP is behaviour-cloned `--bc-steps` steps on them (the online-BC learner's policy) and written once
+  (`<out>/<task>/bc_start`); HG-DAgger starts from its weights and RLIF's actor from it (`algo.init_policy`: the
+  actor's mean action is the MLP's action), so both begin from the same policy on the same evaluation seeds.
+  `--start separate`: each fits its own (RLIF: `algo.bc_init_steps`). RLIF then waits `algo.critic_warmup` rows
+  before its actor moves. RLPD with the task reward starts from scratch (as released).
 - Operator: `SimulatedIntervener`, rule `--strategy` (default `distance`: the released HG-DAgger sampler's rule, the
   policy's action farther than `--threshold` from the judge's starts a `--takeover-steps`-step takeover w.p.
   `--probability`), judged by a *perfect* expert (it knows when the robot goes wrong) while the *acting* expert has
-  quality `--experts` (what it does when it takes over is suboptimal): RLIF's "when" vs "what".
+  quality `--experts` (what it does when it takes over is suboptimal): RLIF's "when" vs "what". An entry may add
+  knobs to its preset, `poor:hesitation=0.2` (`+` between knobs; sim/experts.py: noise_std, hesitation, failed_grasp), for an acting
+  expert clearly below the policy's reach.
 - Methods: `rlif` (algo=rlif: reward -1 before each takeover, nothing else), `hgdagger` (algo=online_bc with
   labels=interventions: regress on the takeover steps + the demos), `sac` (algo=sac: RLPD on the task's sparse success
   reward; takeovers go to the demo half). Each runs until it has spent `--budget` takeovers or `--max-steps` env steps.
@@ -59,6 +64,7 @@ from robot_rl.data.episode_store import EpisodeStore  # noqa: E402
 from robot_rl.factory import make_robot  # noqa: E402
 from robot_rl.interfaces import OBS_PREFIX  # noqa: E402
 from robot_rl.learner.replay_buffer import ReplayBuffer  # noqa: E402
+from robot_rl.policies.checkpoint import load_policy, write_policy  # noqa: E402
 from robot_rl.policies.sac import SACModel, SACPolicy  # noqa: E402
 from robot_rl.sim.experts import make_expert  # noqa: E402
 from robot_rl.sim.intervener import SimulatedIntervener  # noqa: E402
@@ -107,6 +113,37 @@ def demo_rows(store_path: Path) -> dict[str, np.ndarray]:
     }
 
 
+def expert_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """`poor` or `poor:hesitation=0.2+failed_grasp=0.6` -> (preset, knobs on top of it)."""
+    quality, _, rest = spec.partition(":")
+    knobs = {k: float(v) for k, v in (kv.split("=") for kv in rest.split("+") if kv)}
+    return quality, knobs
+
+
+def bc_policy(args, store: Path, out: Path):
+    """The weak BC start: the online-BC learner's MLP fitted `--bc-steps` steps on the demos (HG-DAgger's start)."""
+    shutil.rmtree(out, ignore_errors=True)
+    replay = ReplayBuffer(out / "replay.zarr")
+    demos = demo_rows(store)
+    replay.append("demos", np.arange(len(demos["step"])), demos)
+    cfg = algo_config("online_bc", labels="interventions", min_transitions=1, batch_size=args.batch_size)
+    algo = OnlineBC(cfg, {"hidden": args.hidden, "obs_keys": None}, torch.device("cpu"), out)
+    assert algo.ready(replay)
+    rng = np.random.default_rng(args.seed)
+    for _ in range(args.bc_steps):
+        algo.update(replay, rng)
+    algo.on_publish(replay)
+    return algo, replay
+
+
+def write_bc_start(args, store: Path, out: Path) -> Path:
+    """`--start shared`: the BC start, fitted once and written as a policy checkpoint both methods load."""
+    torch.manual_seed(args.seed)
+    algo, _ = bc_policy(args, store, out / "bc_fit")
+    write_policy(out / "bc_start", algo.robot_policy(), provenance={"source": "bench_rlif", "bc_steps": args.bc_steps})
+    return out / "bc_start"
+
+
 class Run:
     """One method with one acting expert: robot + intervener + robot-side policy + learner + replay."""
 
@@ -116,7 +153,8 @@ class Run:
         self.robot.connect()
         feat = self.robot.action_feature
         self.safety = SafetyFilter(feat.low, feat.high)
-        expert = make_expert(ENV[args.task], quality=expert_quality, seed=args.seed)
+        quality, knobs = expert_spec(expert_quality)
+        expert = make_expert(ENV[args.task], quality=quality, seed=args.seed, **knobs)
         self.intervener = SimulatedIntervener(
             expert,
             strategy=args.strategy,
@@ -130,7 +168,7 @@ class Run:
             judge="perfect",
         )
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        rundir = out / f"{expert_quality}_{method}"
+        rundir = out / f"{figure_name(expert_quality)}_{method}"
         # a fresh replay: ReplayBuffer opens an existing store to append (a learner resuming), so a rerun into the
         # same --out started from the earlier run's rows (likely why HG-DAgger started at 0.50 in one run and at
         # 1.00 in another)
@@ -148,7 +186,12 @@ class Run:
             extra = (
                 {"learning_starts": 0}
                 if method == "sac"
-                else {"bc_init_steps": args.bc_steps, "critic_warmup": args.critic_warmup, **dict(args.rlif)}
+                else {
+                    "bc_init_steps": args.bc_steps,
+                    "init_policy": str(args.bc_start or ""),
+                    "critic_warmup": args.critic_warmup,
+                    **dict(args.rlif),
+                }
             )
             self.algo = cls(algo_config(name, **common, **extra), {}, device, rundir)
             model = SACModel(self.robot.observation_features, self.algo.obs_keys, feat.shape[0], common)
@@ -166,11 +209,14 @@ class Run:
         self.evals: list[dict] = []
         self.last_scalars: dict[str, float] = {}  # the learner's last update (critic loss, Q mean, penalties ...)
         self.wall = {"env": 0.0, "update": 0.0, "eval": 0.0}
-        if method == "hgdagger":  # the weak BC start: pre-train on the demos, then go online
+        if method == "hgdagger":  # the weak BC start: the shared one, or pre-train on the demos; then go online
             t0 = time.perf_counter()
             assert self.algo.ready(self.replay)
-            for _ in range(args.bc_steps):
-                self.algo.update(self.replay, self.rng)
+            if args.bc_start:
+                self.algo.policy.load_state_dict(load_policy(args.bc_start, device="cpu").state_dict())
+            else:
+                for _ in range(args.bc_steps):
+                    self.algo.update(self.replay, self.rng)
             self.policy = self.algo.robot_policy()
             self.wall["update"] += time.perf_counter() - t0
         else:
@@ -325,6 +371,11 @@ def expert_alone(quality: str, args, store: Path, out: Path) -> dict:
     return run.evaluate(expert_only=True)
 
 
+def figure_name(experts: str) -> str:
+    """`poor,poor:hesitation=0.2` style expert lists -> a file-name part (poor_poor-hesitation0.2)."""
+    return "_".join(e.replace(":", "-").replace("=", "").replace("+", "-") for e in experts.split(","))
+
+
 def intervention_rate(episodes: list[dict], window: int) -> tuple[list[int], list[float]]:
     steps = np.array([e["env_steps"] for e in episodes])
     rate = np.array([e["teleop_steps"] / e["steps"] for e in episodes])
@@ -381,6 +432,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=100_000, help="env-step cap per method")
     p.add_argument("--demos", type=int, default=20, help="poor-expert demos: prior data and the weak BC's data")
     p.add_argument("--bc-steps", type=int, default=1000, help="BC pre-training on the demos (HG-DAgger; RLIF's actor)")
+    p.add_argument("--start", default="shared", help="shared: one BC MLP both start from | separate: each its own BC")
     p.add_argument("--critic-warmup", type=int, default=1000, help="RLIF: replay rows before the actor moves")
     p.add_argument(
         "--rlif",
@@ -421,7 +473,7 @@ def main(argv=None) -> int:
                 m = merged["experts"].setdefault(q, {"methods": {}})
                 m["expert_alone"] = e.get("expert_alone", m.get("expert_alone"))
                 m["methods"].update(e["methods"])
-        fig = Path(args.figures) / f"rlif_{merged['task']}_{'_'.join(merged['experts'])}.png"
+        fig = Path(args.figures) / f"rlif_{merged['task']}_{figure_name(','.join(merged['experts']))}.png"
         plot(merged, fig)
         print(f"figure {fig}")
         return 0
@@ -430,7 +482,7 @@ def main(argv=None) -> int:
         args.task = args.task if "--task" in given else "lift"
         args.experts = args.experts if "--experts" in given else "poor"
         args.methods = args.methods if "--methods" in given else "rlif,hgdagger"
-        args.budget, args.max_steps, args.eval_every, args.eval_episodes = 600, 6000, 1500, 10
+        args.budget, args.max_steps, args.eval_every, args.eval_episodes = 600, 6000, 1500, 20
         args.horizon, args.bc_steps = 100, 1000
         args.num_critics, args.utd, args.batch_size, args.jobs = 5, 1.0, 128, 3
     torch.set_num_threads(1)
@@ -440,8 +492,10 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         store = out / "demos"
         record_demos(task, store, args.demos, "poor", args.seed)
-        results = {"task": task, "args": vars(args), "experts": {}}
-        targs = argparse.Namespace(**{**vars(args), "task": task})
+        targs = argparse.Namespace(**{**vars(args), "task": task, "bc_start": None})
+        if args.start == "shared":
+            targs.bc_start = str(write_bc_start(targs, store, out))
+        results = {"task": task, "args": vars(targs), "experts": {}}
         jobs = [(q, m) for q in args.experts.split(",") for m in ["expert", *args.methods.split(",")]]
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
@@ -457,7 +511,7 @@ def main(argv=None) -> int:
         for q in results["experts"]:  # methods in the order asked for
             r = results["experts"][q]
             r["methods"] = {m: r["methods"][m] for m in args.methods.split(",")}
-        fig = Path(args.figures) / f"rlif_{task}_{'_'.join(args.experts.split(','))}.png"
+        fig = Path(args.figures) / f"rlif_{task}_{figure_name(args.experts)}.png"
         plot(results, fig)
         print(f"\n== {task}: results {out / 'results.json'}, figure {fig}")
         for q, r in results["experts"].items():

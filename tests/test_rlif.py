@@ -140,9 +140,16 @@ def test_sampler_batches_carry_takeover_rewards_not_the_task_reward():
         assert keep or not np.isin(x, [3, 4]).any()
 
 
-def test_rlif_learner_update_uses_the_labels(tmp_path, caplog):
-    demos = tmp_path / "demos"
-    record_demos(demos, tmp_path / "rec", "robot=lift", "record.episodes=1", "teleop.seed=0", paced=False)
+@pytest.fixture(scope="module")
+def one_demo(tmp_path_factory):
+    """One scripted Lift demo in a real episode store (shared by the learner tests)."""
+    root = tmp_path_factory.mktemp("rlif_demo")
+    record_demos(root / "demos", root / "rec", "robot=lift", "record.episodes=1", "teleop.seed=0", paced=False)
+    return root / "demos"
+
+
+def test_rlif_learner_update_uses_the_labels(tmp_path, caplog, one_demo):
+    demos = one_demo
     cfg = algo_config(
         "rlif", demos=str(demos), actor_hidden=[16], critic_hidden=[16], num_critics=3, batch_size=16,
         empty_signal_episodes=2, bc_init_steps=30, critic_warmup=31,
@@ -165,10 +172,45 @@ def test_rlif_learner_update_uses_the_labels(tmp_path, caplog):
     scalars = algo.update(replay, np.random.default_rng(0))
     assert np.isfinite(scalars["critic/loss"]) and scalars["rlif/takeovers"] == 0 and scalars["rlif/empty"] == 1.0
     assert "actor/loss" not in scalars, "critic_warmup: the actor waits until the replay has 31 rows"
+    algo.cfg.critic_warmup, algo.cfg.bc_weight = 0, 1.0  # the actor moves, held near the prior data's actions
+    assert np.isfinite(algo.update(replay, np.random.default_rng(1))["actor/loss"])
     signal = json.loads((tmp_path / "learner" / "reward_signal.json").read_text())
     assert signal["empty"] and signal["episodes"] == 3 and signal["episodes_since_takeover"] == 3
     [warning] = algo.warnings()  # what the learner's summary and the session's final warnings carry
     assert "reward signal is empty" in warning and "last 3 episodes" in warning
+
+
+def test_rlif_actor_starts_from_a_bc_mlp_checkpoint_with_the_same_actions(tmp_path, one_demo):
+    """algo.init_policy: the actor's mean action is the BC MLP's action (RLIF and HG-DAgger from one start)."""
+    from robot_rl.algos.rlif import RLIF
+    from robot_rl.data.episode_store import EpisodeStore
+    from robot_rl.policies.checkpoint import write_policy
+    from robot_rl.policies.mlp import MLPPolicy
+
+    store = EpisodeStore.open(one_demo, "r")
+    feats = {k[4:]: f for k, f in store.features.items() if k.startswith("obs.")}
+    data = {k: store.array(k) for k in store.features if k.startswith("obs.") or k == "action"}
+    torch.manual_seed(0)
+    mlp = MLPPolicy.from_features(feats, store.features["action"], [16, 16])
+    mlp.fit_normalizer(data)
+    write_policy(tmp_path / "bc", mlp)
+    cfg = algo_config("rlif", demos=str(one_demo), actor_hidden=[16, 16], critic_hidden=[16], num_critics=2)
+    cfg.init_policy, cfg.teleop = str(tmp_path / "bc"), {"type": "device", "device": "spacemouse"}
+    RLIF.check_config(cfg)
+    algo = RLIF(cfg, {}, torch.device("cpu"), None)
+    policy = algo.robot_policy()
+    for t in (0, 20, 40):
+        obs = {k: data["obs." + k][t] for k in feats}
+        np.testing.assert_allclose(policy.select_action(obs), mlp.select_action(obs), atol=1e-5)
+    log_std = policy.model.actor[-1].bias[7:]
+    assert torch.isfinite(log_std).all() and not policy.model.actor[-1].weight[7:].any(), "log-std: the spread"
+
+    cfg.actor_hidden = [32]
+    with pytest.raises(ValueError, match="hidden"):
+        RLIF(cfg, {}, torch.device("cpu"), None)
+    cfg.init_policy = str(tmp_path / "nothing_here")
+    with pytest.raises(ValueError, match="init_policy"):
+        RLIF.check_config(cfg)
 
 
 def test_hg_dagger_regresses_only_on_takeover_steps():

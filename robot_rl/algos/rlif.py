@@ -17,7 +17,10 @@ sampling: half of every batch from prior data (demonstrations, rewards forced to
 online. The losses are SAC's (`update` below); what RLIF changes is what the reward is. Two options for short
 budgets (both off in the released code): `bc_init_steps` starts the actor from BC on the prior data, and
 `critic_warmup` holds the actor still until the replay has that many rows, so that the critic has learnt what the
-start gets taken over for before the actor follows it.
+start gets taken over for before the actor follows it. `init_policy` starts the actor from a behaviour-cloning MLP
+checkpoint (the same start as HG-DAgger from it), and `bc_weight` adds the mean action's squared error on the
+batch's prior-data half to the actor loss (off in the released code; a short run from a BC start otherwise follows a
+young critic away from it).
 
 Bad input, before the robot moves (`check_config`): no teleop, or one that can never take over (a scripted expert
 without `intervener:`, a leader arm that always or never drives). While running: N episodes in a row without a
@@ -40,6 +43,9 @@ from robot_rl.algos.ensemble import polyak
 from robot_rl.algos.nstep import Pool, RLPDSampler
 from robot_rl.algos.sac import SAC, SACConfig
 from robot_rl.config import write_json
+from robot_rl.policies.checkpoint import CheckpointError, find_policy_dir, load_policy
+from robot_rl.policies.mlp import MLPPolicy
+from robot_rl.policies.sac import LOG_STD_MAX, LOG_STD_MIN
 from robot_rl.reward.intervention import episode_takeovers, intervention_rewards, learnable_rows
 
 log = logging.getLogger("robot_rl.algos.rlif")
@@ -61,7 +67,10 @@ class RLIFConfig(SACConfig):
 
     penalty: float
     keep_intervener_steps: bool
+    init_policy: str
     bc_init_steps: int
+    bc_lr: float
+    bc_weight: float
     critic_warmup: int
     empty_signal_episodes: int
     teleop: dict | None  # the session's teleop group (interpolated by rlif.yaml), read only by check_config
@@ -130,12 +139,19 @@ class RLIF(SAC):
         super().check_config(cfg)
         if cfg.penalty >= 0 or cfg.empty_signal_episodes < 1:
             raise ValueError("algo: need penalty < 0 (a takeover is bad) and empty_signal_episodes >= 1")
+        if cfg.init_policy:
+            try:
+                find_policy_dir(cfg.init_policy)
+            except (CheckpointError, FileNotFoundError, ValueError) as e:
+                raise ValueError(f"algo.init_policy={cfg.init_policy!r}: not a policy checkpoint ({e})") from None
 
     def __init__(self, cfg: RLIFConfig, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
         super().__init__(cfg, policy_cfg, device, run_dir)
         self.signal = {"episodes": 0, "takeovers": 0, "episodes_since_takeover": 0, "empty": False}
         self._signal_rows = 0  # replay rows the signal was last computed over
-        if cfg.bc_init_steps:
+        if cfg.init_policy:
+            self.start_from(load_policy(cfg.init_policy, device="cpu"))
+        elif cfg.bc_init_steps:
             self.pretrain_actor(cfg.bc_init_steps, np.random.default_rng(0))
 
     def _make_sampler(self, demo_arrays: dict, episode_ends: np.ndarray, action_keys: list[str]) -> None:
@@ -160,25 +176,61 @@ class RLIF(SAC):
 
     # ------------------------------------------------------------------------------------------- learning
     def pretrain_actor(self, steps: int, rng: np.random.Generator) -> float:
-        """Start from a BC policy (optional): maximise the tanh-Gaussian's likelihood of the prior data's actions
-        (clipped to +-0.999 as the released code loads them) and fit its mean action. The critic starts from
-        scratch either way."""
+        """Start from a BC policy (optional): the mean action regressed onto the prior data's actions (squared error
+        at `bc_lr`, as the MLP behaviour-cloning policies are fitted), then the log-std set from the spread around it
+        (`_std_from_spread`). The critic starts from scratch either way."""
         keys = ["obs." + k for k in self.obs_keys]
         n = len(self.demo_arrays["action"])
+        opt = torch.optim.Adam(self.model.actor.parameters(), lr=self.cfg.bc_lr)
         loss = torch.zeros(())
         for _ in range(steps):
             idx = rng.integers(0, n, self.cfg.batch_size)
             obs = {k[4:]: torch.as_tensor(self.demo_arrays[k][idx], device=self.device) for k in keys}
             act = torch.as_tensor(self.demo_arrays["action"][idx], device=self.device)
-            a = self.model.scaler.normalize(act).clamp(-0.999, 0.999)
-            mean, log_std = self.model.dist(self.model.featurizer(obs))
-            u = torch.atanh(a)
-            logp = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log1p(-a * a).sum(-1)
-            # + the mean action's squared error: a binary gripper (+-1) is otherwise fit by a wide Gaussian around 0
-            loss = -logp.mean() + ((torch.tanh(mean) - a) ** 2).sum(-1).mean()
-            self.step(self.actor_opt, loss, self.cfg.grad_clip)
-        log.info("RLIF: actor pre-trained on the prior data for %d steps (BC loss %.3f)", steps, loss.item())
+            mean, _ = self.model.dist(self.model.featurizer(obs))
+            loss = ((torch.tanh(mean) - self.model.scaler.normalize(act).clamp(-1, 1)) ** 2).sum(-1).mean()
+            self.step(opt, loss, self.cfg.grad_clip)
+        self._std_from_spread()
+        log.info("RLIF: actor pre-trained on the prior data for %d steps (mean-action error %.3f)", steps, loss.item())
         return loss.item()
+
+    @torch.no_grad()
+    def start_from(self, bc: MLPPolicy) -> None:
+        """Start the actor from a behaviour-cloning MLP checkpoint (`init_policy`): its layers become the actor's
+        mean, and the observation statistics and action range become the featurizer's and the scaler's, so the
+        actor's mean action equals the MLP's action (the same start as an online-BC / HG-DAgger run from it)."""
+        if not isinstance(bc, MLPPolicy):
+            raise ValueError(f"algo.init_policy: an MLP policy is needed (got {type(bc).__name__})")
+        if bc.obs_keys != self.obs_keys or bc.hidden != list(self.cfg.actor_hidden):
+            raise ValueError(
+                f"algo.init_policy: its observation keys {bc.obs_keys} / hidden {bc.hidden} differ from the actor's "
+                f"{self.obs_keys} / {list(self.cfg.actor_hidden)} (set algo.obs_keys / algo.actor_hidden to match)"
+            )
+        model, a = self.model, self.action_dim
+        model.featurizer.obs_mean.copy_(bc.obs_mean)
+        model.featurizer.obs_std.copy_(bc.obs_std)
+        model.scaler.center.copy_((bc.action_high + bc.action_low) / 2)
+        model.scaler.half_range.copy_((bc.action_high - bc.action_low) / 2)
+        layers = [i for i, m in enumerate(bc.net) if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm))]
+        for i in layers[:-1]:
+            model.actor[i].load_state_dict(bc.net[i].state_dict())
+        model.actor[layers[-1]].weight[:a].copy_(bc.net[layers[-1]].weight)
+        model.actor[layers[-1]].bias[:a].copy_(bc.net[layers[-1]].bias)
+        self._std_from_spread()
+        log.info("RLIF: actor started from the BC policy %s", getattr(bc, "checkpoint_dir", "(in memory)"))
+
+    @torch.no_grad()
+    def _std_from_spread(self) -> None:
+        """The BC start's log-std: input-independent, the spread of the prior data's actions around its mean (in
+        the tanh's input space). Not fitted by likelihood together with the mean: a Gaussian's NLL discounts the
+        mean's errors wherever its std grows, and the poor demos' noisy arm actions were then under-fit."""
+        obs = {k: torch.as_tensor(self.demo_arrays["obs." + k], device=self.device) for k in self.obs_keys}
+        act = torch.as_tensor(self.demo_arrays["action"], device=self.device)
+        mean, _ = self.model.dist(self.model.featurizer(obs))
+        spread = (torch.atanh(self.model.scaler.normalize(act).clamp(-0.999, 0.999)) - mean).std(0)
+        head, a = self.model.actor[-1], self.action_dim
+        head.weight[a:].zero_()
+        head.bias[a:].copy_(spread.log().clamp(LOG_STD_MIN, LOG_STD_MAX))
 
     def warnings(self) -> list[str]:
         if not self.signal.get("empty"):
@@ -211,6 +263,10 @@ class RLIF(SAC):
         if replay.size >= cfg.critic_warmup:  # the actor moves once the critic has seen what gets taken over
             a_pi, logp = self.model.sample(features.detach())
             actor_loss = (alpha * logp - self.critic(features.detach(), a_pi).mean(dim=0)).mean()
+            if cfg.bc_weight:  # optional: + the mean action's squared error on the batch's prior-data half
+                n_demo = int(round(cfg.batch_size * cfg.demo_fraction))
+                mean, _ = self.model.dist(features[:n_demo].detach())
+                actor_loss = actor_loss + cfg.bc_weight * ((torch.tanh(mean) - action[:n_demo]) ** 2).sum(-1).mean()
             self.step(self.actor_opt, actor_loss, cfg.grad_clip)
             alpha_loss = -(self.log_alpha * (logp.detach() + cfg.target_entropy_per_dim * self.action_dim)).mean()
             self.step(self.alpha_opt, alpha_loss)
