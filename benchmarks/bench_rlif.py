@@ -371,6 +371,12 @@ def expert_alone(quality: str, args, store: Path, out: Path) -> dict:
     return run.evaluate(expert_only=True)
 
 
+def label(method: str) -> str:
+    """A method's legend label: the base method's description + its `--tag` (e.g. `rlif bc_weight=1`)."""
+    base = method.split(" ")[0]
+    return LABELS.get(base, base) + method[len(base) :]
+
+
 def figure_name(experts: str) -> str:
     """`poor,poor:hesitation=0.2` style expert lists -> a file-name part (poor_poor-hesitation0.2)."""
     return "_".join(e.replace(":", "-").replace("=", "").replace("+", "-") for e in experts.split(","))
@@ -402,10 +408,10 @@ def plot(results: dict, path: Path) -> None:
             y = [e["success"] for e in m["evals"]]
             lo = [e["ci"][0] for e in m["evals"]]
             hi = [e["ci"][1] for e in m["evals"]]
-            (line,) = ax.plot(x, y, "o-", label=LABELS.get(method, method))
+            (line,) = ax.plot(x, y, "o-", label=label(method))
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12)
             xs, ys = intervention_rate(m["episodes"], results["args"]["rate_window"])
-            ax2.plot(xs, ys, label=LABELS.get(method, method), color=line.get_color())
+            ax2.plot(xs, ys, label=label(method), color=line.get_color())
         ax.axhline(r["expert_alone"]["success"], ls="--", color="gray", label=f"acting expert alone ({q})")
         ax.set_xlabel("cumulative takeovers (interventions spent)")
         ax.set_ylabel(f"success ({results['args']['eval_episodes']} seeded episodes, policy alone)")
@@ -461,6 +467,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="/tmp/robot_rl_bench/rlif")
     p.add_argument("--figures", default=str(REPO / "docs" / "figures"))
+    p.add_argument("--tag", default="", help="appended to the method names in results.json (variants to --merge)")
     p.add_argument("--quick", action="store_true", help="the reduced size (see the module doc)")
     p.add_argument("--merge", nargs="+", default=None, help="results.json files of one task: plot them as one figure")
     args = p.parse_args(argv)
@@ -506,11 +513,11 @@ def main(argv=None) -> int:
                 if m == "expert":
                     r["expert_alone"] = fut.result()
                 else:
-                    r["methods"][m] = fut.result()
+                    r["methods"][m + args.tag] = fut.result()
                 (out / "results.json").write_text(json.dumps(results, indent=1))
         for q in results["experts"]:  # methods in the order asked for
             r = results["experts"][q]
-            r["methods"] = {m: r["methods"][m] for m in args.methods.split(",")}
+            r["methods"] = {m + args.tag: r["methods"][m + args.tag] for m in args.methods.split(",")}
         fig = Path(args.figures) / f"rlif_{task}_{figure_name(args.experts)}.png"
         plot(results, fig)
         print(f"\n== {task}: results {out / 'results.json'}, figure {fig}")

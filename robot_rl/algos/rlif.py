@@ -221,13 +221,15 @@ class RLIF(SAC):
 
     @torch.no_grad()
     def _std_from_spread(self) -> None:
-        """The BC start's log-std: input-independent, the spread of the prior data's actions around its mean (in
-        the tanh's input space). Not fitted by likelihood together with the mean: a Gaussian's NLL discounts the
-        mean's errors wherever its std grows, and the poor demos' noisy arm actions were then under-fit."""
+        """The BC start's log-std: input-independent, the spread of the prior data's actions around its mean action
+        (normalised units; the tanh's slope is ~1 where the arm acts). Not fitted by likelihood together with the
+        mean: a Gaussian's NLL discounts the mean's errors wherever its std grows, and the poor demos' noisy arm
+        actions were then under-fit. Not measured before the tanh either: a +-1 gripper's atanh made that 1.8,
+        a coin flip of the gripper at every sampled step."""
         obs = {k: torch.as_tensor(self.demo_arrays["obs." + k], device=self.device) for k in self.obs_keys}
-        act = torch.as_tensor(self.demo_arrays["action"], device=self.device)
+        act = self.model.scaler.normalize(torch.as_tensor(self.demo_arrays["action"], device=self.device))
         mean, _ = self.model.dist(self.model.featurizer(obs))
-        spread = (torch.atanh(self.model.scaler.normalize(act).clamp(-0.999, 0.999)) - mean).std(0)
+        spread = (act.clamp(-1, 1) - torch.tanh(mean)).std(0)
         head, a = self.model.actor[-1], self.action_dim
         head.weight[a:].zero_()
         head.bias[a:].copy_(spread.log().clamp(LOG_STD_MIN, LOG_STD_MAX))
