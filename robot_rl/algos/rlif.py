@@ -71,6 +71,7 @@ class RLIFConfig(SACConfig):
     bc_init_steps: int
     bc_lr: float
     bc_weight: float
+    clip_target: bool
     critic_warmup: int
     empty_signal_episodes: int
     teleop: dict | None  # the session's teleop group (interpolated by rlif.yaml), read only by check_config
@@ -256,6 +257,8 @@ class RLIF(SAC):
             a_next, _ = self.model.sample(f_next)
             q_next = self.target_critic(f_next, a_next, self.target_heads()).min(dim=0).values
             target = b["return"] + b["discount"] * q_next
+            if cfg.clip_target:  # rewards are 0 or the penalty: no return is positive, nor may a target be
+                target = target.clamp(max=0.0)
         features = self.model.featurizer(obs)
         q = self.critic(features, action)
         critic_loss = F.mse_loss(q, target.expand_as(q), reduction="none").mean(dim=1).sum()
