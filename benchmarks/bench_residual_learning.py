@@ -8,9 +8,10 @@ Methods: `residual` is ResFiT's update (actor maximises the heads' mean Q, full 
 update: trust_k 0, gate_init 1, gate_rate 0, outcome_levels 0); `residual_trust` is the critic-side gate (actor
 maximises a lower bound on the advantage over the base, robot residual behind a gate that opens only while the
 heads agree the residual is better, capped by the critic's calibration; outcome_levels 0); `residual_outcome` is
-configs/algo/residual.yaml's default (the same actor objective; the executed gate opens in steps while the robot's
-own training episodes are not significantly worse than the base's, and closes, restoring the actor that passed the
-step below, when they are); `sac` is SAC with RLPD's recipe and the same demos, no base.
+configs/algo/residual.yaml's default (the same actor objective; the executed gate opens in steps once the robot's
+own noise-free test episodes at a step succeed at least as often as the base's, or early when clearly not worse, and
+closes, restoring the actor that passed the step below, when they are significantly worse); `sac` is SAC with
+RLPD's recipe and the same demos, no base.
 
 What runs: the weak chunked diffusion base from `benchmarks/residual_base.py` (recorded poor-expert demos, small
 UNet, deliberately under-trained; cached in --bases), then for each method one synchronous loop in this process

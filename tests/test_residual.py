@@ -306,6 +306,7 @@ def test_the_update_opens_the_outcome_gate_and_closing_restores_the_actor_that_p
         actor_lr=1e-2,
         outcome_levels=2,
         outcome_episodes=3,
+        outcome_test_every=0,  # every episode counts (the rows below carry no `gate_test`)
     )
     algo = ResidualTD3(cfg, {}, torch.device("cpu"), tmp_path / "learner")
     base, rng = load_policy(base_run / "run", "cpu"), np.random.default_rng(0)
