@@ -288,7 +288,7 @@ class ResidualTD3(OffPolicy):
             warmup_noise=cfg.warmup_noise,
             explore_std=cfg.explore_std,
             noise_clip=cfg.noise_clip,
-            test_every=cfg.outcome_test_every,
+            test_every=cfg.outcome_test_every if cfg.outcome_levels else 0,  # test episodes serve the outcome gate
         )
 
     def __init__(self, cfg: ResidualConfig, policy_cfg: dict, device: torch.device, run_dir: Path | None = None):
