@@ -543,13 +543,14 @@ def plot(results: dict, path: Path, args) -> None:
             ax.plot([p["delta"] for p in pr], [p["recall"] for p in pr], "s--", color=color, label=f"recall: {tag}")
             ax.axhline(c["chance"], color=color, ls=":", lw=1, label=f"chance precision {c['chance']:.2f}")
         used = sorted({float(m.group(1)) for n in results.get("bc", {}) if (m := re.search(r"δ=([0-9.]+)", n))})
-        for d in used or [args.delta]:
+        for d in used:  # only the δ that retrieval BC was run at
             ax.axvline(d, color="k", ls="--", lw=1)
         if r.get("target_quantile"):  # where the calibrated radius lands on this prior's δ axis
             tq = r["target_quantile"]
             ax.axvline(tq["score_equivalent"], color="tab:purple", ls="-.", lw=1.2,
                        label=f"target_quantile q={tq['q']:g}: radius {tq['radius']:.2f} (≡ δ {tq['score_equivalent']:.3f})")  # fmt: skip
-        ax.plot([], [], "k--", lw=1, label=f"δ of retrieval BC ({', '.join(f'{d:g}' for d in used or [args.delta])})")
+        if used:
+            ax.plot([], [], "k--", lw=1, label=f"δ of retrieval BC ({', '.join(f'{d:g}' for d in used)})")
         ax.set(xlabel="δ (score threshold)", ylabel="fraction", ylim=(0, 1.05))
         ax.set_title(f"retrieving {args.target_task} from the {args.prior_mix} prior", fontsize=10)
         ax.legend(fontsize=7)
