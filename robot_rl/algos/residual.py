@@ -18,8 +18,9 @@ propagated the sparse reward) earns no gate, however sure its heads are about th
 That critic-side gate only delayed the collapse on PickPlaceCan (a calibrated critic, unanimous and wrong), so the
 default gate reads the robot's own outcomes instead (`OutcomeGate`, outcome_levels > 0): the gate moves in steps
 of 1/outcome_levels, opens a step once at least `outcome_episodes` episodes at the current step succeeded at least
-as often as the base's own episodes (gate 0), and closes a step, restoring the actor that passed there, as soon as
-the robot's success at a step is significantly below the base's.
+as often as the base's own episodes (gate 0), or earlier once the step is clearly not worse, and closes a step,
+restoring the actor that passed there, as soon as the robot's success at a step is significantly below the base's.
+Only the robot's noise-free test episodes (every `outcome_test_every`-th) count.
 Hyper-parameters and the reference's values: configs/algo/residual.yaml and ../shared/reference (ResFiT §1.2-1.3).
 """
 
