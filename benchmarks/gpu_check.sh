@@ -2,6 +2,7 @@
 # The GPU checks (issue 14's, and issue 15's wall clock per RL-100 round) as one short script, about 5-9 minutes on
 # a CUDA machine. From the repository root:
 #   bash benchmarks/gpu_check.sh            (OUT=outputs/gpu_check, PYTHON=.venv/bin/python or python3)
+# On a GPU machine without network or our dependencies, bring benchmarks/gpu_bundle.sh's bundle (its header says how).
 # 1. a short sim session with the learner on CUDA: its device, updates/s, weights on the robot, transitions lost
 # 2. learner critic updates/s on the GPU: batched ensemble vs a per-head loop, widths 256 and 1024
 # 3. one RL-100 round's learning stages (fit + PPO + gate): quick size on the CPU and the GPU side by side, then
