@@ -257,6 +257,9 @@ class Run:
                 row.update(
                     action=np.asarray(sent, np.float32),
                     expert_action=np.asarray(label, np.float32),
+                    policy_action=np.asarray(
+                        proposal, np.float32
+                    ),  # what the policy proposed (the control process's column)
                     intervention=np.bool_(source == "teleop"),
                     reward=np.float32(success),
                     success=np.bool_(success),

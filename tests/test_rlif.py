@@ -13,7 +13,13 @@ from robot_rl.algos import algo_config, check_algorithm
 from robot_rl.algos.base import SENDER_KEY
 from robot_rl.algos.nstep import EpisodeLinks, Pool
 from robot_rl.algos.rlif import InterventionSampler, takeover_problem
-from robot_rl.reward.intervention import episode_takeovers, intervention_rewards, learnable_rows, takeover_starts
+from robot_rl.reward.intervention import (
+    episode_takeovers,
+    intervention_rewards,
+    learnable_rows,
+    rejected_proposal_rows,
+    takeover_starts,
+)
 from robot_rl.sim.experts import LiftExpert, make_expert
 from robot_rl.sim.intervener import SimulatedIntervener, value_says_bad
 
@@ -179,6 +185,49 @@ def test_rlif_learner_update_uses_the_labels(tmp_path, caplog, one_demo):
     assert signal["empty"] and signal["episodes"] == 3 and signal["episodes_since_takeover"] == 3
     [warning] = algo.warnings()  # what the learner's summary and the session's final warnings carry
     assert "reward signal is empty" in warning and "last 3 episodes" in warning
+
+
+def test_refused_proposals_are_the_takeover_starts_that_recorded_one():
+    cols = rows("PPTTPTP", "TTP")  # takeovers start at rows 2 and 5, and at row 7 (its episode's first row)
+    proposal = np.zeros((10, 2), np.float32)
+    proposal[5] = np.nan  # the policy had nothing to propose there (a starved chunk runner)
+    _, next_idx = labels(cols)
+    assert rejected_proposal_rows(cols["intervention"], next_idx, proposal).tolist() == [2, 7]
+
+
+def test_rlif_update_drives_q_of_refused_proposals_towards_the_penalty(one_demo):
+    """rejected_fraction > 0: Q(s, the proposal the operator refused at a takeover start) is regressed on the penalty,
+    so the critic rates the one action it saw refused below what the same update without it learns."""
+    from robot_rl.algos.rlif import RLIF
+    from robot_rl.data.episode_store import EpisodeStore
+
+    store = EpisodeStore.open(one_demo, "r")
+    obs = {k: store.array(k)[:30] for k in store.features if k.startswith("obs.")}
+    cols = {**obs, **rows("PPPTTPPPPP", "PPTTPPPPPP", "PPPPPTTPPP"), "action": store.array("action")[:30]}
+    cols["reward"], cols["success"] = np.zeros(30, np.float32), np.zeros(30, bool)
+    cols["policy_action"] = np.clip(cols["action"] + 0.5, -1, 1).astype(np.float32)  # what the operator refused
+    replay = Replay(**cols)
+
+    def q_refused(fraction: float) -> float:
+        cfg = algo_config(
+            "rlif", demos=str(one_demo), actor_hidden=[16], critic_hidden=[16], num_critics=3, batch_size=16,
+            bc_init_steps=0, critic_warmup=10_000, rejected_fraction=fraction,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        algo = RLIF(cfg, {}, torch.device("cpu"), None)
+        rng = np.random.default_rng(0)
+        for _ in range(60):
+            out = algo.update(replay, rng)
+        assert out["rlif/rejected_rows"] == (3 if fraction else 0)
+        idx = [3, 12, 25]
+        with torch.no_grad():
+            f = algo.model.featurizer(
+                {k[4:]: torch.as_tensor(v[idx]) for k, v in obs.items() if k[4:] in algo.obs_keys}
+            )
+            a = algo.model.scaler.normalize(torch.as_tensor(cols["policy_action"][idx])).clamp(-1, 1)
+            return float(algo.critic(f, a).mean())
+
+    assert q_refused(0.5) < q_refused(0.0) - 0.1  # measured: -0.75 vs -0.35
 
 
 def test_rlif_actor_starts_from_a_bc_mlp_checkpoint_with_the_same_actions(tmp_path, one_demo):

@@ -41,12 +41,18 @@ import torch.nn.functional as F
 from robot_rl.algos.base import SENDER_KEY, ReplayView
 from robot_rl.algos.ensemble import polyak
 from robot_rl.algos.nstep import Pool, RLPDSampler
+from robot_rl.algos.offpolicy import to_device
 from robot_rl.algos.sac import SAC, SACConfig
 from robot_rl.config import write_json
 from robot_rl.policies.checkpoint import CheckpointError, find_policy_dir, load_policy
 from robot_rl.policies.mlp import MLPPolicy
 from robot_rl.policies.sac import LOG_STD_MAX, LOG_STD_MIN
-from robot_rl.reward.intervention import episode_takeovers, intervention_rewards, learnable_rows
+from robot_rl.reward.intervention import (
+    episode_takeovers,
+    intervention_rewards,
+    learnable_rows,
+    rejected_proposal_rows,
+)
 
 log = logging.getLogger("robot_rl.algos.rlif")
 
@@ -72,6 +78,7 @@ class RLIFConfig(SACConfig):
     bc_lr: float
     bc_weight: float
     clip_target: bool
+    rejected_fraction: float
     critic_warmup: int
     empty_signal_episodes: int
     teleop: dict | None  # the session's teleop group (interpolated by rlif.yaml), read only by check_config
@@ -103,12 +110,13 @@ class InterventionSampler(RLPDSampler):
     transitions only with `keep_intervener_steps`. Labels are recomputed from the stored columns whenever the replay
     grew (a row's label depends on the row after it), so a resumed learner gets the same labels."""
 
-    def __init__(self, *args, penalty: float, keep_intervener: bool, **kw):
+    def __init__(self, *args, penalty: float, keep_intervener: bool, track_rejected: bool = False, **kw):
         super().__init__(*args, **kw)
-        self.penalty, self.keep_intervener = penalty, keep_intervener
+        self.penalty, self.keep_intervener, self.track_rejected = penalty, keep_intervener, track_rejected
         self.labelled_upto = -1
         self.reward = np.zeros(0, np.float32)
         self.starts = np.zeros(0, np.int64)
+        self.rejected = np.zeros(0, np.int64)  # takeover-start rows: (state, the policy's refused proposal)
 
     def label(self, replay: ReplayView) -> None:
         n = replay.size
@@ -120,6 +128,8 @@ class InterventionSampler(RLPDSampler):
         intervention, next_idx = replay.column("intervention")[:n], self.links.next_idx[:n]
         self.reward = intervention_rewards(intervention, next_idx, self.penalty)
         self.starts = np.flatnonzero((next_idx >= 0) & learnable_rows(intervention, self.keep_intervener))
+        if self.track_rejected:
+            self.rejected = rejected_proposal_rows(intervention, next_idx, replay.column("policy_action")[:n])
         self.labelled_upto = n
 
     def online_pool(self, replay: ReplayView) -> Pool:
@@ -173,6 +183,7 @@ class RLIF(SAC):
             cfg.interventions_to_demos,
             penalty=cfg.penalty,
             keep_intervener=cfg.keep_intervener_steps,
+            track_rejected=cfg.rejected_fraction > 0,
         )
 
     # ------------------------------------------------------------------------------------------- learning
@@ -262,6 +273,13 @@ class RLIF(SAC):
         features = self.model.featurizer(obs)
         q = self.critic(features, action)
         critic_loss = F.mse_loss(q, target.expand_as(q), reduction="none").mean(dim=1).sum()
+        rejected = self.sampler.rejected
+        if cfg.rejected_fraction and len(rejected):  # optional: Q(s, the proposal the operator refused) -> penalty
+            idx = rng.choice(rejected, size=max(1, int(round(cfg.rejected_fraction * cfg.batch_size))))
+            obs_r = {k: to_device(torch.as_tensor(replay.column("obs." + k)[idx]), self.device) for k in self.obs_keys}
+            proposal = to_device(torch.as_tensor(replay.column("policy_action")[idx]), self.device)
+            q_r = self.critic(self.model.featurizer(obs_r), self.model.scaler.normalize(proposal).clamp(-1, 1))
+            critic_loss = critic_loss + ((q_r - cfg.penalty) ** 2).mean(dim=1).sum()  # terminal: no bootstrap
         self.step(self.critic_opt, critic_loss, cfg.grad_clip)
         out = {"critic/loss": critic_loss.item() / cfg.num_critics, "critic/q_mean": q.mean().item()}
 
@@ -283,6 +301,7 @@ class RLIF(SAC):
             **out,
             "alpha": alpha.item(),
             "rlif/batch_penalties": float((b["return"] < 0).float().mean()),
+            "rlif/rejected_rows": float(len(rejected)),
             **{f"rlif/{k}": float(v) for k, v in self.signal.items()},
         }
 

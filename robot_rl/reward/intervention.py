@@ -39,6 +39,18 @@ def intervention_rewards(intervention: np.ndarray, next_idx: np.ndarray, penalty
     return np.where(takeover_starts(intervention, next_idx), np.float32(penalty), np.float32(0.0)).astype(np.float32)
 
 
+def rejected_proposal_rows(intervention: np.ndarray, next_idx: np.ndarray, policy_action: np.ndarray) -> np.ndarray:
+    """Indices of the rows where a takeover starts (the operator acted, the row before it did not or there is none)
+    and the policy's proposal of that step was recorded: the one action the operator was seen to refuse."""
+    itv = np.asarray(intervention, dtype=bool)
+    nxt = np.asarray(next_idx, dtype=np.int64)[: len(itv)]
+    prev_itv = np.zeros(len(itv), dtype=bool)  # the linked previous row was itself a takeover row
+    linked = np.flatnonzero(nxt >= 0)
+    prev_itv[nxt[linked]] = itv[linked]
+    proposed = np.isfinite(np.asarray(policy_action, dtype=np.float32)).all(axis=1)
+    return np.flatnonzero(itv & ~prev_itv & proposed)
+
+
 def learnable_rows(intervention: np.ndarray, keep_intervener: bool) -> np.ndarray:
     """Bool per row: may this row start a transition? The operator's own steps (reward 0) are kept by default; the
     released code drops all but the last one of each takeover (`keep_intervener=False` drops them all)."""
