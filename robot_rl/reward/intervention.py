@@ -39,16 +39,22 @@ def intervention_rewards(intervention: np.ndarray, next_idx: np.ndarray, penalty
     return np.where(takeover_starts(intervention, next_idx), np.float32(penalty), np.float32(0.0)).astype(np.float32)
 
 
-def rejected_proposal_rows(intervention: np.ndarray, next_idx: np.ndarray, policy_action: np.ndarray) -> np.ndarray:
-    """Indices of the rows where a takeover starts (the operator acted, the row before it did not or there is none)
-    and the policy's proposal of that step was recorded: the one action the operator was seen to refuse."""
+def takeover_first_rows(intervention: np.ndarray, next_idx: np.ndarray) -> np.ndarray:
+    """Bool per row: the operator acted here and not on the linked row before it (or there is none): each takeover
+    counted once, where it starts, including one at an episode's first row."""
     itv = np.asarray(intervention, dtype=bool)
     nxt = np.asarray(next_idx, dtype=np.int64)[: len(itv)]
     prev_itv = np.zeros(len(itv), dtype=bool)  # the linked previous row was itself a takeover row
     linked = np.flatnonzero(nxt >= 0)
     prev_itv[nxt[linked]] = itv[linked]
+    return itv & ~prev_itv
+
+
+def rejected_proposal_rows(intervention: np.ndarray, next_idx: np.ndarray, policy_action: np.ndarray) -> np.ndarray:
+    """Indices of the rows where a takeover starts and the policy's proposal of that step was recorded: the one
+    action the operator was seen to refuse."""
     proposed = np.isfinite(np.asarray(policy_action, dtype=np.float32)).all(axis=1)
-    return np.flatnonzero(itv & ~prev_itv & proposed)
+    return np.flatnonzero(takeover_first_rows(intervention, next_idx) & proposed)
 
 
 def learnable_rows(intervention: np.ndarray, keep_intervener: bool) -> np.ndarray:
@@ -64,12 +70,7 @@ def episode_takeovers(
     """(episode keys, takeovers per episode) in first-seen order; `episode_key` is one int per row naming its
     episode uniquely (e.g. sender * 2**40 + episode). A takeover is counted where it starts: a policy row followed
     by a takeover row, or a takeover row that starts its episode's rows (no linked predecessor)."""
-    itv = np.asarray(intervention, dtype=bool)
-    nxt = np.asarray(next_idx, dtype=np.int64)[: len(itv)]
-    has_prev = np.zeros(len(itv), dtype=bool)
-    has_prev[nxt[nxt >= 0]] = True
-    first_of_run = itv & ~has_prev  # a takeover at an episode's first row
-    first_of_run[nxt[takeover_starts(itv, nxt)]] = True
+    first_of_run = takeover_first_rows(intervention, next_idx)
     keys, first, inverse = np.unique(np.asarray(episode_key), return_index=True, return_inverse=True)
     counts = np.bincount(inverse, weights=first_of_run, minlength=len(keys)).astype(np.int64)
     order = np.argsort(first)
