@@ -65,6 +65,20 @@ def mixed_data(task: str, root: Path, per_quality: int, seed: int) -> list[str]:
     return stores
 
 
+def learning_overrides(size: dict) -> list[str]:
+    """The `robot-rl rl100` settings a size sets for the learner's work in a round (critics, dynamics, PPO, AM-Q)."""
+    hidden = ",".join(map(str, size["iql_hidden"]))
+    return [
+        f"rl100.algo.ppo.iterations={size['ppo_iterations']}",
+        f"rl100.algo.ppo.batch_size={size['ppo_batch']}",
+        f"rl100.algo.ope.start_states={size['ope_states']}",
+        f"rl100.iql.steps={size['iql_steps']}",
+        f"rl100.iql.q_hidden=[{hidden}]",
+        f"rl100.iql.v_hidden=[{hidden}]",
+        f"rl100.algo.dynamics.steps={size['dyn_steps']}",
+    ]
+
+
 def run_rl100(run_dir: Path, policy: str, data: list[str], size: dict, gated: bool, args) -> dict:
     from robot_rl.commands.rl100 import STATE, main
 
@@ -76,14 +90,8 @@ def run_rl100(run_dir: Path, policy: str, data: list[str], size: dict, gated: bo
         "rl100.device=cpu",
         "rl100.num_threads=1",
         f"rl100.algo.gate={str(gated).lower()}",
-        f"rl100.algo.ppo.iterations={size['ppo_iterations']}",
         f"rl100.algo.ppo.lr={args.lr}",
-        f"rl100.algo.ppo.batch_size={size['ppo_batch']}",
-        f"rl100.algo.ope.start_states={size['ope_states']}",
-        f"rl100.iql.steps={size['iql_steps']}",
-        f"rl100.iql.q_hidden=[{','.join(map(str, size['iql_hidden']))}]",
-        f"rl100.iql.v_hidden=[{','.join(map(str, size['iql_hidden']))}]",
-        f"rl100.algo.dynamics.steps={size['dyn_steps']}",
+        *learning_overrides(size),
         f"rl100.report.eval_episodes={size['eval']}",
         f"rl100.report.best_of_n={size['best_of_n'] if gated else 0}",
         f"rl100.distill.enabled={str(gated and size.get('distill', True)).lower()}",

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rl100 import SIZES, mixed_data  # noqa: E402
+from bench_rl100 import SIZES, learning_overrides, mixed_data  # noqa: E402
 from residual_base import compose, make_weak_base  # noqa: E402
 
 
@@ -36,7 +36,6 @@ def time_round(run_dir: Path, policy: str, data: list[str], size: dict, device: 
     from robot_rl.commands.rl100 import STATE, main
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    hidden = ",".join(map(str, size["iql_hidden"]))
     overrides = [
         f"rl100.policy={policy}",
         f"rl100.data=[{','.join(data)}]",
@@ -44,13 +43,7 @@ def time_round(run_dir: Path, policy: str, data: list[str], size: dict, device: 
         "rl100.collect.episodes=0",
         f"rl100.device={device}",
         f"rl100.num_threads={threads if threads else 'null'}",
-        f"rl100.algo.ppo.iterations={size['ppo_iterations']}",
-        f"rl100.algo.ppo.batch_size={size['ppo_batch']}",
-        f"rl100.algo.ope.start_states={size['ope_states']}",
-        f"rl100.iql.steps={size['iql_steps']}",
-        f"rl100.iql.q_hidden=[{hidden}]",
-        f"rl100.iql.v_hidden=[{hidden}]",
-        f"rl100.algo.dynamics.steps={size['dyn_steps']}",
+        *learning_overrides(size),
         "rl100.report.eval_episodes=0",
         "rl100.distill.enabled=false",
     ]
